@@ -1,0 +1,25 @@
+# Two targets: `make benchmark` (the main job) and `make test`.
+# Each creates or reuses .venv from the pinned constraints file (torch and torchvision pinned together).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,logging,vision,bench,test
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test benchmark clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): constraints.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.14.1 torchvision==0.29.1 -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -ra
+
+benchmark: $(STAMP)
+	$(PY) -m benchmarks.run $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
