@@ -1,0 +1,8 @@
+"""pml_rll: Ranked List Loss and NAMR for pytorch-metric-learning.
+
+Use it like PML: ``from pml_rll import losses, miners, reducers``.
+"""
+
+__version__ = "0.1.0"
+
+from . import functional, losses, miners, modules, reducers, retrieval  # noqa: E402,F401

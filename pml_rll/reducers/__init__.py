@@ -1,0 +1,1 @@
+"""pml_rll.reducers"""
