@@ -488,6 +488,7 @@ def render_png(doc: Dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cfg, results = doc["config"], doc["results"]
     panels = [("time", "median_ms", "forward+backward time (ms)")]
@@ -506,6 +507,9 @@ def render_png(doc: Dict[str, Any], path: str) -> None:
                     label=REGISTRY[n].label if n in REGISTRY else n, **style)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(cfg["batch_sizes"])
+        ax.set_xticklabels([str(b) for b in cfg["batch_sizes"]])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("batch size B")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
