@@ -1,1 +1,3 @@
-"""pml_rll.losses"""
+"""Losses, used like ``pytorch_metric_learning.losses``."""
+
+from .ranked_list_loss import RankedListLoss  # noqa: F401
