@@ -41,6 +41,13 @@ def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
     return lambda start, stop: (pos_mask[start:stop], neg_mask[start:stop])
 
 
+def euclidean_distances(query: Tensor, gallery: Tensor, budget: int) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """Euclidean distances through the Gram matrix, the near-duplicates recomputed exactly (when few)."""
+    sq = squared_euclidean(query, gallery)
+    near = refine_small_distances(sq, query, gallery, _REFINE_BELOW, budget)
+    return sq.sqrt_(), near
+
+
 class _RankedListEuclidean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, ref, masks, params, paper, same):  # type: ignore[override]
@@ -56,9 +63,7 @@ class _RankedListEuclidean(torch.autograd.Function):
         for start in range(0, B, step):
             stop = min(B, start + step)
             q = query[start:stop]
-            sq = squared_euclidean(q, gallery)
-            near = refine_small_distances(sq, q, gallery, _REFINE_BELOW, budget=4 * B)
-            d = sq.sqrt_()
+            d, near = euclidean_distances(q, gallery, budget=4 * B)
             pos_mask, neg_mask = masks(start, stop)
             r, grad_d = distance_gradients(
                 d, pos_mask, neg_mask, margin, alpha, Tp, Tn, imbalance, detach_weights=paper
