@@ -18,6 +18,8 @@ MaskFn = Callable[[int, int], Tuple[Tensor, Tensor]]
 
 # Squared distances below this are recomputed from explicit differences (see refine_small_distances).
 _REFINE_BELOW = 1e-4
+# Distances at most this many machine epsilons are treated as 0: their direction is undefined (spec case 5).
+_ZERO_DISTANCE = 64
 # Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache.
 _BLOCK_ELEMENTS = 1 << 18
 
@@ -71,8 +73,9 @@ class _RankedListEuclidean(torch.autograd.Function):
             losses[start:stop] = r.losses
             num_pos += r.pos_set.sum()
             num_neg += r.neg_set.sum()
-            # d d_ij / d q_i = (q_i - r_j) / d_ij: keep grad_d / d, with a zero direction at d = 0
-            k = grad_d.div_(torch.where(d > 0, d, torch.ones_like(d)))
+            # d d_ij / d q_i = (q_i - r_j) / d_ij: keep grad_d / d, with a zero direction where d is 0 up to rounding
+            tiny = d <= _ZERO_DISTANCE * torch.finfo(d.dtype).eps
+            k = grad_d.div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
             if near is not None:
                 rows, cols = near
                 near_rows.append(rows + start)
