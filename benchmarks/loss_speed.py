@@ -36,7 +36,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -258,7 +257,7 @@ def _clear_grads(emb: torch.Tensor, modules: Sequence[torch.nn.Module]) -> None:
             p.grad = None
 
 
-def run_step(step: Step, emb: torch.Tensor, labels: torch.Tensor, modules: Sequence[torch.nn.Module]) -> None:
+def run_step(step: Step, emb: torch.Tensor, labels: torch.Tensor) -> None:
     loss = step(emb, labels)
     loss.backward()
 
@@ -268,7 +267,7 @@ def timed_step(step: Step, emb, labels, modules, device) -> float:
     _clear_grads(emb, modules)
     _sync(device)
     t0 = time.perf_counter()
-    run_step(step, emb, labels, modules)
+    run_step(step, emb, labels)
     _sync(device)
     return (time.perf_counter() - t0) * 1e3
 
@@ -309,7 +308,7 @@ def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.devi
     # warm-up on a tiny batch: lazy library initialisation (thread pools, kernels) is not the loss's memory
     small = 8
     small_step, small_modules = spec.build(small, dim, device)
-    run_step(small_step, make_input(spec, small, dim, device, seed), make_labels(small, device), small_modules)
+    run_step(small_step, make_input(spec, small, dim, device, seed), make_labels(small, device))
     del small_step, small_modules
     emb = make_input(spec, batch_size, dim, device, seed)
     _clear_grads(emb, modules)
@@ -319,7 +318,7 @@ def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        run_step(step, emb, labels, modules)
+        run_step(step, emb, labels)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"status": "ok", "peak_mib": (peak - base) / MIB, "method": "cuda.max_memory_allocated"}
@@ -327,7 +326,7 @@ def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.devi
     base_kib = _proc_status_kib("VmRSS")
     if base_kib is None:
         return {"status": "failed", "reason": "/proc/self/status not readable: no RSS measurement on this OS"}
-    run_step(step, emb, labels, modules)
+    run_step(step, emb, labels)
     if reset:
         peak_kib, method = _proc_status_kib("VmHWM"), "VmHWM after clear_refs reset"
     else:
