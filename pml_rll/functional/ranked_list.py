@@ -47,6 +47,8 @@ def non_trivial_negatives(neg_hinge: Tensor, neg_mask: Tensor) -> Tensor:
 
 def set_weights(hinge: Tensor, in_set: Tensor, temperature: float) -> Tensor:
     # eq. 4 weights: w_ij = exp(T * hinge_ij) / sum_{k in set} exp(T * hinge_ik), max-shifted, 0 outside the set
+    if hinge.shape[-1] == 0:
+        return torch.zeros_like(hinge)
     logits = (temperature * hinge).masked_fill(~in_set, float("-inf"))
     shift = logits.detach().amax(dim=1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
