@@ -6,7 +6,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
-from ..functional.ranked_list import distance_gradients
+from ..functional.ranked_list import negative_hinge, non_trivial_pairs, positive_hinge, ranked_lists
 from ..functional.ranked_list_euclidean import dense_masks, label_masks, ranked_list_euclidean
 from ._checks import (
     check_choice,
@@ -142,21 +142,21 @@ class RankedListLoss(BaseMetricLossFunction):
         return ranked_list_euclidean(query, gallery, masks, *params, paper=paper)
 
     def _generic_losses(self, embeddings, ref_emb, masks, params, paper):
-        """Any PML distance: the value from the distance matrix, the gradient through a surrogate.
+        """Any PML distance: the non-trivial pairs of the dense matrix, then autograd through the core.
 
-        loss_i = value_i + sum_j g_ij * (d_ij - stop_grad(d_ij)), with g_ij = d loss_i / d d_ij in closed form,
-        has the exact value and the exact (or, in paper mode, the query-only constant-weight) gradient.
+        In paper mode the gallery is detached and the weights are constants.
         """
+        margin, alpha, Tp, Tn, imbalance = params
         if embeddings.dtype in (torch.float16, torch.bfloat16):
             embeddings = embeddings.float()
             ref_emb = ref_emb.float()
-        gallery = ref_emb.detach() if paper else ref_emb
-        mat = self.distance(embeddings, gallery)
+        mat = self.distance(embeddings, ref_emb.detach() if paper else ref_emb)
         pos, neg = masks(0, embeddings.shape[0])
-        with torch.no_grad():
-            r, grad_d = distance_gradients(mat.detach(), pos, neg, *params, detach_weights=paper)
-        losses = r.losses + (grad_d * (mat - mat.detach())).sum(1)
-        return losses, r.pos_set.sum(), r.neg_set.sum()
+        pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, alpha, margin)
+        h_p = positive_hinge(mat[pr, pc], alpha, margin)
+        h_n = negative_hinge(mat[nr, nc], alpha)
+        r = ranked_lists(h_p, pr, h_n, nr, embeddings.shape[0], Tp, Tn, imbalance, detach_weights=paper)
+        return r.losses, len(pr), len(nr)
 
     def get_default_distance(self):
         return LpDistance(p=2, power=1, normalize_embeddings=True)
