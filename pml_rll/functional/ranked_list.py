@@ -13,7 +13,7 @@ so nothing is spent on the (usually many) trivial ones.
   and there is no epsilon in any denominator.
 """
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -120,7 +120,13 @@ def non_trivial_pairs(
     return (*torch.nonzero(pos, as_tuple=True), *torch.nonzero(neg, as_tuple=True))
 
 
-def squared_euclidean(query: Tensor, ref: Tensor) -> Tensor:
-    # ||q_i - r_j||^2 through the Gram matrix: one matmul
-    sq = torch.addmm((ref * ref).sum(1)[None, :], query, ref.T, alpha=-2)
-    return sq.add_((query * query).sum(1)[:, None])
+def squared_norms(x: Tensor) -> Tensor:
+    # ||x_i||^2 of every row
+    return (x * x).sum(1)
+
+
+def squared_euclidean(query: Tensor, ref: Tensor, query_sq: Optional[Tensor] = None, ref_sq: Optional[Tensor] = None) -> Tensor:
+    # ||q_i - r_j||^2 = ||q_i||^2 + ||r_j||^2 - 2 q_i . r_j through the Gram matrix: one matmul
+    query_sq = squared_norms(query) if query_sq is None else query_sq
+    ref_sq = squared_norms(ref) if ref_sq is None else ref_sq
+    return torch.addmm(ref_sq[None, :], query, ref.T, alpha=-2).add_(query_sq[:, None])

@@ -12,10 +12,18 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ranked_list import hinge_gradients, negative_hinge, positive_hinge, ranked_lists, squared_euclidean
+from .ranked_list import (
+    hinge_gradients,
+    negative_hinge,
+    positive_hinge,
+    ranked_lists,
+    squared_euclidean,
+    squared_norms,
+)
 
-# A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool.
-MaskFn = Callable[[int, int], Tuple[Tensor, Tensor]]
+# A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool;
+# neg_mask None means "every pair that is not a positive candidate".
+MaskFn = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
 
 # Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
 # distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
@@ -28,18 +36,9 @@ _BLOCK_ELEMENTS = 1 << 18
 _SPARSE_DENSITY = 1 / 32
 
 
-def label_masks(labels: Tensor, ref_labels: Tensor, exclude_self: bool) -> MaskFn:
-    """Candidate pairs from class labels: same label = positive, different = negative, self excluded."""
-
-    def masks(start: int, stop: int) -> Tuple[Tensor, Tensor]:
-        same = labels[start:stop, None] == ref_labels[None, :]
-        neg = ~same
-        if exclude_self:
-            rows = torch.arange(stop - start, device=labels.device)
-            same[rows, rows + start] = False
-        return same, neg
-
-    return masks
+def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
+    """Candidate pairs from class labels: same label = positive, different = negative."""
+    return lambda start, stop: (labels[start:stop, None] == ref_labels[None, :], None)
 
 
 def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
@@ -47,41 +46,44 @@ def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
     return lambda start, stop: (pos_mask[start:stop], neg_mask[start:stop])
 
 
-class PairList:
-    """Pairs (rows, cols) with their squared distances, gathered block by block."""
-
-    def __init__(self):
-        self.rows, self.cols, self.sq = [], [], []
-
-    def add(self, keep: Tensor, sq: Tensor, start: int) -> None:
-        rows, cols = torch.nonzero(keep, as_tuple=True)
-        self.rows.append(rows + start)
-        self.cols.append(cols)
-        self.sq.append(sq[rows, cols])
-
-    def tensors(self, like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        if not self.rows:
-            empty = torch.zeros(0, dtype=torch.long, device=like.device)
-            return empty, empty, like.new_zeros(0)
-        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.sq)
-
-
 def candidate_pairs(
-    query: Tensor, gallery: Tensor, masks: MaskFn, alpha: float, margin: float
+    query: Tensor, gallery: Tensor, masks: MaskFn, alpha: float, margin: float, exclude_self: bool
 ) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
-    """Positives with d > alpha - m and negatives with d < alpha, compared on squared distances, by blocks."""
+    """Positives with d > alpha - m and negatives with d < alpha, by blocks of queries.
+
+    Returns (rows, cols, squared distance) of each. The comparisons run on ||r_j||^2 - 2 q_i . r_j against
+    per-query thresholds, so one matmul, three comparisons and one listing pass cover a block.
+    """
     B, R = query.shape[0], gallery.shape[0]
     low = alpha - margin
-    pos_list, neg_list = PairList(), PairList()
+    query_sq, gallery_sq = squared_norms(query), squared_norms(gallery)
+    no_limit = torch.full_like(query_sq, float("-inf"))
+    pos_limit = low * low - query_sq if low >= 0 else no_limit  # d > low  <=>  sq > low^2
+    neg_limit = alpha * alpha - query_sq if alpha > 0 else no_limit  # d < alpha  <=>  sq < alpha^2
+    rows_l, cols_l, sq_l, pos_l = [], [], [], []
     step = max(1, min(B, _BLOCK_ELEMENTS // max(R, 1)))
     for start in range(0, B, step):
         stop = min(B, start + step)
-        sq = squared_euclidean(query[start:stop], gallery)
+        part = torch.addmm(gallery_sq[None, :], query[start:stop], gallery.T, alpha=-2)
         pos, neg = masks(start, stop)
-        pos_list.add(pos & (sq > low * low) if low >= 0 else pos, sq, start)
-        if alpha > 0:
-            neg_list.add(neg & (sq < alpha * alpha), sq, start)
-    return pos_list.tensors(query), neg_list.tensors(query)
+        above = part > pos_limit[start:stop, None]
+        below = part < neg_limit[start:stop, None]
+        if neg is None:
+            active = torch.where(pos, above, below)
+        else:
+            active = (pos & above) | (neg & below)
+        rows, cols = torch.nonzero(active, as_tuple=True)
+        rows_l.append(rows + start)
+        cols_l.append(cols)
+        sq_l.append(part[rows, cols])
+        pos_l.append(pos[rows, cols])
+    rows, cols, is_pos = torch.cat(rows_l), torch.cat(cols_l), torch.cat(pos_l)
+    sq = torch.cat(sq_l).add_(query_sq[rows])
+    if exclude_self:
+        keep = ~is_pos | (rows != cols)
+        rows, cols, sq, is_pos = rows[keep], cols[keep], sq[keep], is_pos[keep]
+    is_neg = ~is_pos
+    return (rows[is_pos], cols[is_pos], sq[is_pos]), (rows[is_neg], cols[is_neg], sq[is_neg])
 
 
 def exact_distances(
@@ -116,7 +118,7 @@ class _RankedListEuclidean(torch.autograd.Function):
         margin, alpha, Tp, Tn, imbalance = params
         gallery = query if same else ref
         B = query.shape[0]
-        (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, alpha, margin)
+        (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, alpha, margin, same)
         d_p, near_p = exact_distances(psq, pr, pc, query, gallery, budget=4 * B)
         d_n, near_n = exact_distances(nsq, nr, nc, query, gallery, budget=4 * B)
         h_p, h_n = positive_hinge(d_p, alpha, margin), negative_hinge(d_n, alpha)

@@ -106,14 +106,14 @@ class RankedListLoss(BaseMetricLossFunction):
         else:
             if ref_labels is None:
                 raise ValueError("ref_labels is required with ref_emb when no indices_tuple is given")
-            masks = label_masks(labels, ref_labels.to(labels.device), exclude_self=same)
+            masks = label_masks(labels, ref_labels.to(labels.device))
 
         params = (self.margin, self.alpha, self.Tp, self.Tn, self.imbalance)
         paper = self.gradient == "paper"
         if self._is_fast_distance():
             losses, n_pos, n_neg = self._euclidean_losses(embeddings, ref_emb, same, masks, params, paper)
         else:
-            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, masks, params, paper)
+            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params, paper)
         if self.collect_stats:
             self.avg_num_pos_per_query = float(n_pos) / B
             self.avg_num_neg_per_query = float(n_neg) / B
@@ -141,7 +141,7 @@ class RankedListLoss(BaseMetricLossFunction):
         gallery = None if same else prepare(ref_emb).to(query.dtype)
         return ranked_list_euclidean(query, gallery, masks, *params, paper=paper)
 
-    def _generic_losses(self, embeddings, ref_emb, masks, params, paper):
+    def _generic_losses(self, embeddings, ref_emb, same, masks, params, paper):
         """Any PML distance: the non-trivial pairs of the dense matrix, then autograd through the core.
 
         In paper mode the gallery is detached and the weights are constants.
@@ -152,6 +152,10 @@ class RankedListLoss(BaseMetricLossFunction):
             ref_emb = ref_emb.float()
         mat = self.distance(embeddings, ref_emb.detach() if paper else ref_emb)
         pos, neg = masks(0, embeddings.shape[0])
+        if neg is None:
+            neg = ~pos
+            if same:
+                pos = pos & ~torch.eye(*pos.shape, dtype=torch.bool, device=pos.device)
         pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, alpha, margin)
         h_p = positive_hinge(mat[pr, pc], alpha, margin)
         h_n = negative_hinge(mat[nr, nc], alpha)
