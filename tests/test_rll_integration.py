@@ -199,3 +199,22 @@ def test_distributed_loss_wrapper_two_processes(gradient):
         if not efficient:  # gradients equal the single-process full batch
             assert torch.allclose(gw, model.weight.grad, atol=1e-12)
             assert torch.allclose(gb, model.bias.grad, atol=1e-12)
+
+
+def test_drop_in_for_pml_ranked_list_loss():
+    # PML's constructor call runs unchanged; where PML is correct (no zero distances, moderate temperature) the
+    # value and the "autograd" gradients agree up to PML's N * 1e-5 epsilon
+    import warnings
+
+    x, y = batch(n=32, seed=11)
+    kwargs = dict(margin=0.4, Tn=5.0, imbalance=0.4, alpha=1.1, Tp=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = pml_losses.RankedListLoss(**kwargs)
+    ours = losses.RankedListLoss(**kwargs, gradient="autograd")
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    la, lb = ours(xa, y), theirs(xb, y)
+    (ga,), (gb,) = torch.autograd.grad(la, xa), torch.autograd.grad(lb, xb)
+    assert la.item() == pytest.approx(lb.item(), rel=1e-3)
+    assert torch.allclose(ga, gb, rtol=1e-2, atol=1e-5)
+    assert la.item() > lb.item()  # PML's epsilon only ever shrinks the value
