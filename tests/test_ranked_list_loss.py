@@ -6,7 +6,7 @@ import pytest
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
-from pml_rll.functional.ranked_list import distance_gradients
+from pml_rll.functional.ranked_list import hinge_gradients, ranked_lists
 from pml_rll.losses import RankedListLoss
 
 from .rll_reference import reference_loss, reference_losses, reference_paper_gradient, unit_circle
@@ -86,11 +86,15 @@ def test_case8_gradients(gradient, expected, dtype, tol):
 
 def test_case8c_paper_gradient_pushes_every_negative_away():
     # query 0 of case 2: negatives at d = 0.517638 and 0.845237, Tn = 10; L_N only (imbalance = 1)
-    d = torch.tensor([[0.517638, 0.845237]], dtype=F64)
-    pos = torch.zeros(1, 2, dtype=torch.bool)
-    neg = torch.ones(1, 2, dtype=torch.bool)
-    _, paper = distance_gradients(d, pos, neg, 0.4, 1.2, 0.0, 10.0, 1.0, detach_weights=True)
-    _, auto = distance_gradients(d, pos, neg, 0.4, 1.2, 0.0, 10.0, 1.0, detach_weights=False)
+    h_n = 1.2 - torch.tensor([0.517638, 0.845237], dtype=F64)
+    q_n = torch.zeros(2, dtype=torch.long)
+    h_p, q_p = h_n[:0], q_n[:0]
+
+    def dloss_dd(detach):
+        r = ranked_lists(h_p, q_p, h_n, q_n, 1, 0.0, 10.0, 1.0, detach_weights=True)
+        return -hinge_gradients(r, h_p, q_p, h_n, q_n, 0.0, 10.0, 1.0, detach_weights=detach)[1][None]
+
+    paper, auto = dloss_dd(True), dloss_dd(False)
     assert paper[0].tolist() == pytest.approx([-0.9636, -0.0364], abs=1e-4)
     assert auto[0].tolist() == pytest.approx([-1.0785, 0.0785], abs=1e-4)
     assert (paper < 0).all()  # descent increases every non-trivial negative distance

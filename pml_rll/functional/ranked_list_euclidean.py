@@ -1,9 +1,10 @@
-"""The Ranked List Loss on Euclidean distances with a hand-written backward pass.
+"""The Ranked List Loss on Euclidean distances, with a hand-written backward pass.
 
-One matmul forward (the Gram matrix, block by block of queries) and one matmul backward: the backward needs only
-the B x R matrix of coefficients ``dL/dd_ij / d_ij``, so the distance matrix, the masks and the weights are never
-kept for autograd. This is what makes the loss cheaper than its own Gram-matrix floor (which autograd
-differentiates with two matmuls) and lean in memory.
+Forward: one matmul (the Gram matrix, block by block of queries), two comparisons that list the non-trivial pairs,
+then the loss on those lists only. Backward: the gradient of every listed pair in closed form, applied with one
+sparse (few non-trivial pairs) or dense (many) product. Distances, masks and weights are never kept for autograd.
+This is what makes the loss cheaper than its own Gram-matrix floor, which autograd differentiates with two dense
+matmuls, and lean in memory.
 """
 
 from typing import Callable, Optional, Tuple
@@ -11,31 +12,33 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ranked_list import distance_gradients, refine_small_distances, squared_euclidean
+from .ranked_list import (
+    hinge_gradients,
+    negative_hinge,
+    positive_hinge,
+    ranked_lists,
+    squared_euclidean,
+    squared_norms,
+)
 
-# A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool.
-MaskFn = Callable[[int, int], Tuple[Tensor, Tensor]]
+# A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool;
+# neg_mask None means "every pair that is not a positive candidate".
+MaskFn = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
 
-# Squared distances below this are recomputed from explicit differences (see refine_small_distances).
-_REFINE_BELOW = 1e-4
-# Distances at most this many machine epsilons are treated as 0: their direction is undefined (spec case 5).
+# Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
+# distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
+_NEAR = 1e-4
+# Distances at most this many machine epsilons are 0: their direction is undefined, use 0 (spec case 5).
 _ZERO_DISTANCE = 64
 # Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache.
 _BLOCK_ELEMENTS = 1 << 18
+# Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
+_SPARSE_DENSITY = 1 / 32
 
 
-def label_masks(labels: Tensor, ref_labels: Tensor, exclude_self: bool) -> MaskFn:
-    """Candidate pairs from class labels: same label = positive, different = negative, self excluded."""
-
-    def masks(start: int, stop: int) -> Tuple[Tensor, Tensor]:
-        same = labels[start:stop, None] == ref_labels[None, :]
-        pos = same.clone() if exclude_self else same
-        if exclude_self:
-            rows = torch.arange(stop - start, device=labels.device)
-            pos[rows, rows + start] = False
-        return pos, ~same
-
-    return masks
+def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
+    """Candidate pairs from class labels: same label = positive, different = negative."""
+    return lambda start, stop: (labels[start:stop, None] == ref_labels[None, :], None)
 
 
 def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
@@ -43,11 +46,70 @@ def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
     return lambda start, stop: (pos_mask[start:stop], neg_mask[start:stop])
 
 
-def euclidean_distances(query: Tensor, gallery: Tensor, budget: int) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
-    """Euclidean distances through the Gram matrix, the near-duplicates recomputed exactly (when few)."""
-    sq = squared_euclidean(query, gallery)
-    near = refine_small_distances(sq, query, gallery, _REFINE_BELOW, budget)
-    return sq.sqrt_(), near
+def candidate_pairs(
+    query: Tensor, gallery: Tensor, masks: MaskFn, alpha: float, margin: float, exclude_self: bool
+) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    """Positives with d > alpha - m and negatives with d < alpha, by blocks of queries.
+
+    Returns (rows, cols, squared distance) of each. The comparisons run on ||r_j||^2 - 2 q_i . r_j against
+    per-query thresholds, so one matmul, three comparisons and one listing pass cover a block.
+    """
+    B, R = query.shape[0], gallery.shape[0]
+    low = alpha - margin
+    query_sq, gallery_sq = squared_norms(query), squared_norms(gallery)
+    no_limit = torch.full_like(query_sq, float("-inf"))
+    pos_limit = low * low - query_sq if low >= 0 else no_limit  # d > low  <=>  sq > low^2
+    neg_limit = alpha * alpha - query_sq if alpha > 0 else no_limit  # d < alpha  <=>  sq < alpha^2
+    rows_l, cols_l, sq_l, pos_l = [], [], [], []
+    step = max(1, min(B, _BLOCK_ELEMENTS // max(R, 1)))
+    for start in range(0, B, step):
+        stop = min(B, start + step)
+        part = torch.addmm(gallery_sq[None, :], query[start:stop], gallery.T, alpha=-2)
+        pos, neg = masks(start, stop)
+        above = part > pos_limit[start:stop, None]
+        below = part < neg_limit[start:stop, None]
+        if neg is None:
+            active = torch.where(pos, above, below)
+        else:
+            active = (pos & above) | (neg & below)
+        rows, cols = torch.nonzero(active, as_tuple=True)
+        rows_l.append(rows + start)
+        cols_l.append(cols)
+        sq_l.append(part[rows, cols])
+        pos_l.append(pos[rows, cols])
+    rows, cols, is_pos = torch.cat(rows_l), torch.cat(cols_l), torch.cat(pos_l)
+    sq = torch.cat(sq_l).add_(query_sq[rows])
+    if exclude_self:
+        keep = ~is_pos | (rows != cols)
+        rows, cols, sq, is_pos = rows[keep], cols[keep], sq[keep], is_pos[keep]
+    is_neg = ~is_pos
+    return (rows[is_pos], cols[is_pos], sq[is_pos]), (rows[is_neg], cols[is_neg], sq[is_neg])
+
+
+def exact_distances(
+    sq: Tensor, rows: Tensor, cols: Tensor, query: Tensor, gallery: Tensor, budget: int
+) -> Tuple[Tensor, Tensor]:
+    """Distances of listed pairs, the near-duplicates recomputed from explicit differences. Returns (d, near).
+
+    Near-duplicates are rare; when there are more than ``budget`` (collapsed embeddings) the Gram values stand.
+    """
+    near = sq < _NEAR
+    idx = torch.nonzero(near, as_tuple=True)[0]
+    if len(idx) > budget:
+        near = torch.zeros_like(near)
+    elif len(idx):
+        sq = sq.clone()
+        sq[idx] = (query[rows[idx]] - gallery[cols[idx]]).pow(2).sum(1)
+    return sq.clamp_min(0).sqrt(), near
+
+
+def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int], dense: Tensor) -> Tensor:
+    """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
+    if values.numel() <= _SPARSE_DENSITY * shape[0] * shape[1]:
+        matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        return torch.sparse.mm(matrix, dense)
+    matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
+    return matrix @ dense
 
 
 class _RankedListEuclidean(torch.autograd.Function):
@@ -55,65 +117,55 @@ class _RankedListEuclidean(torch.autograd.Function):
     def forward(ctx, query, ref, masks, params, paper, same):  # type: ignore[override]
         margin, alpha, Tp, Tn, imbalance = params
         gallery = query if same else ref
-        B, R = query.shape[0], gallery.shape[0]
-        losses = query.new_empty(B)
-        coeff = query.new_empty(B, R)
-        num_pos = query.new_zeros(())
-        num_neg = query.new_zeros(())
-        near_rows, near_cols, near_coeff = [], [], []
-        step = max(1, min(B, _BLOCK_ELEMENTS // max(R, 1)))
-        for start in range(0, B, step):
-            stop = min(B, start + step)
-            q = query[start:stop]
-            d, near = euclidean_distances(q, gallery, budget=4 * B)
-            pos_mask, neg_mask = masks(start, stop)
-            r, grad_d = distance_gradients(
-                d, pos_mask, neg_mask, margin, alpha, Tp, Tn, imbalance, detach_weights=paper
-            )
-            losses[start:stop] = r.losses
-            num_pos += r.pos_set.sum()
-            num_neg += r.neg_set.sum()
-            # d d_ij / d q_i = (q_i - r_j) / d_ij: keep grad_d / d, with a zero direction where d is 0 up to rounding
-            tiny = d <= _ZERO_DISTANCE * torch.finfo(d.dtype).eps
-            k = grad_d.div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
-            if near is not None:
-                rows, cols = near
-                near_rows.append(rows + start)
-                near_cols.append(cols)
-                near_coeff.append(k[rows, cols].clone())
-                k[rows, cols] = 0  # handled exactly in backward, without Gram-form cancellation
-            coeff[start:stop] = k
-        if near_rows:
-            near_t = (torch.cat(near_rows), torch.cat(near_cols), torch.cat(near_coeff))
-        else:
-            empty = torch.zeros(0, dtype=torch.long, device=query.device)
-            near_t = (empty, empty, query.new_zeros(0))
+        B = query.shape[0]
+        (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, alpha, margin, same)
+        d_p, near_p = exact_distances(psq, pr, pc, query, gallery, budget=4 * B)
+        d_n, near_n = exact_distances(nsq, nr, nc, query, gallery, budget=4 * B)
+        h_p, h_n = positive_hinge(d_p, alpha, margin), negative_hinge(d_n, alpha)
+        keep_p, keep_n = h_p > 0, h_n > 0  # exact strict boundaries after refinement
+        if not bool(keep_p.all()):
+            pr, pc, d_p, h_p, near_p = pr[keep_p], pc[keep_p], d_p[keep_p], h_p[keep_p], near_p[keep_p]
+        if not bool(keep_n.all()):
+            nr, nc, d_n, h_n, near_n = nr[keep_n], nc[keep_n], d_n[keep_n], h_n[keep_n], near_n[keep_n]
+        r = ranked_lists(h_p, pr, h_n, nr, B, Tp, Tn, imbalance, detach_weights=True)
+        g_p, g_n = hinge_gradients(r, h_p, pr, h_n, nr, Tp, Tn, imbalance, detach_weights=paper)
+        # d d_ij / d q_i = (q_i - r_j) / d_ij; d hinge_pos / d d = +1, d hinge_neg / d d = -1
+        rows, cols = torch.cat([pr, nr]), torch.cat([pc, nc])
+        d = torch.cat([d_p, d_n])
+        tiny = d <= _ZERO_DISTANCE * torch.finfo(d.dtype).eps
+        k = torch.cat([g_p, -g_n]).div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
+        near = torch.cat([near_p, near_n])
         ctx.paper, ctx.same = paper, same
-        ctx.save_for_backward(query, gallery, coeff, *near_t)
+        ctx.save_for_backward(query, gallery, rows, cols, k, near)
+        num_pos, num_neg = torch.tensor(len(pr)), torch.tensor(len(nr))
         ctx.mark_non_differentiable(num_pos, num_neg)
-        return losses, num_pos, num_neg
+        return r.losses, num_pos, num_neg
 
     @staticmethod
     def backward(ctx, grad_losses, _gp, _gn):  # type: ignore[override]
-        query, gallery, coeff, rows, cols, near_coeff = ctx.saved_tensors
-        c = coeff * grad_losses[:, None]
-        grad_q = grad_r = None
+        query, gallery, rows, cols, k, near = ctx.saved_tensors
+        B, R = query.shape[0], gallery.shape[0]
+        c = k * grad_losses[rows]
         to_gallery = not ctx.paper and (ctx.same or ctx.needs_input_grad[1])
-        if ctx.same and to_gallery:
-            c = c + c.T  # each pair appears in both lists: one matmul for both ends
-            grad_q = c.sum(1, keepdim=True) * query - c @ query
-        else:
-            grad_q = c.sum(1, keepdim=True) * query - c @ gallery
+        # near-duplicates: exact differences instead of the Gram form, which cancels catastrophically there
+        exact = None
+        if bool(near.any()):
+            idx = torch.nonzero(near, as_tuple=True)[0]
+            exact = (rows[idx], cols[idx], c[idx][:, None] * (query[rows[idx]] - gallery[cols[idx]]))
+            c = c.masked_fill(near, 0.0)
+        grad_r = None
+        if ctx.same and to_gallery:  # each pair sits in two lists: one product for both ends
+            rows, cols, c = torch.cat([rows, cols]), torch.cat([cols, rows]), torch.cat([c, c])
+        weight = torch.zeros(B, dtype=c.dtype, device=c.device).index_add_(0, rows, c)
+        grad_q = weight[:, None] * query - pair_product(rows, cols, c, (B, R), gallery)
+        if to_gallery and not ctx.same:
+            weight = torch.zeros(R, dtype=c.dtype, device=c.device).index_add_(0, cols, c)
+            grad_r = weight[:, None] * gallery - pair_product(cols, rows, c, (R, B), query)
+        if exact is not None:
+            e_rows, e_cols, pair = exact
+            grad_q.index_add_(0, e_rows, pair)
             if to_gallery:
-                grad_r = c.sum(0)[:, None] * gallery - c.T @ query
-        if rows.numel() > 0:
-            pair = (near_coeff * grad_losses[rows])[:, None] * (query[rows] - gallery[cols])
-            grad_q = grad_q.index_add(0, rows, pair)
-            if to_gallery:
-                if ctx.same:
-                    grad_q = grad_q.index_add(0, cols, -pair)
-                else:
-                    grad_r = grad_r.index_add(0, cols, -pair)
+                (grad_q if ctx.same else grad_r).index_add_(0, e_cols, -pair)
         return grad_q, grad_r, None, None, None, None
 
 
@@ -132,7 +184,17 @@ def ranked_list_euclidean(
 
     ``ref=None`` means the gallery is the query batch itself. ``paper=True``: weights constant and each pair's
     gradient reaches only its query (the gallery is fixed); ``paper=False``: the exact gradient of the value.
-    Returns (losses (B,), total non-trivial positives, total non-trivial negatives).
+    Returns (losses (B,), number of non-trivial positives, number of non-trivial negatives).
     """
     params = (float(margin), float(alpha), float(Tp), float(Tn), float(imbalance))
     return _RankedListEuclidean.apply(query, ref, masks, params, paper, ref is None)
+
+
+def euclidean_distances(query: Tensor, gallery: Tensor) -> Tensor:
+    """Dense Euclidean distances, computed as the loss computes them (Gram form, near-duplicates exact)."""
+    sq = squared_euclidean(query, gallery)
+    rows, cols = torch.nonzero(sq < _NEAR, as_tuple=True)
+    d, _ = exact_distances(sq[rows, cols], rows, cols, query, gallery, budget=4 * len(query))
+    out = sq.clamp_min_(0).sqrt_()
+    out[rows, cols] = d
+    return out

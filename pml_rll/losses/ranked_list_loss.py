@@ -6,7 +6,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
-from ..functional.ranked_list import distance_gradients
+from ..functional.ranked_list import negative_hinge, non_trivial_pairs, positive_hinge, ranked_lists
 from ..functional.ranked_list_euclidean import dense_masks, label_masks, ranked_list_euclidean
 from ._checks import (
     check_choice,
@@ -106,14 +106,14 @@ class RankedListLoss(BaseMetricLossFunction):
         else:
             if ref_labels is None:
                 raise ValueError("ref_labels is required with ref_emb when no indices_tuple is given")
-            masks = label_masks(labels, ref_labels.to(labels.device), exclude_self=same)
+            masks = label_masks(labels, ref_labels.to(labels.device))
 
         params = (self.margin, self.alpha, self.Tp, self.Tn, self.imbalance)
         paper = self.gradient == "paper"
         if self._is_fast_distance():
             losses, n_pos, n_neg = self._euclidean_losses(embeddings, ref_emb, same, masks, params, paper)
         else:
-            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, masks, params, paper)
+            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params, paper)
         if self.collect_stats:
             self.avg_num_pos_per_query = float(n_pos) / B
             self.avg_num_neg_per_query = float(n_neg) / B
@@ -141,22 +141,26 @@ class RankedListLoss(BaseMetricLossFunction):
         gallery = None if same else prepare(ref_emb).to(query.dtype)
         return ranked_list_euclidean(query, gallery, masks, *params, paper=paper)
 
-    def _generic_losses(self, embeddings, ref_emb, masks, params, paper):
-        """Any PML distance: the value from the distance matrix, the gradient through a surrogate.
+    def _generic_losses(self, embeddings, ref_emb, same, masks, params, paper):
+        """Any PML distance: the non-trivial pairs of the dense matrix, then autograd through the core.
 
-        loss_i = value_i + sum_j g_ij * (d_ij - stop_grad(d_ij)), with g_ij = d loss_i / d d_ij in closed form,
-        has the exact value and the exact (or, in paper mode, the query-only constant-weight) gradient.
+        In paper mode the gallery is detached and the weights are constants.
         """
+        margin, alpha, Tp, Tn, imbalance = params
         if embeddings.dtype in (torch.float16, torch.bfloat16):
             embeddings = embeddings.float()
             ref_emb = ref_emb.float()
-        gallery = ref_emb.detach() if paper else ref_emb
-        mat = self.distance(embeddings, gallery)
+        mat = self.distance(embeddings, ref_emb.detach() if paper else ref_emb)
         pos, neg = masks(0, embeddings.shape[0])
-        with torch.no_grad():
-            r, grad_d = distance_gradients(mat.detach(), pos, neg, *params, detach_weights=paper)
-        losses = r.losses + (grad_d * (mat - mat.detach())).sum(1)
-        return losses, r.pos_set.sum(), r.neg_set.sum()
+        if neg is None:
+            neg = ~pos
+            if same:
+                pos = pos & ~torch.eye(*pos.shape, dtype=torch.bool, device=pos.device)
+        pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, alpha, margin)
+        h_p = positive_hinge(mat[pr, pc], alpha, margin)
+        h_n = negative_hinge(mat[nr, nc], alpha)
+        r = ranked_lists(h_p, pr, h_n, nr, embeddings.shape[0], Tp, Tn, imbalance, detach_weights=paper)
+        return r.losses, len(pr), len(nr)
 
     def get_default_distance(self):
         return LpDistance(p=2, power=1, normalize_embeddings=True)

@@ -5,12 +5,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ..functional.ranked_list import (
-    negative_hinge,
-    non_trivial_negatives,
-    non_trivial_positives,
-    positive_hinge,
-)
+from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
 from ..losses._checks import check_distance, check_number
 
@@ -48,15 +43,11 @@ class RankedListMiner(BaseMiner):
             raise ValueError("RankedListMiner needs labels (and ref_labels with ref_emb)")
         d = self._distances(embeddings, ref_emb)
         matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
-        pos = non_trivial_positives(positive_hinge(d, self.alpha, self.margin), matches.bool())
-        neg = non_trivial_negatives(negative_hinge(d, self.alpha), diffs.bool())
-        n = embeddings.shape[0]
+        a1, p, a2, n = non_trivial_pairs(d, matches.bool(), diffs.bool(), self.alpha, self.margin)
         if self.collect_stats:
-            self.avg_num_pos_per_query = float(pos.sum()) / n
-            self.avg_num_neg_per_query = float(neg.sum()) / n
-        a1, p = torch.where(pos)
-        a2, neg_idx = torch.where(neg)
-        return a1, p, a2, neg_idx
+            self.avg_num_pos_per_query = len(a1) / len(embeddings)
+            self.avg_num_neg_per_query = len(a2) / len(embeddings)
+        return a1, p, a2, n
 
     def _distances(self, embeddings, ref_emb):
         dist = self.distance
@@ -67,7 +58,7 @@ class RankedListMiner(BaseMiner):
 
             query = prepare(embeddings)
             gallery = query if ref_emb is embeddings else prepare(ref_emb).to(query.dtype)
-            return euclidean_distances(query, gallery, budget=4 * len(query))[0]
+            return euclidean_distances(query, gallery)
         return dist(embeddings, ref_emb)
 
     def get_default_distance(self):

@@ -4,23 +4,9 @@ import torch
 from pytorch_metric_learning.reducers import MultipleReducers
 from torch import Tensor
 
-from ..functional.ranked_list import ranked_lists_from_hinges
+from ..functional.ranked_list import is_non_trivial, ranked_lists
 from ..losses._checks import check_choice, check_number
 from ..losses.ranked_list_loss import GRADIENT_MODES
-
-
-def pairs_by_anchor(losses: Tensor, anchors: Tensor, num_anchors: int) -> Tuple[Tensor, Tensor]:
-    """Lay pair losses out as one row per anchor: (num_anchors x W) values and a mask of the filled slots."""
-    order = torch.argsort(anchors, stable=True)
-    a = anchors[order]
-    counts = torch.bincount(a, minlength=num_anchors)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(a), device=a.device) - starts[a]
-    width = int(counts.max()) if len(a) else 0
-    values = losses.new_zeros(num_anchors, width).index_put((a, slot), losses[order])
-    mask = torch.zeros(num_anchors, width, dtype=torch.bool, device=a.device)
-    mask[a, slot] = True
-    return values, mask
 
 
 class RankedListReducer(MultipleReducers):
@@ -75,36 +61,37 @@ class RankedListReducer(MultipleReducers):
         if pairs["pos_pair"] is None and pairs["neg_pair"] is None:
             raise ValueError("RankedListReducer needs pos_pair and/or neg_pair losses (a pair loss)")
         n = embeddings.shape[0]
-        pos_val, pos_mask = self._rows(pairs["pos_pair"], n, embeddings)
-        neg_val, neg_mask = self._rows(pairs["neg_pair"], n, embeddings)
-        r = ranked_lists_from_hinges(
-            pos_val,
-            neg_val,
-            pos_mask,
-            neg_mask,
+        pos_loss, pos_query = self._non_trivial(pairs["pos_pair"], embeddings)
+        neg_loss, neg_query = self._non_trivial(pairs["neg_pair"], embeddings)
+        r = ranked_lists(
+            pos_loss,
+            pos_query,
+            neg_loss,
+            neg_query,
+            n,
             self.Tp,
             self.Tn,
             self.imbalance,
             detach_weights=self.gradient == "paper",
         )
         if self.collect_stats:
-            self.avg_num_pos_per_query = float(r.pos_set.sum()) / n
-            self.avg_num_neg_per_query = float(r.neg_set.sum()) / n
+            self.avg_num_pos_per_query = len(pos_loss) / n
+            self.avg_num_neg_per_query = len(neg_loss) / n
         total = r.losses.mean()
         for name, info in others:
             total = total + self.default_reducer({name: info}, embeddings, labels)
         return total
 
     @staticmethod
-    def _rows(info: Optional[dict], n: int, embeddings: Tensor) -> Tuple[Tensor, Tensor]:
+    def _non_trivial(info: Optional[dict], embeddings: Tensor) -> Tuple[Tensor, Tensor]:
+        """Pairs with a positive loss (the non-trivial ones) and their anchors."""
         losses = None if info is None else info["losses"]
         if not torch.is_tensor(losses) or losses.numel() == 0:
-            empty = embeddings.new_zeros(n, 0)
-            return empty, empty.bool()
+            return embeddings.new_zeros(0), torch.zeros(0, dtype=torch.long, device=embeddings.device)
         anchors = info["indices"][0]
         if losses.shape != anchors.shape:
             raise ValueError("pair losses and their anchor indices differ in length")
         if losses.dtype in (torch.float16, torch.bfloat16):
             losses = losses.float()
-        return pairs_by_anchor(losses, anchors.long(), n)
-
+        keep = is_non_trivial(losses)
+        return losses[keep], anchors[keep].long()
