@@ -31,7 +31,7 @@ _NEAR = 1e-4
 # Distances at most this many machine epsilons are 0: their direction is undefined, use 0 (spec case 5).
 _ZERO_DISTANCE = 64
 # Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache.
-_BLOCK_ELEMENTS = 1 << 18
+_BLOCK_ELEMENTS = 1 << 20
 # Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
 _SPARSE_DENSITY = 1 / 32
 
