@@ -96,15 +96,17 @@ def scale_by_mean_distance(x: torch.Tensor) -> torch.Tensor:
 def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """mu, sigma of the plain Euclidean distances of x, detached (spec §1.3 b step 1).
 
-    ``include_diagonal=True`` is the NASA-exact choice: all N*N entries, diagonal zeros included.
+    Plain distances, no epsilon (nothing flows back through them). ``include_diagonal=True`` is the
+    NASA-exact choice: all N*N entries, diagonal zeros included.
     sigma is Bessel-corrected, as ``torch.std``."""
     with torch.no_grad():
-        dist = pairwise_euclidean(x.detach())
+        n = x.shape[0]
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        dist = pairwise_sq_euclidean(x.detach()).sqrt().masked_fill(eye, 0.0)
         if include_diagonal:
             values = dist.reshape(-1)
         else:
-            n = dist.shape[0]
-            values = dist[~torch.eye(n, dtype=torch.bool, device=dist.device)]
+            values = dist[~eye]
         return values.mean(), values.std()
 
 
