@@ -117,6 +117,8 @@ class NAMRReRankKNN:
         if k > available:
             raise ValueError(f"k={k} exceeds the number of searchable references ({available})")
 
+        # faiss (via PML's FaissKNN) needs contiguous tensors; slices of packed rows are not
+        qx, rx = qx.contiguous(), rx.contiguous()
         if self.mode == "plain":
             return self.base_knn(qx, k, rx, ref_includes_query)
         if self.mode == "exhaustive":
