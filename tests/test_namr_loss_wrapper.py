@@ -5,7 +5,7 @@ import torch
 from pytorch_metric_learning import distances, losses, miners, reducers
 
 from pml_rll.functional import namr as F_namr
-from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, make_namr_loss
+from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, RankedListLoss, make_namr_loss
 from pml_rll.losses.namr_loss import NAMR_VARIANTS
 from pml_rll.miners import SampleEmbeddingMiner
 
@@ -25,6 +25,7 @@ def _base_losses():
         losses.TripletMarginLoss(margin=0.2, distance=distances.LpDistance(normalize_embeddings=False)),
         losses.MultiSimilarityLoss(),
         losses.ContrastiveLoss(),
+        RankedListLoss(margin=0.4, Tn=10.0),
     ]
 
 
@@ -131,7 +132,17 @@ def test_width_and_argument_errors():
 
 
 @pytest.mark.parametrize(
-    "name", ["triplet", "TripletMarginLoss", "NAMR + Triplet", "multi_similarity", "MultiSimilarityLoss", "contrastive"]
+    "name",
+    [
+        "triplet",
+        "TripletMarginLoss",
+        "NAMR + Triplet",
+        "multi_similarity",
+        "MultiSimilarityLoss",
+        "contrastive",
+        "RankedListLoss",
+        "rll",
+    ],
 )
 def test_variants_constructible_by_name(name):
     torch.manual_seed(0)
@@ -185,3 +196,25 @@ def test_sample_embedding_miner_in_trainer_style_pipeline():
     triplets = miner(packed, labels)
     x_t = x / F_namr.mean_pairwise_distance(x)
     assert torch.equal(namr(packed, labels, triplets), losses.TripletMarginLoss(margin=0.2)(x_t, labels, triplets))
+
+
+def test_wraps_ranked_list_loss_with_indices_tuple_and_ref_emb():
+    x, s, labels = _batch(seed=10)
+    rx, rs, rlabels = _batch(n=12, seed=11)
+    base = RankedListLoss(margin=0.4, Tn=10.0)
+    namr = NAMRLoss(base, D, structure_weight=0.0)
+    packed, packed_ref = torch.cat([x, s], 1), torch.cat([rx, rs], 1)
+    scale = F_namr.mean_pairwise_distance(x)
+    assert torch.equal(namr(packed, labels), base(x / scale, labels))
+    got = namr(packed, labels, None, packed_ref, rlabels)
+    assert torch.equal(got, base(x / scale, labels, None, rx / scale, rlabels))
+    pairs = miners.BatchEasyHardMiner()(x / scale, labels)
+    assert torch.equal(namr(packed, labels, pairs), base(x / scale, labels, pairs))
+    # with the structure term
+    packed.requires_grad_(True)
+    full = NAMRLoss(base, D)(packed, labels)
+    x_t = x / F_namr.mean_pairwise_distance(x)
+    expected = base(x_t, labels) + 2.0 * MultiClusterRankingLoss(D)(torch.cat([x_t, s], 1))
+    torch.testing.assert_close(full, expected, rtol=1e-12, atol=1e-14)
+    full.backward()
+    assert torch.count_nonzero(packed.grad[:, D:]) > 0
