@@ -178,3 +178,15 @@ def test_argument_errors():
         knn(q, 5, q, True)
     with pytest.raises(ValueError, match="normalize_embeddings=False"):
         StructureWeightedDistance(D, normalize_embeddings=True)
+
+
+def test_warns_when_the_packed_vector_was_normalised():
+    q = _packed(12, seed=14)
+    knn = NAMRReRankKNN(D, base_knn=_exact_knn())
+    with pytest.warns(UserWarning, match="normalize_embeddings=False"):
+        knn(torch.nn.functional.normalize(q, dim=1), 3, torch.nn.functional.normalize(q, dim=1), True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        knn(q, 3, q, True)

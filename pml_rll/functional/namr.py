@@ -1,8 +1,8 @@
 """Pure tensor functions for NAMR (Neighborhood-Adaptive Multi-cluster Ranking).
 
 Every function is differentiable where that makes sense, has no state and never loops over anchors in
-Python. Spec references are to ``docs/namr.md`` (sections of the NAMR research notes: §1.3 is the NASA
-code, §2 the notation, §3 the reconstruction).
+Python. Section references (§) are to the project's NAMR specification notes: §1.3 describes the NASA
+code, §2 the notation, §3 the reconstruction, §3.5 retrieval. ``docs/namr.md`` summarises them.
 
 Numerical choices shared by the pairwise functions:
 

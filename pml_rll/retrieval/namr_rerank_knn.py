@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -101,8 +102,23 @@ class NAMRReRankKNN:
             f"embedding_size = {self.embedding_size} (sample part), got width {reference.shape[1]}"
         )
 
+    @staticmethod
+    def _warn_if_normalised(query: torch.Tensor) -> None:
+        # Every packed row having unit L2 norm means the caller normalised [x || s] as a whole (e.g. a PML
+        # tester with the default normalize_embeddings=True), which corrupts both x and s.
+        if query.shape[0] >= 2:
+            norms = query.detach().norm(dim=1)
+            if bool(((norms - 1).abs() < 1e-4).all()):
+                warnings.warn(
+                    "NAMRReRankKNN received packed embeddings that all have unit L2 norm: they were probably "
+                    "normalised as a whole. Build testers/InferenceModel with normalize_embeddings=False.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
     def __call__(self, query: torch.Tensor, k: int, reference: Optional[torch.Tensor] = None, ref_includes_query: bool = False):
         qx, qs = F_namr.split_packed(query, self.embedding_size)
+        self._warn_if_normalised(query)
         if reference is None:
             if self.reference_x is None:
                 raise ValueError("reference is None and no reference was stored with train()/add()")
