@@ -123,6 +123,10 @@ def test_width_and_argument_errors():
         namr(x, labels)
     with pytest.raises(ValueError, match="ref_emb must have width"):
         namr(torch.cat([x, s], 1), labels, None, torch.randn(4, 5, dtype=torch.float64), torch.arange(4))
+    bad = torch.cat([x, s], 1)
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        NAMRLoss(losses.ContrastiveLoss(), D, structure_weight=0.0)(bad, labels)
     with pytest.raises(ValueError, match="Number of embeddings"):
         namr(torch.cat([x, s], 1), labels[:-1])
     with pytest.raises(ValueError, match="structure_weight"):

@@ -108,6 +108,8 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings contain non-finite values (NaN or inf)")
         c_f.check_shapes(embeddings, labels)
         if labels is not None:
             labels = c_f.to_device(labels, embeddings)
