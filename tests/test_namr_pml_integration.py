@@ -76,10 +76,14 @@ def test_metric_loss_only_then_global_embedding_space_tester(one_thread, tmp_pat
         dataloader_num_workers=0,
         data_device=torch.device("cpu"),
     )
-    tester = testers.GlobalEmbeddingSpaceTester(
-        normalize_embeddings=False, batch_size=64, dataloader_num_workers=0, data_device=torch.device("cpu")
-    )
     plain = NAMRReRankKNN(D, num_candidates=16, mode="plain")
+    tester = testers.GlobalEmbeddingSpaceTester(  # an explicit calculator: PML's default needs faiss
+        normalize_embeddings=False,
+        batch_size=64,
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        accuracy_calculator=AccuracyCalculator(include=("precision_at_1",), knn_func=plain),
+    )
     rerank = NAMRReRankKNN(D, num_candidates=16)
     before = _accuracies(tester, val_ds, trunk, embedder, plain, 0)
 

@@ -30,8 +30,10 @@ MaskFn = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
 _NEAR = 1e-4
 # Distances at most this many machine epsilons are 0: their direction is undefined, use 0 (spec case 5).
 _ZERO_DISTANCE = 64
-# Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache.
+# Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache (CPU);
+# on a GPU, where every block costs a synchronisation, a whole 4096 x 4096 batch is one block.
 _BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS_CUDA = 1 << 24
 # Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
 _SPARSE_DENSITY = 1 / 32
 
@@ -61,7 +63,8 @@ def candidate_pairs(
     pos_limit = low * low - query_sq if low >= 0 else no_limit  # d > low  <=>  sq > low^2
     neg_limit = alpha * alpha - query_sq if alpha > 0 else no_limit  # d < alpha  <=>  sq < alpha^2
     rows_l, cols_l, sq_l, pos_l = [], [], [], []
-    step = max(1, min(B, _BLOCK_ELEMENTS // max(R, 1)))
+    block = _BLOCK_ELEMENTS_CUDA if query.is_cuda else _BLOCK_ELEMENTS
+    step = max(1, min(B, block // max(R, 1)))
     for start in range(0, B, step):
         stop = min(B, start + step)
         part = torch.addmm(gallery_sq[None, :], query[start:stop], gallery.T, alpha=-2)
