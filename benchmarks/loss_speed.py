@@ -236,9 +236,25 @@ def make_labels(batch_size: int, device: torch.device) -> torch.Tensor:
     return torch.div(torch.arange(batch_size, device=device), SAMPLES_PER_CLASS, rounding_mode="floor")
 
 
+# "random": randn embeddings; after L2 normalisation all pairs lie near sqrt(2), so the Ranked List Loss sees every
+# positive and no negative as non-trivial (a typical early-training regime).
+# "hard": a shared direction plus class centres plus noise; about 17% of the negative pairs lie closer than
+# alpha = 1.2 (many non-trivial negatives per query, the dense regime of the fast path).
+INPUT_KINDS = ("random", "hard")
+INPUT_DESCRIPTIONS = {
+    "random": "randn",
+    "hard": "0.7 * shared direction + class centre + 0.7 * randn (about 17% of negatives non-trivial)",
+}
+INPUTS = {"kind": "random"}
+
+
 def make_input(spec: LossSpec, batch_size: int, dim: int, device: torch.device, seed: int) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed * 1000003 + batch_size)
     x = torch.randn(batch_size, dim, generator=g)
+    if INPUTS["kind"] == "hard":
+        shared = torch.randn(1, dim, generator=g)
+        centres = torch.randn(batch_size // SAMPLES_PER_CLASS + 1, dim, generator=g)
+        x = 0.7 * shared + centres[make_labels(batch_size, torch.device("cpu"))] + 0.7 * x
     if spec.packed:
         s = 0.5 + torch.rand(batch_size, dim, generator=g)  # strictly inside (0.5, 1.5), like the structure head
         x = torch.cat([x, s], dim=1)
@@ -339,6 +355,7 @@ def measure_memory_subprocess(name: str, batch_size: int, dim: int, threads: int
                               timeout_s: float) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.loss_speed", "--memory-worker", name,
            "--batch-sizes", str(batch_size), "--dim", str(dim), "--threads", str(threads), "--seed", str(seed),
+           "--inputs", INPUTS["kind"],
            "--device", "cpu"]
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -464,7 +481,7 @@ def render_markdown(doc: Dict[str, Any]) -> str:
         "### Loss speed and memory\n\n"
         f"- device: {cfg['device_name']} ({cfg['device']}); torch threads: {cfg['torch_num_threads']}; "
         f"torch {cfg['torch_version']}, pytorch-metric-learning {cfg['pml_version']}, Python {cfg['python']}\n"
-        f"- input: randn(B, {cfg['dim']}), labels = B/{SAMPLES_PER_CLASS} classes x {SAMPLES_PER_CLASS}; "
+        f"- input: {INPUT_DESCRIPTIONS[cfg.get('inputs', 'random')]} (B, {cfg['dim']}), labels = B/{SAMPLES_PER_CLASS} classes x {SAMPLES_PER_CLASS}; "
         f"median of {cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up steps\n"
         f"- command: `{cfg['command']}`\n"
         f"- date: {cfg['started']}",
@@ -580,7 +597,7 @@ def _device_name(device: torch.device) -> str:
 
 
 # Fields that must agree for --resume to reuse earlier results.
-_RESUME_KEYS = ("dim", "repeats", "warmup", "torch_num_threads", "device", "seed", "memory", "losses")
+_RESUME_KEYS = ("dim", "repeats", "warmup", "torch_num_threads", "device", "seed", "memory", "losses", "inputs")
 
 
 def time_batch(names: List[str], batch_size: int, args, device: torch.device, results, too_slow: Dict[str, str],
@@ -693,6 +710,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="a loss whose warm-up step takes longer is skipped at this and larger batch sizes "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
+    p.add_argument("--inputs", choices=INPUT_KINDS, default="random",
+                   help="random: randn embeddings (no non-trivial negatives for the Ranked List Loss); hard: "
+                        "clustered embeddings with ~17%% of negative pairs non-trivial (default: %(default)s)")
     p.add_argument("--out", default=os.path.join("results", "loss_speed"),
                    help="output folder for loss_speed.{json,md,png} (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
@@ -716,6 +736,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    INPUTS["kind"] = args.inputs
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
 
@@ -729,7 +750,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cfg = {
         "batch_sizes": args.batch_sizes, "dim": args.dim, "repeats": args.repeats, "warmup": args.warmup,
         "threads": args.threads, "torch_num_threads": torch.get_num_threads(), "device": device.type,
-        "device_name": _device_name(device), "seed": args.seed, "memory": args.memory, "losses": args.losses,
+        "device_name": _device_name(device), "seed": args.seed, "inputs": args.inputs, "memory": args.memory, "losses": args.losses,
         "memory_batch_sizes": args.memory_batch_sizes, "max_step_s": args.max_step_s,
         "torch_version": torch_v, "pml_version": pml_v, "python": platform.python_version(),
         "platform": platform.platform(), "command": "python -m benchmarks.loss_speed " + " ".join(
