@@ -51,6 +51,19 @@ def split_packed(packed: torch.Tensor, embedding_size: int) -> Tuple[torch.Tenso
     return packed[:, :embedding_size], packed[:, embedding_size:]
 
 
+def sample_part(reference: torch.Tensor, embedding_size: int, name: str = "reference") -> torch.Tensor:
+    """The sample embedding of a reference set given packed (``2 * embedding_size``) or as x alone."""
+    _check_2d_float(name, reference)
+    if reference.shape[1] == 2 * embedding_size:
+        return reference[:, :embedding_size]
+    if reference.shape[1] == embedding_size:
+        return reference
+    raise ValueError(
+        f"{name} must have width 2 * embedding_size = {2 * embedding_size} (packed) or "
+        f"embedding_size = {embedding_size} (sample part), got width {reference.shape[1]}"
+    )
+
+
 def pack(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Pack sample and structure embeddings into ``[x || s]`` (spec §5.1)."""
     _check_2d_float("x", x)

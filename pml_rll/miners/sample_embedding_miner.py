@@ -45,15 +45,7 @@ class SampleEmbeddingMiner(BaseMiner):
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def _ref_sample(self, ref_emb: torch.Tensor) -> torch.Tensor:
-        F_namr._check_2d_float("ref_emb", ref_emb)
-        if ref_emb.shape[1] == 2 * self.embedding_size:
-            return ref_emb[:, : self.embedding_size]
-        if ref_emb.shape[1] == self.embedding_size:
-            return ref_emb
-        raise ValueError(
-            f"ref_emb must have width 2 * embedding_size = {2 * self.embedding_size} (packed) or "
-            f"embedding_size = {self.embedding_size} (sample part), got width {ref_emb.shape[1]}"
-        )
+        return F_namr.sample_part(ref_emb, self.embedding_size, "ref_emb")
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         x, _ = F_namr.split_packed(embeddings, self.embedding_size)

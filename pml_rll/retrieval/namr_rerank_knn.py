@@ -92,15 +92,7 @@ class NAMRReRankKNN:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ref_sample(self, reference: torch.Tensor) -> torch.Tensor:
-        F_namr._check_2d_float("reference", reference)
-        if reference.shape[1] == 2 * self.embedding_size:
-            return reference[:, : self.embedding_size]
-        if reference.shape[1] == self.embedding_size:
-            return reference
-        raise ValueError(
-            f"reference must have width 2 * embedding_size = {2 * self.embedding_size} (packed) or "
-            f"embedding_size = {self.embedding_size} (sample part), got width {reference.shape[1]}"
-        )
+        return F_namr.sample_part(reference, self.embedding_size, "reference")
 
     @staticmethod
     def _warn_if_normalised(query: torch.Tensor) -> None:

@@ -34,15 +34,7 @@ class StructureWeightedDistance(BaseDistance):
         self.embedding_size = embedding_size
 
     def _ref_sample(self, ref_emb: torch.Tensor) -> torch.Tensor:
-        F_namr._check_2d_float("reference", ref_emb)
-        if ref_emb.shape[1] == 2 * self.embedding_size:
-            return ref_emb[:, : self.embedding_size]
-        if ref_emb.shape[1] == self.embedding_size:
-            return ref_emb
-        raise ValueError(
-            f"reference must have width 2 * embedding_size = {2 * self.embedding_size} (packed) or "
-            f"embedding_size = {self.embedding_size} (sample part), got width {ref_emb.shape[1]}"
-        )
+        return F_namr.sample_part(ref_emb, self.embedding_size, "reference")
 
     def check_shapes(self, query_emb, ref_emb):
         F_namr.split_packed(query_emb, self.embedding_size)
