@@ -12,6 +12,13 @@ from pml_rll.miners import SampleEmbeddingMiner
 D = 6
 
 
+def test_mean_pairwise_distance_is_the_off_diagonal_mean():
+    # spec 1.3(a): the scale is the mean Euclidean distance over the ordered pairs i != j (an independent loop)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    pairs = [float(torch.sqrt(((x[i] - x[j]) ** 2).sum())) for i in range(7) for j in range(7) if i != j]
+    assert F_namr.mean_pairwise_distance(x).item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+
+
 def _batch(n=16, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=g, dtype=dtype) * 3.0

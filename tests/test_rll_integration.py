@@ -53,6 +53,16 @@ def test_reducer_on_another_pair_loss_and_empty_sets():
     assert pair_loss(x, distinct).item() == pytest.approx(reference_loss(x, distinct.tolist(), Tn=10).item(), abs=1e-12)
     with pytest.raises(ValueError, match="imbalance"):
         reducers.RankedListReducer(imbalance=-0.1)
+    # no pairs at all (e.g. an empty miner output): zero, like RankedListLoss
+    e = torch.tensor([], dtype=torch.long)
+    assert pair_loss(x, distinct, (e, e, e, e)).item() == 0.0
+    # a pair listed several times counts once, as in RankedListLoss
+    a1, p, a2, n = lmu.get_all_pairs_indices(y)
+    dup = (torch.cat([a1, a1[:5]]), torch.cat([p, p[:5]]), torch.cat([a2, a2[:9]]), torch.cat([n, n[:9]]))
+    pair_loss = pml_losses.ContrastiveLoss(pos_margin=0.8, neg_margin=1.2, reducer=reducers.RankedListReducer(Tn=10))
+    expected = losses.RankedListLoss(0.4, Tn=10)(x, y)
+    assert pair_loss(x, y, dup).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert losses.RankedListLoss(0.4, Tn=10)(x, y, dup).item() == pytest.approx(expected.item(), abs=1e-12)
 
 
 def test_miner_pairs_give_the_same_loss_and_are_the_non_trivial_sets():

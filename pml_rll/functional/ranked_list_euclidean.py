@@ -59,9 +59,10 @@ def candidate_pairs(
     B, R = query.shape[0], gallery.shape[0]
     low = alpha - margin
     query_sq, gallery_sq = squared_norms(query), squared_norms(gallery)
-    no_limit = torch.full_like(query_sq, float("-inf"))
-    pos_limit = low * low - query_sq if low >= 0 else no_limit  # d > low  <=>  sq > low^2
-    neg_limit = alpha * alpha - query_sq if alpha > 0 else no_limit  # d < alpha  <=>  sq < alpha^2
+    # d > low <=> sq > low^2 and d < alpha <=> sq < alpha^2; a boundary within Gram rounding of 0 lists every
+    # candidate instead, and the exact distances decide (exact_distances, then the strict check in forward)
+    pos_limit = low * low - query_sq if low >= 0 and low * low >= _NEAR else torch.full_like(query_sq, float("-inf"))
+    neg_limit = alpha * alpha - query_sq if alpha * alpha >= _NEAR else torch.full_like(query_sq, float("inf"))
     rows_l, cols_l, sq_l, pos_l = [], [], [], []
     block = _BLOCK_ELEMENTS_CUDA if query.is_cuda else _BLOCK_ELEMENTS
     step = max(1, min(B, block // max(R, 1)))

@@ -116,7 +116,7 @@ class NAMRReRankKNN:
                 raise ValueError("reference is None and no reference was stored with train()/add()")
             rx = self.reference_x.to(qx)
         else:
-            rx = self._ref_sample(reference)
+            rx = self._ref_sample(reference).to(qx)
         if ref_includes_query and rx.shape[0] < qx.shape[0]:
             raise ValueError("ref_includes_query=True needs the queries to be the first rows of reference")
         available = rx.shape[0] - int(bool(ref_includes_query))
