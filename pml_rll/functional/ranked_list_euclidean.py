@@ -7,6 +7,7 @@ This is what makes the loss cheaper than its own Gram-matrix floor, which autogr
 matmuls, and lean in memory.
 """
 
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -111,7 +112,9 @@ def exact_distances(
 def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int], dense: Tensor) -> Tensor:
     """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
     if values.numel() <= _SPARSE_DENSITY * shape[0] * shape[1]:
-        matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
         return torch.sparse.mm(matrix, dense)
     matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
     return matrix @ dense
