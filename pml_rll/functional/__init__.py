@@ -1,1 +1,3 @@
-"""pml_rll.functional"""
+"""Pure tensor functions: the math of each method, shared by its loss, reducer and miner."""
+
+from . import ranked_list, ranked_list_euclidean  # noqa: F401

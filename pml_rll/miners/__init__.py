@@ -1,1 +1,3 @@
-"""pml_rll.miners"""
+"""Miners, used like ``pytorch_metric_learning.miners``."""
+
+from .ranked_list_miner import RankedListMiner  # noqa: F401

@@ -1,1 +1,3 @@
-"""pml_rll.reducers"""
+"""Reducers, used like ``pytorch_metric_learning.reducers``."""
+
+from .ranked_list_reducer import RankedListReducer  # noqa: F401

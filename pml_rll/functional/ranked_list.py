@@ -1,0 +1,132 @@
+"""Functional core of the Ranked List Loss.
+
+Wang et al., "Ranked List Loss for Deep Metric Learning", CVPR 2019 (equations 2-5) and its TPAMI 2021
+extension. Every function here is a pure tensor function; the loss, the reducer and the miner of this package all
+call them, so the math exists exactly once.
+
+Ranked lists are held as lists of pairs: a pair is a (query, gallery item) with a hinge value, and ``query`` gives
+the row (query index) of every pair. Only the non-trivial pairs are ever listed, which is what the loss is made of,
+so nothing is spent on the (usually many) trivial ones.
+
+* A set that is empty contributes 0 (the paper leaves 1/|P*| undefined there).
+* Weights are normalised inside each set with the set's maximum subtracted first, so no temperature overflows,
+  and there is no epsilon in any denominator.
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def positive_hinge(d: Tensor, alpha: float, margin: float) -> Tensor:
+    # eq. 2, y_ij = 1: d_ij - (alpha - m); positives must lie closer than alpha - m
+    return d - (alpha - margin)
+
+
+def negative_hinge(d: Tensor, alpha: float) -> Tensor:
+    # eq. 2, y_ij = 0: alpha - d_ij; negatives must lie farther than alpha
+    return alpha - d
+
+
+def is_non_trivial(hinge: Tensor) -> Tensor:
+    # P* = {j != i, y_ij = 1, d_ij > alpha - m}, N* = {y_ij = 0, d_ij < alpha}: a positive hinge, strictly
+    return hinge > 0
+
+
+def set_weights(hinge: Tensor, query: Tensor, num_queries: int, temperature: float) -> Tensor:
+    # eq. 4 weights: exp(T * hinge_ij) / sum_{k in the set of query i} exp(T * hinge_ik), max-shifted per set
+    logits = temperature * hinge
+    shift = torch.full((num_queries,), float("-inf"), dtype=hinge.dtype, device=hinge.device)
+    shift = shift.scatter_reduce(0, query, logits.detach(), "amax", include_self=True)
+    w = torch.exp(logits - shift[query])
+    total = torch.zeros(num_queries, dtype=hinge.dtype, device=hinge.device).index_add(0, query, w)
+    return w / total[query]
+
+
+def weighted_set_loss(weights: Tensor, hinge: Tensor, query: Tensor, num_queries: int) -> Tensor:
+    # eq. 3 (L_P; a plain mean when T_p = 0) and eq. 4 (L_N): sum over the set of weight * hinge, per query
+    out = torch.zeros(num_queries, dtype=hinge.dtype, device=hinge.device)
+    return out.index_add(0, query, weights * hinge)
+
+
+def query_loss(loss_p: Tensor, loss_n: Tensor, imbalance: float) -> Tensor:
+    # eq. 5 in PML's convention: (1 - lambda) * L_P + lambda * L_N  (CVPR writes L_P + lambda * L_N)
+    return (1 - imbalance) * loss_p + imbalance * loss_n
+
+
+class RankedLists(NamedTuple):
+    """Per-query losses and the normalised weight of every listed pair."""
+
+    losses: Tensor  # (N,) eq. 5
+    loss_p: Tensor  # (N,) L_P, eq. 3
+    loss_n: Tensor  # (N,) L_N, eq. 4
+    w_p: Tensor  # weight of each positive pair
+    w_n: Tensor  # weight of each negative pair
+
+
+def ranked_lists(
+    pos_hinge: Tensor,
+    pos_query: Tensor,
+    neg_hinge: Tensor,
+    neg_query: Tensor,
+    num_queries: int,
+    Tp: float,
+    Tn: float,
+    imbalance: float,
+    detach_weights: bool,
+) -> RankedLists:
+    """Eqs. 3-5 from the hinges of the non-trivial pairs (P* and N*) and the query of each pair.
+
+    Differentiable with respect to the hinges. With ``detach_weights`` the weights are constants (the paper's
+    rule); otherwise autograd also differentiates them.
+    """
+    w_p = set_weights(pos_hinge.detach() if detach_weights else pos_hinge, pos_query, num_queries, Tp)
+    w_n = set_weights(neg_hinge.detach() if detach_weights else neg_hinge, neg_query, num_queries, Tn)
+    loss_p = weighted_set_loss(w_p, pos_hinge, pos_query, num_queries)
+    loss_n = weighted_set_loss(w_n, neg_hinge, neg_query, num_queries)
+    return RankedLists(query_loss(loss_p, loss_n, imbalance), loss_p, loss_n, w_p, w_n)
+
+
+def hinge_gradients(
+    r: RankedLists,
+    pos_hinge: Tensor,
+    pos_query: Tensor,
+    neg_hinge: Tensor,
+    neg_query: Tensor,
+    Tp: float,
+    Tn: float,
+    imbalance: float,
+    detach_weights: bool,
+) -> Tuple[Tensor, Tensor]:
+    """d loss_i / d hinge_ij of every listed pair, in closed form (spec 1.2).
+
+    Constant weights (the paper): the normalised weight. Differentiable weights (plain autograd):
+    w_ij * (1 + T * (hinge_ij - L_set,i)).
+    """
+    g_p, g_n = r.w_p, r.w_n
+    if not detach_weights:
+        g_p = g_p * (1 + Tp * (pos_hinge - r.loss_p[pos_query]))
+        g_n = g_n * (1 + Tn * (neg_hinge - r.loss_n[neg_query]))
+    return (1 - imbalance) * g_p, imbalance * g_n
+
+
+def non_trivial_pairs(
+    d: Tensor, pos_mask: Tensor, neg_mask: Tensor, alpha: float, margin: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rows, cols) of P* and of N* from a dense distance matrix and the candidate pair masks."""
+    pos = pos_mask & is_non_trivial(positive_hinge(d, alpha, margin))
+    neg = neg_mask & is_non_trivial(negative_hinge(d, alpha))
+    return (*torch.nonzero(pos, as_tuple=True), *torch.nonzero(neg, as_tuple=True))
+
+
+def squared_norms(x: Tensor) -> Tensor:
+    # ||x_i||^2 of every row
+    return (x * x).sum(1)
+
+
+def squared_euclidean(query: Tensor, ref: Tensor, query_sq: Optional[Tensor] = None, ref_sq: Optional[Tensor] = None) -> Tensor:
+    # ||q_i - r_j||^2 = ||q_i||^2 + ||r_j||^2 - 2 q_i . r_j through the Gram matrix: one matmul
+    query_sq = squared_norms(query) if query_sq is None else query_sq
+    ref_sq = squared_norms(ref) if ref_sq is None else ref_sq
+    return torch.addmm(ref_sq[None, :], query, ref.T, alpha=-2).add_(query_sq[:, None])

@@ -1,0 +1,200 @@
+"""The Ranked List Loss on Euclidean distances, with a hand-written backward pass.
+
+Forward: one matmul (the Gram matrix, block by block of queries), two comparisons that list the non-trivial pairs,
+then the loss on those lists only. Backward: the gradient of every listed pair in closed form, applied with one
+sparse (few non-trivial pairs) or dense (many) product. Distances, masks and weights are never kept for autograd.
+This is what makes the loss cheaper than its own Gram-matrix floor, which autograd differentiates with two dense
+matmuls, and lean in memory.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .ranked_list import (
+    hinge_gradients,
+    negative_hinge,
+    positive_hinge,
+    ranked_lists,
+    squared_euclidean,
+    squared_norms,
+)
+
+# A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool;
+# neg_mask None means "every pair that is not a positive candidate".
+MaskFn = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
+
+# Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
+# distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
+_NEAR = 1e-4
+# Distances at most this many machine epsilons are 0: their direction is undefined, use 0 (spec case 5).
+_ZERO_DISTANCE = 64
+# Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache.
+_BLOCK_ELEMENTS = 1 << 18
+# Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
+_SPARSE_DENSITY = 1 / 32
+
+
+def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
+    """Candidate pairs from class labels: same label = positive, different = negative."""
+    return lambda start, stop: (labels[start:stop, None] == ref_labels[None, :], None)
+
+
+def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
+    """Candidate pairs given as dense boolean matrices (e.g. built from a miner's indices)."""
+    return lambda start, stop: (pos_mask[start:stop], neg_mask[start:stop])
+
+
+def candidate_pairs(
+    query: Tensor, gallery: Tensor, masks: MaskFn, alpha: float, margin: float, exclude_self: bool
+) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    """Positives with d > alpha - m and negatives with d < alpha, by blocks of queries.
+
+    Returns (rows, cols, squared distance) of each. The comparisons run on ||r_j||^2 - 2 q_i . r_j against
+    per-query thresholds, so one matmul, three comparisons and one listing pass cover a block.
+    """
+    B, R = query.shape[0], gallery.shape[0]
+    low = alpha - margin
+    query_sq, gallery_sq = squared_norms(query), squared_norms(gallery)
+    no_limit = torch.full_like(query_sq, float("-inf"))
+    pos_limit = low * low - query_sq if low >= 0 else no_limit  # d > low  <=>  sq > low^2
+    neg_limit = alpha * alpha - query_sq if alpha > 0 else no_limit  # d < alpha  <=>  sq < alpha^2
+    rows_l, cols_l, sq_l, pos_l = [], [], [], []
+    step = max(1, min(B, _BLOCK_ELEMENTS // max(R, 1)))
+    for start in range(0, B, step):
+        stop = min(B, start + step)
+        part = torch.addmm(gallery_sq[None, :], query[start:stop], gallery.T, alpha=-2)
+        pos, neg = masks(start, stop)
+        above = part > pos_limit[start:stop, None]
+        below = part < neg_limit[start:stop, None]
+        if neg is None:
+            active = torch.where(pos, above, below)
+        else:
+            active = (pos & above) | (neg & below)
+        rows, cols = torch.nonzero(active, as_tuple=True)
+        rows_l.append(rows + start)
+        cols_l.append(cols)
+        sq_l.append(part[rows, cols])
+        pos_l.append(pos[rows, cols])
+    rows, cols, is_pos = torch.cat(rows_l), torch.cat(cols_l), torch.cat(pos_l)
+    sq = torch.cat(sq_l).add_(query_sq[rows])
+    if exclude_self:
+        keep = ~is_pos | (rows != cols)
+        rows, cols, sq, is_pos = rows[keep], cols[keep], sq[keep], is_pos[keep]
+    is_neg = ~is_pos
+    return (rows[is_pos], cols[is_pos], sq[is_pos]), (rows[is_neg], cols[is_neg], sq[is_neg])
+
+
+def exact_distances(
+    sq: Tensor, rows: Tensor, cols: Tensor, query: Tensor, gallery: Tensor, budget: int
+) -> Tuple[Tensor, Tensor]:
+    """Distances of listed pairs, the near-duplicates recomputed from explicit differences. Returns (d, near).
+
+    Near-duplicates are rare; when there are more than ``budget`` (collapsed embeddings) the Gram values stand.
+    """
+    near = sq < _NEAR
+    idx = torch.nonzero(near, as_tuple=True)[0]
+    if len(idx) > budget:
+        near = torch.zeros_like(near)
+    elif len(idx):
+        sq = sq.clone()
+        sq[idx] = (query[rows[idx]] - gallery[cols[idx]]).pow(2).sum(1)
+    return sq.clamp_min(0).sqrt(), near
+
+
+def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int], dense: Tensor) -> Tensor:
+    """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
+    if values.numel() <= _SPARSE_DENSITY * shape[0] * shape[1]:
+        matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        return torch.sparse.mm(matrix, dense)
+    matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
+    return matrix @ dense
+
+
+class _RankedListEuclidean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, ref, masks, params, paper, same):  # type: ignore[override]
+        margin, alpha, Tp, Tn, imbalance = params
+        gallery = query if same else ref
+        B = query.shape[0]
+        (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, alpha, margin, same)
+        d_p, near_p = exact_distances(psq, pr, pc, query, gallery, budget=4 * B)
+        d_n, near_n = exact_distances(nsq, nr, nc, query, gallery, budget=4 * B)
+        h_p, h_n = positive_hinge(d_p, alpha, margin), negative_hinge(d_n, alpha)
+        keep_p, keep_n = h_p > 0, h_n > 0  # exact strict boundaries after refinement
+        if not bool(keep_p.all()):
+            pr, pc, d_p, h_p, near_p = pr[keep_p], pc[keep_p], d_p[keep_p], h_p[keep_p], near_p[keep_p]
+        if not bool(keep_n.all()):
+            nr, nc, d_n, h_n, near_n = nr[keep_n], nc[keep_n], d_n[keep_n], h_n[keep_n], near_n[keep_n]
+        r = ranked_lists(h_p, pr, h_n, nr, B, Tp, Tn, imbalance, detach_weights=True)
+        g_p, g_n = hinge_gradients(r, h_p, pr, h_n, nr, Tp, Tn, imbalance, detach_weights=paper)
+        # d d_ij / d q_i = (q_i - r_j) / d_ij; d hinge_pos / d d = +1, d hinge_neg / d d = -1
+        rows, cols = torch.cat([pr, nr]), torch.cat([pc, nc])
+        d = torch.cat([d_p, d_n])
+        tiny = d <= _ZERO_DISTANCE * torch.finfo(d.dtype).eps
+        k = torch.cat([g_p, -g_n]).div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
+        near = torch.cat([near_p, near_n])
+        ctx.paper, ctx.same = paper, same
+        ctx.save_for_backward(query, gallery, rows, cols, k, near)
+        num_pos, num_neg = torch.tensor(len(pr)), torch.tensor(len(nr))
+        ctx.mark_non_differentiable(num_pos, num_neg)
+        return r.losses, num_pos, num_neg
+
+    @staticmethod
+    def backward(ctx, grad_losses, _gp, _gn):  # type: ignore[override]
+        query, gallery, rows, cols, k, near = ctx.saved_tensors
+        B, R = query.shape[0], gallery.shape[0]
+        c = k * grad_losses[rows]
+        to_gallery = not ctx.paper and (ctx.same or ctx.needs_input_grad[1])
+        # near-duplicates: exact differences instead of the Gram form, which cancels catastrophically there
+        exact = None
+        if bool(near.any()):
+            idx = torch.nonzero(near, as_tuple=True)[0]
+            exact = (rows[idx], cols[idx], c[idx][:, None] * (query[rows[idx]] - gallery[cols[idx]]))
+            c = c.masked_fill(near, 0.0)
+        grad_r = None
+        if ctx.same and to_gallery:  # each pair sits in two lists: one product for both ends
+            rows, cols, c = torch.cat([rows, cols]), torch.cat([cols, rows]), torch.cat([c, c])
+        weight = torch.zeros(B, dtype=c.dtype, device=c.device).index_add_(0, rows, c)
+        grad_q = weight[:, None] * query - pair_product(rows, cols, c, (B, R), gallery)
+        if to_gallery and not ctx.same:
+            weight = torch.zeros(R, dtype=c.dtype, device=c.device).index_add_(0, cols, c)
+            grad_r = weight[:, None] * gallery - pair_product(cols, rows, c, (R, B), query)
+        if exact is not None:
+            e_rows, e_cols, pair = exact
+            grad_q.index_add_(0, e_rows, pair)
+            if to_gallery:
+                (grad_q if ctx.same else grad_r).index_add_(0, e_cols, -pair)
+        return grad_q, grad_r, None, None, None, None
+
+
+def ranked_list_euclidean(
+    query: Tensor,
+    ref: Optional[Tensor],
+    masks: MaskFn,
+    margin: float,
+    alpha: float,
+    Tp: float,
+    Tn: float,
+    imbalance: float,
+    paper: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-query Ranked List Loss on Euclidean distances between ``query`` and ``ref`` rows.
+
+    ``ref=None`` means the gallery is the query batch itself. ``paper=True``: weights constant and each pair's
+    gradient reaches only its query (the gallery is fixed); ``paper=False``: the exact gradient of the value.
+    Returns (losses (B,), number of non-trivial positives, number of non-trivial negatives).
+    """
+    params = (float(margin), float(alpha), float(Tp), float(Tn), float(imbalance))
+    return _RankedListEuclidean.apply(query, ref, masks, params, paper, ref is None)
+
+
+def euclidean_distances(query: Tensor, gallery: Tensor) -> Tensor:
+    """Dense Euclidean distances, computed as the loss computes them (Gram form, near-duplicates exact)."""
+    sq = squared_euclidean(query, gallery)
+    rows, cols = torch.nonzero(sq < _NEAR, as_tuple=True)
+    d, _ = exact_distances(sq[rows, cols], rows, cols, query, gallery, budget=4 * len(query))
+    out = sq.clamp_min_(0).sqrt_()
+    out[rows, cols] = d
+    return out

@@ -1,0 +1,166 @@
+from typing import Optional
+
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.utils import common_functions as c_f
+from torch import Tensor
+
+from ..functional.ranked_list import negative_hinge, non_trivial_pairs, positive_hinge, ranked_lists
+from ..functional.ranked_list_euclidean import dense_masks, label_masks, ranked_list_euclidean
+from ._checks import (
+    check_choice,
+    check_distance,
+    check_embeddings,
+    check_labels,
+    check_number,
+    pairs_to_masks,
+)
+
+GRADIENT_MODES = ("paper", "autograd")
+
+
+class RankedListLoss(BaseMetricLossFunction):
+    r"""Ranked List Loss, exactly as in the paper.
+
+    Wang, Hua, Kodirov, Robertson, "Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5); TPAMI 2021.
+    A drop-in replacement for ``pytorch_metric_learning.losses.RankedListLoss``: same argument names and meaning.
+
+    Every sample is a query; the rest of the batch (or ``ref_emb``) is its gallery. On L2-normalised embeddings
+    with Euclidean distance d, the non-trivial positives are the same-class items with d > alpha - margin (the
+    query itself excluded) and the non-trivial negatives the other-class items with d < alpha, both strict.
+    Per query: ``(1 - imbalance) * L_P + imbalance * L_N`` where L_P is the weighted mean of d - (alpha - margin)
+    over the positives (weights exp(Tp * .), a plain mean at Tp = 0) and L_N the weighted mean of alpha - d over the
+    negatives (weights exp(Tn * (alpha - d))). The batch loss is the mean over all queries (the reducer), an empty
+    set contributing 0.
+
+    Args:
+        margin: m, the gap between the positive boundary alpha - m and the negative boundary alpha.
+        Tn: temperature of the negative weighting (0: uniform; large: the hardest negative only).
+        imbalance: lambda in ``(1 - lambda) * L_P + lambda * L_N``, in [0, 1]. The CVPR form ``L_P + l * L_N``
+            is this with imbalance = l / (1 + l), times (1 + l).
+        alpha: the negative boundary; ``None`` means ``1 + margin / 2`` (the TPAMI code's fixed boundaries).
+        Tp: temperature of the positive weighting (0 in the paper's experiments).
+        gradient: ``"paper"`` (default): the weights are constants and each pair's gradient reaches only its query,
+            the gallery held fixed, as the authors state; every non-trivial negative is pushed away and every
+            non-trivial positive pulled in. ``"autograd"``: the plain derivative of the loss value (what PML's
+            class computes), which also differentiates the weights and moves the gallery end of each pair; with
+            Tn > 0 it can pull a moderately hard negative towards its query.
+        **kwargs: PML's ``distance``, ``reducer``, ``embedding_regularizer``, ``collect_stats``...
+
+    Faithful to the paper, unlike PML 2.9's class: pairs at distance 0 count (identical embeddings of different
+    classes are the hardest negatives); no epsilon in the weight normalisation; weights are max-shifted, so any
+    temperature is finite in every dtype (float16/bfloat16 are computed in float32); miners (``indices_tuple``),
+    ``ref_emb``/``ref_labels`` (cross-batch memory, ``DistributedLossWrapper(efficient=True)``) and pairs without
+    labels (multi-label data) are supported.
+
+    Choices: with ``indices_tuple``, the given pairs are the candidate lists (their labels are not re-checked);
+    when ``ref_emb`` is given, the query is excluded from its own positives only if ``ref_emb`` is the batch itself
+    (as in PML), so pass an ``indices_tuple`` when the reference set contains the batch. The default distance
+    ``LpDistance(p=2, power=1, normalize_embeddings=True)`` takes the fast path (one matmul forward, one backward);
+    any other non-inverted PML distance is supported through a slower generic path.
+
+    Recorded for record-keeper: margin, alpha, Tp, Tn, imbalance; statistics ``avg_num_pos_per_query`` and
+    ``avg_num_neg_per_query`` (non-trivial pairs per query, when ``collect_stats`` is on).
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.4,
+        Tn: float = 10.0,
+        imbalance: float = 0.5,
+        alpha: Optional[float] = None,
+        Tp: float = 0.0,
+        gradient: str = "paper",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.margin = check_number("margin", margin)
+        self.Tn = check_number("Tn", Tn)
+        self.Tp = check_number("Tp", Tp)
+        self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
+        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
+        check_distance(self.distance, "RankedListLoss")
+        self.add_to_recordable_attributes(
+            list_of_names=["margin", "alpha", "Tp", "Tn", "imbalance"], is_stat=False
+        )
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
+        )
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        check_distance(self.distance, "RankedListLoss")
+        check_embeddings("embeddings", embeddings)
+        same = ref_emb is embeddings
+        if not same:
+            check_embeddings("ref_emb", ref_emb, embeddings.shape[1])
+        check_labels("labels", labels, embeddings.shape[0])
+        check_labels("ref_labels", ref_labels, ref_emb.shape[0])
+        if labels is None and indices_tuple is None:
+            raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
+        B, R = embeddings.shape[0], ref_emb.shape[0]
+        if indices_tuple is not None:
+            pos, neg = pairs_to_masks(indices_tuple, labels, ref_labels, B, R, embeddings.device)
+            masks = dense_masks(pos, neg)
+        else:
+            if ref_labels is None:
+                raise ValueError("ref_labels is required with ref_emb when no indices_tuple is given")
+            masks = label_masks(labels, ref_labels.to(labels.device))
+
+        params = (self.margin, self.alpha, self.Tp, self.Tn, self.imbalance)
+        paper = self.gradient == "paper"
+        if self._is_fast_distance():
+            losses, n_pos, n_neg = self._euclidean_losses(embeddings, ref_emb, same, masks, params, paper)
+        else:
+            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params, paper)
+        if self.collect_stats:
+            self.avg_num_pos_per_query = float(n_pos) / B
+            self.avg_num_neg_per_query = float(n_neg) / B
+        return {
+            "loss": {
+                "losses": losses,
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            }
+        }
+
+    def _is_fast_distance(self) -> bool:
+        dist = self.distance
+        return type(dist) is LpDistance and dist.p == 2 and dist.power == 1
+
+    def _euclidean_losses(self, embeddings, ref_emb, same, masks, params, paper):
+        def prepare(x: Tensor) -> Tensor:
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()  # accumulate half precision in float32
+            if self.distance.normalize_embeddings:
+                x = torch.nn.functional.normalize(x, p=2, dim=1)
+            return x
+
+        query = prepare(embeddings)
+        gallery = None if same else prepare(ref_emb).to(query.dtype)
+        return ranked_list_euclidean(query, gallery, masks, *params, paper=paper)
+
+    def _generic_losses(self, embeddings, ref_emb, same, masks, params, paper):
+        """Any PML distance: the non-trivial pairs of the dense matrix, then autograd through the core.
+
+        In paper mode the gallery is detached and the weights are constants.
+        """
+        margin, alpha, Tp, Tn, imbalance = params
+        if embeddings.dtype in (torch.float16, torch.bfloat16):
+            embeddings = embeddings.float()
+            ref_emb = ref_emb.float()
+        mat = self.distance(embeddings, ref_emb.detach() if paper else ref_emb)
+        pos, neg = masks(0, embeddings.shape[0])
+        if neg is None:
+            neg = ~pos
+            if same:
+                pos = pos & ~torch.eye(*pos.shape, dtype=torch.bool, device=pos.device)
+        pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, alpha, margin)
+        h_p = positive_hinge(mat[pr, pc], alpha, margin)
+        h_n = negative_hinge(mat[nr, nc], alpha)
+        r = ranked_lists(h_p, pr, h_n, nr, embeddings.shape[0], Tp, Tn, imbalance, detach_weights=paper)
+        return r.losses, len(pr), len(nr)
+
+    def get_default_distance(self):
+        return LpDistance(p=2, power=1, normalize_embeddings=True)

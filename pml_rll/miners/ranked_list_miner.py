@@ -1,0 +1,65 @@
+from typing import Optional
+
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.miners import BaseMiner
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from ..functional.ranked_list import non_trivial_pairs
+from ..functional.ranked_list_euclidean import euclidean_distances
+from ..losses._checks import check_distance, check_number
+
+
+class RankedListMiner(BaseMiner):
+    """Mines the non-trivial pairs of the Ranked List Loss (Wang et al., CVPR 2019, section 3.2).
+
+    For every query, the positives farther than ``alpha - margin`` (the query itself excluded) and the negatives
+    closer than ``alpha``, both strict, returned as a PML pair tuple ``(a1, p, a2, n)``. Usable with any pair loss;
+    ``RankedListLoss`` on the mined pairs equals ``RankedListLoss`` on all pairs.
+
+    Args:
+        margin: m, the gap between the two boundaries.
+        alpha: the negative boundary; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
+        **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
+            the loss computes it), ``collect_stats``.
+
+    Recorded: margin, alpha; statistics num_pos_pairs, num_neg_pairs (PML's), ``avg_num_pos_per_query`` and
+    ``avg_num_neg_per_query``.
+    """
+
+    def __init__(self, margin: float = 0.4, alpha: Optional[float] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.margin = check_number("margin", margin)
+        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        check_distance(self.distance, "RankedListMiner")
+        self.add_to_recordable_attributes(list_of_names=["margin", "alpha"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
+        )
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        check_distance(self.distance, "RankedListMiner")
+        if labels is None or ref_labels is None:
+            raise ValueError("RankedListMiner needs labels (and ref_labels with ref_emb)")
+        d = self._distances(embeddings, ref_emb)
+        matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
+        a1, p, a2, n = non_trivial_pairs(d, matches.bool(), diffs.bool(), self.alpha, self.margin)
+        if self.collect_stats:
+            self.avg_num_pos_per_query = len(a1) / len(embeddings)
+            self.avg_num_neg_per_query = len(a2) / len(embeddings)
+        return a1, p, a2, n
+
+    def _distances(self, embeddings, ref_emb):
+        dist = self.distance
+        if type(dist) is LpDistance and dist.p == 2 and dist.power == 1:
+            def prepare(x):
+                x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                return torch.nn.functional.normalize(x, dim=1) if dist.normalize_embeddings else x
+
+            query = prepare(embeddings)
+            gallery = query if ref_emb is embeddings else prepare(ref_emb).to(query.dtype)
+            return euclidean_distances(query, gallery)
+        return dist(embeddings, ref_emb)
+
+    def get_default_distance(self):
+        return LpDistance(p=2, power=1, normalize_embeddings=True)

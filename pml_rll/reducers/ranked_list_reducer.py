@@ -1,0 +1,97 @@
+from typing import Optional, Tuple
+
+import torch
+from pytorch_metric_learning.reducers import MultipleReducers
+from torch import Tensor
+
+from ..functional.ranked_list import is_non_trivial, ranked_lists
+from ..losses._checks import check_choice, check_number
+from ..losses.ranked_list_loss import GRADIENT_MODES
+
+
+class RankedListReducer(MultipleReducers):
+    """Ranked-list reduction of any pair loss (Wang et al., CVPR 2019, eqs. 3-5).
+
+    Takes the ``pos_pair`` and ``neg_pair`` losses of a PML pair loss (e.g. ``ContrastiveLoss``), treats pairs with
+    zero loss as trivial, weights the non-trivial ones inside each anchor's positive and negative set by
+    ``exp(T * loss)`` (normalised per set, max-shifted), combines ``(1 - imbalance) * L_P + imbalance * L_N`` per
+    anchor and averages over all queries (``embeddings.shape[0]``, anchors without pairs counting as 0).
+
+    ``ContrastiveLoss(pos_margin=alpha - margin, neg_margin=alpha, reducer=RankedListReducer(...))`` equals
+    ``RankedListLoss(margin, alpha=alpha, ...)`` in value. Gradients: with ``gradient="autograd"`` they are equal
+    too; with ``gradient="paper"`` the reducer holds the weights constant, and the paper's query-only rule comes
+    from calling the pair loss with the detached batch as reference: ``loss(emb, labels, ref_emb=emb.detach(),
+    ref_labels=labels)``.
+
+    Args:
+        Tp: temperature of the positive weighting.
+        Tn: temperature of the negative weighting.
+        imbalance: lambda in [0, 1].
+        gradient: ``"paper"`` (constant weights) or ``"autograd"`` (weights differentiated).
+
+    Other sub-losses in the loss dict (e.g. regularisers) are reduced with ``MeanReducer`` and added, as PML's
+    ``MultipleReducers`` does.
+    """
+
+    def __init__(
+        self, Tp: float = 0.0, Tn: float = 10.0, imbalance: float = 0.5, gradient: str = "paper", **kwargs
+    ):
+        super().__init__(reducers={}, **kwargs)
+        self.Tp = check_number("Tp", Tp)
+        self.Tn = check_number("Tn", Tn)
+        self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
+        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
+        self.add_to_recordable_attributes(list_of_names=["Tp", "Tn", "imbalance"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
+        )
+
+    def forward(self, loss_dict, embeddings, labels):
+        self.reset_stats()
+        pairs = {"pos_pair": None, "neg_pair": None}
+        others = []
+        for name, info in loss_dict.items():
+            kind = info["reduction_type"]
+            if kind in pairs and pairs[kind] is None:
+                pairs[kind] = info
+            elif kind in pairs:
+                raise ValueError(f"RankedListReducer expects one {kind} loss, got several")
+            else:
+                others.append((name, info))
+        if pairs["pos_pair"] is None and pairs["neg_pair"] is None:
+            raise ValueError("RankedListReducer needs pos_pair and/or neg_pair losses (a pair loss)")
+        n = embeddings.shape[0]
+        pos_loss, pos_query = self._non_trivial(pairs["pos_pair"], embeddings)
+        neg_loss, neg_query = self._non_trivial(pairs["neg_pair"], embeddings)
+        r = ranked_lists(
+            pos_loss,
+            pos_query,
+            neg_loss,
+            neg_query,
+            n,
+            self.Tp,
+            self.Tn,
+            self.imbalance,
+            detach_weights=self.gradient == "paper",
+        )
+        if self.collect_stats:
+            self.avg_num_pos_per_query = len(pos_loss) / n
+            self.avg_num_neg_per_query = len(neg_loss) / n
+        total = r.losses.mean()
+        for name, info in others:
+            total = total + self.default_reducer({name: info}, embeddings, labels)
+        return total
+
+    @staticmethod
+    def _non_trivial(info: Optional[dict], embeddings: Tensor) -> Tuple[Tensor, Tensor]:
+        """Pairs with a positive loss (the non-trivial ones) and their anchors."""
+        losses = None if info is None else info["losses"]
+        if not torch.is_tensor(losses) or losses.numel() == 0:
+            return embeddings.new_zeros(0), torch.zeros(0, dtype=torch.long, device=embeddings.device)
+        anchors = info["indices"][0]
+        if losses.shape != anchors.shape:
+            raise ValueError("pair losses and their anchor indices differ in length")
+        if losses.dtype in (torch.float16, torch.bfloat16):
+            losses = losses.float()
+        keep = is_non_trivial(losses)
+        return losses[keep], anchors[keep].long()
