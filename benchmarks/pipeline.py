@@ -210,7 +210,7 @@ class BenchmarkTrainer(trainers.MetricLossOnly):
                 break
 
 
-class QuietTester(testers.GlobalEmbeddingSpaceTester):
+class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
     """``GlobalEmbeddingSpaceTester`` without its per-evaluation progress bar (one bar per run is enough)."""
 
     def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
@@ -322,7 +322,7 @@ def run_one(
         log_freq=max(1, cfg.iterations_per_epoch // 5),
     )
     acc_calc = build_accuracy_calculator(spec.namr, cfg.embedding_size, device, cfg.namr_candidates)
-    tester = QuietTester(
+    tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
         batch_size=cfg.eval_batch_size,
         dataloader_num_workers=num_workers,

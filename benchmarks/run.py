@@ -16,8 +16,8 @@ from typing import List, Optional
 
 DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
-    "digits": dict(trunk="mlp", embedding_size=32, batch_size=64, m_per_class=8, epochs=6, iterations_per_epoch=20,
-                   lr=1e-3, weight_decay=0.0, seeds=3, eval_every=2, eval_batch_size=1024),
+    "digits": dict(trunk="mlp", embedding_size=32, batch_size=64, m_per_class=8, epochs=10, iterations_per_epoch=20,
+                   lr=1e-3, weight_decay=0.0, seeds=5, eval_every=2, eval_batch_size=1024),
     "omniglot": dict(trunk="convnet", embedding_size=64, batch_size=64, m_per_class=4, epochs=8,
                      iterations_per_epoch=100, lr=1e-3, weight_decay=0.0, seeds=5, eval_every=2,
                      eval_batch_size=512),
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=None,
                    help="data-loader workers (default: 0 for in-memory datasets, 4 for image folders)")
-    p.add_argument("--out", default=None, help="output folder (default: benchmark_results/<dataset>)")
+    p.add_argument("--out", default=None, help="output folder (default: results/<dataset>)")
     p.add_argument("--no-resume", action="store_true", help="rerun (loss, seed) pairs already in results.jsonl")
     p.add_argument("--tensorboard", action="store_true", help="also write tensorboard event files per run")
     p.add_argument("--save-models", action="store_true", help="save the models of every epoch (PML preset)")
@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     seeds = parse_seeds(args.seeds, d["seeds"])
     loss_names = resolve_losses(args.losses)
     device = resolve_device(args.device)
-    out_dir = args.out or os.path.join("benchmark_results", args.dataset)
+    out_dir = args.out or os.path.join("results", args.dataset)
     os.makedirs(out_dir, exist_ok=True)
 
     try:
