@@ -280,7 +280,7 @@ def run_one(
     num_workers: int = 0,
     tensorboard: bool = False,
     save_models: bool = False,
-    pbar_position: int = 1,
+    pbar_position: Optional[int] = 1,
 ) -> dict:
     """Train one (loss, seed) and evaluate it on the test split; return the result record."""
     from pytorch_metric_learning.utils import logging_presets
@@ -369,8 +369,8 @@ def run_one(
     )
     eval_before = eval_seconds[0]
     t_start = time.perf_counter()
-    with tqdm.tqdm(total=total_iters, desc=f"{entry.name} seed {seed}", position=pbar_position, leave=False,
-                   dynamic_ncols=True) as pbar:
+    with tqdm.tqdm(total=total_iters, desc=f"{entry.name} seed {seed}", position=pbar_position or 0, leave=False,
+                   dynamic_ncols=True, disable=pbar_position is None) as pbar:
         trainer.train(num_epochs=cfg.epochs, pbar=pbar)
     wall = time.perf_counter() - t_start
     train_seconds = wall - (eval_seconds[0] - eval_before)  # evaluations inside training excluded

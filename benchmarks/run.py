@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="omniglot: side in pixels (28); RGB: crop size (224)")
     p.add_argument("--test-alphabets", default=None, help="omniglot: comma list of test alphabets (default: auto)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per run (0: auto = 1 on CPU, where these small models gain little from "
+                   "intra-op threads and lose a lot on a shared machine; torch's default with CUDA)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(loss, seed) runs in parallel worker processes (default 1); results are identical")
     p.add_argument("--workers", type=int, default=None,
                    help="data-loader workers (default: 0 for in-memory datasets, 4 for image folders)")
     p.add_argument("--out", default=None, help="output folder (default: results/<dataset>)")
@@ -134,6 +138,32 @@ def resolve_losses(spec: str) -> List[str]:
     return chosen
 
 
+_BUNDLE_CACHE: dict = {}
+
+
+def _run_job(job: dict, name: str, seed: int, pbar_position: Optional[int]) -> dict:
+    """One (loss, seed) run; also the entry point of --jobs worker processes (the dataset is loaded once each)."""
+    import torch
+
+    from .datasets import load_dataset
+    from .pipeline import run_one
+    from .registry import REGISTRY
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
+    if key not in _BUNDLE_CACHE:
+        _BUNDLE_CACHE[key] = load_dataset(job["dataset"], job["data_root"], job["download"], job["image_size"],
+                                          job["test_alphabets"])
+    log_dir = os.path.join(job["out_dir"], "logs", job["chash"], name, f"seed{seed}")
+    t_run = time.perf_counter()
+    rec = run_one(_BUNDLE_CACHE[key], REGISTRY[name], seed, job["cfg"], torch.device(job["device"]), log_dir,
+                  num_workers=job["workers"], tensorboard=job["tensorboard"], save_models=job["save_models"],
+                  pbar_position=pbar_position)
+    rec["wall_seconds"] = round(time.perf_counter() - t_run, 3)
+    return rec
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .registry import REGISTRY, describe_registry
@@ -149,8 +179,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .datasets import DatasetUnavailableError, load_dataset
     from .pipeline import RunConfig, environment_info, resolve_device, run_one
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     d = DATASET_DEFAULTS[args.dataset]
 
     def pick(name):
@@ -177,7 +209,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
     seeds = parse_seeds(args.seeds, d["seeds"])
     loss_names = resolve_losses(args.losses)
-    device = resolve_device(args.device)
     out_dir = args.out or os.path.join("results", args.dataset)
     os.makedirs(out_dir, exist_ok=True)
 
@@ -217,30 +248,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(todo) < len(seeds) * len(available):
         print(f"resuming: {len(seeds) * len(available) - len(todo)} finished runs skipped, {len(todo)} to run")
     t0 = time.perf_counter()
+    job_args = dict(dataset=args.dataset, data_root=args.data_root, download=args.download,
+                    image_size=args.image_size, test_alphabets=test_alphabets, cfg=cfg, device=str(device),
+                    out_dir=out_dir, chash=chash, workers=workers, tensorboard=args.tensorboard,
+                    save_models=args.save_models, threads=threads)
+    _BUNDLE_CACHE[(args.dataset, args.data_root, args.image_size, tuple(test_alphabets or ()))] = bundle
+
+    def finish(rec):
+        rec.update(dataset=args.dataset, config=cfg.key(), config_hash=chash, environment=env, command=command,
+                   finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        report.append_jsonl(jsonl, rec)
+        m = rec["metrics"]
+        tqdm.tqdm.write(
+            f"{rec['loss']:<22} seed {rec['seed']}: MAP@R {m.get('mean_average_precision_at_r', float('nan')):.4f} "
+            f"P@1 {m.get('precision_at_1', float('nan')):.4f} R@1 {m.get('recall_at_1', float('nan')):.4f} "
+            f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
+        )
+
     with tqdm.tqdm(total=len(todo), desc="runs", position=0, dynamic_ncols=True) as outer:
-        for seed, name in todo:
-            outer.set_postfix_str(f"{name} seed {seed}")
-            log_dir = os.path.join(out_dir, "logs", chash, name, f"seed{seed}")
-            t_run = time.perf_counter()
-            rec = run_one(bundle, REGISTRY[name], seed, cfg, device, log_dir, num_workers=workers,
-                          tensorboard=args.tensorboard, save_models=args.save_models)
-            rec.update(
-                dataset=args.dataset,
-                config=cfg.key(),
-                config_hash=chash,
-                wall_seconds=round(time.perf_counter() - t_run, 3),
-                environment=env,
-                command=command,
-                finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),
-            )
-            report.append_jsonl(jsonl, rec)
-            outer.update(1)
-            m = rec["metrics"]
-            tqdm.tqdm.write(
-                f"{name:<22} seed {seed}: MAP@R {m.get('mean_average_precision_at_r', float('nan')):.4f} "
-                f"P@1 {m.get('precision_at_1', float('nan')):.4f} R@1 {m.get('recall_at_1', float('nan')):.4f} "
-                f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
-            )
+        if args.jobs <= 1:
+            for seed, name in todo:
+                outer.set_postfix_str(f"{name} seed {seed}")
+                finish(_run_job(job_args, name, seed, pbar_position=1))
+                outer.update(1)
+        else:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_job, job_args, name, seed, None) for seed, name in todo]
+                for fut in cf.as_completed(futures):
+                    finish(fut.result())
+                    outer.update(1)
     elapsed = time.perf_counter() - t0
 
     records = [
