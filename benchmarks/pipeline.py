@@ -197,7 +197,7 @@ class BenchmarkTrainer(trainers.MetricLossOnly):
             for self.iteration in range(self.iterations_per_epoch):
                 self.forward_and_backward()
                 self.end_of_iteration_hook(self)
-                loss = float(self.losses["total_loss"])
+                loss = float(torch.as_tensor(self.losses["total_loss"]).detach())
                 self.loss_log.append(loss)
                 if pbar is not None:
                     pbar.update(1)
@@ -286,6 +286,9 @@ def run_one(
     from pytorch_metric_learning.utils import logging_presets
 
     os.makedirs(log_dir, exist_ok=True)
+    if device.type == "cuda":  # same convolution algorithms for every loss (GPU runs are still not bitwise exact)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     ctx = BuildContext(num_classes=bundle.num_train_classes, embedding_size=cfg.embedding_size)
     torch.manual_seed(seed + 30_011)  # loss parameters (proxies, beta) are paired too
     spec: LossSpec = entry.build(ctx)

@@ -247,7 +247,10 @@ def write_figure(records: List[dict], path: str, title: str = "") -> Optional[st
     ax.set_ylabel("test MAP@R (%), mean over seeds")
     ax.set_title("learning curves (solid = ours)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no learning curves (--eval-every 0)", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
