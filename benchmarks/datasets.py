@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-OMNIGLOT_DEFAULT_ROOTS = ("../shared/data/omniglot", "/work/shared/data/omniglot")
+OMNIGLOT_DEFAULT_ROOTS = ("../shared/data/omniglot",)
 FASHION_MNIST_DEFAULT_ROOTS = ("/usr/share/datasets/fashion-mnist",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,8 +118,8 @@ class PairedDataset(Dataset):
             idx, aug_seed = int(key[0]), int(key[1])
             x = self._raw(idx)
             if self.transform is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(aug_seed)
+                with torch.random.fork_rng(devices=[]):  # CPU generator only: transforms run on CPU
+                    torch.default_generator.manual_seed(aug_seed)
                     x = self.transform(x)
             elif self.eval_transform is not None:
                 x = self.eval_transform(x)

@@ -105,6 +105,9 @@ def build_trunk(name: str, input_shape: Tuple[int, ...], pretrained: bool = True
     if name == "convnet":
         t = ConvNet(input_shape[0])
         return t, t.out_features, "ConvNet(32-64-128, GAP)"
+    if name == "convnet-small":
+        t = ConvNet(input_shape[0], widths=(16, 32, 64))
+        return t, t.out_features, "ConvNet(16-32-64, GAP)"
     if name in ("resnet18", "resnet50"):
         import torchvision
 

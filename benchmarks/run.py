@@ -18,7 +18,7 @@ DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
     "digits": dict(trunk="mlp", embedding_size=32, batch_size=64, m_per_class=8, epochs=10, iterations_per_epoch=20,
                    lr=1e-3, weight_decay=0.0, seeds=5, eval_every=2, eval_batch_size=1024),
-    "omniglot": dict(trunk="convnet", embedding_size=64, batch_size=64, m_per_class=4, epochs=8,
+    "omniglot": dict(trunk="convnet-small", embedding_size=64, batch_size=64, m_per_class=4, epochs=8,
                      iterations_per_epoch=100, lr=1e-3, weight_decay=0.0, seeds=5, eval_every=2,
                      eval_batch_size=512),
     "fashion-mnist": dict(trunk="convnet", embedding_size=64, batch_size=128, m_per_class=16, epochs=5,
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m-per-class", "--images-per-class", dest="m_per_class", type=int, default=None,
                    help="images per class in a batch, MPerClassSampler's m (default: per dataset)")
     p.add_argument("--embedding-size", type=int, default=None, help="embedding width (default: per dataset)")
-    p.add_argument("--trunk", default=None, choices=["mlp", "convnet", "resnet18", "resnet50"],
+    p.add_argument("--trunk", default=None, choices=["mlp", "convnet", "convnet-small", "resnet18", "resnet50"],
                    help="trunk network (default: per dataset)")
     p.add_argument("--no-pretrained", action="store_true", help="ResNet trunks: do not try ImageNet weights")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for trunk and embedder")
