@@ -250,12 +250,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment_info(device: torch.device) -> dict:
     import pytorch_metric_learning
 
     info = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "pytorch_metric_learning": pytorch_metric_learning.__version__,
         "python": platform.python_version(),

@@ -31,6 +31,13 @@ def config_hash(config: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _umask_mode(path: str) -> None:
+    """Give a temporary file (created 0600) the mode an ordinary new file would get."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write(path: str, data: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -40,6 +47,7 @@ def atomic_write(path: str, data: str) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -259,6 +267,7 @@ def write_figure(records: List[dict], path: str, title: str = "") -> Optional[st
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    _umask_mode(tmp)
     os.replace(tmp, path)
     return path
 

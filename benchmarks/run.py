@@ -222,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if n_classes_batch > bundle.num_train_classes:
         raise SystemExit(
             f"batch of {n_classes_batch} classes x {cfg.m_per_class} needs >= {n_classes_batch} train classes; "
-            f"{bundle.dataset if hasattr(bundle, 'dataset') else bundle.name} has {bundle.num_train_classes}"
+            f"{bundle.name} has {bundle.num_train_classes}"
         )
     workers = args.workers if args.workers is not None else (4 if bundle.input_kind == "rgb" else 0)
 
