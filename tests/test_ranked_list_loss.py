@@ -245,11 +245,46 @@ def test_edge_cases():
 
 
 def test_boundary_ties_are_trivial():
-    # d(0, 1) = 2 sin(60/2) = 1.0 exactly at alpha = 1.0 (negatives need d < alpha), d(0, 2) at alpha - m
-    x, y = case([0, 60, 0], [0, 1, 0])
-    x[2] = x[0]
-    loss = RankedListLoss(margin=1.0, alpha=1.0, Tn=10)
-    assert loss(x, y).item() == pytest.approx(0.0, abs=1e-12)
+    # exact distances without normalisation: d(0,1) = d(1,2) = d(0,3) = 0.5 = alpha - m, d(0,2) = 1.0 = alpha.
+    # Strict sets (the paper): ties are trivial. By hand, per query: 0.5, 0.146447, 0.25, 0.198223.
+    # Counting ties (>= / <=) would give 0.21117 instead.
+    x = torch.tensor([[0, 0], [0.5, 0], [1, 0], [0, 0.5]], dtype=F64)
+    y = torch.tensor([0, 0, 0, 1])
+    loss = RankedListLoss(margin=0.5, alpha=1.0, Tn=0, distance=LpDistance(normalize_embeddings=False))
+    expected = (0.5 + 0.5 * (1 - 0.5**0.5) + 0.25 + 0.25 * (0.5 + (1 - 0.5**0.5))) / 4
+    assert expected == pytest.approx(0.27367, abs=1e-5)
+    assert loss(x, y).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_near_duplicate_positives_count_when_every_positive_does():
+    # alpha = m (spec Table 4, "every positive counts"): positives a few 1e-4 apart are non-trivial even though
+    # the float32 Gram matrix cannot resolve their distance
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 512, generator=g)
+    x[1] = x[0] + 1e-5 * torch.randn(512, generator=g)
+    y = torch.tensor([0, 0, 0, 1])
+    ref = reference_loss(x.double(), y.tolist(), margin=1.2, alpha=1.2, Tn=10)
+    loss = RankedListLoss(margin=1.2, alpha=1.2, Tn=10)
+    assert loss(x, y).item() == pytest.approx(ref.item(), abs=1e-5)
+    from pml_rll.miners import RankedListMiner
+
+    mined = RankedListMiner(margin=1.2, alpha=1.2)(x, y)
+    assert loss(x, y, mined).item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_autocast_computes_in_float32():
+    x, y = random_batch(seed=12, dtype=torch.float32)
+    x.requires_grad_(True)
+    for gradient in ("paper", "autograd"):
+        loss = RankedListLoss(0.4, Tn=10, gradient=gradient)
+        plain = loss(x, y)
+        (g_plain,) = torch.autograd.grad(plain, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = loss(x, y)
+        (g_mixed,) = torch.autograd.grad(mixed, x)
+        assert mixed.dtype == torch.float32
+        assert mixed.item() == pytest.approx(plain.item(), abs=1e-6)
+        assert torch.allclose(g_mixed, g_plain, atol=1e-6)
 
 
 def test_large_temperature_approaches_hardest_negative():
@@ -292,6 +327,13 @@ def test_bad_arguments():
         RankedListLoss(Tn=float("nan"))
     with pytest.raises(ValueError, match="distance"):
         RankedListLoss(distance=CosineSimilarity())
+    with pytest.raises(ValueError, match="margin"):
+        RankedListLoss(margin=-0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        RankedListLoss(alpha=0.0)
+    import numpy as np
+
+    assert RankedListLoss(margin=np.float32(0.4), Tn=np.int64(10)).Tn == 10.0
 
 
 def test_bad_inputs():
@@ -303,6 +345,11 @@ def test_bad_inputs():
         loss(x, torch.zeros(7, dtype=torch.long))
     with pytest.raises(ValueError, match="embeddings"):
         loss(torch.randn(8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels"):
+        loss(x, [0] * 8)
+    with pytest.raises(TypeError, match="indices_tuple"):
+        loss(x, None, (torch.tensor([0.7]), torch.tensor([1.9]), torch.tensor([0]), torch.tensor([2])))
+    assert loss(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)).item() == 0.0
     bad = x.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -53,6 +53,16 @@ def test_reducer_on_another_pair_loss_and_empty_sets():
     assert pair_loss(x, distinct).item() == pytest.approx(reference_loss(x, distinct.tolist(), Tn=10).item(), abs=1e-12)
     with pytest.raises(ValueError, match="imbalance"):
         reducers.RankedListReducer(imbalance=-0.1)
+    # no pairs at all (e.g. an empty miner output): zero, like RankedListLoss
+    e = torch.tensor([], dtype=torch.long)
+    assert pair_loss(x, distinct, (e, e, e, e)).item() == 0.0
+    # a pair listed several times counts once, as in RankedListLoss
+    a1, p, a2, n = lmu.get_all_pairs_indices(y)
+    dup = (torch.cat([a1, a1[:5]]), torch.cat([p, p[:5]]), torch.cat([a2, a2[:9]]), torch.cat([n, n[:9]]))
+    pair_loss = pml_losses.ContrastiveLoss(pos_margin=0.8, neg_margin=1.2, reducer=reducers.RankedListReducer(Tn=10))
+    expected = losses.RankedListLoss(0.4, Tn=10)(x, y)
+    assert pair_loss(x, y, dup).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert losses.RankedListLoss(0.4, Tn=10)(x, y, dup).item() == pytest.approx(expected.item(), abs=1e-12)
 
 
 def test_miner_pairs_give_the_same_loss_and_are_the_non_trivial_sets():
@@ -199,3 +209,22 @@ def test_distributed_loss_wrapper_two_processes(gradient):
         if not efficient:  # gradients equal the single-process full batch
             assert torch.allclose(gw, model.weight.grad, atol=1e-12)
             assert torch.allclose(gb, model.bias.grad, atol=1e-12)
+
+
+def test_drop_in_for_pml_ranked_list_loss():
+    # PML's constructor call runs unchanged; where PML is correct (no zero distances, moderate temperature) the
+    # value and the "autograd" gradients agree up to PML's N * 1e-5 epsilon
+    import warnings
+
+    x, y = batch(n=32, seed=11)
+    kwargs = dict(margin=0.4, Tn=5.0, imbalance=0.4, alpha=1.1, Tp=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = pml_losses.RankedListLoss(**kwargs)
+    ours = losses.RankedListLoss(**kwargs, gradient="autograd")
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    la, lb = ours(xa, y), theirs(xb, y)
+    (ga,), (gb,) = torch.autograd.grad(la, xa), torch.autograd.grad(lb, xb)
+    assert la.item() == pytest.approx(lb.item(), rel=1e-3)
+    assert torch.allclose(ga, gb, rtol=1e-2, atol=1e-5)
+    assert la.item() > lb.item()  # PML's epsilon only ever shrinks the value

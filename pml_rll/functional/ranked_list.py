@@ -34,14 +34,20 @@ def is_non_trivial(hinge: Tensor) -> Tensor:
     return hinge > 0
 
 
-def set_weights(hinge: Tensor, query: Tensor, num_queries: int, temperature: float) -> Tensor:
-    # eq. 4 weights: exp(T * hinge_ij) / sum_{k in the set of query i} exp(T * hinge_ik), max-shifted per set
+def set_weights(
+    hinge: Tensor, query: Tensor, num_queries: int, temperature: float, member: Optional[Tensor] = None
+) -> Tensor:
+    # eq. 4 weights: exp(T * hinge_ij) / sum_{k in the set of query i} exp(T * hinge_ik), max-shifted per set;
+    # pairs listed but not members of the set (member False) get weight 0
     logits = temperature * hinge
+    if member is not None:
+        logits = logits.masked_fill(~member, float("-inf"))
     shift = torch.full((num_queries,), float("-inf"), dtype=hinge.dtype, device=hinge.device)
     shift = shift.scatter_reduce(0, query, logits.detach(), "amax", include_self=True)
+    shift = shift.masked_fill(shift == float("-inf"), 0.0)
     w = torch.exp(logits - shift[query])
     total = torch.zeros(num_queries, dtype=hinge.dtype, device=hinge.device).index_add(0, query, w)
-    return w / total[query]
+    return w / total.masked_fill(total == 0, 1.0)[query]
 
 
 def weighted_set_loss(weights: Tensor, hinge: Tensor, query: Tensor, num_queries: int) -> Tensor:
@@ -75,14 +81,17 @@ def ranked_lists(
     Tn: float,
     imbalance: float,
     detach_weights: bool,
+    pos_member: Optional[Tensor] = None,
+    neg_member: Optional[Tensor] = None,
 ) -> RankedLists:
     """Eqs. 3-5 from the hinges of the non-trivial pairs (P* and N*) and the query of each pair.
 
     Differentiable with respect to the hinges. With ``detach_weights`` the weights are constants (the paper's
-    rule); otherwise autograd also differentiates them.
+    rule); otherwise autograd also differentiates them. ``pos_member`` / ``neg_member``, when given, mark which
+    listed pairs are in the set (the others get weight 0), so that a list need not be filtered.
     """
-    w_p = set_weights(pos_hinge.detach() if detach_weights else pos_hinge, pos_query, num_queries, Tp)
-    w_n = set_weights(neg_hinge.detach() if detach_weights else neg_hinge, neg_query, num_queries, Tn)
+    w_p = set_weights(pos_hinge.detach() if detach_weights else pos_hinge, pos_query, num_queries, Tp, pos_member)
+    w_n = set_weights(neg_hinge.detach() if detach_weights else neg_hinge, neg_query, num_queries, Tn, neg_member)
     loss_p = weighted_set_loss(w_p, pos_hinge, pos_query, num_queries)
     loss_n = weighted_set_loss(w_n, neg_hinge, neg_query, num_queries)
     return RankedLists(query_loss(loss_p, loss_n, imbalance), loss_p, loss_n, w_p, w_n)

@@ -30,8 +30,10 @@ MaskFn = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
 _NEAR = 1e-4
 # Distances at most this many machine epsilons are 0: their direction is undefined, use 0 (spec case 5).
 _ZERO_DISTANCE = 64
-# Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache.
-_BLOCK_ELEMENTS = 1 << 18
+# Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache (CPU);
+# on a GPU, where every block costs a synchronisation, a whole 4096 x 4096 batch is one block.
+_BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS_CUDA = 1 << 24
 # Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
 _SPARSE_DENSITY = 1 / 32
 
@@ -52,38 +54,41 @@ def candidate_pairs(
     """Positives with d > alpha - m and negatives with d < alpha, by blocks of queries.
 
     Returns (rows, cols, squared distance) of each. The comparisons run on ||r_j||^2 - 2 q_i . r_j against
-    per-query thresholds, so one matmul, three comparisons and one listing pass cover a block.
+    per-query thresholds, so one matmul, a few comparisons and two listing passes cover a block.
     """
     B, R = query.shape[0], gallery.shape[0]
     low = alpha - margin
     query_sq, gallery_sq = squared_norms(query), squared_norms(gallery)
-    no_limit = torch.full_like(query_sq, float("-inf"))
-    pos_limit = low * low - query_sq if low >= 0 else no_limit  # d > low  <=>  sq > low^2
-    neg_limit = alpha * alpha - query_sq if alpha > 0 else no_limit  # d < alpha  <=>  sq < alpha^2
-    rows_l, cols_l, sq_l, pos_l = [], [], [], []
-    step = max(1, min(B, _BLOCK_ELEMENTS // max(R, 1)))
+    # d > low <=> sq > low^2 and d < alpha <=> sq < alpha^2. A boundary within Gram rounding of 0 lists every
+    # candidate instead, and the exact distances decide (exact_distances, then the strict check in forward).
+    all_pos = not (low >= 0 and low * low >= _NEAR)
+    all_neg = alpha * alpha < _NEAR
+    pos_limit, neg_limit = low * low - query_sq, alpha * alpha - query_sq
+    lists = {"pos": ([], [], []), "neg": ([], [], [])}
+    block = _BLOCK_ELEMENTS_CUDA if query.is_cuda else _BLOCK_ELEMENTS
+    step = max(1, min(B, block // max(R, 1)))
     for start in range(0, B, step):
         stop = min(B, start + step)
         part = torch.addmm(gallery_sq[None, :], query[start:stop], gallery.T, alpha=-2)
         pos, neg = masks(start, stop)
-        above = part > pos_limit[start:stop, None]
-        below = part < neg_limit[start:stop, None]
-        if neg is None:
-            active = torch.where(pos, above, below)
-        else:
-            active = (pos & above) | (neg & below)
-        rows, cols = torch.nonzero(active, as_tuple=True)
-        rows_l.append(rows + start)
-        cols_l.append(cols)
-        sq_l.append(part[rows, cols])
-        pos_l.append(pos[rows, cols])
-    rows, cols, is_pos = torch.cat(rows_l), torch.cat(cols_l), torch.cat(pos_l)
-    sq = torch.cat(sq_l).add_(query_sq[rows])
-    if exclude_self:
-        keep = ~is_pos | (rows != cols)
-        rows, cols, sq, is_pos = rows[keep], cols[keep], sq[keep], is_pos[keep]
-    is_neg = ~is_pos
-    return (rows[is_pos], cols[is_pos], sq[is_pos]), (rows[is_neg], cols[is_neg], sq[is_neg])
+        neg = ~pos if neg is None else neg
+        pos_act = pos.clone() if all_pos else pos & (part > pos_limit[start:stop, None])
+        neg_act = neg if all_neg else neg & (part < neg_limit[start:stop, None])
+        if exclude_self:  # a query is never its own positive
+            diag = torch.arange(stop - start, device=query.device)
+            pos_act[diag, diag + start] = False
+        for kind, act in (("pos", pos_act), ("neg", neg_act)):
+            rows, cols = torch.nonzero(act, as_tuple=True)
+            out = lists[kind]
+            out[0].append(rows + start)
+            out[1].append(cols)
+            out[2].append(part[rows, cols])
+
+    def joined(kind):
+        rows, cols, sq = (torch.cat(t) for t in lists[kind])
+        return rows, cols, sq.add_(query_sq[rows])
+
+    return joined("pos"), joined("neg")
 
 
 def exact_distances(
@@ -119,25 +124,19 @@ class _RankedListEuclidean(torch.autograd.Function):
         gallery = query if same else ref
         B = query.shape[0]
         (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, alpha, margin, same)
-        d_p, near_p = exact_distances(psq, pr, pc, query, gallery, budget=4 * B)
-        d_n, near_n = exact_distances(nsq, nr, nc, query, gallery, budget=4 * B)
-        h_p, h_n = positive_hinge(d_p, alpha, margin), negative_hinge(d_n, alpha)
-        keep_p, keep_n = h_p > 0, h_n > 0  # exact strict boundaries after refinement
-        if not bool(keep_p.all()):
-            pr, pc, d_p, h_p, near_p = pr[keep_p], pc[keep_p], d_p[keep_p], h_p[keep_p], near_p[keep_p]
-        if not bool(keep_n.all()):
-            nr, nc, d_n, h_n, near_n = nr[keep_n], nc[keep_n], d_n[keep_n], h_n[keep_n], near_n[keep_n]
-        r = ranked_lists(h_p, pr, h_n, nr, B, Tp, Tn, imbalance, detach_weights=True)
+        P = len(pr)
+        rows, cols = torch.cat([pr, nr]), torch.cat([pc, nc])
+        d, near = exact_distances(torch.cat([psq, nsq]), rows, cols, query, gallery, budget=4 * B)
+        h_p, h_n = positive_hinge(d[:P], alpha, margin), negative_hinge(d[P:], alpha)
+        in_p, in_n = h_p > 0, h_n > 0  # the exact strict boundaries (listed pairs outside get weight 0)
+        r = ranked_lists(h_p, pr, h_n, nr, B, Tp, Tn, imbalance, True, in_p, in_n)
         g_p, g_n = hinge_gradients(r, h_p, pr, h_n, nr, Tp, Tn, imbalance, detach_weights=paper)
         # d d_ij / d q_i = (q_i - r_j) / d_ij; d hinge_pos / d d = +1, d hinge_neg / d d = -1
-        rows, cols = torch.cat([pr, nr]), torch.cat([pc, nc])
-        d = torch.cat([d_p, d_n])
         tiny = d <= _ZERO_DISTANCE * torch.finfo(d.dtype).eps
         k = torch.cat([g_p, -g_n]).div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
-        near = torch.cat([near_p, near_n])
         ctx.paper, ctx.same = paper, same
         ctx.save_for_backward(query, gallery, rows, cols, k, near)
-        num_pos, num_neg = torch.tensor(len(pr)), torch.tensor(len(nr))
+        num_pos, num_neg = in_p.sum(), in_n.sum()
         ctx.mark_non_differentiable(num_pos, num_neg)
         return r.losses, num_pos, num_neg
 

@@ -1,6 +1,7 @@
 """Argument checks shared by the losses, miners and reducers of this package."""
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
     """A finite real number, optionally inside [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -36,7 +37,7 @@ def check_distance(distance: BaseDistance, owner: str) -> None:
         )
 
 
-def check_embeddings(name: str, emb: Tensor, dim: Optional[int] = None) -> None:
+def check_embeddings(name: str, emb: Tensor, dim: Optional[int] = None, check_values: bool = True) -> None:
     if not torch.is_tensor(emb):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(emb).__name__}")
     if emb.ndim != 2:
@@ -45,17 +46,17 @@ def check_embeddings(name: str, emb: Tensor, dim: Optional[int] = None) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {emb.dtype}")
     if dim is not None and emb.shape[1] != dim:
         raise ValueError(f"{name} must have {dim} columns like embeddings, got {emb.shape[1]}")
-    if not bool(torch.isfinite(emb).all()):
+    if check_values and not bool(torch.isfinite(emb).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def check_labels(name: str, labels: Optional[Tensor], n: int) -> None:
+def check_labels(name: str, labels: Optional[Tensor], n: Optional[int] = None) -> None:
     if labels is None:
         return
     if not torch.is_tensor(labels):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
+    if labels.ndim != 1 or (n is not None and labels.shape[0] != n):
+        raise ValueError(f"{name} must have shape ({n if n is not None else 'N'},), got {tuple(labels.shape)}")
 
 
 def pairs_to_masks(
@@ -68,8 +69,11 @@ def pairs_to_masks(
     pos = torch.zeros(n, m, dtype=torch.bool, device=device)
     neg = torch.zeros(n, m, dtype=torch.bool, device=device)
     for name, rows, cols, mask in (("positive", a1, p, pos), ("negative", a2, n_idx, neg)):
-        rows = torch.as_tensor(rows, device=device).long()
-        cols = torch.as_tensor(cols, device=device).long()
+        rows, cols = torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
+        for t in (rows, cols):
+            if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"indices_tuple: {name} pair indices must be 1-D integer tensors")
+        rows, cols = rows.long(), cols.long()
         if rows.shape != cols.shape:
             raise ValueError(f"indices_tuple: {name} anchors and partners differ in length")
         if rows.numel() and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= m):

@@ -75,11 +75,13 @@ class RankedListLoss(BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.margin = check_number("margin", margin)
+        self.margin = check_number("margin", margin, low=0.0)
         self.Tn = check_number("Tn", Tn)
         self.Tp = check_number("Tp", Tp)
         self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         check_distance(self.distance, "RankedListLoss")
         self.add_to_recordable_attributes(
@@ -88,6 +90,19 @@ class RankedListLoss(BaseMetricLossFunction):
         self.add_to_recordable_attributes(
             list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
         )
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        # clear type errors before PML's own shape checks
+        check_embeddings("embeddings", embeddings, check_values=False)
+        check_labels("labels", labels)
+        check_labels("ref_labels", ref_labels)
+        if ref_emb is not None:
+            check_embeddings("ref_emb", ref_emb, embeddings.shape[1], check_values=False)
+            if ref_emb.device != embeddings.device:
+                raise ValueError(f"ref_emb is on {ref_emb.device}, embeddings on {embeddings.device}")
+        # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         check_distance(self.distance, "RankedListLoss")
@@ -100,6 +115,8 @@ class RankedListLoss(BaseMetricLossFunction):
         if labels is None and indices_tuple is None:
             raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
         B, R = embeddings.shape[0], ref_emb.shape[0]
+        if B == 0 or R == 0:
+            return self.zero_losses()
         if indices_tuple is not None:
             pos, neg = pairs_to_masks(indices_tuple, labels, ref_labels, B, R, embeddings.device)
             masks = dense_masks(pos, neg)
@@ -154,8 +171,8 @@ class RankedListLoss(BaseMetricLossFunction):
         pos, neg = masks(0, embeddings.shape[0])
         if neg is None:
             neg = ~pos
-            if same:
-                pos = pos & ~torch.eye(*pos.shape, dtype=torch.bool, device=pos.device)
+        if same:  # a query is never its own positive, labels or pairs alike (as in the fast path)
+            pos = pos & ~torch.eye(*pos.shape, dtype=torch.bool, device=pos.device)
         pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, alpha, margin)
         h_p = positive_hinge(mat[pr, pc], alpha, margin)
         h_n = negative_hinge(mat[nr, nc], alpha)

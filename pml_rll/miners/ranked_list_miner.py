@@ -29,8 +29,10 @@ class RankedListMiner(BaseMiner):
 
     def __init__(self, margin: float = 0.4, alpha: Optional[float] = None, **kwargs):
         super().__init__(**kwargs)
-        self.margin = check_number("margin", margin)
+        self.margin = check_number("margin", margin, low=0.0)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
         check_distance(self.distance, "RankedListMiner")
         self.add_to_recordable_attributes(list_of_names=["margin", "alpha"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -41,7 +43,8 @@ class RankedListMiner(BaseMiner):
         check_distance(self.distance, "RankedListMiner")
         if labels is None or ref_labels is None:
             raise ValueError("RankedListMiner needs labels (and ref_labels with ref_emb)")
-        d = self._distances(embeddings, ref_emb)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            d = self._distances(embeddings, ref_emb)
         matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
         a1, p, a2, n = non_trivial_pairs(d, matches.bool(), diffs.bool(), self.alpha, self.margin)
         if self.collect_stats:

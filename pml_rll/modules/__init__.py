@@ -1,1 +1,3 @@
 """pml_rll.modules"""
+from .namr_embedder import NAMREmbedder  # noqa: E402,F401
+from .structure_embedding_head import StructureEmbeddingHead  # noqa: E402,F401

@@ -17,7 +17,8 @@ class RankedListReducer(MultipleReducers):
     ``exp(T * loss)`` (normalised per set, max-shifted), combines ``(1 - imbalance) * L_P + imbalance * L_N`` per
     anchor and averages over all queries (``embeddings.shape[0]``, anchors without pairs counting as 0).
 
-    ``ContrastiveLoss(pos_margin=alpha - margin, neg_margin=alpha, reducer=RankedListReducer(...))`` equals
+    A pair listed several times counts once. ``ContrastiveLoss(pos_margin=alpha - margin, neg_margin=alpha,
+    reducer=RankedListReducer(...))`` equals
     ``RankedListLoss(margin, alpha=alpha, ...)`` in value. Gradients: with ``gradient="autograd"`` they are equal
     too; with ``gradient="paper"`` the reducer holds the weights constant, and the paper's query-only rule comes
     from calling the pair loss with the detached batch as reference: ``loss(emb, labels, ref_emb=emb.detach(),
@@ -59,6 +60,9 @@ class RankedListReducer(MultipleReducers):
             else:
                 others.append((name, info))
         if pairs["pos_pair"] is None and pairs["neg_pair"] is None:
+            if others and all(info["reduction_type"] == "already_reduced" for _, info in others):
+                # what a PML pair loss returns when it has no pairs at all (e.g. an empty miner output)
+                return sum(self.default_reducer({n: i}, embeddings, labels) for n, i in others)
             raise ValueError("RankedListReducer needs pos_pair and/or neg_pair losses (a pair loss)")
         n = embeddings.shape[0]
         pos_loss, pos_query = self._non_trivial(pairs["pos_pair"], embeddings)
@@ -93,5 +97,13 @@ class RankedListReducer(MultipleReducers):
             raise ValueError("pair losses and their anchor indices differ in length")
         if losses.dtype in (torch.float16, torch.bfloat16):
             losses = losses.float()
+        anchors, partners = anchors.long(), info["indices"][1].long()
+        # a pair listed twice (e.g. by several triplets) is one member of its set, as in RankedListLoss
+        key = anchors * (int(partners.max()) + 1) + partners
+        unique, inverse = torch.unique(key, return_inverse=True)
+        first = torch.full_like(unique, len(key)).scatter_reduce(
+            0, inverse, torch.arange(len(key), device=key.device), "amin"
+        )
+        losses, anchors = losses[first], anchors[first]
         keep = is_non_trivial(losses)
-        return losses[keep], anchors[keep].long()
+        return losses[keep], anchors[keep]

@@ -1,1 +1,3 @@
 """pml_rll.retrieval"""
+from .namr_rerank_knn import NAMRReRankKNN  # noqa: E402,F401
+from .structure_weighted_distance import StructureWeightedDistance  # noqa: E402,F401

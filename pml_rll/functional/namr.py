@@ -1,0 +1,219 @@
+"""Pure tensor functions for NAMR (Neighborhood-Adaptive Multi-cluster Ranking).
+
+Every function is differentiable where that makes sense, has no state and never loops over anchors in
+Python. Section references (§) are to the project's NAMR specification notes: §1.3 describes the NASA
+code, §2 the notation, §3 the reconstruction, §3.5 retrieval. ``docs/namr.md`` summarises them.
+
+Numerical choices shared by the pairwise functions:
+
+* Pairwise (squared) distances are computed in the Gram form ``|a|^2 - 2 a.b + |b|^2`` so memory is
+  O(N*N) and never O(N*N*d). Before the Gram form the batch mean is subtracted: every distance here is
+  translation invariant, and centring removes most of the cancellation error of the Gram form when the
+  embeddings share a large common offset.
+* The anchor-adaptive distance of §1.3(b) clamps every per-dimension squared difference at ``1e-12``.
+  That clamp cannot be applied inside a matrix product, so :func:`anchor_adaptive_sq_distance` applies
+  it to the sum instead: ``max(sum_k s_ik (x_ik - x_jk)^2, 1e-12 * sum_k s_ik)``. Both forms are bounded
+  below by ``1e-12 * sum_k s_ik`` and differ by at most ``1e-12 * sum_k s_ik`` (at most ``d * s_max *
+  1e-12``) inside the square root; they agree exactly for identical points and wherever no per-dimension
+  difference is below ``1e-6``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+#: per-dimension clamp of the squared difference in the NASA adaptive distance (spec §1.3 b step 2)
+ADAPTIVE_EPS = 1e-12
+#: clamp of the squared Euclidean distance before the square root (RKD/NASA ``pdist``, spec §1.3 a)
+PDIST_EPS = 1e-12
+
+
+def _check_2d_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (batch, width), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def split_packed(packed: torch.Tensor, embedding_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split ``[x || s]`` (width ``2 * embedding_size``) into the sample and structure parts (spec §5.1)."""
+    _check_2d_float("packed embeddings", packed)
+    if packed.shape[1] != 2 * embedding_size:
+        raise ValueError(
+            f"packed embeddings must have width 2 * embedding_size = {2 * embedding_size} "
+            f"([sample || structure]), got width {packed.shape[1]}. Did the tester or a miner receive "
+            "the packed vector, or was embedding_size set wrongly?"
+        )
+    return packed[:, :embedding_size], packed[:, embedding_size:]
+
+
+def sample_part(reference: torch.Tensor, embedding_size: int, name: str = "reference") -> torch.Tensor:
+    """The sample embedding of a reference set given packed (``2 * embedding_size``) or as x alone."""
+    _check_2d_float(name, reference)
+    if reference.shape[1] == 2 * embedding_size:
+        return reference[:, :embedding_size]
+    if reference.shape[1] == embedding_size:
+        return reference
+    raise ValueError(
+        f"{name} must have width 2 * embedding_size = {2 * embedding_size} (packed) or "
+        f"embedding_size = {embedding_size} (sample part), got width {reference.shape[1]}"
+    )
+
+
+def pack(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Pack sample and structure embeddings into ``[x || s]`` (spec §5.1)."""
+    _check_2d_float("x", x)
+    _check_2d_float("s", s)
+    if x.shape != s.shape:
+        raise ValueError(f"x and s must have the same shape, got {tuple(x.shape)} and {tuple(s.shape)}")
+    return torch.cat([x, s], dim=1)
+
+
+def pairwise_sq_euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances ``|x_i - y_j|^2`` (N x M) in Gram form after centring, clamped at 0."""
+    y = x if y is None else y
+    centre = y.mean(dim=0, keepdim=True)
+    xc, yc = x - centre, y - centre
+    sq = (xc * xc).sum(1, keepdim=True) - 2.0 * xc @ yc.t() + (yc * yc).sum(1).unsqueeze(0)
+    return sq.clamp(min=0.0)
+
+
+def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
+    """Plain Euclidean distance matrix of x with an exact zero diagonal (RKD ``pdist``, spec §1.3 b step 1).
+
+    Off-diagonal squared distances are clamped at ``PDIST_EPS`` before the square root so the gradient
+    stays finite for coincident points."""
+    n = x.shape[0]
+    sq = pairwise_sq_euclidean(x).clamp(min=PDIST_EPS)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    return sq.sqrt().masked_fill(eye, 0.0)
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
+    """d_bar = mean over i != j of |x_i - x_j| (spec §2, training-time scale normalisation; not detached)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"mean pairwise distance needs a batch of at least 2 embeddings, got {n}")
+    return pairwise_euclidean(x).sum() / (n * (n - 1))
+
+
+def scale_by_mean_distance(x: torch.Tensor) -> torch.Tensor:
+    """x_tilde = x / d_bar, with d_bar differentiable (spec §1.3 a, §2)."""
+    return x / mean_pairwise_distance(x)
+
+
+def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mu, sigma of the plain Euclidean distances of x, detached (spec §1.3 b step 1).
+
+    Plain distances, no epsilon (nothing flows back through them). ``include_diagonal=True`` is the
+    NASA-exact choice: all N*N entries, diagonal zeros included.
+    sigma is Bessel-corrected, as ``torch.std``."""
+    with torch.no_grad():
+        n = x.shape[0]
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        dist = pairwise_sq_euclidean(x.detach()).sqrt().masked_fill(eye, 0.0)
+        if include_diagonal:
+            values = dist.reshape(-1)
+        else:
+            values = dist[~eye]
+        return values.mean(), values.std()
+
+
+def cluster_centres(
+    mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[float], floor: float
+) -> torch.Tensor:
+    """eta_m = max(floor * mu, mu - t_m * sigma), deduplicated and sorted descending (spec §3.2 step 2).
+
+    Deduplication: after the floor two centres can coincide exactly (both floored, or sigma == 0). A
+    duplicated centre would silently count its tier twice in the soft assignment, so only distinct
+    values are kept."""
+    t = torch.as_tensor(list(t_values), dtype=mu.dtype, device=mu.device)
+    eta = torch.maximum(floor * mu, mu - t * sigma)
+    return torch.unique(eta.detach()).flip(0)
+
+
+def anchor_adaptive_sq_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """D_ij^2 = sum_k s_ik max((x_ik - x_jk)^2, 1e-12), with the clamp applied to the sum (spec §1.3 b step 2).
+
+    Uses the anchor's s_i (row), so the matrix is asymmetric. Memory O(N*N): three matrix products with
+    (s*x), s and x*x instead of the N x N x d difference tensor. See the module docstring for how the
+    1e-12 clamp is handled (difference at most ``1e-12 * sum_k s_ik`` inside the square root)."""
+    xc = x - x.mean(dim=0, keepdim=True)
+    sx = s * xc
+    sq = (sx * xc).sum(1, keepdim=True) - 2.0 * sx @ xc.t() + s @ (xc * xc).t()
+    lower = ADAPTIVE_EPS * s.sum(1, keepdim=True)
+    return torch.maximum(sq, lower)
+
+
+def anchor_adaptive_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """D_ij = sqrt(sum_k s_ik (x_ik - x_jk)^2) (spec §2, §1.3 b step 2)."""
+    return anchor_adaptive_sq_distance(x, s).sqrt()
+
+
+def soft_assignment(dist: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
+    """c_ijm = softmax_m(-alpha * |D_ij - eta_m|), shape dist.shape + (M,) (spec §3.2 step 3; not detached)."""
+    gaps = (dist.unsqueeze(-1) - centres).abs()
+    return torch.softmax(-alpha * gaps, dim=-1)
+
+
+def multi_cluster_pair_loss(dist: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
+    """l_ij = sum_m c_ijm |D_ij - eta_m| (spec §3.2 step 4; with M = 2 the NASA c*a + (1-c)*b, §1.3 b step 3)."""
+    gaps = (dist.unsqueeze(-1) - centres).abs()
+    return (soft_assignment(dist, centres, alpha) * gaps).sum(-1)
+
+
+def multi_cluster_anchor_losses(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    t_values: Sequence[float] = (0.0, 3.0),
+    alpha: float = 10.0,
+    floor: float = 0.2,
+    include_diagonal: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-anchor multi-cluster ranking loss: mean over j != i of l_ij (spec §3.2 step 4).
+
+    The mean of the returned vector over anchors equals the NASA loss (mean over all N(N-1) ordered
+    pairs), because every anchor has N - 1 pairs. Returns (anchor_losses, adaptive distances, centres)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"the multi-cluster ranking loss needs a batch of at least 2 embeddings, got {n}")
+    mu, sigma = distance_statistics(x, include_diagonal=include_diagonal)
+    centres = cluster_centres(mu, sigma, t_values, floor)
+    dist = anchor_adaptive_distance(x, s)
+    pair = multi_cluster_pair_loss(dist, centres, alpha)
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    anchor_losses = (pair * off_diag).sum(1) / (n - 1)
+    return anchor_losses, dist, centres
+
+
+def structure_weighted_sq_distance(query: torch.Tensor, s_query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """d_w(q, j) = sum_k s_qk (x_qk - x_jk)^2 for all query/reference pairs, Q x R (spec §3.5 step 2.3).
+
+    Gram form after centring on the reference mean, clamped at 0. Query-weighted only: references
+    contribute just their sample embeddings."""
+    centre = ref.mean(dim=0, keepdim=True)
+    qc, rc = query - centre, ref - centre
+    sq_ = s_query * qc
+    sq = (sq_ * qc).sum(1, keepdim=True) - 2.0 * sq_ @ rc.t() + s_query @ (rc * rc).t()
+    return sq.clamp(min=0.0)
+
+
+def structure_weighted_sq_distance_to_candidates(
+    query: torch.Tensor, s_query: torch.Tensor, ref: torch.Tensor, candidates: torch.Tensor, chunk_elements: int = 1 << 24
+) -> torch.Tensor:
+    """d_w(q, c) for each query's own candidate list (Q x K indices into ref), exact differences (spec §3.5).
+
+    Processed in query chunks so the gathered (chunk x K x d) tensor stays below ``chunk_elements``."""
+    q, k = candidates.shape
+    d = query.shape[1]
+    out = torch.empty(q, k, dtype=query.dtype, device=query.device)
+    step = max(1, chunk_elements // max(1, k * d))
+    for start in range(0, q, step):
+        stop = min(q, start + step)
+        diff = query[start:stop].unsqueeze(1) - ref[candidates[start:stop]]
+        out[start:stop] = (s_query[start:stop].unsqueeze(1) * diff * diff).sum(-1)
+    return out

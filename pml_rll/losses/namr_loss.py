@@ -1,0 +1,206 @@
+"""NAMRLoss: joins any distance-based PML loss on the sample embedding with the NAMR structure term."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from pytorch_metric_learning.losses.base_loss_wrapper import BaseLossWrapper
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
+
+from ..functional import namr as F_namr
+from .multi_cluster_ranking_loss import MultiClusterRankingLoss
+
+
+class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
+    """``loss(x, ...) + structure_weight * structure_loss(x, s)`` on packed ``[x || s]`` embeddings.
+
+    Paper: NAMR (TCSVT 2022) trains a sample embedding x with "any distance-based loss" jointly with a
+    structure embedding s learned by self-supervised multi-cluster ranking; the documented objective is
+    the NASA code's ``L = L_metric(x_tilde, y) + lambda * L_strc(x_tilde, s)`` with lambda = 2 (spec §3.3).
+    This is what goes in a PML trainer's ``loss_funcs["metric_loss"]``.
+
+    ``forward(packed, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``:
+
+    1. split the packed input (and ``ref_emb`` when given, packed or sample-only) into x and s;
+    2. if ``scale_by_mean_distance``: x_tilde = x / d_bar with d_bar the batch mean pairwise distance of
+       x, not detached (NASA, spec §1.3 a); ``ref_emb`` is divided by the same d_bar;
+    3. if ``miner`` is given and no ``indices_tuple`` was passed: mine on x_tilde only;
+    4. return ``loss(x_tilde, labels, indices_tuple, ref_emb, ref_labels) + structure_weight *
+       structure_loss([x_tilde || s])``. The structure term always uses the batch only.
+
+    ``structure_weight == 0`` skips the structure term: the result is exactly the base loss and s gets
+    no gradient. Both parts are kept, detached, in ``metric_loss_value`` and ``structure_loss_value``
+    (recordable attributes, so record-keeper logs them).
+
+    Args:
+        loss: any loss called as ``loss(embeddings, labels, indices_tuple, ref_emb=..., ref_labels=...)``:
+            a PML loss or :class:`pml_rll.losses.RankedListLoss`. ``ref_emb``/``ref_labels`` are passed
+            only when given, so losses that reject them still work without them.
+        embedding_size: d, the width of x and of s.
+        structure_loss: the structure term; default ``MultiClusterRankingLoss(embedding_size)`` (NASA).
+        structure_weight: lambda >= 0 (NASA: 2.0).
+        miner: optional PML miner applied to x_tilde (use this rather than a trainer-level miner so
+            mining sees the scaled geometry).
+        scale_by_mean_distance: divide x by the batch mean pairwise distance (NASA: True).
+    """
+
+    def __init__(
+        self,
+        loss: torch.nn.Module,
+        embedding_size: int,
+        structure_loss: Optional[torch.nn.Module] = None,
+        structure_weight: float = 2.0,
+        miner: Optional[torch.nn.Module] = None,
+        scale_by_mean_distance: bool = True,
+        **kwargs,
+    ):
+        super().__init__(loss=loss, **kwargs)
+        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
+            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+        if not (isinstance(structure_weight, (int, float)) and math.isfinite(structure_weight) and structure_weight >= 0):
+            raise ValueError(f"structure_weight must be a finite number >= 0, got {structure_weight!r}")
+        if structure_loss is None:
+            structure_loss = MultiClusterRankingLoss(embedding_size)
+        elif getattr(structure_loss, "embedding_size", embedding_size) != embedding_size:
+            raise ValueError(
+                f"structure_loss.embedding_size ({structure_loss.embedding_size}) != embedding_size ({embedding_size})"
+            )
+        if miner is not None and not callable(miner):
+            raise TypeError(f"miner must be callable, got {type(miner).__name__}")
+        self.loss = loss
+        self.structure_loss = structure_loss
+        self.miner = miner
+        self.embedding_size = embedding_size
+        self.structure_weight = float(structure_weight)
+        self.scale_by_mean_distance = bool(scale_by_mean_distance)
+        self.add_to_recordable_attributes(
+            list_of_names=[
+                "embedding_size",
+                "structure_weight",
+                "metric_loss_value",
+                "structure_loss_value",
+                "mean_distance_scale",
+            ],
+            is_stat=False,
+        )
+
+    @staticmethod
+    def supported_losses():
+        return None  # any loss with the PML call signature
+
+    @classmethod
+    def check_loss_support(cls, loss_name):
+        pass
+
+    def _split_ref(self, ref_emb: torch.Tensor) -> torch.Tensor:
+        return F_namr.sample_part(ref_emb, self.embedding_size, "ref_emb")
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        x, s = F_namr.split_packed(embeddings, self.embedding_size)
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings contain non-finite values (NaN or inf)")
+        c_f.check_shapes(embeddings, labels)
+        if labels is not None:
+            labels = c_f.to_device(labels, embeddings)
+        ref_x = None if ref_emb is None else self._split_ref(ref_emb)
+        if ref_x is not None and ref_labels is not None:
+            ref_labels = c_f.to_device(ref_labels, ref_x)
+
+        if self.scale_by_mean_distance:
+            scale = F_namr.mean_pairwise_distance(x)
+            x = x / scale
+            if ref_x is not None:
+                ref_x = ref_x / scale
+            self.mean_distance_scale = scale.item()
+        else:
+            self.mean_distance_scale = 1.0
+
+        if self.miner is not None and indices_tuple is None:
+            if ref_x is None:
+                indices_tuple = self.miner(x, labels)
+            else:
+                indices_tuple = self.miner(x, labels, ref_x, ref_labels)
+
+        loss_kwargs = {}
+        if ref_x is not None:
+            loss_kwargs["ref_emb"] = ref_x
+        if ref_labels is not None:
+            loss_kwargs["ref_labels"] = ref_labels
+        metric = self.loss(x, labels, indices_tuple, **loss_kwargs)
+        self.metric_loss_value = float(metric.detach())
+
+        if self.structure_weight == 0:
+            self.structure_loss_value = 0.0
+            return metric
+        structure = self.structure_loss(F_namr.pack(x, s))
+        self.structure_loss_value = float(structure.detach())
+        return metric + self.structure_weight * structure
+
+
+def _normalise_name(name: str) -> str:
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    if key.startswith("namr"):
+        key = key[4:]
+    if key.endswith("loss"):
+        key = key[:-4]
+    return key
+
+
+_ALIASES = {
+    "triplet": "triplet",
+    "tripletmargin": "triplet",
+    "multisimilarity": "multi_similarity",
+    "ms": "multi_similarity",
+    "contrastive": "contrastive",
+    "rankedlist": "ranked_list",
+    "rll": "ranked_list",
+}
+
+#: canonical names accepted by :func:`make_namr_loss`
+NAMR_VARIANTS = ("triplet", "multi_similarity", "contrastive", "ranked_list")
+
+
+def make_base_loss(base_name: str):
+    """(base loss, miner or None) for a NAMR variant name; see :func:`make_namr_loss`."""
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    key = _ALIASES.get(_normalise_name(base_name))
+    if key is None:
+        raise ValueError(f"unknown NAMR base loss {base_name!r}; expected one of {NAMR_VARIANTS}")
+    if key == "triplet":
+        # NASA recipe (spec §3.4): margin 0.2 on the scaled, un-normalised x, plain mean over triplets,
+        # distance-weighted negatives.
+        loss = losses.TripletMarginLoss(
+            margin=0.2, distance=distances.LpDistance(normalize_embeddings=False), reducer=reducers.MeanReducer()
+        )
+        return loss, miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
+    if key == "multi_similarity":
+        return losses.MultiSimilarityLoss(), None
+    if key == "contrastive":
+        return losses.ContrastiveLoss(), None
+    from . import RankedListLoss  # the package's faithful RLL
+
+    return RankedListLoss(margin=0.4, Tn=10.0), None
+
+
+def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
+    """Build "NAMR + <base>" by name for benchmark runners.
+
+    ``base_name`` is case- and punctuation-insensitive: "triplet" / "TripletMarginLoss",
+    "multi_similarity" / "MultiSimilarityLoss" / "ms", "contrastive" / "ContrastiveLoss",
+    "ranked_list" / "RankedListLoss" / "rll" (an optional "NAMR+" prefix is ignored). Base losses:
+
+    * triplet: ``TripletMarginLoss(margin=0.2, distance=LpDistance(normalize_embeddings=False),
+      reducer=MeanReducer())`` with ``DistanceWeightedMiner(0.5, 1.4)`` (the NASA recipe);
+    * multi_similarity: PML ``MultiSimilarityLoss()`` defaults (cosine similarity);
+    * contrastive: PML ``ContrastiveLoss()`` defaults (L2-normalised distance, margins 0 and 1);
+    * ranked_list: ``pml_rll.losses.RankedListLoss(margin=0.4, Tn=10.0)``.
+
+    ``kwargs`` go to :class:`NAMRLoss` (``structure_weight``, ``structure_loss``, ``miner``, ...).
+    """
+    loss, miner = make_base_loss(base_name)
+    kwargs.setdefault("miner", miner)
+    return NAMRLoss(loss, embedding_size, **kwargs)

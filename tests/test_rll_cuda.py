@@ -1,0 +1,60 @@
+"""The same numbers on CUDA as on the CPU (skipped where there is no GPU)."""
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import ContrastiveLoss
+
+from pml_rll import losses, miners, reducers
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def batch(n=256, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    x[1::2] = x[0::2] + 0.5 * torch.randn(n // 2, dim, generator=g)
+    x[7] = x[6]
+    return x, torch.arange(n) % 32
+
+
+@cuda
+@pytest.mark.parametrize("gradient", ["paper", "autograd"])
+@pytest.mark.parametrize("n", [256, 2048])
+def test_cuda_matches_cpu(gradient, n):
+    x, y = batch(n)
+    loss = losses.RankedListLoss(0.4, Tn=10, gradient=gradient)
+    xc, xg = x.double().requires_grad_(True), x.double().cuda().requires_grad_(True)
+    lc, lg = loss(xc, y), loss(xg, y.cuda())
+    (gc,), (gg,) = torch.autograd.grad(lc, xc), torch.autograd.grad(lg, xg)
+    assert lg.item() == pytest.approx(lc.item(), abs=1e-10)
+    assert torch.allclose(gg.cpu(), gc, atol=1e-10)
+    x32 = x.cuda().requires_grad_(True)
+    l32 = loss(x32, y.cuda())
+    (g32,) = torch.autograd.grad(l32, x32)
+    assert l32.item() == pytest.approx(lc.item(), abs=1e-4)
+    assert torch.allclose(g32.double().cpu(), gc, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Tn", [10.0, 1000.0])
+def test_cuda_half_precision_is_finite(dtype, Tn):
+    x, y = batch()
+    x = (x[:1] + 1e-3 * x).cuda().to(dtype).requires_grad_(True)  # collapsed
+    for gradient in ("paper", "autograd"):
+        loss = losses.RankedListLoss(0.4, Tn=Tn, gradient=gradient)(x, y.cuda())
+        (g,) = torch.autograd.grad(loss, x)
+        assert torch.isfinite(loss) and torch.isfinite(g).all() and g.dtype == dtype
+
+
+@cuda
+def test_cuda_reducer_miner_and_memory():
+    x, y = batch()
+    x, y = x.cuda(), y.cuda()
+    loss = losses.RankedListLoss(0.4, Tn=10)
+    pairs = miners.RankedListMiner(0.4)(x, y)
+    assert loss(x, y, pairs).item() == pytest.approx(loss(x, y).item(), abs=1e-5)
+    pair_loss = ContrastiveLoss(pos_margin=0.8, neg_margin=1.2, reducer=reducers.RankedListReducer(Tn=10))
+    assert pair_loss(x, y, ref_emb=x, ref_labels=y).item() == pytest.approx(loss(x, y).item(), abs=1e-5)
+    xbm = losses.CrossBatchMemory(loss, 64, memory_size=1024).cuda()
+    assert torch.isfinite(xbm(x, y)) and torch.isfinite(xbm(x, y))
