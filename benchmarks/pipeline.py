@@ -1,0 +1,416 @@
+"""One benchmark run: the same trunk, embedder, optimizer, sampler, trainer and tester for every loss.
+
+PML pieces used as they are: ``MPerClassSampler`` (subclassed only to draw from its own generator),
+``MetricLossOnly`` (subclassed only for one progress bar per run), ``GlobalEmbeddingSpaceTester`` and
+``AccuracyCalculator`` (subclassed for DML Recall@k), ``logging_presets.HookContainer`` with a record-keeper.
+
+Paired seeds: for a seed s, every loss gets
+* the same initial trunk and embedder weights (built right after ``torch.manual_seed`` of values derived from s;
+  a NAMR embedder's sample head is a copy of the plain embedder's layer),
+* the same batch sequence (the sampler's own ``numpy.random.RandomState(s)``),
+* the same augmentations (each sampled index carries an augmentation seed from the same sampler generator),
+so that only the loss differs. The global RNGs, which miners and losses may consume, drive none of these.
+Model selection never looks at the test split: the reported numbers are those of the last epoch; test-split
+evaluations at earlier epochs only draw the learning curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import tqdm
+from pytorch_metric_learning import samplers, testers, trainers
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from .datasets import DatasetBundle
+from .metrics import NAMRAccuracyCalculator, RetrievalAccuracyCalculator, summarize
+from .registry import BuildContext, LossEntry, LossSpec
+
+warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+warnings.filterwarnings("ignore", message="Values of Tp or Tn are too high")
+c_f.LOGGER.setLevel(logging.WARNING)
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run's result, except the loss and the seed."""
+
+    dataset: str
+    trunk: str
+    embedding_size: int
+    batch_size: int
+    m_per_class: int
+    epochs: int
+    iterations_per_epoch: int
+    lr: float
+    weight_decay: float
+    schedule: str
+    eval_every: int
+    eval_batch_size: int
+    image_size: Optional[int] = None
+    pretrained: bool = True
+    namr_candidates: int = 32
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+class ConvNet(torch.nn.Module):
+    """Small CNN for 1-channel 28x28 inputs: 3 x (conv3x3 + BN + ReLU), two max-pools, global average pool."""
+
+    def __init__(self, in_channels: int = 1, widths=(32, 64, 128)) -> None:
+        super().__init__()
+        layers, c = [], in_channels
+        for i, w in enumerate(widths):
+            layers += [torch.nn.Conv2d(c, w, 3, padding=1, bias=False), torch.nn.BatchNorm2d(w), torch.nn.ReLU(True)]
+            if i < len(widths) - 1:
+                layers.append(torch.nn.MaxPool2d(2))
+            c = w
+        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+        self.net = torch.nn.Sequential(*layers)
+        self.out_features = c
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MLP(torch.nn.Module):
+    """Two-layer perceptron trunk for flat features."""
+
+    def __init__(self, in_features: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(in_features, hidden), torch.nn.ReLU(True), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(True)
+        )
+        self.out_features = hidden
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_trunk(name: str, input_shape: Tuple[int, ...], pretrained: bool = True) -> Tuple[torch.nn.Module, int, str]:
+    """Return (trunk, output width, note). ResNets load ImageNet weights when they can (cached or downloadable)."""
+    if name == "mlp":
+        t = MLP(int(np.prod(input_shape)))
+        return t, t.out_features, "MLP(in->128->128)"
+    if name == "convnet":
+        t = ConvNet(input_shape[0])
+        return t, t.out_features, "ConvNet(32-64-128, GAP)"
+    if name == "convnet-small":
+        t = ConvNet(input_shape[0], widths=(16, 32, 64))
+        return t, t.out_features, "ConvNet(16-32-64, GAP)"
+    if name in ("resnet18", "resnet50"):
+        import torchvision
+
+        fn = getattr(torchvision.models, name)
+        note = f"{name} (random init)"
+        model = None
+        if pretrained:
+            try:
+                weights = torchvision.models.get_model_weights(name).DEFAULT
+                model = fn(weights=weights)
+                note = f"{name} ({weights})"
+            except Exception as e:  # offline, no cache: fall back, and say so
+                warnings.warn(f"could not load ImageNet weights for {name} ({type(e).__name__}: {e}); random init")
+        if model is None:
+            model = fn(weights=None)
+        width = model.fc.in_features
+        model.fc = torch.nn.Identity()
+        return model, width, note
+    raise ValueError(f"unknown trunk {name!r}")
+
+
+def _copy_sample_head(namr_embedder: torch.nn.Module, plain: torch.nn.Linear) -> bool:
+    """Copy the plain embedder's weights into the NAMR embedder's sample head (first Linear of the same shape)."""
+    for attr in ("sample_head", "sample", "head_x"):
+        m = getattr(namr_embedder, attr, None)
+        if isinstance(m, torch.nn.Linear) and m.weight.shape == plain.weight.shape:
+            m.load_state_dict(plain.state_dict())
+            return True
+    for m in namr_embedder.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.shape == plain.weight.shape:
+            m.load_state_dict(plain.state_dict())
+            return True
+    return False
+
+
+def build_models(cfg: RunConfig, bundle: DatasetBundle, seed: int, namr: bool):
+    torch.manual_seed(seed)
+    trunk, width, note = build_trunk(cfg.trunk, bundle.input_shape, cfg.pretrained)
+    torch.manual_seed(seed + 10_007)
+    embedder = torch.nn.Linear(width, cfg.embedding_size)
+    paired_head = True
+    if namr:
+        from pml_rll.modules import NAMREmbedder
+
+        torch.manual_seed(seed + 20_011)
+        namr_embedder = NAMREmbedder(width, cfg.embedding_size)
+        paired_head = _copy_sample_head(namr_embedder, embedder)
+        embedder = namr_embedder
+    return trunk, embedder, note, paired_head
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+class PairedMPerClassSampler(samplers.MPerClassSampler):
+    """PML's ``MPerClassSampler`` drawing from its own ``RandomState(seed)``, yielding ``(index, aug_seed)``.
+
+    The class order, the m samples per class and one augmentation seed per sample come from the sampler's own
+    generator, so the batch sequence and the augmentations are identical for every loss at a given seed, however
+    much global randomness the losses and miners consume. Each ``iter()`` continues the same stream.
+    """
+
+    def __init__(self, labels, m, batch_size, length_before_new_iter, seed: int) -> None:
+        super().__init__(labels, m, batch_size=batch_size, length_before_new_iter=length_before_new_iter)
+        self.rng = np.random.RandomState(seed)
+
+    def __iter__(self):
+        idx_list: List[int] = []
+        bs = self.batch_size if self.batch_size is not None else self.length_of_single_pass
+        for _ in range(self.calculate_num_iters()):
+            labels = list(self.labels)
+            self.rng.shuffle(labels)
+            for label in labels[: bs // self.m_per_class]:
+                t = self.labels_to_indices[label]
+                replace = len(t) < self.m_per_class
+                idx_list.extend(self.rng.choice(t, size=self.m_per_class, replace=replace).tolist())
+        idx_list = idx_list[: self.list_size]
+        aug = self.rng.randint(0, 2**31 - 1, size=len(idx_list))
+        return iter(list(zip(idx_list, aug.tolist())))
+
+
+# ---------------------------------------------------------------------------------------------------- trainer / tester
+class BenchmarkTrainer(trainers.MetricLossOnly):
+    """``MetricLossOnly`` with one tqdm bar per run (PML's bar restarts every epoch) and a per-iteration log of the
+    total loss; training logic unchanged."""
+
+    def train(self, start_epoch=1, num_epochs=1, pbar=None):
+        self.initialize_dataloader()
+        self.loss_log: List[float] = []
+        for self.epoch in range(start_epoch, num_epochs + 1):
+            self.set_to_train()
+            for self.iteration in range(self.iterations_per_epoch):
+                self.forward_and_backward()
+                self.end_of_iteration_hook(self)
+                loss = float(torch.as_tensor(self.losses["total_loss"]).detach())
+                self.loss_log.append(loss)
+                if pbar is not None:
+                    pbar.update(1)
+                    if self.iteration % 10 == 0:
+                        pbar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch, refresh=False)
+                self.step_lr_schedulers(end_of_epoch=False)
+            self.step_lr_schedulers(end_of_epoch=True)
+            self.zero_losses()
+            if self.end_of_epoch_hook(self) is False:
+                break
+
+
+class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
+    """``GlobalEmbeddingSpaceTester`` without its per-evaluation progress bar (one bar per run is enough)."""
+
+    def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
+        embs, labs = [], []
+        with torch.no_grad():
+            for data in dataloader:
+                img, label = self.data_and_label_getter(data)
+                label = c_f.process_label(label, "all", self.label_mapper)
+                q = self.get_embeddings_for_eval(trunk_model, embedder_model, img)
+                if label.dim() == 1:
+                    label = label.unsqueeze(1)
+                embs.append(q)
+                labs.append(label.to(self.data_device))
+        return torch.cat(embs), torch.cat(labs)
+
+
+def build_accuracy_calculator(namr: bool, embedding_size: int, device, namr_candidates: int = 32):
+    if not namr:
+        return RetrievalAccuracyCalculator(device=device)
+    import inspect
+
+    from pml_rll.retrieval import NAMRReRankKNN
+
+    params = inspect.signature(NAMRReRankKNN.__init__).parameters
+    kw = {"num_candidates": namr_candidates} if "num_candidates" in params else {}
+    rerank = NAMRReRankKNN(embedding_size, **kw)
+    plain = NAMRReRankKNN(embedding_size, mode="plain", **kw) if "mode" in params else None
+    return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment_info(device: torch.device) -> dict:
+    import pytorch_metric_learning
+
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    try:
+        import pml_rll
+
+        info["pml_rll"] = getattr(pml_rll, "__version__", "?")
+    except ImportError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+def run_one(
+    bundle: DatasetBundle,
+    entry: LossEntry,
+    seed: int,
+    cfg: RunConfig,
+    device: torch.device,
+    log_dir: str,
+    num_workers: int = 0,
+    tensorboard: bool = False,
+    save_models: bool = False,
+    pbar_position: Optional[int] = 1,
+) -> dict:
+    """Train one (loss, seed) and evaluate it on the test split; return the result record."""
+    from pytorch_metric_learning.utils import logging_presets
+
+    os.makedirs(log_dir, exist_ok=True)
+    if device.type == "cuda":  # same convolution algorithms for every loss (GPU runs are still not bitwise exact)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    ctx = BuildContext(num_classes=bundle.num_train_classes, embedding_size=cfg.embedding_size)
+    torch.manual_seed(seed + 30_011)  # loss parameters (proxies, beta) are paired too
+    spec: LossSpec = entry.build(ctx)
+    trunk, embedder, trunk_note, paired_head = build_models(cfg, bundle, seed, spec.namr)
+    trunk, embedder, loss = trunk.to(device), embedder.to(device), spec.loss.to(device)
+    torch.manual_seed(seed)  # the global RNG that miners use starts from the same state too
+
+    optimizers = {
+        "trunk_optimizer": torch.optim.Adam(trunk.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "embedder_optimizer": torch.optim.Adam(embedder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+    }
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
+    if loss_params:
+        optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss_params, lr=cfg.lr * spec.loss_lr_multiplier)
+    total_iters = cfg.epochs * cfg.iterations_per_epoch
+    lr_schedulers = None
+    if cfg.schedule == "cosine":
+        lr_schedulers = {
+            k.replace("_optimizer", "_scheduler_by_iteration"): torch.optim.lr_scheduler.CosineAnnealingLR(o, total_iters)
+            for k, o in optimizers.items()
+        }
+
+    sampler = PairedMPerClassSampler(
+        bundle.train_labels, cfg.m_per_class, cfg.batch_size, cfg.iterations_per_epoch * cfg.batch_size, seed
+    )
+    record_keeper, _, _ = logging_presets.get_record_keeper(
+        os.path.join(log_dir, "logs"), os.path.join(log_dir, "tensorboard") if tensorboard else None
+    )
+    hooks = logging_presets.get_hook_container(
+        record_keeper,
+        primary_metric="mean_average_precision_at_r",
+        validation_split_name="test",
+        save_models=save_models,
+        log_freq=max(1, cfg.iterations_per_epoch // 5),
+    )
+    acc_calc = build_accuracy_calculator(spec.namr, cfg.embedding_size, device, cfg.namr_candidates)
+    tester = BenchmarkTester(
+        normalize_embeddings=not spec.namr,
+        batch_size=cfg.eval_batch_size,
+        dataloader_num_workers=num_workers,
+        data_device=device,
+        accuracy_calculator=acc_calc,
+        end_of_testing_hook=hooks.end_of_testing_hook,
+    )
+    dataset_dict = {"test": bundle.test}
+    curve: List[dict] = []
+    eval_seconds = [0.0]
+    inner_hook = hooks.end_of_epoch_hook(tester, dataset_dict, os.path.join(log_dir, "models"), test_interval=1)
+
+    def evaluate(epoch: int, trainer=None) -> dict:
+        t0 = time.perf_counter()
+        if trainer is not None:
+            inner_hook(trainer)  # PML's preset: test, record, (optionally) save; its "best" is never used
+        else:
+            tester.test(dataset_dict, epoch, trunk, embedder)
+        acc = summarize(tester.all_accuracies["test"])
+        eval_seconds[0] += time.perf_counter() - t0
+        curve.append({"epoch": epoch, "iteration": epoch * cfg.iterations_per_epoch, **acc})
+        return acc
+
+    def end_of_epoch(trainer):
+        if trainer.epoch == cfg.epochs or (cfg.eval_every > 0 and trainer.epoch % cfg.eval_every == 0):
+            evaluate(trainer.epoch, trainer)
+        return True
+
+    untrained = evaluate(0) if cfg.eval_every > 0 else None
+    trainer = BenchmarkTrainer(
+        models={"trunk": trunk, "embedder": embedder},
+        optimizers=optimizers,
+        batch_size=cfg.batch_size,
+        loss_funcs={"metric_loss": loss},
+        mining_funcs={"tuple_miner": spec.miner} if spec.miner is not None else {},
+        dataset=bundle.train,
+        sampler=sampler,
+        iterations_per_epoch=cfg.iterations_per_epoch,
+        lr_schedulers=lr_schedulers,
+        data_device=device,
+        dataloader_num_workers=num_workers,
+        end_of_iteration_hook=hooks.end_of_iteration_hook,
+        end_of_epoch_hook=end_of_epoch,
+    )
+    eval_before = eval_seconds[0]
+    t_start = time.perf_counter()
+    with tqdm.tqdm(total=total_iters, desc=f"{entry.name} seed {seed}", position=pbar_position or 0, leave=False,
+                   dynamic_ncols=True, disable=pbar_position is None) as pbar:
+        trainer.train(num_epochs=cfg.epochs, pbar=pbar)
+    wall = time.perf_counter() - t_start
+    train_seconds = wall - (eval_seconds[0] - eval_before)  # evaluations inside training excluded
+    final = curve[-1]
+    metrics = {k: v for k, v in final.items() if k not in ("epoch", "iteration")}
+    per_epoch_loss = [
+        float(np.mean(trainer.loss_log[i : i + cfg.iterations_per_epoch]))
+        for i in range(0, len(trainer.loss_log), cfg.iterations_per_epoch)
+    ]
+    return {
+        "loss": entry.name,
+        "family": entry.family,
+        "seed": seed,
+        "metrics": metrics,
+        "untrained": {k: v for k, v in (untrained or {}).items()},
+        "curve": curve,
+        "loss_curve": per_epoch_loss,
+        "iterations": len(trainer.loss_log),
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds[0], 3),
+        "seconds_per_iteration": train_seconds / max(1, len(trainer.loss_log)),
+        "hparams": entry.hparams,
+        "trunk": trunk_note,
+        "paired_sample_head": paired_head,
+        "log_dir": log_dir,
+    }

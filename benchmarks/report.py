@@ -1,0 +1,286 @@
+"""Result files of the benchmark: JSON lines, Markdown and CSV tables, a PNG figure, a printed summary.
+
+* ``results.jsonl``: one JSON object per (dataset, loss, seed, config), appended atomically (the file is rewritten
+  to a temporary file and moved into place), so an interrupted benchmark never leaves a half-written line and
+  resumes by skipping the runs already there.
+* ``results.md`` / ``results.csv``: mean ± std over seeds per loss, and for each of our losses the paired
+  difference to each PML loss (mean ± std over the seeds both have; per-seed differences, not differences of means).
+* ``results.png``: MAP@R and P@1 per loss with error bars (std over seeds) and test-split learning curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .metrics import METRICS, SHORT_NAMES
+
+TABLE_METRICS = METRICS
+PAIRED_METRICS = ("mean_average_precision_at_r", "precision_at_1")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _umask_mode(path: str) -> None:
+    """Give a temporary file (created 0600) the mode an ordinary new file would get."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write(path: str, data: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _umask_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line atomically (rewrite into a temporary file, then ``os.replace``)."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old and not old.endswith("\n"):
+            old += "\n"
+    atomic_write(path, old + json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def load_jsonl(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
+
+
+def run_key(rec: dict) -> Tuple[str, str, int, str]:
+    return (rec["dataset"], rec["loss"], int(rec["seed"]), rec["config_hash"])
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def _mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def ordered_losses(records: Iterable[dict]) -> List[str]:
+    seen: Dict[str, int] = {}
+    for r in records:
+        seen.setdefault(r["loss"], len(seen))
+    fam = {r["loss"]: r["family"] for r in records}
+    return sorted(seen, key=lambda n: (fam[n] != "ours", seen[n]))
+
+
+def aggregate(records: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> List[dict]:
+    rows = []
+    for loss in ordered_losses(records):
+        rs = [r for r in records if r["loss"] == loss]
+        row = {"loss": loss, "family": rs[0]["family"], "seeds": len(rs)}
+        for m in list(metrics) + [f"plain_{m}" for m in metrics]:
+            vals = [r["metrics"].get(m) for r in rs if m in r["metrics"]]
+            if vals:
+                row[m] = _mean_std(vals)
+        row["seconds_per_iteration"] = _mean_std([r["seconds_per_iteration"] for r in rs])
+        row["untrained_map_at_r"] = _mean_std(
+            [r["untrained"].get("mean_average_precision_at_r") for r in rs if r.get("untrained")]
+        )
+        rows.append(row)
+    return rows
+
+
+def paired_differences(records: List[dict], metric: str) -> Dict[Tuple[str, str], Tuple[float, float, int]]:
+    """(ours, pml) -> mean ± std over shared seeds of (ours - pml) for ``metric``."""
+    by = {(r["loss"], int(r["seed"])): r["metrics"].get(metric) for r in records}
+    ours = [n for n in ordered_losses(records) if any(r["loss"] == n and r["family"] == "ours" for r in records)]
+    pml = [n for n in ordered_losses(records) if any(r["loss"] == n and r["family"] == "pml" for r in records)]
+    out = {}
+    for a in ours:
+        for b in pml:
+            seeds = sorted({s for (n, s) in by if n == a} & {s for (n, s) in by if n == b})
+            diffs = [by[(a, s)] - by[(b, s)] for s in seeds if by[(a, s)] is not None and by[(b, s)] is not None]
+            out[(a, b)] = _mean_std(diffs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _fmt(ms: Optional[Tuple[float, float, int]], scale: float = 100.0, signed: bool = False, digits: int = 2) -> str:
+    if ms is None or ms[2] == 0 or math.isnan(ms[0]):
+        return "–"
+    mean, std, _ = ms
+    sign = "+" if signed and mean >= 0 else ""
+    return f"{sign}{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown_tables(records: List[dict], header: str = "") -> str:
+    rows = aggregate(records)
+    buf = io.StringIO()
+    if header:
+        buf.write(header.rstrip() + "\n\n")
+    cols = [SHORT_NAMES[m] for m in TABLE_METRICS]
+    buf.write("Mean ± std over seeds, in % (NMI × 100); reported at the last epoch (no model selection on test).\n\n")
+    buf.write("| loss | family | seeds | " + " | ".join(cols) + " | untrained MAP@R | ms/iter |\n")
+    buf.write("|" + "---|" * (len(cols) + 5) + "\n")
+    for row in rows:
+        cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
+        ms = row["seconds_per_iteration"]
+        buf.write(
+            f"| {row['loss']} | {row['family']} | {row['seeds']} | " + " | ".join(cells)
+            + f" | {_fmt(row['untrained_map_at_r'])} | {ms[0] * 1000:.1f} |\n"
+        )
+    plain_rows = [r for r in rows if any(k.startswith("plain_") for k in r)]
+    if plain_rows:
+        pm = [m for m in TABLE_METRICS if m != "NMI"]
+        buf.write("\nNAMR variants, plain Euclidean retrieval on the sample embedding (the table above is re-ranked):\n\n")
+        buf.write("| loss | " + " | ".join(SHORT_NAMES[m] for m in pm) + " |\n|" + "---|" * (len(pm) + 1) + "\n")
+        for r in plain_rows:
+            buf.write(f"| {r['loss']} | " + " | ".join(_fmt(r.get('plain_' + m)) for m in pm) + " |\n")
+    for metric in PAIRED_METRICS:
+        diffs = paired_differences(records, metric)
+        if not diffs:
+            continue
+        ours = list(dict.fromkeys(a for a, _ in diffs))
+        pml = list(dict.fromkeys(b for _, b in diffs))
+        buf.write(
+            f"\nPaired difference in {SHORT_NAMES[metric]} (points), ours − PML: mean ± std over the per-seed "
+            "differences (same seeds, same initial weights, batches and augmentations):\n\n"
+        )
+        buf.write("| ours \\ PML | " + " | ".join(pml) + " |\n|" + "---|" * (len(pml) + 1) + "\n")
+        for a in ours:
+            buf.write(f"| {a} | " + " | ".join(_fmt(diffs[(a, b)], signed=True) for b in pml) + " |\n")
+    return buf.getvalue()
+
+
+def write_csv(records: List[dict], path: str) -> None:
+    rows = aggregate(records)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    metric_cols = list(TABLE_METRICS) + [f"plain_{m}" for m in TABLE_METRICS if m != "NMI"]
+    head = ["table", "loss", "family", "seeds"]
+    for m in metric_cols:
+        head += [f"{m}_mean", f"{m}_std"]
+    head += ["untrained_map_at_r_mean", "seconds_per_iteration"]
+    w.writerow(head)
+    for r in rows:
+        line = ["summary", r["loss"], r["family"], r["seeds"]]
+        for m in metric_cols:
+            ms = r.get(m)
+            line += [f"{ms[0]:.6f}", f"{ms[1]:.6f}"] if ms and ms[2] else ["", ""]
+        line += [f"{r['untrained_map_at_r'][0]:.6f}", f"{r['seconds_per_iteration'][0]:.6f}"]
+        w.writerow(line)
+    w.writerow([])
+    w.writerow(["table", "ours", "pml", "metric", "paired_diff_mean", "paired_diff_std", "n_seeds"])
+    for metric in PAIRED_METRICS:
+        for (a, b), (mean, std, n) in paired_differences(records, metric).items():
+            w.writerow(["paired", a, b, metric, f"{mean:.6f}", f"{std:.6f}", n])
+    atomic_write(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def write_figure(records: List[dict], path: str, title: str = "") -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return None
+    rows = aggregate(records)
+    names = [r["loss"] for r in rows]
+    colors = ["tab:red" if r["family"] == "ours" else "tab:blue" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    for ax, metric in zip(axes[:2], ("mean_average_precision_at_r", "precision_at_1")):
+        means = [r.get(metric, (np.nan, 0, 0))[0] * 100 for r in rows]
+        stds = [r.get(metric, (0, 0, 0))[1] * 100 for r in rows]
+        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3, alpha=0.85)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(f"{SHORT_NAMES[metric]} (%)")
+        finite = [m for m in means if not math.isnan(m)]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = max(1.0, (hi - lo) * 0.5 + max(stds or [0]))
+            ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+        ax.set_title(f"{SHORT_NAMES[metric]} (mean ± std over seeds; red = ours)")
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[2]
+    cmap = plt.get_cmap("tab20")
+    for i, loss in enumerate(names):
+        rs = [r for r in records if r["loss"] == loss and len(r.get("curve", [])) > 1]
+        if not rs:
+            continue
+        its = sorted({p["iteration"] for r in rs for p in r["curve"]})
+        ys = []
+        for it in its:
+            vals = [p.get("mean_average_precision_at_r") for r in rs for p in r["curve"] if p["iteration"] == it]
+            ys.append(np.nanmean([v for v in vals if v is not None]) * 100)
+        ls = "-" if rs[0]["family"] == "ours" else "--"
+        ax.plot(its, ys, ls, marker=".", color=cmap(i % 20), label=loss)
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("test MAP@R (%), mean over seeds")
+    ax.set_title("learning curves (solid = ours)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no learning curves (--eval-every 0)", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    _umask_mode(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_reports(records: List[dict], out_dir: str, header: str = "") -> Dict[str, str]:
+    """Write results.md, results.csv and results.png for ``records``; return their paths."""
+    paths = {
+        "markdown": os.path.join(out_dir, "results.md"),
+        "csv": os.path.join(out_dir, "results.csv"),
+        "figure": os.path.join(out_dir, "results.png"),
+    }
+    atomic_write(paths["markdown"], markdown_tables(records, header))
+    write_csv(records, paths["csv"])
+    if write_figure(records, paths["figure"], title=header.splitlines()[0].lstrip("# ") if header else "") is None:
+        paths.pop("figure")
+    return paths

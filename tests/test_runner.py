@@ -1,0 +1,153 @@
+"""End-to-end tests of the benchmark runner (`python -m benchmarks.run`) on tiny budgets."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import report
+from benchmarks.registry import REGISTRY, default_loss_names, namr_available
+from benchmarks.run import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OMNIGLOT_CANDIDATES = [
+    os.environ.get("PML_RLL_OMNIGLOT", ""),
+    os.path.join(REPO, "..", "shared", "data", "omniglot"),
+    "/work/shared/data/omniglot",
+]
+OMNIGLOT = next((p for p in OMNIGLOT_CANDIDATES if p and os.path.isdir(p)), None)
+TINY = ["--epochs", "2", "--iterations-per-epoch", "4", "--eval-every", "1"]
+
+
+def _records(out):
+    return report.load_jsonl(os.path.join(out, "results.jsonl"))
+
+
+def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
+    out = str(tmp_path / "digits")
+    losses = "rll,pml-rll,triplet"
+    assert main(["--losses", losses, "--seeds", "2", "--out", out] + TINY) == 0
+    recs = _records(out)
+    assert sorted((r["loss"], r["seed"]) for r in recs) == sorted(
+        (n, s) for n in losses.split(",") for s in (0, 1)
+    )
+    for r in recs:
+        assert r["dataset"] == "digits" and r["iterations"] == 8
+        assert set(r["metrics"]) >= {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
+                                     "mean_average_precision_at_r", "r_precision", "NMI"}
+        assert [p["epoch"] for p in r["curve"]] == [0, 1, 2]
+        assert r["environment"]["device"] == "cpu" and r["environment"]["torch"] == torch.__version__
+        assert r["seconds_per_iteration"] > 0 and r["wall_seconds"] > 0
+        assert os.path.isfile(os.path.join(r["log_dir"], "logs", "logs.db"))  # record-keeper's per-run log
+    # paired seeds: the untrained network is the same for every loss at a seed, and differs between seeds
+    for s in (0, 1):
+        untrained = {r["untrained"]["mean_average_precision_at_r"] for r in recs if r["seed"] == s}
+        assert len(untrained) == 1
+    md = open(os.path.join(out, "results.md")).read()
+    assert "Paired difference in MAP@R" in md and "| rll |" in md
+    csv_text = open(os.path.join(out, "results.csv")).read()
+    assert "paired,rll,pml-rll,mean_average_precision_at_r" in csv_text
+    assert os.path.getsize(os.path.join(out, "results.png")) > 10_000
+    capsys.readouterr()
+
+    # a second run skips everything; dropping one line re-runs exactly that run
+    assert main(["--losses", losses, "--seeds", "2", "--out", out] + TINY) == 0
+    assert "6 finished runs skipped, 0 to run" in capsys.readouterr().out
+    path = os.path.join(out, "results.jsonl")
+    lines = open(path).read().splitlines()
+    kept = [l for l in lines if not (json.loads(l)["loss"] == "triplet" and json.loads(l)["seed"] == 1)]
+    open(path, "w").write("\n".join(kept) + "\n")
+    assert main(["--losses", losses, "--seeds", "2", "--out", out] + TINY) == 0
+    assert "5 finished runs skipped, 1 to run" in capsys.readouterr().out
+    recs2 = _records(out)
+    assert len(recs2) == 6
+    old = {(r["loss"], r["seed"]): r["metrics"] for r in recs}
+    new = {(r["loss"], r["seed"]): r["metrics"] for r in recs2}
+    assert new == old  # the re-run reproduces its numbers exactly (deterministic, paired)
+    # a changed budget is a different configuration: nothing is skipped
+    assert main(["--losses", "pml-rll", "--seeds", "1", "--out", out, "--epochs", "1", "--iterations-per-epoch",
+                 "3", "--eval-every", "0"]) == 0
+    assert "skipped" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(OMNIGLOT is None, reason="Omniglot archives not found (set PML_RLL_OMNIGLOT)")
+def test_omniglot_archives_tiny_run(tmp_path):
+    from benchmarks.datasets import load_dataset
+
+    bundle = load_dataset("omniglot", OMNIGLOT, image_size=14)
+    assert bundle.info["train_alphabets"] and bundle.info["test_alphabets"]
+    assert not set(bundle.info["train_alphabets"]) & set(bundle.info["test_alphabets"])
+    n_classes = bundle.num_train_classes + len(np.unique(bundle.test.labels))
+    assert n_classes == 242 and len(bundle.train) + len(bundle.test) == 4840  # Greek/Latin read once
+    assert bundle.train[0][0].shape == (1, 14, 14)
+
+    out = str(tmp_path / "omniglot")
+    args = ["--dataset", "omniglot", "--data-root", OMNIGLOT, "--image-size", "14", "--losses", "rll,contrastive",
+            "--seeds", "1", "--batch-size", "32", "--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0",
+            "--out", out]
+    assert main(args) == 0
+    recs = _records(out)
+    assert sorted(r["loss"] for r in recs) == ["contrastive", "rll"]
+    for r in recs:
+        assert 0.0 <= r["metrics"]["mean_average_precision_at_r"] <= 1.0 and r["iterations"] == 3
+        assert r["untrained"] == {} and len(r["curve"]) == 1
+    assert "alphabet split" in open(os.path.join(out, "results.md")).read()
+
+
+def test_trained_beats_untrained_for_our_losses(tmp_path):
+    ours = [n for n in default_loss_names() if REGISTRY[n].family == "ours"]
+    assert {"rll", "rll-autograd"} <= set(ours)
+    out = str(tmp_path / "learn")
+    assert main(["--losses", ",".join(ours), "--seeds", "1", "--epochs", "5", "--iterations-per-epoch", "10",
+                 "--eval-every", "5", "--out", out]) == 0
+    recs = _records(out)
+    assert sorted(r["loss"] for r in recs) == sorted(ours)
+    for r in recs:
+        before = r["untrained"]["mean_average_precision_at_r"]
+        after = r["metrics"]["mean_average_precision_at_r"]
+        assert after > before + 0.3, (r["loss"], before, after)
+        if r["loss"].startswith("namr-"):
+            assert "plain_mean_average_precision_at_r" in r["metrics"]
+
+
+def test_registry_entries_build_with_paper_defaults():
+    from benchmarks.registry import EXCLUDED, BuildContext
+
+    assert "lifted-structure" in EXCLUDED and "lifted-structure" not in REGISTRY
+    names = default_loss_names()
+    assert {"rll", "rll-autograd", "pml-rll", "triplet", "multi-similarity", "contrastive", "circle", "ntxent",
+            "generalized-lifted", "margin", "proxy-anchor"} <= set(names)
+    assert any(n.startswith("namr-") for n in names) == namr_available()
+    ctx = BuildContext(num_classes=7, embedding_size=16)
+    for n in names:
+        e = REGISTRY[n]
+        assert e.hparams and e.source
+        spec = e.build(ctx)
+        assert isinstance(spec.loss, torch.nn.Module)
+    assert REGISTRY["proxy-anchor"].build(ctx).loss.proxies.shape == (7, 16)
+    assert REGISTRY["proxy-anchor"].build(ctx).loss_lr_multiplier == 100.0
+    rll = REGISTRY["rll"].build(ctx).loss
+    assert (rll.margin, rll.Tn) == (0.4, 10.0)
+
+
+def test_paired_differences_are_per_seed():
+    def rec(loss, fam, seed, v):
+        return {"loss": loss, "family": fam, "seed": seed, "metrics": {"mean_average_precision_at_r": v,
+                "precision_at_1": v}, "seconds_per_iteration": 0.01, "untrained": {}}
+
+    recs = [rec("a", "ours", 0, 0.50), rec("a", "ours", 1, 0.70), rec("a", "ours", 2, 0.9),
+            rec("b", "pml", 0, 0.40), rec("b", "pml", 1, 0.65)]  # b lacks seed 2: only shared seeds count
+    (mean, std, n) = report.paired_differences(recs, "mean_average_precision_at_r")[("a", "b")]
+    assert n == 2 and mean == pytest.approx(0.075) and std == pytest.approx(np.std([0.10, 0.05], ddof=1))
+    md = report.markdown_tables(recs)
+    assert "+7.50 ± 3.54" in md
+
+
+def test_append_jsonl_is_whole_lines(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    for i in range(3):
+        report.append_jsonl(path, {"i": i, "x": np.float64(0.5)})
+    assert [r["i"] for r in report.load_jsonl(path)] == [0, 1, 2]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
