@@ -230,7 +230,9 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
         return torch.cat(embs), torch.cat(labs)
 
 
-def build_accuracy_calculator(namr: bool, embedding_size: int, device, namr_candidates: int = 32):
+def build_accuracy_calculator(
+    namr: bool, embedding_size: int, device, namr_candidates: int = 32, normalize_sample: bool = False
+):
     if not namr:
         return RetrievalAccuracyCalculator(device=device)
     import inspect
@@ -239,6 +241,8 @@ def build_accuracy_calculator(namr: bool, embedding_size: int, device, namr_cand
 
     params = inspect.signature(NAMRReRankKNN.__init__).parameters
     kw = {"num_candidates": namr_candidates} if "num_candidates" in params else {}
+    if "normalize_sample" in params:  # retrieval in the geometry the wrapped loss trained (NAMRLoss)
+        kw["normalize_sample"] = normalize_sample
     rerank = NAMRReRankKNN(embedding_size, **kw)
     plain = NAMRReRankKNN(embedding_size, mode="plain", **kw) if "mode" in params else None
     return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
@@ -338,7 +342,13 @@ def run_one(
         save_models=save_models,
         log_freq=max(1, cfg.iterations_per_epoch // 5),
     )
-    acc_calc = build_accuracy_calculator(spec.namr, cfg.embedding_size, device, cfg.namr_candidates)
+    acc_calc = build_accuracy_calculator(
+        spec.namr,
+        cfg.embedding_size,
+        device,
+        cfg.namr_candidates,
+        normalize_sample=getattr(spec.loss, "structure_geometry", "scaled") == "l2",
+    )
     tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
         batch_size=cfg.eval_batch_size,

@@ -56,7 +56,11 @@ def test_positive_weight_adds_the_structure_term(base):
     namr = NAMRLoss(base, D, structure_weight=2.0)
     total = namr(packed, labels)
     x_t = x / F_namr.mean_pairwise_distance(x)
-    expected = base(x_t, labels) + 2.0 * MultiClusterRankingLoss(D)(torch.cat([x_t, s], 1))
+    # "auto" geometry: the structure term sees L2-normalised x when the base loss normalises its embeddings
+    normalised = getattr(base.distance, "normalize_embeddings", False)
+    assert namr.structure_geometry == ("l2" if normalised else "scaled")
+    x_s = x_t / x_t.norm(dim=1, keepdim=True) if normalised else x_t
+    expected = base(x_t, labels) + 2.0 * MultiClusterRankingLoss(D)(torch.cat([x_s, s], 1))
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-14)
     total.backward()
     assert torch.count_nonzero(packed.grad[:, D:]) > 0
@@ -223,9 +227,22 @@ def test_wraps_ranked_list_loss_with_indices_tuple_and_ref_emb():
     assert torch.equal(namr(packed, labels, pairs), base(x / scale, labels, pairs))
     # with the structure term
     packed.requires_grad_(True)
-    full = NAMRLoss(base, D)(packed, labels)
+    full = NAMRLoss(base, D)(packed, labels)  # RankedListLoss normalises: the structure term sees unit x
     x_t = x / F_namr.mean_pairwise_distance(x)
-    expected = base(x_t, labels) + 2.0 * MultiClusterRankingLoss(D)(torch.cat([x_t, s], 1))
+    x_s = x_t / x_t.norm(dim=1, keepdim=True)
+    expected = base(x_t, labels) + 2.0 * MultiClusterRankingLoss(D)(torch.cat([x_s, s], 1))
     torch.testing.assert_close(full, expected, rtol=1e-12, atol=1e-14)
     full.backward()
     assert torch.count_nonzero(packed.grad[:, D:]) > 0
+
+
+def test_structure_geometry_choices():
+    x, s, labels = _batch(seed=4)
+    packed = torch.cat([x, s], 1)
+    base = losses.ContrastiveLoss()  # normalises: "auto" -> "l2"
+    scaled = NAMRLoss(base, D, structure_geometry="scaled")(packed, labels)
+    l2 = NAMRLoss(base, D, structure_geometry="l2")(packed, labels)
+    auto = NAMRLoss(base, D)(packed, labels)
+    assert torch.equal(auto, l2) and not torch.allclose(scaled, l2)
+    with pytest.raises(ValueError, match="structure_geometry"):
+        NAMRLoss(base, D, structure_geometry="cosine")

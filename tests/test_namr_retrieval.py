@@ -190,3 +190,20 @@ def test_warns_when_the_packed_vector_was_normalised():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         knn(q, 3, q, True)
+
+
+def test_normalize_sample_ranks_in_cosine_geometry():
+    # with normalize_sample, plain mode is the Euclidean order of the L2-normalised x (a loop reference)
+    g = torch.Generator().manual_seed(7)
+    d = 5
+    x = torch.randn(30, d, generator=g, dtype=torch.float64) * (1 + 3 * torch.rand(30, 1, generator=g, dtype=torch.float64))
+    s = 0.5 + torch.rand(30, d, generator=g, dtype=torch.float64)
+    packed = torch.cat([x, s], 1)
+    e = x / x.norm(dim=1, keepdim=True)
+    for i in range(30):
+        dists = [(float(((e[i] - e[j]) ** 2).sum()), j) for j in range(30) if j != i]
+        expected = [j for _, j in sorted(dists)[:4]]
+        knn = NAMRReRankKNN(d, mode="plain", normalize_sample=True, base_knn=CustomKNN(LpDistance(normalize_embeddings=False)))
+        _, idx = knn(packed[i : i + 1], 4, torch.cat([packed[i : i + 1], packed[torch.arange(30) != i]]), True)
+        others = [j for j in range(30) if j != i]
+        assert [others[k - 1] for k in idx[0].tolist()] == expected

@@ -45,6 +45,12 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         miner: optional PML miner applied to x_tilde (use this rather than a trainer-level miner so
             mining sees the scaled geometry).
         scale_by_mean_distance: divide x by the batch mean pairwise distance (NASA: True).
+        structure_geometry: the x that the structure term sees. ``"scaled"``: x_tilde, as in NASA, whose
+            triplet loss works on raw distances. ``"l2"``: x_tilde L2-normalised, for base losses that
+            normalise their embeddings (cosine geometry), so that both terms shape the same geometry. ``"auto"``
+            (default): ``"l2"`` when ``loss.distance.normalize_embeddings`` is true, else ``"scaled"``
+            (a choice of this package; NAMR's text does not say). Retrieval should then use
+            ``NAMRReRankKNN(normalize_sample=True)``.
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         structure_weight: float = 2.0,
         miner: Optional[torch.nn.Module] = None,
         scale_by_mean_distance: bool = True,
+        structure_geometry: str = "auto",
         **kwargs,
     ):
         super().__init__(loss=loss, **kwargs)
@@ -76,6 +83,12 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         self.embedding_size = embedding_size
         self.structure_weight = float(structure_weight)
         self.scale_by_mean_distance = bool(scale_by_mean_distance)
+        if structure_geometry not in ("auto", "scaled", "l2"):
+            raise ValueError(f"structure_geometry must be 'auto', 'scaled' or 'l2', got {structure_geometry!r}")
+        if structure_geometry == "auto":
+            normalised = getattr(getattr(loss, "distance", None), "normalize_embeddings", False)
+            structure_geometry = "l2" if normalised else "scaled"
+        self.structure_geometry = structure_geometry
         self.add_to_recordable_attributes(
             list_of_names=[
                 "embedding_size",
@@ -135,7 +148,8 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         if self.structure_weight == 0:
             self.structure_loss_value = 0.0
             return metric
-        structure = self.structure_loss(F_namr.pack(x, s))
+        x_s = torch.nn.functional.normalize(x, dim=1) if self.structure_geometry == "l2" else x
+        structure = self.structure_loss(F_namr.pack(x_s, s))
         self.structure_loss_value = float(structure.detach())
         return metric + self.structure_weight * structure
 

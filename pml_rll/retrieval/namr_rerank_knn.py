@@ -60,11 +60,22 @@ class NAMRReRankKNN:
         base_knn: knn_func used for the candidate search on x; default :func:`default_base_knn` (faiss flat
             L2 when importable, else PML's ``CustomKNN(LpDistance(normalize_embeddings=False))``).
         mode: "rerank", "plain" or "exhaustive".
+        normalize_sample: L2-normalise x (queries and references) before searching and re-ranking. Use it
+            when x was trained by a loss on normalised embeddings (cosine geometry: MultiSimilarity, PML's
+            default ``LpDistance``, RankedListLoss), so that retrieval ranks in the geometry the loss shaped;
+            ``NAMRLoss.structure_geometry == "l2"`` says so. NASA's triplet recipe uses raw x (False).
     """
 
     MODES = ("rerank", "plain", "exhaustive")
 
-    def __init__(self, embedding_size: int, num_candidates: int = 32, base_knn=None, mode: str = "rerank"):
+    def __init__(
+        self,
+        embedding_size: int,
+        num_candidates: int = 32,
+        base_knn=None,
+        mode: str = "rerank",
+        normalize_sample: bool = False,
+    ):
         if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
             raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
         if not isinstance(num_candidates, int) or isinstance(num_candidates, bool) or num_candidates < 1:
@@ -77,6 +88,7 @@ class NAMRReRankKNN:
         self.num_candidates = num_candidates
         self.base_knn = default_base_knn() if base_knn is None else base_knn
         self.mode = mode
+        self.normalize_sample = bool(normalize_sample)
         self.reference_x: Optional[torch.Tensor] = None
 
     # -- InferenceModel support -------------------------------------------------------------------
@@ -125,6 +137,8 @@ class NAMRReRankKNN:
         if k > available:
             raise ValueError(f"k={k} exceeds the number of searchable references ({available})")
 
+        if self.normalize_sample:
+            qx, rx = torch.nn.functional.normalize(qx, dim=1), torch.nn.functional.normalize(rx, dim=1)
         # faiss (via PML's FaissKNN) needs contiguous tensors; slices of packed rows are not
         qx, rx = qx.contiguous(), rx.contiguous()
         if self.mode == "plain":
