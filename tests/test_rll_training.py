@@ -30,6 +30,7 @@ def digits_split(seed=0):
 def map_at_r(trunk, embedder, dataset):
     tester = testers.GlobalEmbeddingSpaceTester(
         dataloader_num_workers=0,
+        data_device=torch.device("cpu"),  # the models stay on the CPU in this test
         batch_size=256,
         accuracy_calculator=AccuracyCalculator(
             include=("mean_average_precision_at_r", "precision_at_1"),
@@ -62,6 +63,7 @@ def test_metric_loss_only_training_lifts_map_at_r(gradient):
         dataset=train,
         sampler=sampler,
         dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -38,7 +38,7 @@ def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
         assert set(r["metrics"]) >= {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
                                      "mean_average_precision_at_r", "r_precision", "NMI"}
         assert [p["epoch"] for p in r["curve"]] == [0, 1, 2]
-        assert r["environment"]["device"] == "cpu" and r["environment"]["torch"] == torch.__version__
+        assert r["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and r["environment"]["torch"] == torch.__version__
         assert r["seconds_per_iteration"] > 0 and r["wall_seconds"] > 0
         assert os.path.isfile(os.path.join(r["log_dir"], "logs", "logs.db"))  # record-keeper's per-run log
     # paired seeds: the untrained network is the same for every loss at a seed, and differs between seeds
