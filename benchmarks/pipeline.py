@@ -21,8 +21,8 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch

@@ -177,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from . import report
     from .datasets import DatasetUnavailableError, load_dataset
-    from .pipeline import RunConfig, environment_info, resolve_device, run_one
+    from .pipeline import RunConfig, environment_info, resolve_device
 
     device = resolve_device(args.device)
     threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)

@@ -52,7 +52,7 @@ def test_full_candidate_list_equals_exhaustive_weighted_ranking(ref_includes_que
     assert torch.equal(idx, want)
     assert torch.all(dist[:, 1:] >= dist[:, :-1])
     # returned distances are the structure-weighted squared distances
-    i, j = 3, int(idx[3, 0])
+    j = int(idx[3, 0])
     assert dist[3, 0].item() == pytest.approx(ref.weighted_sq_distance(query[3, :D], query[3, D:], reference[j, :D]), rel=1e-12)
     # top-k prefix, and the exhaustive mode, agree
     d5, i5 = NAMRReRankKNN(D, num_candidates=available, base_knn=_exact_knn())(query, 5, reference, ref_includes_query)
