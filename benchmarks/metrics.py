@@ -1,6 +1,6 @@
 """Retrieval metrics for the benchmark: PML's AccuracyCalculator plus Recall@k as the DML papers define it.
 
-Recall@k in the DML papers (Song et al. 2016 onwards) is the fraction of queries that have **at least one**
+Recall@k in the DML papers (the lifted-structure benchmark paper of CVPR 2016 onwards) is the fraction of queries that have **at least one**
 same-class item among their k nearest neighbours (the query itself excluded). It is not PML's precision@k.
 """
 

@@ -10,8 +10,8 @@ reported as unavailable and skipped, never a crash. The NAMR entries are registe
 
 Left out on purpose: PML's ``LiftedStructureLoss``. It builds a (#positive pairs x #negative pairs) matrix, so its
 memory grows as O(B^4) in the batch size B (8.9 GB at B=512, killed at B=1024 on a 24 GB machine, 317 s per
-Fashion-MNIST epoch on 2 CPU cores); ``GeneralizedLiftedStructureLoss`` (the lifted-structure variant of Hermans
-et al.) stands in for it.
+Fashion-MNIST epoch on 2 CPU cores); ``GeneralizedLiftedStructureLoss`` (the lifted-structure variant of "In
+Defense of the Triplet Loss") stands in for it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _pml_losses():
 # Ranked List Loss hyper-parameters shared by ours and PML's: margin m=0.4 (so alpha = 1 + m/2 = 1.2), Tn=10, Tp=0,
 # equal weighting of the positive and negative terms.
 RLL_HPARAMS = {"margin": 0.4, "Tn": 10.0, "imbalance": 0.5, "alpha": None, "Tp": 0.0}
-RLL_SOURCE = "Wang et al., Ranked List Loss, CVPR 2019 / TPAMI 2021: m=0.4, alpha=1+m/2=1.2, Tn=10, Tp=0 (SOP configs)"
+RLL_SOURCE = "Ranked List Loss, CVPR 2019 / TPAMI 2021: m=0.4, alpha=1+m/2=1.2, Tn=10, Tp=0 (SOP configs)"
 
 TRIPLET_HPARAMS = {"margin": 0.2, "miner": "TripletMarginMiner(margin=0.2, type_of_triplets='semihard')"}
 MS_HPARAMS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "miner": "MultiSimilarityMiner(epsilon=0.1)"}
@@ -185,30 +185,30 @@ def _entries() -> List[LossEntry]:
         LossEntry("pml-rll", "pml", dict(RLL_HPARAMS),
                   RLL_SOURCE + "; PML 2.9 RankedListLoss", _build_pml_rll),
         LossEntry("triplet", "pml", TRIPLET_HPARAMS,
-                  "Schroff et al., FaceNet, CVPR 2015: margin 0.2 on L2-normalized embeddings, semi-hard mining",
+                  "FaceNet, CVPR 2015: margin 0.2 on L2-normalized embeddings, semi-hard mining",
                   _build_triplet),
         LossEntry("multi-similarity", "pml", MS_HPARAMS,
-                  "Wang et al., Multi-Similarity Loss, CVPR 2019: alpha=2, beta=50, lambda=0.5, mining epsilon=0.1",
+                  "Multi-Similarity Loss, CVPR 2019: alpha=2, beta=50, lambda=0.5, mining epsilon=0.1",
                   _build_ms),
         LossEntry("contrastive", "pml", CONTRASTIVE_HPARAMS,
-                  "Hadsell et al., CVPR 2006: positives pulled to 0, negatives pushed beyond margin 1 (PML defaults)",
+                  "Learning an Invariant Mapping, CVPR 2006: positives pulled to 0, negatives pushed beyond margin 1 (PML defaults)",
                   _build_contrastive),
         LossEntry("circle", "pml", {"m": 0.4, "gamma": 80},
-                  "Sun et al., Circle Loss, CVPR 2020: m=0.4, gamma=80 (its fine-grained retrieval setting)",
+                  "Circle Loss, CVPR 2020: m=0.4, gamma=80 (its fine-grained retrieval setting)",
                   _build_circle),
         LossEntry("ntxent", "pml", {"temperature": 0.07},
                   "Supervised NT-Xent / InfoNCE over all positive pairs: temperature 0.07 (PML default, MoCo/SupCon)",
                   _build_ntxent),
         LossEntry("generalized-lifted", "pml", {"neg_margin": 1.0, "pos_margin": 0.0},
-                  "Hermans et al., In Defense of the Triplet Loss, 2017 (generalized lifted structure): margin 1",
+                  "In Defense of the Triplet Loss, 2017 (generalized lifted structure): margin 1",
                   _build_gls),
         LossEntry("margin", "pml",
                   {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True,
                    "miner": "DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)"},
-                  "Wu et al., Sampling Matters, ICCV 2017: alpha=0.2, beta0=1.2 (learned), distance-weighted sampling",
+                  "Sampling Matters, ICCV 2017: alpha=0.2, beta0=1.2 (learned), distance-weighted sampling",
                   _build_margin, notes="beta is a parameter: trained by the loss optimizer at --lr"),
         LossEntry("proxy-anchor", "pml", {"margin": 0.1, "alpha": 32, "proxy_lr_multiplier": 100},
-                  "Kim et al., Proxy Anchor Loss, CVPR 2020: delta=0.1, alpha=32, proxies at 100x the learning rate",
+                  "Proxy Anchor Loss, CVPR 2020: delta=0.1, alpha=32, proxies at 100x the learning rate",
                   _build_proxy_anchor, notes="proxies are parameters: trained by the loss optimizer at 100 x --lr"),
     ]
     for name, base, req in (

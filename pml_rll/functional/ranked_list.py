@@ -1,6 +1,6 @@
 """Functional core of the Ranked List Loss.
 
-Wang et al., "Ranked List Loss for Deep Metric Learning", CVPR 2019 (equations 2-5) and its TPAMI 2021
+"Ranked List Loss for Deep Metric Learning", CVPR 2019 (equations 2-5) and its TPAMI 2021
 extension. Every function here is a pure tensor function; the loss, the reducer and the miner of this package all
 call them, so the math exists exactly once.
 

@@ -5,7 +5,7 @@ from .ranked_list_loss import RankedListLoss
 
 
 class CrossBatchMemory(PMLCrossBatchMemory):
-    """PML's ``CrossBatchMemory`` (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020) that also
+    """PML's ``CrossBatchMemory`` ("Cross-Batch Memory for Embedding Learning", CVPR 2020) that also
     accepts this package's ``RankedListLoss``.
 
     PML's class admits only losses on a fixed list of names. This subclass adds ours (identified by type, so PML's

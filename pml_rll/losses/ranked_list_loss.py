@@ -23,7 +23,7 @@ GRADIENT_MODES = ("paper", "autograd")
 class RankedListLoss(BaseMetricLossFunction):
     r"""Ranked List Loss, exactly as in the paper.
 
-    Wang, Hua, Kodirov, Robertson, "Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5); TPAMI 2021.
+    "Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5); TPAMI 2021.
     A drop-in replacement for ``pytorch_metric_learning.losses.RankedListLoss``: same argument names and meaning.
 
     Every sample is a query; the rest of the batch (or ``ref_emb``) is its gallery. On L2-normalised embeddings

@@ -11,7 +11,7 @@ from ..losses._checks import check_distance, check_number
 
 
 class RankedListMiner(BaseMiner):
-    """Mines the non-trivial pairs of the Ranked List Loss (Wang et al., CVPR 2019, section 3.2).
+    """Mines the non-trivial pairs of the Ranked List Loss (Ranked List Loss, CVPR 2019, section 3.2).
 
     For every query, the positives farther than ``alpha - margin`` (the query itself excluded) and the negatives
     closer than ``alpha``, both strict, returned as a PML pair tuple ``(a1, p, a2, n)``. Usable with any pair loss;

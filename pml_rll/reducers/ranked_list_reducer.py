@@ -10,7 +10,7 @@ from ..losses.ranked_list_loss import GRADIENT_MODES
 
 
 class RankedListReducer(MultipleReducers):
-    """Ranked-list reduction of any pair loss (Wang et al., CVPR 2019, eqs. 3-5).
+    """Ranked-list reduction of any pair loss (Ranked List Loss, CVPR 2019, eqs. 3-5).
 
     Takes the ``pos_pair`` and ``neg_pair`` losses of a PML pair loss (e.g. ``ContrastiveLoss``), treats pairs with
     zero loss as trivial, weights the non-trivial ones inside each anchor's positive and negative set by
