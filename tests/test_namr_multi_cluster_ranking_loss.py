@@ -247,3 +247,18 @@ def test_hyperparameters_are_recordable():
     for name in ["embedding_size", "alpha", "floor", "num_t_values"]:
         assert name in loss._record_these
     assert loss.num_t_values == 3 and loss.t_values == (0.0, 1.5, 3.0)
+
+
+
+def test_half_precision_and_autocast_are_computed_in_float32():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 8, generator=g)
+    s = 0.5 + torch.rand(24, 8, generator=g)
+    packed = torch.cat([x, s], 1)
+    loss = MultiClusterRankingLoss(8)
+    full = loss(packed)
+    half = loss(packed.bfloat16())
+    assert half.dtype == torch.float32 and abs(half.item() - full.item()) < 2e-2 * abs(full.item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = loss(packed)
+    assert auto.dtype == torch.float32 and auto.item() == pytest.approx(full.item(), rel=1e-6)

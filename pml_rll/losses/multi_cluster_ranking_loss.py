@@ -97,6 +97,11 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
     def get_default_reducer(self):
         return MeanReducer()
 
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        # computed in float32 or float64 whatever the autocast state (half precision is upcast)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if indices_tuple is not None:
             raise ValueError(
@@ -105,6 +110,8 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         if ref_emb is not embeddings:
             raise ValueError("MultiClusterRankingLoss works on the batch itself; ref_emb is not supported")
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
+        if x.dtype in (torch.float16, torch.bfloat16):  # pairwise sums in float32, as RankedListLoss does
+            x, s = x.float(), s.float()
         if x.shape[0] < 2:
             raise ValueError(f"MultiClusterRankingLoss needs a batch of at least 2 embeddings, got {x.shape[0]}")
         if not bool(torch.isfinite(embeddings).all()):
