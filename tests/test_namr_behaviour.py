@@ -7,7 +7,6 @@ variance of x per dimension), and re-ranking by it must not lose R@1 and must ga
 The thresholds hold with margin for seeds 0-7 (checked when the test was written); seed 0 is used.
 """
 
-import pytest
 import torch
 from pytorch_metric_learning import distances, losses, reducers
 from pytorch_metric_learning.utils.inference import CustomKNN
@@ -93,15 +92,6 @@ def train_and_evaluate(seed, iterations=500):
         opt.step()
     after = evaluate(embedder, feats[~is_train], labels[~is_train])
     return before, after
-
-
-@pytest.fixture
-def one_thread():
-    # tiny tensors: thread hand-off costs more than it saves on a busy 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_structure_embedding_learns_local_anisotropy_and_reranking_helps(one_thread):

@@ -23,14 +23,6 @@ def _dataset(seed, num_classes, per_class, dim=16):
     return torch.utils.data.TensorDataset(x, labels)
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class _Recording:
     def __init__(self, knn):
         self.knn, self.queries = knn, []
