@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses, samplers, testers, trainers
@@ -15,9 +16,11 @@ from pml_rll.retrieval import NAMRReRankKNN
 D = 8
 
 
-def _dataset(seed, num_classes, per_class, dim=16):
+def _dataset(seed, num_classes, per_class, dim=16, class_seed=None):
+    # class_seed: draw the class means from another seed (same classes, new samples)
     g = torch.Generator().manual_seed(seed)
-    means = torch.randn(num_classes, dim, generator=g) * 2.0
+    g_means = g if class_seed is None else torch.Generator().manual_seed(class_seed)
+    means = torch.randn(num_classes, dim, generator=g_means) * 2.0
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     x = means[labels] + torch.randn(len(labels), dim, generator=g)
     return torch.utils.data.TensorDataset(x, labels)
@@ -47,8 +50,9 @@ def _accuracies(tester, dataset, trunk, embedder, knn, epoch):
 
 def test_metric_loss_only_then_global_embedding_space_tester(one_thread, tmp_path):
     torch.manual_seed(0)
+    np.random.seed(0)  # PML's MPerClassSampler shuffles with the global numpy generator
     train_ds = _dataset(0, num_classes=8, per_class=24)
-    val_ds = _dataset(1, num_classes=8, per_class=12)
+    val_ds = _dataset(1, num_classes=8, per_class=12, class_seed=0)  # held-out samples of the trained classes
     trunk = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
     embedder = NAMREmbedder(32, embedding_size=D)
     loss = NAMRLoss(
@@ -99,7 +103,8 @@ def test_metric_loss_only_then_global_embedding_space_tester(one_thread, tmp_pat
     assert (s > 0.5).all() and (s < 1.5).all()
     for acc in (before, acc_plain, acc_rerank):
         assert 0.0 <= acc["precision_at_1_level0"] <= 1.0
-    assert acc_plain["mean_average_precision_at_r_level0"] > before["mean_average_precision_at_r_level0"]
+    # held-out samples of the trained classes: MAP@R 0.51 untrained -> 0.96 after 4 epochs at these seeds
+    assert acc_plain["mean_average_precision_at_r_level0"] > before["mean_average_precision_at_r_level0"] + 0.2
     assert acc_plain["precision_at_1_level0"] > 0.5 and acc_rerank["precision_at_1_level0"] > 0.5
 
 
