@@ -1,12 +1,12 @@
-# Two targets: `make benchmark` (the main job) and `make test`.
+# Targets: `make benchmark` (the main job), `make test`, `make lint` (ruff lint + format check, mypy).
 # Each creates or reuses .venv from the pinned constraints file (torch and torchvision pinned together).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,logging,vision,bench,test
+EXTRAS ?= cpu,logging,vision,bench,test,lint
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test benchmark clean-venv
+.PHONY: venv test lint benchmark clean-venv
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest tests -ra
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 benchmark: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)

@@ -25,8 +25,9 @@ import gzip
 import io
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,12 +52,12 @@ class DatasetBundle:
     """
 
     name: str
-    train: "PairedDataset"
-    test: "PairedDataset"
+    train: PairedDataset
+    test: PairedDataset
     input_kind: str
-    input_shape: Tuple[int, ...]
+    input_shape: tuple[int, ...]
     description: str
-    info: Dict[str, object] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -94,9 +95,9 @@ class PairedDataset(Dataset):
         self,
         items,
         labels: Sequence[int],
-        transform: Optional[Callable] = None,
-        eval_transform: Optional[Callable] = None,
-        loader: Optional[Callable] = None,
+        transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        loader: Callable | None = None,
     ) -> None:
         self.items = items
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -183,7 +184,7 @@ def load_digits_bundle(test_fraction: float = 0.3, split_seed: int = 0) -> Datas
 
 
 # --------------------------------------------------------------------------------------------------------- omniglot
-def _omniglot_sources(root: str) -> List[Tuple[str, str]]:
+def _omniglot_sources(root: str) -> list[tuple[str, str]]:
     """List (kind, path) sources under root: extracted folders and zip archives (a zip is skipped when a folder
     with the same stem sits beside it)."""
     if not os.path.exists(root):
@@ -212,17 +213,17 @@ def _decode_omniglot(raw: bytes, image_size: int) -> np.ndarray:
     return 1.0 - arr  # strokes are dark on white: make strokes 1, background 0
 
 
-def read_omniglot(root: str, image_size: int = 28) -> Tuple[np.ndarray, List[Tuple[str, str, str]]]:
+def read_omniglot(root: str, image_size: int = 28) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
     """Read every ``<archive>/<alphabet>/<character>/<file>.png`` under root (folders and zips).
 
     Returns images (N x S x S float32 in [0, 1], strokes = 1) and keys (archive, alphabet, character). Images are
     de-duplicated by (alphabet, character, file name): the small archives both hold Greek and Latin.
     """
-    seen: Dict[Tuple[str, str, str], int] = {}
-    images: List[np.ndarray] = []
-    keys: List[Tuple[str, str, str]] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    images: list[np.ndarray] = []
+    keys: list[tuple[str, str, str]] = []
 
-    def add(path_parts: List[str], read: Callable[[], bytes]):
+    def add(path_parts: list[str], read: Callable[[], bytes]):
         if len(path_parts) < 3:
             return
         archive = path_parts[-4] if len(path_parts) >= 4 else ""
@@ -259,8 +260,8 @@ def read_omniglot(root: str, image_size: int = 28) -> Tuple[np.ndarray, List[Tup
 
 
 def omniglot_alphabet_split(
-    keys: List[Tuple[str, str, str]], test_alphabets: Optional[Sequence[str]] = None
-) -> Tuple[List[str], List[str], str]:
+    keys: list[tuple[str, str, str]], test_alphabets: Sequence[str] | None = None
+) -> tuple[list[str], list[str], str]:
     """Decide train and test alphabets. Returns (train_alphabets, test_alphabets, rule)."""
     alphabets = sorted({k[1] for k in keys})
     if test_alphabets:
@@ -288,9 +289,9 @@ def omniglot_alphabet_split(
 
 
 def load_omniglot_bundle(
-    data_root: Optional[str] = None,
+    data_root: str | None = None,
     image_size: int = 28,
-    test_alphabets: Optional[Sequence[str]] = None,
+    test_alphabets: Sequence[str] | None = None,
     augment: bool = True,
 ) -> DatasetBundle:
     roots = [data_root] if data_root else list(OMNIGLOT_DEFAULT_ROOTS)
@@ -334,7 +335,7 @@ def load_omniglot_bundle(
 
 
 # ---------------------------------------------------------------------------------------------------- fashion-mnist
-def _find_idx(roots: Sequence[str], kind: str, what: str) -> Optional[str]:
+def _find_idx(roots: Sequence[str], kind: str, what: str) -> str | None:
     names = [f"{kind}-{what}-ubyte", f"{kind}-{what}-ubyte.gz"]
     for root in roots:
         for sub in ("", "FashionMNIST/raw", "raw", "fashion-mnist"):
@@ -357,11 +358,9 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_fashion_mnist_bundle(data_root: Optional[str] = None, augment: bool = True) -> DatasetBundle:
+def load_fashion_mnist_bundle(data_root: str | None = None, augment: bool = True) -> DatasetBundle:
     roots = [data_root] if data_root else list(FASHION_MNIST_DEFAULT_ROOTS)
-    paths = {
-        (k, w): _find_idx(roots, k, w) for k in ("train", "t10k") for w in ("images-idx3", "labels-idx1")
-    }
+    paths = {(k, w): _find_idx(roots, k, w) for k in ("train", "t10k") for w in ("images-idx3", "labels-idx1")}
     missing = [f"{k}-{w}-ubyte[.gz]" for (k, w), p in paths.items() if p is None]
     if missing:
         raise DatasetUnavailableError(
@@ -421,9 +420,7 @@ class _ImageLoader:
             return im.copy()
 
 
-def load_pml_bundle(
-    name: str, data_root: Optional[str], download: bool = False, image_size: int = 224
-) -> DatasetBundle:
+def load_pml_bundle(name: str, data_root: str | None, download: bool = False, image_size: int = 224) -> DatasetBundle:
     from pytorch_metric_learning import datasets as pml_datasets
 
     cls_name, desc, layout = PML_DATASETS[name]
@@ -462,10 +459,10 @@ DATASETS = ("digits", "omniglot", "fashion-mnist", "cub200", "cars196", "sop")
 
 def load_dataset(
     name: str,
-    data_root: Optional[str] = None,
+    data_root: str | None = None,
     download: bool = False,
-    image_size: Optional[int] = None,
-    test_alphabets: Optional[Sequence[str]] = None,
+    image_size: int | None = None,
+    test_alphabets: Sequence[str] | None = None,
 ) -> DatasetBundle:
     """Load one benchmark protocol by name (see the module docstring)."""
     if name == "digits":

@@ -42,12 +42,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from .common import atomic_write, device_name, resolve_device
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BATCH_SIZES = (128, 256, 512, 1024, 2048, 4096)
@@ -103,18 +105,19 @@ class LossSpec:
 
     name: str
     label: str
-    build: Callable[[int, int, torch.device], Tuple[Step, List[torch.nn.Module]]]
+    build: Callable[[int, int, torch.device], tuple[Step, list[torch.nn.Module]]]
     note: str = ""
     packed: bool = False
-    max_batch: Optional[int] = None
+    max_batch: int | None = None
     max_batch_reason: str = ""
 
 
 def _ours_rll(gradient: str):
     def build(batch_size: int, dim: int, device: torch.device):
         cls = _import_ours("RankedListLoss")
-        loss = _construct(cls, f"RankedListLoss(margin=0.4, Tn=10, gradient={gradient!r})",
-                          margin=0.4, Tn=10, gradient=gradient).to(device)
+        loss = _construct(
+            cls, f"RankedListLoss(margin=0.4, Tn=10, gradient={gradient!r})", margin=0.4, Tn=10, gradient=gradient
+        ).to(device)
         return loss, [loss]
 
     return build
@@ -175,8 +178,9 @@ def _namr_ms(batch_size, dim, device):
     from pytorch_metric_learning.losses import MultiSimilarityLoss
 
     cls = _import_ours("NAMRLoss")
-    loss = _construct(cls, f"NAMRLoss(MultiSimilarityLoss(), embedding_size={dim})",
-                      MultiSimilarityLoss(), embedding_size=dim).to(device)
+    loss = _construct(
+        cls, f"NAMRLoss(MultiSimilarityLoss(), embedding_size={dim})", MultiSimilarityLoss(), embedding_size=dim
+    ).to(device)
     return loss, [loss]
 
 
@@ -188,37 +192,73 @@ def _floor(batch_size, dim, device):
     return step, []
 
 
-REGISTRY: Dict[str, LossSpec] = {
+REGISTRY: dict[str, LossSpec] = {
     s.name: s
     for s in [
-        LossSpec("rll_paper", "ours RankedListLoss (paper grad)", _ours_rll("paper"),
-                 note="pml_rll RankedListLoss(margin=0.4, Tn=10, gradient='paper')"),
-        LossSpec("rll_autograd", "ours RankedListLoss (autograd)", _ours_rll("autograd"),
-                 note="pml_rll RankedListLoss(margin=0.4, Tn=10, gradient='autograd')"),
-        LossSpec("pml_rll", "PML RankedListLoss", _pml_rll,
-                 note="pytorch_metric_learning RankedListLoss(margin=0.4, Tn=10)"),
-        LossSpec("multi_similarity", "PML MultiSimilarityLoss", _multi_similarity,
-                 note="MultiSimilarityLoss() defaults, no miner"),
+        LossSpec(
+            "rll_paper",
+            "ours RankedListLoss (paper grad)",
+            _ours_rll("paper"),
+            note="pml_rll RankedListLoss(margin=0.4, Tn=10, gradient='paper')",
+        ),
+        LossSpec(
+            "rll_autograd",
+            "ours RankedListLoss (autograd)",
+            _ours_rll("autograd"),
+            note="pml_rll RankedListLoss(margin=0.4, Tn=10, gradient='autograd')",
+        ),
+        LossSpec(
+            "pml_rll", "PML RankedListLoss", _pml_rll, note="pytorch_metric_learning RankedListLoss(margin=0.4, Tn=10)"
+        ),
+        LossSpec(
+            "multi_similarity",
+            "PML MultiSimilarityLoss",
+            _multi_similarity,
+            note="MultiSimilarityLoss() defaults, no miner",
+        ),
         LossSpec("contrastive", "PML ContrastiveLoss", _contrastive, note="ContrastiveLoss() defaults, all pairs"),
-        LossSpec("triplet_all", "PML Triplet + miner (all)", _triplet_all,
-                 note="TripletMarginLoss() with TripletMarginMiner(type_of_triplets='all'); miner time included",
-                 max_batch=1024, max_batch_reason="all-triplets mining is O(B^3)"),
-        LossSpec("proxy_anchor", "PML ProxyAnchorLoss", _proxy_anchor,
-                 note="ProxyAnchorLoss(num_classes=B/4, embedding_size=D); proxies receive gradients"),
-        LossSpec("multi_cluster_ranking", "ours MultiClusterRankingLoss", _multi_cluster_ranking, packed=True,
-                 note="pml_rll MultiClusterRankingLoss(embedding_size=D) on a packed (B, 2D) input"),
-        LossSpec("namr_ms", "ours NAMRLoss(MultiSimilarity)", _namr_ms, packed=True,
-                 note="pml_rll NAMRLoss(MultiSimilarityLoss(), embedding_size=D) on a packed (B, 2D) input; "
-                      "its overhead is this row minus the MultiSimilarity row (which sees a (B, D) input)"),
-        LossSpec("floor", "floor: normalize + Gram", _floor,
-                 note="F.normalize(emb) then (e @ e.T).sum(): one matmul forward, two backward"),
+        LossSpec(
+            "triplet_all",
+            "PML Triplet + miner (all)",
+            _triplet_all,
+            note="TripletMarginLoss() with TripletMarginMiner(type_of_triplets='all'); miner time included",
+            max_batch=1024,
+            max_batch_reason="all-triplets mining is O(B^3)",
+        ),
+        LossSpec(
+            "proxy_anchor",
+            "PML ProxyAnchorLoss",
+            _proxy_anchor,
+            note="ProxyAnchorLoss(num_classes=B/4, embedding_size=D); proxies receive gradients",
+        ),
+        LossSpec(
+            "multi_cluster_ranking",
+            "ours MultiClusterRankingLoss",
+            _multi_cluster_ranking,
+            packed=True,
+            note="pml_rll MultiClusterRankingLoss(embedding_size=D) on a packed (B, 2D) input",
+        ),
+        LossSpec(
+            "namr_ms",
+            "ours NAMRLoss(MultiSimilarity)",
+            _namr_ms,
+            packed=True,
+            note="pml_rll NAMRLoss(MultiSimilarityLoss(), embedding_size=D) on a packed (B, 2D) input; "
+            "its overhead is this row minus the MultiSimilarity row (which sees a (B, D) input)",
+        ),
+        LossSpec(
+            "floor",
+            "floor: normalize + Gram",
+            _floor,
+            note="F.normalize(emb) then (e @ e.T).sum(): one matmul forward, two backward",
+        ),
     ]
 }
 
 # The ratios the speed targets are stated in: (title, kind, numerator, denominator, batch sizes, target).
 # kind is "time" (median forward+backward) or "memory" (peak memory above baseline). A target of None is
 # informational only. Batch sizes of None mean "every batch size of the run".
-RATIO_SPECS: List[Tuple[str, str, str, str, Optional[Tuple[int, ...]], Optional[float]]] = [
+RATIO_SPECS: list[tuple[str, str, str, str, tuple[int, ...] | None, float | None]] = [
     ("time ours (paper) / PML RankedListLoss", "time", "rll_paper", "pml_rll", (512, 1024), 0.5),
     ("time ours (paper) / floor", "time", "rll_paper", "floor", (1024, 2048), 1.0),
     ("peak memory ours (paper) / PML RankedListLoss", "memory", "rll_paper", "pml_rll", (4096,), 0.5),
@@ -293,7 +333,7 @@ def timed_step(step: Step, emb, labels, modules, device) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
+def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -313,7 +353,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.device, seed: int) -> Dict[str, Any]:
+def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.device, seed: int) -> dict[str, Any]:
     """Peak memory of one step of one loss, in this process (CPU: call it in a fresh process)."""
     spec = REGISTRY[name]
     try:
@@ -351,12 +391,28 @@ def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.devi
     return {"status": "ok", "peak_mib": (peak_kib - base_kib) / 1024.0, "method": method}
 
 
-def measure_memory_subprocess(name: str, batch_size: int, dim: int, threads: int, seed: int,
-                              timeout_s: float) -> Dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.loss_speed", "--memory-worker", name,
-           "--batch-sizes", str(batch_size), "--dim", str(dim), "--threads", str(threads), "--seed", str(seed),
-           "--inputs", INPUTS["kind"],
-           "--device", "cpu"]
+def measure_memory_subprocess(
+    name: str, batch_size: int, dim: int, threads: int, seed: int, timeout_s: float
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.loss_speed",
+        "--memory-worker",
+        name,
+        "--batch-sizes",
+        str(batch_size),
+        "--dim",
+        str(dim),
+        "--threads",
+        str(threads),
+        "--seed",
+        str(seed),
+        "--inputs",
+        INPUTS["kind"],
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
@@ -375,27 +431,11 @@ def measure_memory_subprocess(name: str, batch_size: int, dim: int, threads: int
 # ----------------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _entry(results: Dict[str, Any], name: str, batch_size: int) -> Dict[str, Any]:
+def _entry(results: dict[str, Any], name: str, batch_size: int) -> dict[str, Any]:
     return results.setdefault(name, {}).setdefault(str(batch_size), {})
 
 
-def compute_ratios(results: Dict[str, Dict[str, Dict[str, Any]]], batch_sizes: Sequence[int]) -> List[Dict[str, Any]]:
+def compute_ratios(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: Sequence[int]) -> list[dict[str, Any]]:
     """The ratio rows of the speed targets, from a results dict ``{loss: {str(B): entry}}``.
 
     An entry holds ``time_status``/``median_ms`` and ``mem_status``/``peak_mib``. A ratio whose batch size was
@@ -403,9 +443,17 @@ def compute_ratios(results: Dict[str, Dict[str, Dict[str, Any]]], batch_sizes: S
     """
     rows = []
     for title, kind, num, den, bs_list, target in RATIO_SPECS:
-        for b in (bs_list if bs_list is not None else batch_sizes):
-            row: Dict[str, Any] = {"title": title, "kind": kind, "numerator": num, "denominator": den,
-                                   "batch_size": b, "target": target, "value": None, "met": None}
+        for b in bs_list if bs_list is not None else batch_sizes:
+            row: dict[str, Any] = {
+                "title": title,
+                "kind": kind,
+                "numerator": num,
+                "denominator": den,
+                "batch_size": b,
+                "target": target,
+                "value": None,
+                "met": None,
+            }
             if b not in batch_sizes:
                 row["reason"] = f"B={b} not in this run"
                 rows.append(row)
@@ -435,7 +483,7 @@ def compute_ratios(results: Dict[str, Dict[str, Dict[str, Any]]], batch_sizes: S
     return rows
 
 
-def _cell_time(e: Dict[str, Any]) -> str:
+def _cell_time(e: dict[str, Any]) -> str:
     st = e.get("time_status")
     if st == "ok":
         return f"{e['median_ms']:.3g}" if e["median_ms"] < 100 else f"{e['median_ms']:.0f}"
@@ -444,13 +492,13 @@ def _cell_time(e: Dict[str, Any]) -> str:
     return "not run"
 
 
-def _cell_min(e: Dict[str, Any]) -> str:
+def _cell_min(e: dict[str, Any]) -> str:
     if e.get("time_status") == "ok" and e.get("min_ms") is not None:
         return f"{e['min_ms']:.3g}" if e["min_ms"] < 100 else f"{e['min_ms']:.0f}"
     return _cell_time(e)
 
 
-def _cell_mem(e: Dict[str, Any]) -> str:
+def _cell_mem(e: dict[str, Any]) -> str:
     st = e.get("mem_status")
     if st == "ok":
         return f"{e['peak_mib']:.3g}" if abs(e["peak_mib"]) < 100 else f"{e['peak_mib']:.0f}"
@@ -463,7 +511,7 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
-def _table(names: Sequence[str], bs: Sequence[int], results: Dict[str, Any], cell: Callable) -> str:
+def _table(names: Sequence[str], bs: Sequence[int], results: dict[str, Any], cell: Callable) -> str:
     lines = ["| loss | " + " | ".join(f"B={b}" for b in bs) + " |", "|---|" + "---:|" * len(bs)]
     for n in names:
         label = REGISTRY[n].label if n in REGISTRY else n
@@ -472,16 +520,16 @@ def _table(names: Sequence[str], bs: Sequence[int], results: Dict[str, Any], cel
     return "\n".join(lines)
 
 
-def render_markdown(doc: Dict[str, Any]) -> str:
+def render_markdown(doc: dict[str, Any]) -> str:
     cfg, results, names = doc["config"], doc["results"], doc["config"]["losses"]
     bs = cfg["batch_sizes"]
-    mem_how = ("fresh subprocess per cell, peak RSS" if cfg["device"] == "cpu"
-               else "torch.cuda.max_memory_allocated")
+    mem_how = "fresh subprocess per cell, peak RSS" if cfg["device"] == "cpu" else "torch.cuda.max_memory_allocated"
     parts = [
         "### Loss speed and memory\n\n"
         f"- device: {cfg['device_name']} ({cfg['device']}); torch threads: {cfg['torch_num_threads']}; "
         f"torch {cfg['torch_version']}, pytorch-metric-learning {cfg['pml_version']}, Python {cfg['python']}\n"
-        f"- input: {INPUT_DESCRIPTIONS[cfg.get('inputs', 'random')]} (B, {cfg['dim']}), labels = B/{SAMPLES_PER_CLASS} classes x {SAMPLES_PER_CLASS}; "
+        f"- input: {INPUT_DESCRIPTIONS[cfg.get('inputs', 'random')]} (B, {cfg['dim']}), "
+        f"labels = B/{SAMPLES_PER_CLASS} classes x {SAMPLES_PER_CLASS}; "
         f"median of {cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up steps\n"
         f"- command: `{cfg['command']}`\n"
         f"- date: {cfg['started']}",
@@ -496,10 +544,14 @@ def render_markdown(doc: Dict[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
         vmin = f"{r['value_of_minima']:.3f}" if r.get("value_of_minima") is not None else "-"
         rows.append(f"| {r['title']} | {r['batch_size']} | {_md_escape(value)} | {target} | {met} | {vmin} |")
-    parts.append("Ratios (targets of the speed issue on the medians; met = value <= target; the ratio of the "
-                 "fastest repeats is a check against disturbance by other processes):\n\n" + "\n".join(rows))
-    parts.append("Fastest repeat (ms; far below the median means other processes disturbed the run):\n\n"
-                 + _table(names, bs, results, _cell_min))
+    parts.append(
+        "Ratios (targets of the speed issue on the medians; met = value <= target; the ratio of the "
+        "fastest repeats is a check against disturbance by other processes):\n\n" + "\n".join(rows)
+    )
+    parts.append(
+        "Fastest repeat (ms; far below the median means other processes disturbed the run):\n\n"
+        + _table(names, bs, results, _cell_min)
+    )
     notes = []
     for n in names:
         if n in REGISTRY:
@@ -512,7 +564,7 @@ def render_markdown(doc: Dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def render_png(doc: Dict[str, Any], path: str) -> None:
+def render_png(doc: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -526,14 +578,22 @@ def render_png(doc: Dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     for ax, (kind, key, ylabel) in zip(axes[0], panels):
         for n in cfg["losses"]:
-            pts = [(int(b), e[key]) for b, e in results.get(n, {}).items()
-                   if e.get(f"{kind}_status") == "ok" and e.get(key) is not None and e[key] > 0]
+            pts = [
+                (int(b), e[key])
+                for b, e in results.get(n, {}).items()
+                if e.get(f"{kind}_status") == "ok" and e.get(key) is not None and e[key] > 0
+            ]
             if not pts:
                 continue
             pts.sort()
             style = dict(linestyle="--", color="black") if n == "floor" else {}
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=REGISTRY[n].label if n in REGISTRY else n, **style)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=REGISTRY[n].label if n in REGISTRY else n,
+                **style,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(cfg["batch_sizes"])
@@ -554,7 +614,7 @@ def render_png(doc: Dict[str, Any], path: str) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def write_outputs(doc: Dict[str, Any], out_dir: str, png: bool) -> None:
+def write_outputs(doc: dict[str, Any], out_dir: str, png: bool) -> None:
     doc["ratios"] = compute_ratios(doc["results"], doc["config"]["batch_sizes"])
     atomic_write(os.path.join(out_dir, JSON_NAME), (json.dumps(doc, indent=1) + "\n").encode())
     atomic_write(os.path.join(out_dir, MD_NAME), render_markdown(doc).encode())
@@ -567,49 +627,26 @@ def write_outputs(doc: Dict[str, Any], out_dir: str, png: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if arg == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
-    return torch.device(arg)
-
-
-def _versions() -> Tuple[str, str]:
+def _versions() -> tuple[str, str]:
     import pytorch_metric_learning
 
     return torch.__version__, pytorch_metric_learning.__version__
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs visible"
 
 
 # Fields that must agree for --resume to reuse earlier results.
 _RESUME_KEYS = ("dim", "repeats", "warmup", "torch_num_threads", "device", "seed", "memory", "losses", "inputs")
 
 
-def time_batch(names: List[str], batch_size: int, args, device: torch.device, results, too_slow: Dict[str, str],
-               bar) -> None:
+def time_batch(
+    names: list[str], batch_size: int, args, device: torch.device, results, too_slow: dict[str, str], bar
+) -> None:
     """Warm-up then interleaved repeats of every runnable loss at one batch size."""
-    runnable: Dict[str, Tuple[Step, List[torch.nn.Module], torch.Tensor]] = {}
+    runnable: dict[str, tuple[Step, list[torch.nn.Module], torch.Tensor]] = {}
     labels = make_labels(batch_size, device)
     for n in names:
         spec, e = REGISTRY[n], _entry(results, n, batch_size)
         if spec.max_batch is not None and batch_size > spec.max_batch:
-            e.update(time_status="skipped", time_reason=f"{spec.max_batch_reason}; max B {spec.max_batch}",
-                     capped=True)
+            e.update(time_status="skipped", time_reason=f"{spec.max_batch_reason}; max B {spec.max_batch}", capped=True)
         elif n in too_slow:
             e.update(time_status="skipped", time_reason=too_slow[n])
         else:
@@ -639,7 +676,7 @@ def time_batch(names: List[str], batch_size: int, args, device: torch.device, re
                 del runnable[n]
                 bar.update(args.warmup + args.repeats - i - 1)
                 break
-    samples: Dict[str, List[float]] = {n: [] for n in runnable}
+    samples: dict[str, list[float]] = {n: [] for n in runnable}
     order = list(runnable)
     for r in range(args.repeats):
         k = r % len(order) if order else 0
@@ -649,13 +686,12 @@ def time_batch(names: List[str], batch_size: int, args, device: torch.device, re
             bar.update(1)
     for n in order:
         e = _entry(results, n, batch_size)
-        e.update(time_status="ok", median_ms=statistics.median(samples[n]), min_ms=min(samples[n]),
-                 times_ms=samples[n])
+        e.update(time_status="ok", median_ms=statistics.median(samples[n]), min_ms=min(samples[n]), times_ms=samples[n])
     del runnable
     gc.collect()
 
 
-def memory_batch(names: List[str], batch_size: int, args, device: torch.device, results, bar) -> None:
+def memory_batch(names: list[str], batch_size: int, args, device: torch.device, results, bar) -> None:
     for n in names:
         e = _entry(results, n, batch_size)
         bar.set_postfix_str(f"{n} B={batch_size}")
@@ -663,8 +699,7 @@ def memory_batch(names: List[str], batch_size: int, args, device: torch.device, 
             pass
         elif e.get("time_status") in ("unavailable", "failed") or e.get("capped"):
             # a loss skipped only for slowness still gets its (single-step) memory measurement
-            e.update(mem_status="skipped" if e.get("capped") else e["time_status"],
-                     mem_reason=e.get("time_reason", ""))
+            e.update(mem_status="skipped" if e.get("capped") else e["time_status"], mem_reason=e.get("time_reason", ""))
         elif args.memory_batch_sizes is not None and batch_size not in args.memory_batch_sizes:
             e.update(mem_status="skipped", mem_reason="not in --memory-batch-sizes")
         else:
@@ -685,38 +720,78 @@ def memory_batch(names: List[str], batch_size: int, args, device: torch.device, 
         bar.update(1)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.loss_speed",
         description="Forward+backward time and peak memory of metric-learning losses against batch size.",
         epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in REGISTRY.items()),
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
-                   help="batch sizes, multiples of 4, at least 8 (default: %(default)s)")
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_BATCH_SIZES),
+        help="batch sizes, multiples of 4, at least 8 (default: %(default)s)",
+    )
     p.add_argument("--dim", type=int, default=512, help="embedding width D (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=9, help="timed repeats per loss and batch size (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per loss and batch size (default: %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=9, help="timed repeats per loss and batch size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed warm-up steps per loss and batch size (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto uses CUDA when present (default: %(default)s)")
-    p.add_argument("--losses", nargs="+", default=list(REGISTRY), metavar="NAME",
-                   help="subset of losses by registry name (default: all)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto uses CUDA when present (default: %(default)s)",
+    )
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        default=list(REGISTRY),
+        metavar="NAME",
+        help="subset of losses by registry name (default: all)",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
-    p.add_argument("--memory-batch-sizes", type=int, nargs="+", default=None,
-                   help="measure memory only at these batch sizes (default: all)")
-    p.add_argument("--memory-timeout-s", type=float, default=600.0,
-                   help="time limit of one CPU memory subprocess (default: %(default)s)")
-    p.add_argument("--max-step-s", type=float, default=30.0,
-                   help="a loss whose warm-up step takes longer is skipped at this and larger batch sizes "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--memory-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="measure memory only at these batch sizes (default: all)",
+    )
+    p.add_argument(
+        "--memory-timeout-s",
+        type=float,
+        default=600.0,
+        help="time limit of one CPU memory subprocess (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-step-s",
+        type=float,
+        default=30.0,
+        help="a loss whose warm-up step takes longer is skipped at this and larger batch sizes (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
-    p.add_argument("--inputs", choices=INPUT_KINDS, default="random",
-                   help="random: randn embeddings (no non-trivial negatives for the Ranked List Loss); hard: "
-                        "clustered embeddings with ~17%% of negative pairs non-trivial (default: %(default)s)")
-    p.add_argument("--out", default=os.path.join("results", "loss_speed"),
-                   help="output folder for loss_speed.{json,md,png} (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse batch sizes already complete in OUT/loss_speed.json when the settings agree")
+    p.add_argument(
+        "--inputs",
+        choices=INPUT_KINDS,
+        default="random",
+        help="random: randn embeddings (no non-trivial negatives for the Ranked List Loss); hard: "
+        "clustered embeddings with ~17%% of negative pairs non-trivial (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        default=os.path.join("results", "loss_speed"),
+        help="output folder for loss_speed.{json,md,png} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse batch sizes already complete in OUT/loss_speed.json when the settings agree",
+    )
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--memory-worker", metavar="NAME", default=None, help=argparse.SUPPRESS)
@@ -734,7 +809,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     INPUTS["kind"] = args.inputs
     torch.set_num_threads(args.threads)
@@ -748,32 +823,47 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     torch_v, pml_v = _versions()
     cfg = {
-        "batch_sizes": args.batch_sizes, "dim": args.dim, "repeats": args.repeats, "warmup": args.warmup,
-        "threads": args.threads, "torch_num_threads": torch.get_num_threads(), "device": device.type,
-        "device_name": _device_name(device), "seed": args.seed, "inputs": args.inputs, "memory": args.memory, "losses": args.losses,
-        "memory_batch_sizes": args.memory_batch_sizes, "max_step_s": args.max_step_s,
-        "torch_version": torch_v, "pml_version": pml_v, "python": platform.python_version(),
-        "platform": platform.platform(), "command": "python -m benchmarks.loss_speed " + " ".join(
-            sys.argv[1:] if argv is None else list(argv)),
+        "batch_sizes": args.batch_sizes,
+        "dim": args.dim,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "torch_num_threads": torch.get_num_threads(),
+        "device": device.type,
+        "device_name": device_name(device),
+        "seed": args.seed,
+        "inputs": args.inputs,
+        "memory": args.memory,
+        "losses": args.losses,
+        "memory_batch_sizes": args.memory_batch_sizes,
+        "max_step_s": args.max_step_s,
+        "torch_version": torch_v,
+        "pml_version": pml_v,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": "python -m benchmarks.loss_speed " + " ".join(sys.argv[1:] if argv is None else list(argv)),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    results: Dict[str, Any] = {}
-    done: List[int] = []
+    results: dict[str, Any] = {}
+    done: list[int] = []
     json_path = os.path.join(args.out, JSON_NAME)
     if args.resume and os.path.exists(json_path):
         with open(json_path) as f:
             old = json.load(f)
         if all(old["config"].get(k) == cfg[k] for k in _RESUME_KEYS):
             done = [b for b in old.get("done_batch_sizes", []) if b in args.batch_sizes]
-            results = {n: {str(b): e for b, e in per.items() if int(b) in done}
-                       for n, per in old["results"].items() if n in args.losses}
+            results = {
+                n: {str(b): e for b, e in per.items() if int(b) in done}
+                for n, per in old["results"].items()
+                if n in args.losses
+            }
             print(f"resuming: batch sizes {done} taken from {json_path}", file=sys.stderr)
         else:
             print(f"not resuming: settings differ from {json_path}", file=sys.stderr)
     doc = {"config": cfg, "results": results, "done_batch_sizes": done}
 
     todo = [b for b in args.batch_sizes if b not in done]
-    too_slow: Dict[str, str] = {}
+    too_slow: dict[str, str] = {}
     for n in args.losses:  # carry "too slow" over from resumed batch sizes
         for b in done:
             e = results.get(n, {}).get(str(b), {})
@@ -790,8 +880,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             write_outputs(doc, args.out, png=False)  # checkpoint after every batch size
     write_outputs(doc, args.out, png=args.plot)
     print(render_markdown(doc))
-    print(f"wrote {os.path.join(args.out, JSON_NAME)}, {MD_NAME}" + (f", {PNG_NAME}" if args.plot else ""),
-          file=sys.stderr)
+    print(
+        f"wrote {os.path.join(args.out, JSON_NAME)}, {MD_NAME}" + (f", {PNG_NAME}" if args.plot else ""),
+        file=sys.stderr,
+    )
     return doc
 
 

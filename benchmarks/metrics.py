@@ -1,12 +1,14 @@
 """Retrieval metrics for the benchmark: PML's AccuracyCalculator plus Recall@k as the DML papers define it.
 
-Recall@k in the DML papers (the lifted-structure benchmark paper of CVPR 2016 onwards) is the fraction of queries that have **at least one**
-same-class item among their k nearest neighbours (the query itself excluded). It is not PML's precision@k.
+Recall@k in the DML papers (the lifted-structure benchmark paper of CVPR 2016 onwards) is the fraction of queries
+that have **at least one** same-class item among their k nearest neighbours (the query itself excluded). It is not
+PML's precision@k.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,7 +117,7 @@ class NAMRAccuracyCalculator(RetrievalAccuracyCalculator):
             ``None`` to slice x and use Euclidean ``CustomKNN``.
     """
 
-    def __init__(self, embedding_size: int, rerank_knn: Callable, plain_knn: Optional[Callable] = None, **kwargs):
+    def __init__(self, embedding_size: int, rerank_knn: Callable, plain_knn: Callable | None = None, **kwargs):
         self.embedding_size = int(embedding_size)
         d = self.embedding_size
         base_plain = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=2048)
@@ -125,19 +127,29 @@ class NAMRAccuracyCalculator(RetrievalAccuracyCalculator):
         kwargs["kmeans_func"] = lambda x, k: kmeans_func(x[:, :d], k)
         super().__init__(**kwargs)
 
-    def get_accuracy(self, query, query_labels, reference=None, reference_labels=None, ref_includes_query=False,
-                     include=(), exclude=()):
+    def get_accuracy(
+        self,
+        query,
+        query_labels,
+        reference=None,
+        reference_labels=None,
+        ref_includes_query=False,
+        include=(),
+        exclude=(),
+    ):
         if query.shape[1] != 2 * self.embedding_size:
             raise ValueError(
                 f"NAMR embeddings must be packed [x || s] of width {2 * self.embedding_size}, got {query.shape[1]}"
             )
-        out = super().get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query,
-                                   include, exclude)
+        out = super().get_accuracy(
+            query, query_labels, reference, reference_labels, ref_includes_query, include, exclude
+        )
         knn_metrics = [m for m in self.get_curr_metrics() if m in self.requires_knn()]
         self.knn_func = self.plain_knn
         try:
-            plain = super().get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query,
-                                         include=tuple(knn_metrics))
+            plain = super().get_accuracy(
+                query, query_labels, reference, reference_labels, ref_includes_query, include=tuple(knn_metrics)
+            )
         finally:
             self.knn_func = self.rerank_knn
             self.curr_function_dict = self.get_function_dict(include, exclude)

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +53,7 @@ class RunConfig:
     schedule: str
     eval_every: int
     eval_batch_size: int
-    image_size: Optional[int] = None
+    image_size: int | None = None
     pretrained: bool = True
     namr_candidates: int = 32
 
@@ -89,7 +87,10 @@ class MLP(torch.nn.Module):
     def __init__(self, in_features: int, hidden: int = 128) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(in_features, hidden), torch.nn.ReLU(True), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(True)
+            torch.nn.Linear(in_features, hidden),
+            torch.nn.ReLU(True),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(True),
         )
         self.out_features = hidden
 
@@ -97,7 +98,7 @@ class MLP(torch.nn.Module):
         return self.net(x)
 
 
-def build_trunk(name: str, input_shape: Tuple[int, ...], pretrained: bool = True) -> Tuple[torch.nn.Module, int, str]:
+def build_trunk(name: str, input_shape: tuple[int, ...], pretrained: bool = True) -> tuple[torch.nn.Module, int, str]:
     """Return (trunk, output width, note). ResNets load ImageNet weights when they can (cached or downloadable)."""
     if name == "mlp":
         t = MLP(int(np.prod(input_shape)))
@@ -173,7 +174,7 @@ class PairedMPerClassSampler(samplers.MPerClassSampler):
         self.rng = np.random.RandomState(seed)
 
     def __iter__(self):
-        idx_list: List[int] = []
+        idx_list: list[int] = []
         bs = self.batch_size if self.batch_size is not None else self.length_of_single_pass
         for _ in range(self.calculate_num_iters()):
             labels = list(self.labels)
@@ -194,10 +195,10 @@ class BenchmarkTrainer(trainers.MetricLossOnly):
 
     def train(self, start_epoch=1, num_epochs=1, pbar=None):
         self.initialize_dataloader()
-        self.loss_log: List[float] = []
+        self.loss_log: list[float] = []
         for self.epoch in range(start_epoch, num_epochs + 1):
             self.set_to_train()
-            for self.iteration in range(self.iterations_per_epoch):
+            for self.iteration in range(self.iterations_per_epoch):  # noqa: B020 (PML's trainer loop)
                 self.forward_and_backward()
                 self.end_of_iteration_hook(self)
                 loss = float(torch.as_tensor(self.losses["total_loss"]).detach())
@@ -248,45 +249,6 @@ def build_accuracy_calculator(
     return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def environment_info(device: torch.device) -> dict:
-    import pytorch_metric_learning
-
-    info = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "torch": torch.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-    }
-    try:
-        import pml_rll
-
-        info["pml_rll"] = getattr(pml_rll, "__version__", "?")
-    except ImportError:
-        pass
-    return info
-
-
 # ---------------------------------------------------------------------------------------------------- one run
 def run_one(
     bundle: DatasetBundle,
@@ -298,7 +260,7 @@ def run_one(
     num_workers: int = 0,
     tensorboard: bool = False,
     save_models: bool = False,
-    pbar_position: Optional[int] = 1,
+    pbar_position: int | None = 1,
 ) -> dict:
     """Train one (loss, seed) and evaluate it on the test split; return the result record."""
     from pytorch_metric_learning.utils import logging_presets
@@ -325,7 +287,9 @@ def run_one(
     lr_schedulers = None
     if cfg.schedule == "cosine":
         lr_schedulers = {
-            k.replace("_optimizer", "_scheduler_by_iteration"): torch.optim.lr_scheduler.CosineAnnealingLR(o, total_iters)
+            k.replace("_optimizer", "_scheduler_by_iteration"): torch.optim.lr_scheduler.CosineAnnealingLR(
+                o, total_iters
+            )
             for k, o in optimizers.items()
         }
 
@@ -358,7 +322,7 @@ def run_one(
         end_of_testing_hook=hooks.end_of_testing_hook,
     )
     dataset_dict = {"test": bundle.test}
-    curve: List[dict] = []
+    curve: list[dict] = []
     eval_seconds = [0.0]
     inner_hook = hooks.end_of_epoch_hook(tester, dataset_dict, os.path.join(log_dir, "models"), test_interval=1)
 
@@ -396,8 +360,14 @@ def run_one(
     )
     eval_before = eval_seconds[0]
     t_start = time.perf_counter()
-    with tqdm.tqdm(total=total_iters, desc=f"{entry.name} seed {seed}", position=pbar_position or 0, leave=False,
-                   dynamic_ncols=True, disable=pbar_position is None) as pbar:
+    with tqdm.tqdm(
+        total=total_iters,
+        desc=f"{entry.name} seed {seed}",
+        position=pbar_position or 0,
+        leave=False,
+        dynamic_ncols=True,
+        disable=pbar_position is None,
+    ) as pbar:
         trainer.train(num_epochs=cfg.epochs, pbar=pbar)
     wall = time.perf_counter() - t_start
     train_seconds = wall - (eval_seconds[0] - eval_before)  # evaluations inside training excluded

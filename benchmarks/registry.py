@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 import torch
 
@@ -33,7 +33,7 @@ class LossSpec:
     """What a registry entry builds for one run."""
 
     loss: torch.nn.Module
-    miner: Optional[torch.nn.Module] = None
+    miner: torch.nn.Module | None = None
     namr: bool = False  # needs NAMREmbedder, un-normalized tester, and the NAMR re-ranking kNN
     loss_lr_multiplier: float = 1.0  # learning rate of the loss's own parameters, relative to --lr
 
@@ -48,14 +48,14 @@ class BuildContext:
 class LossEntry:
     name: str
     family: str  # "ours" or "pml"
-    hparams: Dict[str, object]
+    hparams: dict[str, object]
     source: str
     build: Callable[[BuildContext], LossSpec]
-    requires: Tuple[str, ...] = ()  # "module:attr" that must import for the entry to be available
-    base: Optional[str] = None  # for NAMR variants: the registry entry whose loss is wrapped
+    requires: tuple[str, ...] = ()  # "module:attr" that must import for the entry to be available
+    base: str | None = None  # for NAMR variants: the registry entry whose loss is wrapped
     notes: str = ""
 
-    def available(self) -> Tuple[bool, str]:
+    def available(self) -> tuple[bool, str]:
         for req in self.requires:
             ok, why = _importable(req)
             if not ok:
@@ -63,7 +63,7 @@ class LossEntry:
         return True, ""
 
 
-def _importable(req: str) -> Tuple[bool, str]:
+def _importable(req: str) -> tuple[bool, str]:
     mod, _, attr = req.partition(":")
     try:
         m = importlib.import_module(mod)
@@ -97,12 +97,16 @@ CONTRASTIVE_HPARAMS = {"pos_margin": 0.0, "neg_margin": 1.0}
 
 def _build_triplet(ctx: BuildContext) -> LossSpec:
     losses, miners = _pml_losses()
-    return LossSpec(losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"))
+    return LossSpec(
+        losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    )
 
 
 def _build_ms(ctx: BuildContext) -> LossSpec:
     losses, miners = _pml_losses()
-    return LossSpec(losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1))
+    return LossSpec(
+        losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+    )
 
 
 def _build_contrastive(ctx: BuildContext) -> LossSpec:
@@ -151,7 +155,10 @@ def _build_rll(gradient: str) -> Callable[[BuildContext], LossSpec]:
     return build
 
 
-NAMR_HPARAMS = {"structure_weight": 2.0, "structure_loss": "MultiClusterRankingLoss defaults (NASA code: t=(0,3), alpha=10)"}
+NAMR_HPARAMS = {
+    "structure_weight": 2.0,
+    "structure_loss": "MultiClusterRankingLoss defaults (NASA code: t=(0,3), alpha=10)",
+}
 NAMR_SOURCE = "NAMR (TCSVT 2022) / NASA (AAAI 2022) code: lambda=2.0, 2 clusters t=(0,3), alpha=10, re-rank top-32"
 
 
@@ -174,42 +181,92 @@ def _build_namr(base_name: str) -> Callable[[BuildContext], LossSpec]:
     return build
 
 
-def _entries() -> List[LossEntry]:
+def _entries() -> list[LossEntry]:
     ours_rll_req = ("pml_rll.losses:RankedListLoss",)
     namr_req = ("pml_rll.losses:NAMRLoss", "pml_rll.modules:NAMREmbedder", "pml_rll.retrieval:NAMRReRankKNN")
     e = [
-        LossEntry("rll", "ours", dict(RLL_HPARAMS, gradient="paper"),
-                  RLL_SOURCE + "; paper gradient (query-only, constant weights)", _build_rll("paper"), ours_rll_req),
-        LossEntry("rll-autograd", "ours", dict(RLL_HPARAMS, gradient="autograd"),
-                  RLL_SOURCE + "; plain autograd of eqs. 2-5", _build_rll("autograd"), ours_rll_req),
-        LossEntry("pml-rll", "pml", dict(RLL_HPARAMS),
-                  RLL_SOURCE + "; PML 2.9 RankedListLoss", _build_pml_rll),
-        LossEntry("triplet", "pml", TRIPLET_HPARAMS,
-                  "FaceNet, CVPR 2015: margin 0.2 on L2-normalized embeddings, semi-hard mining",
-                  _build_triplet),
-        LossEntry("multi-similarity", "pml", MS_HPARAMS,
-                  "Multi-Similarity Loss, CVPR 2019: alpha=2, beta=50, lambda=0.5, mining epsilon=0.1",
-                  _build_ms),
-        LossEntry("contrastive", "pml", CONTRASTIVE_HPARAMS,
-                  "Learning an Invariant Mapping, CVPR 2006: positives pulled to 0, negatives pushed beyond margin 1 (PML defaults)",
-                  _build_contrastive),
-        LossEntry("circle", "pml", {"m": 0.4, "gamma": 80},
-                  "Circle Loss, CVPR 2020: m=0.4, gamma=80 (its fine-grained retrieval setting)",
-                  _build_circle),
-        LossEntry("ntxent", "pml", {"temperature": 0.07},
-                  "Supervised NT-Xent / InfoNCE over all positive pairs: temperature 0.07 (PML default, MoCo/SupCon)",
-                  _build_ntxent),
-        LossEntry("generalized-lifted", "pml", {"neg_margin": 1.0, "pos_margin": 0.0},
-                  "In Defense of the Triplet Loss, 2017 (generalized lifted structure): margin 1",
-                  _build_gls),
-        LossEntry("margin", "pml",
-                  {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True,
-                   "miner": "DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)"},
-                  "Sampling Matters, ICCV 2017: alpha=0.2, beta0=1.2 (learned), distance-weighted sampling",
-                  _build_margin, notes="beta is a parameter: trained by the loss optimizer at --lr"),
-        LossEntry("proxy-anchor", "pml", {"margin": 0.1, "alpha": 32, "proxy_lr_multiplier": 100},
-                  "Proxy Anchor Loss, CVPR 2020: delta=0.1, alpha=32, proxies at 100x the learning rate",
-                  _build_proxy_anchor, notes="proxies are parameters: trained by the loss optimizer at 100 x --lr"),
+        LossEntry(
+            "rll",
+            "ours",
+            dict(RLL_HPARAMS, gradient="paper"),
+            RLL_SOURCE + "; paper gradient (query-only, constant weights)",
+            _build_rll("paper"),
+            ours_rll_req,
+        ),
+        LossEntry(
+            "rll-autograd",
+            "ours",
+            dict(RLL_HPARAMS, gradient="autograd"),
+            RLL_SOURCE + "; plain autograd of eqs. 2-5",
+            _build_rll("autograd"),
+            ours_rll_req,
+        ),
+        LossEntry("pml-rll", "pml", dict(RLL_HPARAMS), RLL_SOURCE + "; PML 2.9 RankedListLoss", _build_pml_rll),
+        LossEntry(
+            "triplet",
+            "pml",
+            TRIPLET_HPARAMS,
+            "FaceNet, CVPR 2015: margin 0.2 on L2-normalized embeddings, semi-hard mining",
+            _build_triplet,
+        ),
+        LossEntry(
+            "multi-similarity",
+            "pml",
+            MS_HPARAMS,
+            "Multi-Similarity Loss, CVPR 2019: alpha=2, beta=50, lambda=0.5, mining epsilon=0.1",
+            _build_ms,
+        ),
+        LossEntry(
+            "contrastive",
+            "pml",
+            CONTRASTIVE_HPARAMS,
+            "Learning an Invariant Mapping, CVPR 2006: positives pulled to 0, negatives pushed beyond margin 1 "
+            "(PML defaults)",
+            _build_contrastive,
+        ),
+        LossEntry(
+            "circle",
+            "pml",
+            {"m": 0.4, "gamma": 80},
+            "Circle Loss, CVPR 2020: m=0.4, gamma=80 (its fine-grained retrieval setting)",
+            _build_circle,
+        ),
+        LossEntry(
+            "ntxent",
+            "pml",
+            {"temperature": 0.07},
+            "Supervised NT-Xent / InfoNCE over all positive pairs: temperature 0.07 (PML default, MoCo/SupCon)",
+            _build_ntxent,
+        ),
+        LossEntry(
+            "generalized-lifted",
+            "pml",
+            {"neg_margin": 1.0, "pos_margin": 0.0},
+            "In Defense of the Triplet Loss, 2017 (generalized lifted structure): margin 1",
+            _build_gls,
+        ),
+        LossEntry(
+            "margin",
+            "pml",
+            {
+                "margin": 0.2,
+                "beta": 1.2,
+                "nu": 0.0,
+                "learn_beta": True,
+                "miner": "DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)",
+            },
+            "Sampling Matters, ICCV 2017: alpha=0.2, beta0=1.2 (learned), distance-weighted sampling",
+            _build_margin,
+            notes="beta is a parameter: trained by the loss optimizer at --lr",
+        ),
+        LossEntry(
+            "proxy-anchor",
+            "pml",
+            {"margin": 0.1, "alpha": 32, "proxy_lr_multiplier": 100},
+            "Proxy Anchor Loss, CVPR 2020: delta=0.1, alpha=32, proxies at 100x the learning rate",
+            _build_proxy_anchor,
+            notes="proxies are parameters: trained by the loss optimizer at 100 x --lr",
+        ),
     ]
     for name, base, req in (
         ("namr-triplet", "triplet", ()),
@@ -218,13 +275,20 @@ def _entries() -> List[LossEntry]:
         ("namr-rll", "rll", ours_rll_req),
     ):
         e.append(
-            LossEntry(name, "ours", dict(NAMR_HPARAMS, base=base), NAMR_SOURCE + f"; base loss = the '{base}' entry",
-                      _build_namr(base), namr_req + req, base=base)
+            LossEntry(
+                name,
+                "ours",
+                dict(NAMR_HPARAMS, base=base),
+                NAMR_SOURCE + f"; base loss = the '{base}' entry",
+                _build_namr(base),
+                namr_req + req,
+                base=base,
+            )
         )
     return e
 
 
-REGISTRY: Dict[str, LossEntry] = {e.name: e for e in _entries()}
+REGISTRY: dict[str, LossEntry] = {e.name: e for e in _entries()}
 NAMR_ENTRIES = tuple(n for n, e in REGISTRY.items() if e.base is not None)
 
 
@@ -232,7 +296,7 @@ def namr_available() -> bool:
     return _importable("pml_rll.losses:NAMRLoss")[0]
 
 
-def default_loss_names() -> List[str]:
+def default_loss_names() -> list[str]:
     """Every registered name, NAMR variants only when NAMRLoss imports."""
     names = list(REGISTRY)
     if not namr_available():

@@ -16,11 +16,11 @@ import io
 import json
 import math
 import os
-import tempfile
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .common import atomic_write
 from .metrics import METRICS, SHORT_NAMES
 
 TABLE_METRICS = METRICS
@@ -29,30 +29,6 @@ PAIRED_METRICS = ("mean_average_precision_at_r", "precision_at_1")
 
 def config_hash(config: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _umask_mode(path: str) -> None:
-    """Give a temporary file (created 0600) the mode an ordinary new file would get."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def atomic_write(path: str, data: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -72,7 +48,7 @@ def _json_default(o):
     return str(o)
 
 
-def load_jsonl(path: str) -> List[dict]:
+def load_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     out = []
@@ -87,27 +63,27 @@ def load_jsonl(path: str) -> List[dict]:
     return out
 
 
-def run_key(rec: dict) -> Tuple[str, str, int, str]:
+def run_key(rec: dict) -> tuple[str, str, int, str]:
     return (rec["dataset"], rec["loss"], int(rec["seed"]), rec["config_hash"])
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
-def _mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan"), 0
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def ordered_losses(records: Iterable[dict]) -> List[str]:
-    seen: Dict[str, int] = {}
+def ordered_losses(records: Iterable[dict]) -> list[str]:
+    seen: dict[str, int] = {}
     for r in records:
         seen.setdefault(r["loss"], len(seen))
     fam = {r["loss"]: r["family"] for r in records}
     return sorted(seen, key=lambda n: (fam[n] != "ours", seen[n]))
 
 
-def aggregate(records: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> List[dict]:
+def aggregate(records: list[dict], metrics: Sequence[str] = TABLE_METRICS) -> list[dict]:
     rows = []
     for loss in ordered_losses(records):
         rs = [r for r in records if r["loss"] == loss]
@@ -124,7 +100,7 @@ def aggregate(records: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> Li
     return rows
 
 
-def paired_differences(records: List[dict], metric: str) -> Dict[Tuple[str, str], Tuple[float, float, int]]:
+def paired_differences(records: list[dict], metric: str) -> dict[tuple[str, str], tuple[float, float, int]]:
     """(ours, pml) -> mean ± std over shared seeds of (ours - pml) for ``metric``."""
     by = {(r["loss"], int(r["seed"])): r["metrics"].get(metric) for r in records}
     ours = [n for n in ordered_losses(records) if any(r["loss"] == n and r["family"] == "ours" for r in records)]
@@ -139,7 +115,7 @@ def paired_differences(records: List[dict], metric: str) -> Dict[Tuple[str, str]
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def _fmt(ms: Optional[Tuple[float, float, int]], scale: float = 100.0, signed: bool = False, digits: int = 2) -> str:
+def _fmt(ms: tuple[float, float, int] | None, scale: float = 100.0, signed: bool = False, digits: int = 2) -> str:
     if ms is None or ms[2] == 0 or math.isnan(ms[0]):
         return "–"
     mean, std, _ = ms
@@ -147,7 +123,7 @@ def _fmt(ms: Optional[Tuple[float, float, int]], scale: float = 100.0, signed: b
     return f"{sign}{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def markdown_tables(records: List[dict], header: str = "") -> str:
+def markdown_tables(records: list[dict], header: str = "") -> str:
     rows = aggregate(records)
     buf = io.StringIO()
     if header:
@@ -160,16 +136,19 @@ def markdown_tables(records: List[dict], header: str = "") -> str:
         cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
         ms = row["seconds_per_iteration"]
         buf.write(
-            f"| {row['loss']} | {row['family']} | {row['seeds']} | " + " | ".join(cells)
+            f"| {row['loss']} | {row['family']} | {row['seeds']} | "
+            + " | ".join(cells)
             + f" | {_fmt(row['untrained_map_at_r'])} | {ms[0] * 1000:.1f} |\n"
         )
     plain_rows = [r for r in rows if any(k.startswith("plain_") for k in r)]
     if plain_rows:
         pm = [m for m in TABLE_METRICS if m != "NMI"]
-        buf.write("\nNAMR variants, plain Euclidean retrieval on the sample embedding (the table above is re-ranked):\n\n")
+        buf.write(
+            "\nNAMR variants, plain Euclidean retrieval on the sample embedding (the table above is re-ranked):\n\n"
+        )
         buf.write("| loss | " + " | ".join(SHORT_NAMES[m] for m in pm) + " |\n|" + "---|" * (len(pm) + 1) + "\n")
         for r in plain_rows:
-            buf.write(f"| {r['loss']} | " + " | ".join(_fmt(r.get('plain_' + m)) for m in pm) + " |\n")
+            buf.write(f"| {r['loss']} | " + " | ".join(_fmt(r.get("plain_" + m)) for m in pm) + " |\n")
     for metric in PAIRED_METRICS:
         diffs = paired_differences(records, metric)
         if not diffs:
@@ -186,7 +165,7 @@ def markdown_tables(records: List[dict], header: str = "") -> str:
     return buf.getvalue()
 
 
-def write_csv(records: List[dict], path: str) -> None:
+def write_csv(records: list[dict], path: str) -> None:
     rows = aggregate(records)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -212,7 +191,7 @@ def write_csv(records: List[dict], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ figure
-def write_figure(records: List[dict], path: str, title: str = "") -> Optional[str]:
+def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
     try:
         import matplotlib
 
@@ -262,17 +241,14 @@ def write_figure(records: List[dict], path: str, title: str = "") -> Optional[st
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _umask_mode(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
     return path
 
 
-def write_reports(records: List[dict], out_dir: str, header: str = "") -> Dict[str, str]:
+def write_reports(records: list[dict], out_dir: str, header: str = "") -> dict[str, str]:
     """Write results.md, results.csv and results.png for ``records``; return their paths."""
     paths = {
         "markdown": os.path.join(out_dir, "results.md"),

@@ -1,8 +1,8 @@
 """Head-to-head benchmark: pml_rll's losses against PML's bundled losses, same data, model, sampler and budget.
 
-    python -m benchmarks.run                      # digits, every registered loss, default seeds (CPU, minutes)
-    python -m benchmarks.run --dataset omniglot   # unseen-class retrieval, alphabet split
-    python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
+python -m benchmarks.run                      # digits, every registered loss, default seeds (CPU, minutes)
+python -m benchmarks.run --dataset omniglot   # unseen-class retrieval, alphabet split
+python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
 """
 
 from __future__ import annotations
@@ -12,24 +12,87 @@ import os
 import shlex
 import sys
 import time
-from typing import List, Optional
 
 DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
-    "digits": dict(trunk="mlp", embedding_size=32, batch_size=64, m_per_class=8, epochs=10, iterations_per_epoch=20,
-                   lr=1e-3, weight_decay=0.0, seeds=5, eval_every=2, eval_batch_size=1024),
-    "omniglot": dict(trunk="convnet-small", embedding_size=64, batch_size=64, m_per_class=4, epochs=8,
-                     iterations_per_epoch=100, lr=1e-3, weight_decay=0.0, seeds=5, eval_every=2,
-                     eval_batch_size=512),
-    "fashion-mnist": dict(trunk="convnet", embedding_size=64, batch_size=128, m_per_class=16, epochs=5,
-                          iterations_per_epoch=200, lr=1e-3, weight_decay=0.0, seeds=3, eval_every=1,
-                          eval_batch_size=1024),
-    "cub200": dict(trunk="resnet50", embedding_size=512, batch_size=120, m_per_class=4, epochs=40,
-                   iterations_per_epoch=100, lr=1e-5, weight_decay=1e-4, seeds=3, eval_every=5, eval_batch_size=256),
-    "cars196": dict(trunk="resnet50", embedding_size=512, batch_size=120, m_per_class=4, epochs=40,
-                    iterations_per_epoch=100, lr=1e-5, weight_decay=1e-4, seeds=3, eval_every=5, eval_batch_size=256),
-    "sop": dict(trunk="resnet50", embedding_size=512, batch_size=120, m_per_class=2, epochs=40,
-                iterations_per_epoch=500, lr=1e-5, weight_decay=1e-4, seeds=3, eval_every=10, eval_batch_size=256),
+    "digits": dict(
+        trunk="mlp",
+        embedding_size=32,
+        batch_size=64,
+        m_per_class=8,
+        epochs=10,
+        iterations_per_epoch=20,
+        lr=1e-3,
+        weight_decay=0.0,
+        seeds=5,
+        eval_every=2,
+        eval_batch_size=1024,
+    ),
+    "omniglot": dict(
+        trunk="convnet-small",
+        embedding_size=64,
+        batch_size=64,
+        m_per_class=4,
+        epochs=8,
+        iterations_per_epoch=100,
+        lr=1e-3,
+        weight_decay=0.0,
+        seeds=5,
+        eval_every=2,
+        eval_batch_size=512,
+    ),
+    "fashion-mnist": dict(
+        trunk="convnet",
+        embedding_size=64,
+        batch_size=128,
+        m_per_class=16,
+        epochs=5,
+        iterations_per_epoch=200,
+        lr=1e-3,
+        weight_decay=0.0,
+        seeds=3,
+        eval_every=1,
+        eval_batch_size=1024,
+    ),
+    "cub200": dict(
+        trunk="resnet50",
+        embedding_size=512,
+        batch_size=120,
+        m_per_class=4,
+        epochs=40,
+        iterations_per_epoch=100,
+        lr=1e-5,
+        weight_decay=1e-4,
+        seeds=3,
+        eval_every=5,
+        eval_batch_size=256,
+    ),
+    "cars196": dict(
+        trunk="resnet50",
+        embedding_size=512,
+        batch_size=120,
+        m_per_class=4,
+        epochs=40,
+        iterations_per_epoch=100,
+        lr=1e-5,
+        weight_decay=1e-4,
+        seeds=3,
+        eval_every=5,
+        eval_batch_size=256,
+    ),
+    "sop": dict(
+        trunk="resnet50",
+        embedding_size=512,
+        batch_size=120,
+        m_per_class=2,
+        epochs=40,
+        iterations_per_epoch=500,
+        lr=1e-5,
+        weight_decay=1e-4,
+        seeds=3,
+        eval_every=10,
+        eval_batch_size=256,
+    ),
 }
 
 
@@ -60,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
             "sees the same batches and augmentations. Numbers are those of the last epoch (the test split is never\n"
             "used for model selection). Finished (loss, seed) runs are skipped when the command is run again."
         ),
-        epilog=_defaults_help()
-        + "\n\ndatasets:\n"
+        epilog=_defaults_help() + "\n\ndatasets:\n"
         "  digits         scikit-learn digits, within-class 70/30 split (no download; a smoke test, not a ranking)\n"
-        "  omniglot       unseen characters, split by alphabet; --data-root: folder or zips of alphabet/character/*.png\n"
+        "  omniglot       unseen characters, split by alphabet;\n"
+        "                 --data-root: folder or zips of alphabet/character/*.png\n"
         "                 (default ../shared/data/omniglot); images resized to --image-size (28)\n"
         "  fashion-mnist  IDX files: Debian dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or a\n"
         "                 torchvision FashionMNIST root via --data-root\n"
@@ -74,37 +137,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
     p.add_argument("--data-root", default=None, help="dataset folder (omniglot, fashion-mnist, cub200, cars196, sop)")
     p.add_argument("--download", action="store_true", help="let PML download cub200/cars196/sop into --data-root")
-    p.add_argument("--losses", default="all",
-                   help="comma-separated registry names, or all / ours / pml (default: all; see --list)")
-    p.add_argument("--seeds", default=None,
-                   help="number of paired seeds N (seeds 0..N-1) or a comma list like 0,3,7 (default: per dataset)")
+    p.add_argument(
+        "--losses", default="all", help="comma-separated registry names, or all / ours / pml (default: all; see --list)"
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="number of paired seeds N (seeds 0..N-1) or a comma list like 0,3,7 (default: per dataset)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default: per dataset)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per dataset)")
-    p.add_argument("--m-per-class", "--images-per-class", dest="m_per_class", type=int, default=None,
-                   help="images per class in a batch, MPerClassSampler's m (default: per dataset)")
+    p.add_argument(
+        "--m-per-class",
+        "--images-per-class",
+        dest="m_per_class",
+        type=int,
+        default=None,
+        help="images per class in a batch, MPerClassSampler's m (default: per dataset)",
+    )
     p.add_argument("--embedding-size", type=int, default=None, help="embedding width (default: per dataset)")
-    p.add_argument("--trunk", default=None, choices=["mlp", "convnet", "convnet-small", "resnet18", "resnet50"],
-                   help="trunk network (default: per dataset)")
+    p.add_argument(
+        "--trunk",
+        default=None,
+        choices=["mlp", "convnet", "convnet-small", "resnet18", "resnet50"],
+        help="trunk network (default: per dataset)",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="ResNet trunks: do not try ImageNet weights")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for trunk and embedder")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay")
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="learning-rate schedule over all iterations (default: constant)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate the test split every N epochs for the learning curves, plus before training "
-                   "(0: only after the last epoch). Never used for model selection")
+    p.add_argument(
+        "--schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="learning-rate schedule over all iterations (default: constant)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="evaluate the test split every N epochs for the learning curves, plus before training "
+        "(0: only after the last epoch). Never used for model selection",
+    )
     p.add_argument("--eval-batch-size", type=int, default=None, help="tester batch size")
     p.add_argument("--image-size", type=int, default=None, help="omniglot: side in pixels (28); RGB: crop size (224)")
     p.add_argument("--test-alphabets", default=None, help="omniglot: comma list of test alphabets (default: auto)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per run (0: auto = 1 on CPU, where these small models gain little from "
-                   "intra-op threads and lose a lot on a shared machine; torch's default with CUDA)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="(loss, seed) runs in parallel worker processes (default 1); results are identical")
-    p.add_argument("--workers", type=int, default=None,
-                   help="data-loader workers (default: 0 for in-memory datasets, 4 for image folders)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per run (0: auto = 1 on CPU, where these small models gain little from "
+        "intra-op threads and lose a lot on a shared machine; torch's default with CUDA)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="(loss, seed) runs in parallel worker processes (default 1); results are identical",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-loader workers (default: 0 for in-memory datasets, 4 for image folders)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: results/<dataset>)")
     p.add_argument("--no-resume", action="store_true", help="rerun (loss, seed) pairs already in results.jsonl")
     p.add_argument("--tensorboard", action="store_true", help="also write tensorboard event files per run")
@@ -113,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_seeds(spec: Optional[str], default_n: int) -> List[int]:
+def parse_seeds(spec: str | None, default_n: int) -> list[int]:
     if spec is None:
         return list(range(default_n))
     spec = spec.strip()
@@ -122,7 +219,7 @@ def parse_seeds(spec: Optional[str], default_n: int) -> List[int]:
     return list(range(int(spec)))
 
 
-def resolve_losses(spec: str) -> List[str]:
+def resolve_losses(spec: str) -> list[str]:
     from .registry import REGISTRY, default_loss_names
 
     names = default_loss_names()
@@ -141,7 +238,7 @@ def resolve_losses(spec: str) -> List[str]:
 _BUNDLE_CACHE: dict = {}
 
 
-def _run_job(job: dict, name: str, seed: int, pbar_position: Optional[int]) -> dict:
+def _run_job(job: dict, name: str, seed: int, pbar_position: int | None) -> dict:
     """One (loss, seed) run; also the entry point of --jobs worker processes (the dataset is loaded once each)."""
     import torch
 
@@ -153,18 +250,28 @@ def _run_job(job: dict, name: str, seed: int, pbar_position: Optional[int]) -> d
         torch.set_num_threads(job["threads"])
     key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
     if key not in _BUNDLE_CACHE:
-        _BUNDLE_CACHE[key] = load_dataset(job["dataset"], job["data_root"], job["download"], job["image_size"],
-                                          job["test_alphabets"])
+        _BUNDLE_CACHE[key] = load_dataset(
+            job["dataset"], job["data_root"], job["download"], job["image_size"], job["test_alphabets"]
+        )
     log_dir = os.path.join(job["out_dir"], "logs", job["chash"], name, f"seed{seed}")
     t_run = time.perf_counter()
-    rec = run_one(_BUNDLE_CACHE[key], REGISTRY[name], seed, job["cfg"], torch.device(job["device"]), log_dir,
-                  num_workers=job["workers"], tensorboard=job["tensorboard"], save_models=job["save_models"],
-                  pbar_position=pbar_position)
+    rec = run_one(
+        _BUNDLE_CACHE[key],
+        REGISTRY[name],
+        seed,
+        job["cfg"],
+        torch.device(job["device"]),
+        log_dir,
+        num_workers=job["workers"],
+        tensorboard=job["tensorboard"],
+        save_models=job["save_models"],
+        pbar_position=pbar_position,
+    )
     rec["wall_seconds"] = round(time.perf_counter() - t_run, 3)
     return rec
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .registry import REGISTRY, describe_registry
 
@@ -176,8 +283,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import tqdm
 
     from . import report
+    from .common import environment_info, resolve_device
     from .datasets import DatasetUnavailableError, load_dataset
-    from .pipeline import RunConfig, environment_info, resolve_device
+    from .pipeline import RunConfig
 
     device = resolve_device(args.device)
     threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)
@@ -233,7 +341,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = environment_info(device)
     chash = report.config_hash(cfg.key())
     jsonl = os.path.join(out_dir, "results.jsonl")
-    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m benchmarks.run " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     print(f"dataset: {bundle.description}")
     print(f"config {chash}: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
@@ -248,15 +358,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(todo) < len(seeds) * len(available):
         print(f"resuming: {len(seeds) * len(available) - len(todo)} finished runs skipped, {len(todo)} to run")
     t0 = time.perf_counter()
-    job_args = dict(dataset=args.dataset, data_root=args.data_root, download=args.download,
-                    image_size=args.image_size, test_alphabets=test_alphabets, cfg=cfg, device=str(device),
-                    out_dir=out_dir, chash=chash, workers=workers, tensorboard=args.tensorboard,
-                    save_models=args.save_models, threads=threads)
+    job_args = dict(
+        dataset=args.dataset,
+        data_root=args.data_root,
+        download=args.download,
+        image_size=args.image_size,
+        test_alphabets=test_alphabets,
+        cfg=cfg,
+        device=str(device),
+        out_dir=out_dir,
+        chash=chash,
+        workers=workers,
+        tensorboard=args.tensorboard,
+        save_models=args.save_models,
+        threads=threads,
+    )
     _BUNDLE_CACHE[(args.dataset, args.data_root, args.image_size, tuple(test_alphabets or ()))] = bundle
 
     def finish(rec):
-        rec.update(dataset=args.dataset, config=cfg.key(), config_hash=chash, environment=env, command=command,
-                   finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        rec.update(
+            dataset=args.dataset,
+            config=cfg.key(),
+            config_hash=chash,
+            environment=env,
+            command=command,
+            finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
         report.append_jsonl(jsonl, rec)
         m = rec["metrics"]
         tqdm.tqdm.write(
@@ -283,8 +410,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     elapsed = time.perf_counter() - t0
 
     records = [
-        r for r in report.load_jsonl(jsonl)
-        if r.get("dataset") == args.dataset and r.get("config_hash") == chash and r["loss"] in available
+        r
+        for r in report.load_jsonl(jsonl)
+        if r.get("dataset") == args.dataset
+        and r.get("config_hash") == chash
+        and r["loss"] in available
         and int(r["seed"]) in seeds
     ]
     header = (

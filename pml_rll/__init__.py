@@ -3,6 +3,8 @@
 Use it like PML: ``from pml_rll import losses, miners, reducers``.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 from . import functional, losses, miners, modules, reducers, retrieval  # noqa: E402,F401

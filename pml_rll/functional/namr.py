@@ -20,7 +20,7 @@ Numerical choices shared by the pairwise functions:
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def _check_2d_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def split_packed(packed: torch.Tensor, embedding_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def split_packed(packed: torch.Tensor, embedding_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``[x || s]`` (width ``2 * embedding_size``) into the sample and structure parts (spec §5.1)."""
     _check_2d_float("packed embeddings", packed)
     if packed.shape[1] != 2 * embedding_size:
@@ -106,7 +106,7 @@ def scale_by_mean_distance(x: torch.Tensor) -> torch.Tensor:
     return x / mean_pairwise_distance(x)
 
 
-def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """mu, sigma of the plain Euclidean distances of x, detached (spec §1.3 b step 1).
 
     Plain distances, no epsilon (nothing flows back through them). ``include_diagonal=True`` is the
@@ -123,9 +123,7 @@ def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> Tuple
         return values.mean(), values.std()
 
 
-def cluster_centres(
-    mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[float], floor: float
-) -> torch.Tensor:
+def cluster_centres(mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[float], floor: float) -> torch.Tensor:
     """eta_m = max(floor * mu, mu - t_m * sigma), deduplicated and sorted descending (spec §3.2 step 2).
 
     Deduplication: after the floor two centres can coincide exactly (both floored, or sigma == 0). A
@@ -173,7 +171,7 @@ def multi_cluster_anchor_losses(
     alpha: float = 10.0,
     floor: float = 0.2,
     include_diagonal: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-anchor multi-cluster ranking loss: mean over j != i of l_ij (spec §3.2 step 4).
 
     The mean of the returned vector over anchors equals the NASA loss (mean over all N(N-1) ordered
@@ -203,7 +201,11 @@ def structure_weighted_sq_distance(query: torch.Tensor, s_query: torch.Tensor, r
 
 
 def structure_weighted_sq_distance_to_candidates(
-    query: torch.Tensor, s_query: torch.Tensor, ref: torch.Tensor, candidates: torch.Tensor, chunk_elements: int = 1 << 24
+    query: torch.Tensor,
+    s_query: torch.Tensor,
+    ref: torch.Tensor,
+    candidates: torch.Tensor,
+    chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """d_w(q, c) for each query's own candidate list (Q x K indices into ref), exact differences (spec §3.5).
 

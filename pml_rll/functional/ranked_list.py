@@ -13,7 +13,9 @@ so nothing is spent on the (usually many) trivial ones.
   and there is no epsilon in any denominator.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +37,7 @@ def is_non_trivial(hinge: Tensor) -> Tensor:
 
 
 def set_weights(
-    hinge: Tensor, query: Tensor, num_queries: int, temperature: float, member: Optional[Tensor] = None
+    hinge: Tensor, query: Tensor, num_queries: int, temperature: float, member: Tensor | None = None
 ) -> Tensor:
     # eq. 4 weights: exp(T * hinge_ij) / sum_{k in the set of query i} exp(T * hinge_ik), max-shifted per set;
     # pairs listed but not members of the set (member False) get weight 0
@@ -81,8 +83,8 @@ def ranked_lists(
     Tn: float,
     imbalance: float,
     detach_weights: bool,
-    pos_member: Optional[Tensor] = None,
-    neg_member: Optional[Tensor] = None,
+    pos_member: Tensor | None = None,
+    neg_member: Tensor | None = None,
 ) -> RankedLists:
     """Eqs. 3-5 from the hinges of the non-trivial pairs (P* and N*) and the query of each pair.
 
@@ -107,7 +109,7 @@ def hinge_gradients(
     Tn: float,
     imbalance: float,
     detach_weights: bool,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """d loss_i / d hinge_ij of every listed pair, in closed form (spec 1.2).
 
     Constant weights (the paper): the normalised weight. Differentiable weights (plain autograd):
@@ -122,7 +124,7 @@ def hinge_gradients(
 
 def non_trivial_pairs(
     d: Tensor, pos_mask: Tensor, neg_mask: Tensor, alpha: float, margin: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(rows, cols) of P* and of N* from a dense distance matrix and the candidate pair masks."""
     pos = pos_mask & is_non_trivial(positive_hinge(d, alpha, margin))
     neg = neg_mask & is_non_trivial(negative_hinge(d, alpha))
@@ -134,7 +136,9 @@ def squared_norms(x: Tensor) -> Tensor:
     return (x * x).sum(1)
 
 
-def squared_euclidean(query: Tensor, ref: Tensor, query_sq: Optional[Tensor] = None, ref_sq: Optional[Tensor] = None) -> Tensor:
+def squared_euclidean(
+    query: Tensor, ref: Tensor, query_sq: Tensor | None = None, ref_sq: Tensor | None = None
+) -> Tensor:
     # ||q_i - r_j||^2 = ||q_i||^2 + ||r_j||^2 - 2 q_i . r_j through the Gram matrix: one matmul
     query_sq = squared_norms(query) if query_sq is None else query_sq
     ref_sq = squared_norms(ref) if ref_sq is None else ref_sq

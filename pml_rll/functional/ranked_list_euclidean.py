@@ -7,8 +7,10 @@ This is what makes the loss cheaper than its own Gram-matrix floor, which autogr
 matmuls, and lean in memory.
 """
 
+from __future__ import annotations
+
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from .ranked_list import (
 
 # A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool;
 # neg_mask None means "every pair that is not a positive candidate".
-MaskFn = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
+MaskFn = Callable[[int, int], tuple[Tensor, Optional[Tensor]]]
 
 # Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
 # distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
@@ -51,7 +53,7 @@ def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
 
 def candidate_pairs(
     query: Tensor, gallery: Tensor, masks: MaskFn, alpha: float, margin: float, exclude_self: bool
-) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """Positives with d > alpha - m and negatives with d < alpha, by blocks of queries.
 
     Returns (rows, cols, squared distance) of each. The comparisons run on ||r_j||^2 - 2 q_i . r_j against
@@ -94,7 +96,7 @@ def candidate_pairs(
 
 def exact_distances(
     sq: Tensor, rows: Tensor, cols: Tensor, query: Tensor, gallery: Tensor, budget: int
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Distances of listed pairs, the near-duplicates recomputed from explicit differences. Returns (d, near).
 
     Near-duplicates are rare; when there are more than ``budget`` (collapsed embeddings) the Gram values stand.
@@ -109,7 +111,7 @@ def exact_distances(
     return sq.clamp_min(0).sqrt(), near
 
 
-def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int], dense: Tensor) -> Tensor:
+def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor) -> Tensor:
     """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
     if values.numel() <= _SPARSE_DENSITY * shape[0] * shape[1]:
         with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
@@ -173,7 +175,7 @@ class _RankedListEuclidean(torch.autograd.Function):
 
 def ranked_list_euclidean(
     query: Tensor,
-    ref: Optional[Tensor],
+    ref: Tensor | None,
     masks: MaskFn,
     margin: float,
     alpha: float,
@@ -181,7 +183,7 @@ def ranked_list_euclidean(
     Tn: float,
     imbalance: float,
     paper: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-query Ranked List Loss on Euclidean distances between ``query`` and ``ref`` rows.
 
     ``ref=None`` means the gallery is the query batch itself. ``paper=True``: weights constant and each pair's

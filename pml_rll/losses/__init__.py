@@ -1,6 +1,8 @@
 """Losses, used like ``pytorch_metric_learning.losses``."""
 
-from .ranked_list_loss import RankedListLoss  # noqa: F401
+from __future__ import annotations
+
 from .cross_batch_memory import CrossBatchMemory  # noqa: F401
 from .multi_cluster_ranking_loss import MultiClusterRankingLoss  # noqa: E402,F401
 from .namr_loss import NAMRLoss, make_namr_loss  # noqa: E402,F401
+from .ranked_list_loss import RankedListLoss  # noqa: F401

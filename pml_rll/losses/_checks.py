@@ -1,8 +1,9 @@
 """Argument checks shared by the losses, miners and reducers of this package."""
 
+from __future__ import annotations
+
 import math
 import numbers
-from typing import Optional, Tuple
 
 import torch
 from pytorch_metric_learning.distances import BaseDistance
@@ -10,7 +11,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 
-def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
+def check_number(name: str, value, low: float | None = None, high: float | None = None) -> float:
     """A finite real number, optionally inside [low, high]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -37,7 +38,7 @@ def check_distance(distance: BaseDistance, owner: str) -> None:
         )
 
 
-def check_embeddings(name: str, emb: Tensor, dim: Optional[int] = None, check_values: bool = True) -> None:
+def check_embeddings(name: str, emb: Tensor, dim: int | None = None, check_values: bool = True) -> None:
     if not torch.is_tensor(emb):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(emb).__name__}")
     if emb.ndim != 2:
@@ -50,7 +51,7 @@ def check_embeddings(name: str, emb: Tensor, dim: Optional[int] = None, check_va
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def check_labels(name: str, labels: Optional[Tensor], n: Optional[int] = None) -> None:
+def check_labels(name: str, labels: Tensor | None, n: int | None = None) -> None:
     if labels is None:
         return
     if not torch.is_tensor(labels):
@@ -60,8 +61,8 @@ def check_labels(name: str, labels: Optional[Tensor], n: Optional[int] = None) -
 
 
 def pairs_to_masks(
-    indices_tuple, labels: Optional[Tensor], ref_labels: Optional[Tensor], n: int, m: int, device
-) -> Tuple[Tensor, Tensor]:
+    indices_tuple, labels: Tensor | None, ref_labels: Tensor | None, n: int, m: int, device
+) -> tuple[Tensor, Tensor]:
     """Dense (n x m) positive / negative masks from a PML pair or triplet tuple."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise TypeError("indices_tuple must be a PML tuple of 3 (triplets) or 4 (pairs) index tensors")

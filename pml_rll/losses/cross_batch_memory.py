@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
 from pytorch_metric_learning.losses import RankedListLoss as PMLRankedListLoss
 

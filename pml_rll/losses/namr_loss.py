@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from pytorch_metric_learning.losses.base_loss_wrapper import BaseLossWrapper
@@ -57,9 +56,9 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         self,
         loss: torch.nn.Module,
         embedding_size: int,
-        structure_loss: Optional[torch.nn.Module] = None,
+        structure_loss: torch.nn.Module | None = None,
         structure_weight: float = 2.0,
-        miner: Optional[torch.nn.Module] = None,
+        miner: torch.nn.Module | None = None,
         scale_by_mean_distance: bool = True,
         structure_geometry: str = "auto",
         **kwargs,
@@ -67,7 +66,9 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         super().__init__(loss=loss, **kwargs)
         if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
             raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        if not (isinstance(structure_weight, (int, float)) and math.isfinite(structure_weight) and structure_weight >= 0):
+        if not (
+            isinstance(structure_weight, (int, float)) and math.isfinite(structure_weight) and structure_weight >= 0
+        ):
             raise ValueError(f"structure_weight must be a finite number >= 0, got {structure_weight!r}")
         if structure_loss is None:
             structure_loss = MultiClusterRankingLoss(embedding_size)

@@ -1,4 +1,4 @@
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
@@ -69,7 +69,7 @@ class RankedListLoss(BaseMetricLossFunction):
         margin: float = 0.4,
         Tn: float = 10.0,
         imbalance: float = 0.5,
-        alpha: Optional[float] = None,
+        alpha: float | None = None,
         Tp: float = 0.0,
         gradient: str = "paper",
         **kwargs,
@@ -84,9 +84,7 @@ class RankedListLoss(BaseMetricLossFunction):
             raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         check_distance(self.distance, "RankedListLoss")
-        self.add_to_recordable_attributes(
-            list_of_names=["margin", "alpha", "Tp", "Tn", "imbalance"], is_stat=False
-        )
+        self.add_to_recordable_attributes(list_of_names=["margin", "alpha", "Tp", "Tn", "imbalance"], is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
         )

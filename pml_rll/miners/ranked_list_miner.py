@@ -1,4 +1,4 @@
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
@@ -27,7 +27,7 @@ class RankedListMiner(BaseMiner):
     ``avg_num_neg_per_query``.
     """
 
-    def __init__(self, margin: float = 0.4, alpha: Optional[float] = None, **kwargs):
+    def __init__(self, margin: float = 0.4, alpha: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.margin = check_number("margin", margin, low=0.0)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
@@ -55,6 +55,7 @@ class RankedListMiner(BaseMiner):
     def _distances(self, embeddings, ref_emb):
         dist = self.distance
         if type(dist) is LpDistance and dist.p == 2 and dist.power == 1:
+
             def prepare(x):
                 x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
                 return torch.nn.functional.normalize(x, dim=1) if dist.normalize_embeddings else x

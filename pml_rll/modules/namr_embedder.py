@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import nn
 
@@ -31,7 +29,7 @@ class NAMREmbedder(nn.Module):
             ``StructureEmbeddingHead(in_features, embedding_size)``.
     """
 
-    def __init__(self, in_features: int, embedding_size: int = 512, structure_head: Optional[nn.Module] = None):
+    def __init__(self, in_features: int, embedding_size: int = 512, structure_head: nn.Module | None = None):
         super().__init__()
         for name, value in (("in_features", in_features), ("embedding_size", embedding_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -60,6 +58,6 @@ class NAMREmbedder(nn.Module):
             raise ValueError(f"structure_head returned shape {tuple(s.shape)}, expected {tuple(x.shape)}")
         return F_namr.pack(x, s)
 
-    def split(self, packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, s) from this embedder's packed output."""
         return F_namr.split_packed(packed, self.embedding_size)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ class StructureEmbeddingHead(nn.Module):
         in_features: int,
         embedding_size: int,
         hidden: int = 512,
-        s_range: Tuple[float, float] = (0.5, 1.5),
+        s_range: tuple[float, float] = (0.5, 1.5),
         freeze_bn: bool = True,
     ):
         super().__init__()
@@ -73,9 +72,7 @@ class StructureEmbeddingHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(
-                f"features must have shape (batch, {self.in_features}), got {tuple(features.shape)}"
-            )
+            raise ValueError(f"features must have shape (batch, {self.in_features}), got {tuple(features.shape)}")
         s_min, s_max = self.s_range
         s = s_min + (s_max - s_min) * torch.sigmoid(self.layers(features))
         lo = torch.nextafter(torch.tensor(s_min, dtype=s.dtype), torch.tensor(s_max, dtype=s.dtype))

@@ -1,4 +1,4 @@
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.reducers import MultipleReducers
@@ -34,9 +34,7 @@ class RankedListReducer(MultipleReducers):
     ``MultipleReducers`` does.
     """
 
-    def __init__(
-        self, Tp: float = 0.0, Tn: float = 10.0, imbalance: float = 0.5, gradient: str = "paper", **kwargs
-    ):
+    def __init__(self, Tp: float = 0.0, Tn: float = 10.0, imbalance: float = 0.5, gradient: str = "paper", **kwargs):
         super().__init__(reducers={}, **kwargs)
         self.Tp = check_number("Tp", Tp)
         self.Tn = check_number("Tn", Tn)
@@ -87,7 +85,7 @@ class RankedListReducer(MultipleReducers):
         return total
 
     @staticmethod
-    def _non_trivial(info: Optional[dict], embeddings: Tensor) -> Tuple[Tensor, Tensor]:
+    def _non_trivial(info: dict | None, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """Pairs with a positive loss (the non-trivial ones) and their anchors."""
         losses = None if info is None else info["losses"]
         if not torch.is_tensor(losses) or losses.numel() == 0:

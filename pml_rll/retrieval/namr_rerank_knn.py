@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
@@ -89,7 +88,7 @@ class NAMRReRankKNN:
         self.base_knn = default_base_knn() if base_knn is None else base_knn
         self.mode = mode
         self.normalize_sample = bool(normalize_sample)
-        self.reference_x: Optional[torch.Tensor] = None
+        self.reference_x: torch.Tensor | None = None
 
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
@@ -120,7 +119,9 @@ class NAMRReRankKNN:
                     stacklevel=3,
                 )
 
-    def __call__(self, query: torch.Tensor, k: int, reference: Optional[torch.Tensor] = None, ref_includes_query: bool = False):
+    def __call__(
+        self, query: torch.Tensor, k: int, reference: torch.Tensor | None = None, ref_includes_query: bool = False
+    ):
         qx, qs = F_namr.split_packed(query, self.embedding_size)
         self._warn_if_normalised(query)
         if reference is None:

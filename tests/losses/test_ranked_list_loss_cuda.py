@@ -1,5 +1,7 @@
 """The same numbers on CUDA as on the CPU (skipped where there is no GPU)."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 from pytorch_metric_learning.losses import ContrastiveLoss

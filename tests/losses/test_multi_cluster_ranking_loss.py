@@ -1,12 +1,13 @@
 """MultiClusterRankingLoss and its functional core against a loop reference (spec §1.3 b, §3.2, §6.1)."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 
 from pml_rll.functional import namr as F_namr
 from pml_rll.losses import MultiClusterRankingLoss
-
-from . import namr_reference as ref
+from tests.reference import namr as ref
 
 
 def _packed(n=6, d=4, seed=0, offset=0.0, dtype=torch.float64):
@@ -247,7 +248,6 @@ def test_hyperparameters_are_recordable():
     for name in ["embedding_size", "alpha", "floor", "num_t_values"]:
         assert name in loss._record_these
     assert loss.num_t_values == 3 and loss.t_values == (0.0, 1.5, 3.0)
-
 
 
 def test_half_precision_and_autocast_are_computed_in_float32():

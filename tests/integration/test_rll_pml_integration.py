@@ -1,5 +1,7 @@
 """Reducer, miner, ref_emb, pairs without labels, CrossBatchMemory and distributed paths of the Ranked List Loss."""
 
+from __future__ import annotations
+
 import os
 import socket
 
@@ -13,8 +15,7 @@ from pytorch_metric_learning.utils import distributed as pml_dist
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_rll import losses, miners, reducers
-
-from .rll_reference import reference_loss
+from tests.reference.ranked_list_loss import reference_loss
 
 F64 = torch.float64
 

@@ -7,6 +7,8 @@ variance of x per dimension), and re-ranking by it must not lose R@1 and must ga
 The thresholds hold with margin for seeds 0-7 (checked when the test was written); seed 0 is used.
 """
 
+from __future__ import annotations
+
 import torch
 from pytorch_metric_learning import distances, losses, reducers
 from pytorch_metric_learning.utils.inference import CustomKNN

@@ -3,6 +3,8 @@
 Loops over queries and gallery items with scalar arithmetic; nothing here is shared with the package.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
@@ -41,8 +43,19 @@ def _weighted_mean(values, T):
     return sum(w * v for w, v in zip(ws, values)) / sum(ws)
 
 
-def reference_losses(x, labels=None, margin=0.4, alpha=None, Tp=0.0, Tn=10.0, imbalance=0.5, ref=None,
-                     ref_labels=None, pos_pairs=None, neg_pairs=None):
+def reference_losses(
+    x,
+    labels=None,
+    margin=0.4,
+    alpha=None,
+    Tp=0.0,
+    Tn=10.0,
+    imbalance=0.5,
+    ref=None,
+    ref_labels=None,
+    pos_pairs=None,
+    neg_pairs=None,
+):
     """Per-query losses (list of 0-d tensors, differentiable by autograd = plain-autograd semantics)."""
     alpha = 1 + margin / 2 if alpha is None else alpha
     same = ref is None

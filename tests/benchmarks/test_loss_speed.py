@@ -1,5 +1,7 @@
 """The loss speed benchmark script runs end to end on tiny configurations (no timing assertions)."""
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import math
@@ -22,8 +24,22 @@ def _load(out):
 
 def test_end_to_end_tiny_with_memory(tmp_path):
     out = str(tmp_path / "out")
-    ls.main(["--batch-sizes", "16", "32", "--losses", "pml_rll", "floor", "rll_paper",
-             "--memory-batch-sizes", "32", "--out", out] + TINY)
+    ls.main(
+        [
+            "--batch-sizes",
+            "16",
+            "32",
+            "--losses",
+            "pml_rll",
+            "floor",
+            "rll_paper",
+            "--memory-batch-sizes",
+            "32",
+            "--out",
+            out,
+        ]
+        + TINY
+    )
     doc, md = _load(out)
     cfg, res = doc["config"], doc["results"]
     assert cfg["batch_sizes"] == [16, 32] and cfg["dim"] == 8 and cfg["device"] == "cpu"
@@ -66,8 +82,22 @@ def test_max_batch_skip_unavailable_and_no_memory(tmp_path, monkeypatch):
     reg["broken"] = ls.LossSpec("broken", "a broken loss", broken, note="raises Unavailable")
     monkeypatch.setattr(ls, "REGISTRY", reg)
     out = str(tmp_path / "out")
-    ls.main(["--batch-sizes", "16", "32", "--losses", "floor", "broken", "contrastive", "--no-memory",
-             "--no-plot", "--out", out] + TINY)
+    ls.main(
+        [
+            "--batch-sizes",
+            "16",
+            "32",
+            "--losses",
+            "floor",
+            "broken",
+            "contrastive",
+            "--no-memory",
+            "--no-plot",
+            "--out",
+            out,
+        ]
+        + TINY
+    )
     doc, md = _load(out)
     res = doc["results"]
     assert res["floor"]["16"]["time_status"] == "ok"
@@ -81,8 +111,23 @@ def test_max_batch_skip_unavailable_and_no_memory(tmp_path, monkeypatch):
 
 def test_too_slow_loss_is_skipped_at_larger_batches(tmp_path):
     out = str(tmp_path / "out")
-    ls.main(["--batch-sizes", "8", "16", "--losses", "floor", "--memory-batch-sizes", "8", "--no-plot",
-             "--max-step-s", "0", "--out", out] + TINY)
+    ls.main(
+        [
+            "--batch-sizes",
+            "8",
+            "16",
+            "--losses",
+            "floor",
+            "--memory-batch-sizes",
+            "8",
+            "--no-plot",
+            "--max-step-s",
+            "0",
+            "--out",
+            out,
+        ]
+        + TINY
+    )
     res = _load(out)[0]["results"]["floor"]
     assert res["8"]["time_status"] == "skipped" and "B=8" in res["8"]["time_reason"]
     assert res["16"]["time_status"] == "skipped" and res["16"]["time_reason"] == res["8"]["time_reason"]
@@ -142,12 +187,14 @@ def test_compute_ratios_values_targets_and_missing():
     assert r["value"] is None and "rll_autograd time not measured" in r["reason"]
     # a batch size outside the run
     r = {(x["title"], x["batch_size"]): x for x in ls.compute_ratios(results, [512])}[
-        ("time ours (paper) / floor", 1024)]
+        ("time ours (paper) / floor", 1024)
+    ]
     assert r["value"] is None and "not in this run" in r["reason"]
 
 
-@pytest.mark.parametrize("bad", [["--batch-sizes", "10"], ["--batch-sizes", "4"], ["--losses", "nope"],
-                                 ["--repeats", "0"]])
+@pytest.mark.parametrize(
+    "bad", [["--batch-sizes", "10"], ["--batch-sizes", "4"], ["--losses", "nope"], ["--repeats", "0"]]
+)
 def test_bad_arguments_are_rejected(bad, tmp_path):
     with pytest.raises(SystemExit):
         ls.main(bad + ["--out", str(tmp_path)])

@@ -1,5 +1,7 @@
 """End-to-end with PML's trainer and tester (spec §5.2 item 8, §6.1 item 11)."""
 
+from __future__ import annotations
+
 import warnings
 
 import numpy as np
@@ -55,9 +57,7 @@ def test_metric_loss_only_then_global_embedding_space_tester(one_thread, tmp_pat
     val_ds = _dataset(1, num_classes=8, per_class=12, class_seed=0)  # held-out samples of the trained classes
     trunk = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
     embedder = NAMREmbedder(32, embedding_size=D)
-    loss = NAMRLoss(
-        losses.TripletMarginLoss(margin=0.2, distance=distances.LpDistance(normalize_embeddings=False)), D
-    )
+    loss = NAMRLoss(losses.TripletMarginLoss(margin=0.2, distance=distances.LpDistance(normalize_embeddings=False)), D)
     labels = train_ds.tensors[1]
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk, "embedder": embedder},
@@ -118,7 +118,9 @@ def test_tester_with_default_knn_and_clustering_metrics(one_thread):
         normalize_embeddings=False,
         dataloader_num_workers=0,
         data_device=torch.device("cpu"),
-        accuracy_calculator=AccuracyCalculator(knn_func=NAMRReRankKNN(D, num_candidates=8), kmeans_func=_sklearn_kmeans),
+        accuracy_calculator=AccuracyCalculator(
+            knn_func=NAMRReRankKNN(D, num_candidates=8), kmeans_func=_sklearn_kmeans
+        ),
     )
     acc = tester.test({"val": val_ds}, 0, trunk, embedder)["val"]
     assert {"precision_at_1_level0", "NMI_level0", "mean_average_precision_at_r_level0"} <= set(acc)

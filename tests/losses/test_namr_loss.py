@@ -1,5 +1,7 @@
 """NAMRLoss wrapper, make_namr_loss and SampleEmbeddingMiner (spec §5.2 items 4-5, §6.1 items 2 and 9)."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses, miners, reducers
@@ -75,7 +77,9 @@ def test_scaling_is_not_detached():
     # orthogonal to x (it would not be if d_bar were detached)
     x, s, labels = _batch(seed=2)
     packed = torch.cat([x, s], 1).requires_grad_(True)
-    NAMRLoss(losses.ContrastiveLoss(distance=distances.LpDistance(normalize_embeddings=False)), D)(packed, labels).backward()
+    NAMRLoss(losses.ContrastiveLoss(distance=distances.LpDistance(normalize_embeddings=False)), D)(
+        packed, labels
+    ).backward()
     radial = (packed.grad[:, :D] * x).sum()
     assert abs(radial.item()) < 1e-10
     assert packed.grad[:, :D].abs().max() > 1e-3
@@ -114,7 +118,10 @@ def test_indices_tuple_and_ref_emb_are_passed_through():
     packed, packed_ref = torch.cat([x, s], 1), torch.cat([rx, rs], 1)
     # ref_emb and ref_labels, no indices: divided by the batch's d_bar and handed to the base loss
     torch.testing.assert_close(
-        namr(packed, labels, None, packed_ref, rlabels), base(x / scale, labels, None, rx / scale, rlabels), rtol=0, atol=0
+        namr(packed, labels, None, packed_ref, rlabels),
+        base(x / scale, labels, None, rx / scale, rlabels),
+        rtol=0,
+        atol=0,
     )
     # a sample-only ref_emb (width d) is accepted as well
     torch.testing.assert_close(

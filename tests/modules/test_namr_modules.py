@@ -1,5 +1,7 @@
 """StructureEmbeddingHead and NAMREmbedder (spec §3.1, §5.2 items 1-2, §6.1 items 1-2)."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 

@@ -1,5 +1,7 @@
 """A short PML training run with RankedListLoss: retrieval on held-out digits must improve clearly."""
 
+from __future__ import annotations
+
 import logging
 import warnings
 

@@ -1,5 +1,7 @@
 """RankedListLoss against the spec's hand cases and an explicit loop reference."""
 
+from __future__ import annotations
+
 import math
 
 import pytest
@@ -8,8 +10,7 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_rll.functional.ranked_list import hinge_gradients, ranked_lists
 from pml_rll.losses import RankedListLoss
-
-from .rll_reference import reference_loss, reference_losses, reference_paper_gradient, unit_circle
+from tests.reference.ranked_list_loss import reference_loss, reference_losses, reference_paper_gradient, unit_circle
 
 F64 = torch.float64
 

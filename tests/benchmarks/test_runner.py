@@ -1,5 +1,7 @@
 """End-to-end tests of the benchmark runner (`python -m benchmarks.run`) on tiny budgets."""
 
+from __future__ import annotations
+
 import json
 import os
 
@@ -11,7 +13,7 @@ from benchmarks import report
 from benchmarks.registry import REGISTRY, default_loss_names, namr_available
 from benchmarks.run import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OMNIGLOT_CANDIDATES = [
     os.environ.get("PML_RLL_OMNIGLOT", ""),
     os.path.join(REPO, "..", "shared", "data", "omniglot"),
@@ -30,15 +32,24 @@ def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
     losses = "rll,pml-rll,triplet"
     assert main(["--losses", losses, "--seeds", "2", "--out", out] + TINY) == 0
     recs = _records(out)
-    assert sorted((r["loss"], r["seed"]) for r in recs) == sorted(
-        (n, s) for n in losses.split(",") for s in (0, 1)
-    )
+    assert sorted((r["loss"], r["seed"]) for r in recs) == sorted((n, s) for n in losses.split(",") for s in (0, 1))
     for r in recs:
         assert r["dataset"] == "digits" and r["iterations"] == 8
-        assert set(r["metrics"]) >= {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
-                                     "mean_average_precision_at_r", "r_precision", "NMI"}
+        assert set(r["metrics"]) >= {
+            "precision_at_1",
+            "recall_at_1",
+            "recall_at_2",
+            "recall_at_4",
+            "recall_at_8",
+            "mean_average_precision_at_r",
+            "r_precision",
+            "NMI",
+        }
         assert [p["epoch"] for p in r["curve"]] == [0, 1, 2]
-        assert r["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and r["environment"]["torch"] == torch.__version__
+        assert (
+            r["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+            and r["environment"]["torch"] == torch.__version__
+        )
         assert r["seconds_per_iteration"] > 0 and r["wall_seconds"] > 0
         assert os.path.isfile(os.path.join(r["log_dir"], "logs", "logs.db"))  # record-keeper's per-run log
     # paired seeds: the untrained network is the same for every loss at a seed, and differs between seeds
@@ -67,8 +78,25 @@ def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
     new = {(r["loss"], r["seed"]): r["metrics"] for r in recs2}
     assert new == old  # the re-run reproduces its numbers exactly (deterministic, paired)
     # a changed budget is a different configuration: nothing is skipped
-    assert main(["--losses", "pml-rll", "--seeds", "1", "--out", out, "--epochs", "1", "--iterations-per-epoch",
-                 "3", "--eval-every", "0"]) == 0
+    assert (
+        main(
+            [
+                "--losses",
+                "pml-rll",
+                "--seeds",
+                "1",
+                "--out",
+                out,
+                "--epochs",
+                "1",
+                "--iterations-per-epoch",
+                "3",
+                "--eval-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "skipped" not in capsys.readouterr().out
 
 
@@ -84,9 +112,28 @@ def test_omniglot_archives_tiny_run(tmp_path):
     assert bundle.train[0][0].shape == (1, 14, 14)
 
     out = str(tmp_path / "omniglot")
-    args = ["--dataset", "omniglot", "--data-root", OMNIGLOT, "--image-size", "14", "--losses", "rll,contrastive",
-            "--seeds", "1", "--batch-size", "32", "--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0",
-            "--out", out]
+    args = [
+        "--dataset",
+        "omniglot",
+        "--data-root",
+        OMNIGLOT,
+        "--image-size",
+        "14",
+        "--losses",
+        "rll,contrastive",
+        "--seeds",
+        "1",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--iterations-per-epoch",
+        "3",
+        "--eval-every",
+        "0",
+        "--out",
+        out,
+    ]
     assert main(args) == 0
     recs = _records(out)
     assert sorted(r["loss"] for r in recs) == ["contrastive", "rll"]
@@ -100,8 +147,25 @@ def test_trained_beats_untrained_for_our_losses(tmp_path):
     ours = [n for n in default_loss_names() if REGISTRY[n].family == "ours"]
     assert {"rll", "rll-autograd"} <= set(ours)
     out = str(tmp_path / "learn")
-    assert main(["--losses", ",".join(ours), "--seeds", "1", "--epochs", "5", "--iterations-per-epoch", "10",
-                 "--eval-every", "5", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "--losses",
+                ",".join(ours),
+                "--seeds",
+                "1",
+                "--epochs",
+                "5",
+                "--iterations-per-epoch",
+                "10",
+                "--eval-every",
+                "5",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     recs = _records(out)
     assert sorted(r["loss"] for r in recs) == sorted(ours)
     for r in recs:
@@ -117,8 +181,19 @@ def test_registry_entries_build_with_paper_defaults():
 
     assert "lifted-structure" in EXCLUDED and "lifted-structure" not in REGISTRY
     names = default_loss_names()
-    assert {"rll", "rll-autograd", "pml-rll", "triplet", "multi-similarity", "contrastive", "circle", "ntxent",
-            "generalized-lifted", "margin", "proxy-anchor"} <= set(names)
+    assert {
+        "rll",
+        "rll-autograd",
+        "pml-rll",
+        "triplet",
+        "multi-similarity",
+        "contrastive",
+        "circle",
+        "ntxent",
+        "generalized-lifted",
+        "margin",
+        "proxy-anchor",
+    } <= set(names)
     assert any(n.startswith("namr-") for n in names) == namr_available()
     ctx = BuildContext(num_classes=7, embedding_size=16)
     for n in names:
@@ -134,11 +209,22 @@ def test_registry_entries_build_with_paper_defaults():
 
 def test_paired_differences_are_per_seed():
     def rec(loss, fam, seed, v):
-        return {"loss": loss, "family": fam, "seed": seed, "metrics": {"mean_average_precision_at_r": v,
-                "precision_at_1": v}, "seconds_per_iteration": 0.01, "untrained": {}}
+        return {
+            "loss": loss,
+            "family": fam,
+            "seed": seed,
+            "metrics": {"mean_average_precision_at_r": v, "precision_at_1": v},
+            "seconds_per_iteration": 0.01,
+            "untrained": {},
+        }
 
-    recs = [rec("a", "ours", 0, 0.50), rec("a", "ours", 1, 0.70), rec("a", "ours", 2, 0.9),
-            rec("b", "pml", 0, 0.40), rec("b", "pml", 1, 0.65)]  # b lacks seed 2: only shared seeds count
+    recs = [
+        rec("a", "ours", 0, 0.50),
+        rec("a", "ours", 1, 0.70),
+        rec("a", "ours", 2, 0.9),
+        rec("b", "pml", 0, 0.40),
+        rec("b", "pml", 1, 0.65),
+    ]  # b lacks seed 2: only shared seeds count
     (mean, std, n) = report.paired_differences(recs, "mean_average_precision_at_r")[("a", "b")]
     assert n == 2 and mean == pytest.approx(0.075) and std == pytest.approx(np.std([0.10, 0.05], ddof=1))
     md = report.markdown_tables(recs)

@@ -1,5 +1,7 @@
 """NAMRReRankKNN and StructureWeightedDistance (spec §1.3 d, §3.5, §5.2 items 6-7, §6.1 items 5 and 10)."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 from pytorch_metric_learning.distances import LpDistance
@@ -8,8 +10,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from pml_rll.retrieval import NAMRReRankKNN, StructureWeightedDistance
 from pml_rll.retrieval.namr_rerank_knn import _HAS_FAISS
-
-from . import namr_reference as ref
+from tests.reference import namr as ref
 
 D = 5
 
@@ -53,7 +54,9 @@ def test_full_candidate_list_equals_exhaustive_weighted_ranking(ref_includes_que
     assert torch.all(dist[:, 1:] >= dist[:, :-1])
     # returned distances are the structure-weighted squared distances
     j = int(idx[3, 0])
-    assert dist[3, 0].item() == pytest.approx(ref.weighted_sq_distance(query[3, :D], query[3, D:], reference[j, :D]), rel=1e-12)
+    assert dist[3, 0].item() == pytest.approx(
+        ref.weighted_sq_distance(query[3, :D], query[3, D:], reference[j, :D]), rel=1e-12
+    )
     # top-k prefix, and the exhaustive mode, agree
     d5, i5 = NAMRReRankKNN(D, num_candidates=available, base_knn=_exact_knn())(query, 5, reference, ref_includes_query)
     assert torch.equal(i5, want[:, :5])
@@ -101,10 +104,7 @@ def test_rerank_only_permutes_the_candidates_and_excludes_self():
     qlab = labels[:40]
     rlab = torch.cat([qlab, labels[40:]])
     for k in (kc,):
-        hits = [
-            (rlab[idx] == qlab.unsqueeze(1)).any(1).float().mean()
-            for idx in (plain[:, :k], rer[:, :k])
-        ]
+        hits = [(rlab[idx] == qlab.unsqueeze(1)).any(1).float().mean() for idx in (plain[:, :k], rer[:, :k])]
         assert hits[0] == hits[1]
 
 
@@ -146,7 +146,9 @@ def test_sample_only_reference_and_inference_model_style_use():
 def test_works_inside_accuracy_calculator():
     g = torch.Generator().manual_seed(12)
     labels = torch.arange(60) // 6
-    x = torch.randn(10, D, generator=g, dtype=torch.float64)[labels] + 0.8 * torch.randn(60, D, generator=g, dtype=torch.float64)
+    x = torch.randn(10, D, generator=g, dtype=torch.float64)[labels] + 0.8 * torch.randn(
+        60, D, generator=g, dtype=torch.float64
+    )
     s = 0.5 + torch.rand(60, D, generator=g, dtype=torch.float64)
     packed = torch.cat([x, s], 1)
     results = {}
@@ -196,14 +198,18 @@ def test_normalize_sample_ranks_in_cosine_geometry():
     # with normalize_sample, plain mode is the Euclidean order of the L2-normalised x (a loop reference)
     g = torch.Generator().manual_seed(7)
     d = 5
-    x = torch.randn(30, d, generator=g, dtype=torch.float64) * (1 + 3 * torch.rand(30, 1, generator=g, dtype=torch.float64))
+    x = torch.randn(30, d, generator=g, dtype=torch.float64) * (
+        1 + 3 * torch.rand(30, 1, generator=g, dtype=torch.float64)
+    )
     s = 0.5 + torch.rand(30, d, generator=g, dtype=torch.float64)
     packed = torch.cat([x, s], 1)
     e = x / x.norm(dim=1, keepdim=True)
     for i in range(30):
         dists = [(float(((e[i] - e[j]) ** 2).sum()), j) for j in range(30) if j != i]
         expected = [j for _, j in sorted(dists)[:4]]
-        knn = NAMRReRankKNN(d, mode="plain", normalize_sample=True, base_knn=CustomKNN(LpDistance(normalize_embeddings=False)))
+        knn = NAMRReRankKNN(
+            d, mode="plain", normalize_sample=True, base_knn=CustomKNN(LpDistance(normalize_embeddings=False))
+        )
         _, idx = knn(packed[i : i + 1], 4, torch.cat([packed[i : i + 1], packed[torch.arange(30) != i]]), True)
         others = [j for j in range(30) if j != i]
         assert [others[k - 1] for k in idx[0].tolist()] == expected

@@ -1,5 +1,7 @@
 """Slow, obviously-correct loop references for the NAMR tests, written from the spec formulas (float64)."""
 
+from __future__ import annotations
+
 import math
 
 import torch

@@ -1,5 +1,7 @@
 """Unit tests of the runner's parts: Recall@k, paired sampler and augmentations, dataset loaders on fake files."""
 
+from __future__ import annotations
+
 import gzip
 import os
 
