@@ -1,3 +1,5 @@
+"""RankedListReducer: the ranked-list reduction of any PML pair loss (docs/ranked_list_loss.md, section 2.4)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""MultiClusterRankingLoss and its functional core against a loop reference (spec §1.3 b, §3.2, §6.1)."""
+"""MultiClusterRankingLoss and its functional core against a loop reference (docs/namr.md, section 4)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_nasa_default_has_one_floored_centre():
 
 
 def test_clamp_regime_near_duplicate_points():
-    # Coordinates equal or almost equal trigger the per-dimension 1e-12 clamp of the spec formula; the
+    # Coordinates equal or almost equal trigger the per-dimension 1e-12 clamp of the NASA formula; the
     # implementation clamps the sum instead: the squared distance differs by at most d * s_max * 1e-12.
     x, s = _packed(n=5, d=4, seed=4)
     x[1, :2] = x[0, :2]  # two equal coordinates

@@ -1,4 +1,4 @@
-"""NAMRLoss wrapper, make_namr_loss and SampleEmbeddingMiner (spec §5.2 items 4-5, §6.1 items 2 and 9)."""
+"""NAMRLoss wrapper, make_namr_loss and SampleEmbeddingMiner (docs/namr.md, sections 4.1, 4.6 and 7)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ D = 6
 
 
 def test_mean_pairwise_distance_is_the_off_diagonal_mean():
-    # spec 1.3(a): the scale is the mean Euclidean distance over the ordered pairs i != j (an independent loop)
+    # docs/namr.md, section 4.1: the scale is the mean Euclidean distance over the ordered pairs i != j
+    # (an independent loop)
     x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     pairs = [float(torch.sqrt(((x[i] - x[j]) ** 2).sum())) for i in range(7) for j in range(7) if i != j]
     assert F_namr.mean_pairwise_distance(x).item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)

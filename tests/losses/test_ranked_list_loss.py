@@ -1,4 +1,4 @@
-"""RankedListLoss against the spec's hand cases and an explicit loop reference."""
+"""RankedListLoss against the hand-checkable cases of docs/ranked_list_loss.md (section 4) and a loop reference."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def case(angles, labels, dtype=F64):
     return unit_circle(angles, dtype), torch.tensor(labels)
 
 
-# ---- spec section 5: hand cases (convex 0.5 = PML's default convention) -------------------------------------
+# ---- docs/ranked_list_loss.md, section 4: hand cases (convex 0.5 = PML's default convention) ----------------
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
@@ -69,7 +69,7 @@ def test_case7_scale_invariance():
     assert RankedListLoss(0.4, Tn=10)(3 * x, y).item() == pytest.approx(0.5504989, abs=1e-6)
 
 
-# ---- spec case 8: the two gradient semantics ----------------------------------------------------------------
+# ---- docs/ranked_list_loss.md, case 8: the two gradient rules -----------------------------------------------
 
 CASE8_A = [(0, 0.033518), (-0.052335, 0.019048), (0.162930, -0.282203), (-0.073574, 0.061736), (-0.121766, -0.070302)]
 CASE8_C = [(0, 0.014460), (0.014252, -0.005187), (0.068481, -0.118612), (-0.011700, 0.009818), (0.012400, 0.007159)]
@@ -258,8 +258,8 @@ def test_boundary_ties_are_trivial():
 
 
 def test_near_duplicate_positives_count_when_every_positive_does():
-    # alpha = m (spec Table 4, "every positive counts"): positives a few 1e-4 apart are non-trivial even though
-    # the float32 Gram matrix cannot resolve their distance
+    # alpha = m (the CVPR paper's Table 4, "every positive counts"): positives a few 1e-4 apart are non-trivial
+    # even though the float32 Gram matrix cannot resolve their distance
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 512, generator=g)
     x[1] = x[0] + 1e-5 * torch.randn(512, generator=g)

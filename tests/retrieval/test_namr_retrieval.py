@@ -1,4 +1,4 @@
-"""NAMRReRankKNN and StructureWeightedDistance (spec §1.3 d, §3.5, §5.2 items 6-7, §6.1 items 5 and 10)."""
+"""NAMRReRankKNN and StructureWeightedDistance (docs/namr.md, section 5)."""
 
 from __future__ import annotations
 
