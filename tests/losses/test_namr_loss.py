@@ -10,6 +10,7 @@ from pml_rll.functional import namr as F_namr
 from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, RankedListLoss, make_namr_loss
 from pml_rll.losses.namr_loss import NAMR_VARIANTS
 from pml_rll.miners import SampleEmbeddingMiner
+from tests.conftest import sample_and_structure
 
 D = 6
 
@@ -23,11 +24,8 @@ def test_mean_pairwise_distance_is_the_off_diagonal_mean():
 
 
 def _batch(n=16, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=g, dtype=dtype) * 3.0
-    s = 0.5 + torch.rand(n, D, generator=g, dtype=dtype)
-    labels = torch.arange(n) // 4
-    return x, s, labels
+    x, s = sample_and_structure(n, D, seed, dtype, scale=3.0)
+    return x, s, torch.arange(n) // 4
 
 
 def _base_losses():

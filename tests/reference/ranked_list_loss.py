@@ -10,11 +10,6 @@ import math
 import torch
 
 
-def unit_circle(degrees, dtype=torch.float64):
-    a = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
-    return torch.stack([torch.cos(a), torch.sin(a)], 1).to(dtype)
-
-
 def _normalise(x):
     return [row / torch.sqrt((row * row).sum()) for row in x]
 

@@ -10,16 +10,14 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from pml_rll.retrieval import NAMRReRankKNN, StructureWeightedDistance
 from pml_rll.retrieval.namr_rerank_knn import _HAS_FAISS
+from tests.conftest import sample_and_structure
 from tests.reference import namr as ref
 
 D = 5
 
 
 def _packed(n, seed, dtype=torch.float64, s_one=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=g, dtype=dtype)
-    s = torch.ones(n, D, dtype=dtype) if s_one else 0.5 + torch.rand(n, D, generator=g, dtype=dtype)
-    return torch.cat([x, s], 1)
+    return torch.cat(sample_and_structure(n, D, seed, dtype, s_one=s_one), 1)
 
 
 def _exact_knn():
