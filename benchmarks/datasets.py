@@ -27,9 +27,11 @@ import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
@@ -68,7 +70,7 @@ class DatasetBundle:
         return int(len(np.unique(self.train.labels)))
 
 
-def remap_labels(labels: Sequence[int]) -> np.ndarray:
+def remap_labels(labels: npt.ArrayLike) -> np.ndarray:
     """Map arbitrary integer labels to 0..C-1 in sorted order."""
     labels = np.asarray(labels)
     _, inverse = np.unique(labels, return_inverse=True)
@@ -94,7 +96,7 @@ class PairedDataset(Dataset):
     def __init__(
         self,
         items,
-        labels: Sequence[int],
+        labels: npt.ArrayLike,
         transform: Callable | None = None,
         eval_transform: Callable | None = None,
         loader: Callable | None = None,
@@ -160,14 +162,15 @@ def load_digits_bundle(test_fraction: float = 0.3, split_seed: int = 0) -> Datas
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = np.asarray(data.target, dtype=np.int64)
     rng = np.random.RandomState(split_seed)
-    train_idx, test_idx = [], []
+    train_list: list[int] = []
+    test_list: list[int] = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
         n_test = int(round(test_fraction * len(idx)))
-        test_idx.extend(idx[:n_test].tolist())
-        train_idx.extend(idx[n_test:].tolist())
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+        test_list.extend(idx[:n_test].tolist())
+        train_list.extend(idx[n_test:].tolist())
+    train_idx, test_idx = np.sort(train_list), np.sort(test_list)
     mean, std = x[train_idx].mean(0), x[train_idx].std(0).clamp_min(1e-3)
     x = (x - mean) / std
     train = PairedDataset(x[train_idx], y[train_idx])
@@ -205,8 +208,8 @@ def _omniglot_sources(root: str) -> list[tuple[str, str]]:
 def _decode_omniglot(raw: bytes, image_size: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(io.BytesIO(raw)) as im:
-        im = im.convert("L")
+    with Image.open(io.BytesIO(raw)) as src:
+        im = src.convert("L")
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.Resampling.BOX)
         arr = np.asarray(im, dtype=np.float32) / 255.0
@@ -240,7 +243,7 @@ def read_omniglot(root: str, image_size: int = 28) -> tuple[np.ndarray, list[tup
             with zipfile.ZipFile(path) as z:
                 for name in sorted(z.namelist()):
                     if name.lower().endswith(".png"):
-                        add(name.split("/"), lambda n=name: z.read(n))
+                        add(name.split("/"), partial(z.read, name))
         else:
             rel = os.path.relpath(path, root)
             prefix = [] if rel == "." else rel.split(os.sep)
@@ -271,7 +274,7 @@ def omniglot_alphabet_split(
         test = sorted(test_alphabets)
         rule = "given by --test-alphabets"
     else:
-        archive_of = {}
+        archive_of: dict[str, set[str]] = {}
         for archive, alphabet, _ in keys:
             archive_of.setdefault(alphabet, set()).add(archive)
         evaluation = sorted(a for a, arch in archive_of.items() if any("evaluation" in x for x in arch))
@@ -295,7 +298,8 @@ def load_omniglot_bundle(
     augment: bool = True,
 ) -> DatasetBundle:
     roots = [data_root] if data_root else list(OMNIGLOT_DEFAULT_ROOTS)
-    images, keys = None, []
+    images: np.ndarray | None = None
+    keys: list[tuple[str, str, str]] = []
     for root in roots:
         images, keys = read_omniglot(root, image_size=image_size)
         if keys:
@@ -368,10 +372,11 @@ def load_fashion_mnist_bundle(data_root: str | None = None, augment: bool = True
             "Install the Debian package dataset-fashion-mnist (-> /usr/share/datasets/fashion-mnist) or pass "
             "--data-root to a torchvision FashionMNIST root."
         )
+    found = {key: p for key, p in paths.items() if p is not None}
     xs, ys = {}, {}
     for k in ("train", "t10k"):
-        xs[k] = torch.from_numpy(read_idx(paths[(k, "images-idx3")]).astype(np.float32) / 255.0).unsqueeze(1)
-        ys[k] = read_idx(paths[(k, "labels-idx1")]).astype(np.int64)
+        xs[k] = torch.from_numpy(read_idx(found[(k, "images-idx3")]).astype(np.float32) / 255.0).unsqueeze(1)
+        ys[k] = read_idx(found[(k, "labels-idx1")]).astype(np.int64)
     mean, std = float(xs["train"].mean()), float(xs["train"].std())
     train = PairedDataset((xs["train"] - mean) / std, ys["train"], transform=RandomShift(2) if augment else None)
     test = PairedDataset((xs["t10k"] - mean) / std, ys["t10k"])
@@ -381,7 +386,7 @@ def load_fashion_mnist_bundle(data_root: str | None = None, augment: bool = True
         test=test,
         input_kind="gray",
         input_shape=(1, 28, 28),
-        description=f"Fashion-MNIST from {os.path.dirname(paths[('train', 'images-idx3')])}: standard "
+        description=f"Fashion-MNIST from {os.path.dirname(found[('train', 'images-idx3')])}: standard "
         f"{len(train)} train / {len(test)} test split, 10 classes, random shift <= 2 px",
     )
 

@@ -388,6 +388,8 @@ def measure_memory_here(name: str, batch_size: int, dim: int, device: torch.devi
     else:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss (peak not resettable: upper bound)"
+    if peak_kib is None:
+        return {"status": "failed", "reason": "/proc/self/status has no VmHWM: no peak RSS measurement"}
     return {"status": "ok", "peak_mib": (peak_kib - base_kib) / 1024.0, "method": method}
 
 
@@ -458,7 +460,8 @@ def compute_ratios(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: S
                 row["reason"] = f"B={b} not in this run"
                 rows.append(row)
                 continue
-            vals, mins = [], []
+            vals: list[float] = []
+            mins: list[float | None] = []
             for name in (num, den):
                 e = results.get(name, {}).get(str(b), {})
                 if kind == "time":
@@ -467,18 +470,18 @@ def compute_ratios(results: dict[str, dict[str, dict[str, Any]]], batch_sizes: S
                 else:
                     ok, v = e.get("mem_status") == "ok", e.get("peak_mib")
                 if not ok or v is None:
-                    vals = None
                     row["reason"] = f"{name} {kind} not measured at B={b}"
                     break
                 vals.append(v)
-            if vals is not None:
+            if len(vals) == 2:
                 if vals[1] <= 0:
                     row["reason"] = f"{den} {kind} is {vals[1]:.3g} (not positive)"
                 else:
                     row["value"] = vals[0] / vals[1]
                     row["met"] = None if target is None else bool(row["value"] <= target)
-                    if kind == "time" and None not in mins and mins[1] > 0:
-                        row["value_of_minima"] = mins[0] / mins[1]
+                    lo, hi = mins if kind == "time" else (None, None)
+                    if lo is not None and hi is not None and hi > 0:
+                        row["value_of_minima"] = lo / hi
             rows.append(row)
     return rows
 

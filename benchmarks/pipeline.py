@@ -21,6 +21,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,11 +105,11 @@ def build_trunk(name: str, input_shape: tuple[int, ...], pretrained: bool = True
         t = MLP(int(np.prod(input_shape)))
         return t, t.out_features, "MLP(in->128->128)"
     if name == "convnet":
-        t = ConvNet(input_shape[0])
-        return t, t.out_features, "ConvNet(32-64-128, GAP)"
+        cnn = ConvNet(input_shape[0])
+        return cnn, cnn.out_features, "ConvNet(32-64-128, GAP)"
     if name == "convnet-small":
-        t = ConvNet(input_shape[0], widths=(16, 32, 64))
-        return t, t.out_features, "ConvNet(16-32-64, GAP)"
+        cnn = ConvNet(input_shape[0], widths=(16, 32, 64))
+        return cnn, cnn.out_features, "ConvNet(16-32-64, GAP)"
     if name in ("resnet18", "resnet50"):
         import torchvision
 
@@ -148,16 +149,16 @@ def build_models(cfg: RunConfig, bundle: DatasetBundle, seed: int, namr: bool):
     torch.manual_seed(seed)
     trunk, width, note = build_trunk(cfg.trunk, bundle.input_shape, cfg.pretrained)
     torch.manual_seed(seed + 10_007)
-    embedder = torch.nn.Linear(width, cfg.embedding_size)
+    linear = torch.nn.Linear(width, cfg.embedding_size)
     paired_head = True
     if namr:
         from pml_rll.modules import NAMREmbedder
 
         torch.manual_seed(seed + 20_011)
         namr_embedder = NAMREmbedder(width, cfg.embedding_size)
-        paired_head = _copy_sample_head(namr_embedder, embedder)
-        embedder = namr_embedder
-    return trunk, embedder, note, paired_head
+        paired_head = _copy_sample_head(namr_embedder, linear)
+        return trunk, namr_embedder, note, paired_head
+    return trunk, linear, note, paired_head
 
 
 # ---------------------------------------------------------------------------------------------------- sampler
@@ -241,7 +242,7 @@ def build_accuracy_calculator(
     from pml_rll.retrieval import NAMRReRankKNN
 
     params = inspect.signature(NAMRReRankKNN.__init__).parameters
-    kw = {"num_candidates": namr_candidates} if "num_candidates" in params else {}
+    kw: dict[str, Any] = {"num_candidates": namr_candidates} if "num_candidates" in params else {}
     if "normalize_sample" in params:  # retrieval in the geometry the wrapped loss trained (NAMRLoss)
         kw["normalize_sample"] = normalize_sample
     rerank = NAMRReRankKNN(embedding_size, **kw)

@@ -92,7 +92,7 @@ RLL_SOURCE = "Ranked List Loss, CVPR 2019 / TPAMI 2021: m=0.4, alpha=1+m/2=1.2, 
 
 TRIPLET_HPARAMS = {"margin": 0.2, "miner": "TripletMarginMiner(margin=0.2, type_of_triplets='semihard')"}
 MS_HPARAMS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "miner": "MultiSimilarityMiner(epsilon=0.1)"}
-CONTRASTIVE_HPARAMS = {"pos_margin": 0.0, "neg_margin": 1.0}
+CONTRASTIVE_HPARAMS: dict[str, object] = {"pos_margin": 0.0, "neg_margin": 1.0}
 
 
 def _build_triplet(ctx: BuildContext) -> LossSpec:

@@ -12,8 +12,9 @@ import os
 import shlex
 import sys
 import time
+from typing import Any
 
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
     "digits": dict(
         trunk="mlp",
@@ -334,10 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     workers = args.workers if args.workers is not None else (4 if bundle.input_kind == "rgb" else 0)
 
-    available, skipped = [], []
+    available: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for n in loss_names:
         ok, why = REGISTRY[n].available()
-        (available if ok else skipped).append(n if ok else (n, why))
+        if ok:
+            available.append(n)
+        else:
+            skipped.append((n, why))
     env = environment_info(device)
     chash = report.config_hash(cfg.key())
     jsonl = os.path.join(out_dir, "results.jsonl")

@@ -1,8 +1,8 @@
 """Pure tensor functions for NAMR (Neighborhood-Adaptive Multi-cluster Ranking).
 
 Every function is differentiable where that makes sense, has no state and never loops over anchors in
-Python. Section references (§) are to the project's NAMR specification notes: §1.3 describes the NASA
-code, §2 the notation, §3 the reconstruction, §3.5 retrieval. ``docs/namr.md`` summarises them.
+Python. Section references are to ``docs/namr.md``: section 2 the notation, section 3 the model, section 4
+the training loss, section 5 retrieval, section 6 the numerical choices.
 
 Numerical choices shared by the pairwise functions:
 
@@ -10,7 +10,7 @@ Numerical choices shared by the pairwise functions:
   O(N*N) and never O(N*N*d). Before the Gram form the batch mean is subtracted: every distance here is
   translation invariant, and centring removes most of the cancellation error of the Gram form when the
   embeddings share a large common offset.
-* The anchor-adaptive distance of §1.3(b) clamps every per-dimension squared difference at ``1e-12``.
+* The anchor-adaptive distance of section 4.2 clamps every per-dimension squared difference at ``1e-12``.
   That clamp cannot be applied inside a matrix product, so :func:`anchor_adaptive_sq_distance` applies
   it to the sum instead: ``max(sum_k s_ik (x_ik - x_jk)^2, 1e-12 * sum_k s_ik)``. Both forms are bounded
   below by ``1e-12 * sum_k s_ik`` and differ by at most ``1e-12 * sum_k s_ik`` (at most ``d * s_max *
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-#: per-dimension clamp of the squared difference in the NASA adaptive distance (spec §1.3 b step 2)
+#: per-dimension clamp of the squared difference in the NASA adaptive distance (section 4.2)
 ADAPTIVE_EPS = 1e-12
-#: clamp of the squared Euclidean distance before the square root (RKD/NASA ``pdist``, spec §1.3 a)
+#: clamp of the squared Euclidean distance before the square root (NASA code, section 6)
 PDIST_EPS = 1e-12
 
 
@@ -40,7 +40,7 @@ def _check_2d_float(name: str, t: torch.Tensor) -> None:
 
 
 def split_packed(packed: torch.Tensor, embedding_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``[x || s]`` (width ``2 * embedding_size``) into the sample and structure parts (spec §5.1)."""
+    """Split ``[x || s]`` (width ``2 * embedding_size``) into the sample and structure parts (section 3.3)."""
     _check_2d_float("packed embeddings", packed)
     if packed.shape[1] != 2 * embedding_size:
         raise ValueError(
@@ -65,7 +65,7 @@ def sample_part(reference: torch.Tensor, embedding_size: int, name: str = "refer
 
 
 def pack(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Pack sample and structure embeddings into ``[x || s]`` (spec §5.1)."""
+    """Pack sample and structure embeddings into ``[x || s]`` (section 3.3)."""
     _check_2d_float("x", x)
     _check_2d_float("s", s)
     if x.shape != s.shape:
@@ -83,7 +83,7 @@ def pairwise_sq_euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> tor
 
 
 def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
-    """Plain Euclidean distance matrix of x with an exact zero diagonal (RKD ``pdist``, spec §1.3 b step 1).
+    """Plain Euclidean distance matrix of x with an exact zero diagonal (sections 4.3 and 6).
 
     Off-diagonal squared distances are clamped at ``PDIST_EPS`` before the square root so the gradient
     stays finite for coincident points."""
@@ -94,7 +94,7 @@ def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
 
 
 def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """d_bar = mean over i != j of |x_i - x_j| (spec §2, training-time scale normalisation; not detached)."""
+    """d_bar = mean over i != j of |x_i - x_j| (section 4.1; not detached)."""
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"mean pairwise distance needs a batch of at least 2 embeddings, got {n}")
@@ -102,12 +102,12 @@ def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_by_mean_distance(x: torch.Tensor) -> torch.Tensor:
-    """x_tilde = x / d_bar, with d_bar differentiable (spec §1.3 a, §2)."""
+    """x_tilde = x / d_bar, with d_bar differentiable (section 4.1)."""
     return x / mean_pairwise_distance(x)
 
 
 def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """mu, sigma of the plain Euclidean distances of x, detached (spec §1.3 b step 1).
+    """mu, sigma of the plain Euclidean distances of x, detached (section 4.3).
 
     Plain distances, no epsilon (nothing flows back through them). ``include_diagonal=True`` is the
     NASA-exact choice: all N*N entries, diagonal zeros included.
@@ -124,7 +124,7 @@ def distance_statistics(x: torch.Tensor, include_diagonal: bool = True) -> tuple
 
 
 def cluster_centres(mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[float], floor: float) -> torch.Tensor:
-    """eta_m = max(floor * mu, mu - t_m * sigma), deduplicated and sorted descending (spec §3.2 step 2).
+    """eta_m = max(floor * mu, mu - t_m * sigma), deduplicated and sorted descending (section 4.3).
 
     Deduplication: after the floor two centres can coincide exactly (both floored, or sigma == 0). A
     duplicated centre would silently count its tier twice in the soft assignment, so only distinct
@@ -135,7 +135,7 @@ def cluster_centres(mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[fl
 
 
 def anchor_adaptive_sq_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """D_ij^2 = sum_k s_ik max((x_ik - x_jk)^2, 1e-12), with the clamp applied to the sum (spec §1.3 b step 2).
+    """D_ij^2 = sum_k s_ik max((x_ik - x_jk)^2, 1e-12), with the clamp applied to the sum (sections 4.2 and 6).
 
     Uses the anchor's s_i (row), so the matrix is asymmetric. Memory O(N*N): three matrix products with
     (s*x), s and x*x instead of the N x N x d difference tensor. See the module docstring for how the
@@ -148,18 +148,18 @@ def anchor_adaptive_sq_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tenso
 
 
 def anchor_adaptive_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """D_ij = sqrt(sum_k s_ik (x_ik - x_jk)^2) (spec §2, §1.3 b step 2)."""
+    """D_ij = sqrt(sum_k s_ik (x_ik - x_jk)^2) (sections 2 and 4.2)."""
     return anchor_adaptive_sq_distance(x, s).sqrt()
 
 
 def soft_assignment(dist: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
-    """c_ijm = softmax_m(-alpha * |D_ij - eta_m|), shape dist.shape + (M,) (spec §3.2 step 3; not detached)."""
+    """c_ijm = softmax_m(-alpha * |D_ij - eta_m|), shape dist.shape + (M,) (section 4.4; not detached)."""
     gaps = (dist.unsqueeze(-1) - centres).abs()
     return torch.softmax(-alpha * gaps, dim=-1)
 
 
 def multi_cluster_pair_loss(dist: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
-    """l_ij = sum_m c_ijm |D_ij - eta_m| (spec §3.2 step 4; with M = 2 the NASA c*a + (1-c)*b, §1.3 b step 3)."""
+    """l_ij = sum_m c_ijm |D_ij - eta_m| (section 4.4; with M = 2 the NASA c*a + (1-c)*b)."""
     gaps = (dist.unsqueeze(-1) - centres).abs()
     return (soft_assignment(dist, centres, alpha) * gaps).sum(-1)
 
@@ -172,7 +172,7 @@ def multi_cluster_anchor_losses(
     floor: float = 0.2,
     include_diagonal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-anchor multi-cluster ranking loss: mean over j != i of l_ij (spec §3.2 step 4).
+    """Per-anchor multi-cluster ranking loss: mean over j != i of l_ij (section 4.4).
 
     The mean of the returned vector over anchors equals the NASA loss (mean over all N(N-1) ordered
     pairs), because every anchor has N - 1 pairs. Returns (anchor_losses, adaptive distances, centres)."""
@@ -189,7 +189,7 @@ def multi_cluster_anchor_losses(
 
 
 def structure_weighted_sq_distance(query: torch.Tensor, s_query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """d_w(q, j) = sum_k s_qk (x_qk - x_jk)^2 for all query/reference pairs, Q x R (spec §3.5 step 2.3).
+    """d_w(q, j) = sum_k s_qk (x_qk - x_jk)^2 for all query/reference pairs, Q x R (section 5.1).
 
     Gram form after centring on the reference mean, clamped at 0. Query-weighted only: references
     contribute just their sample embeddings."""
@@ -207,7 +207,7 @@ def structure_weighted_sq_distance_to_candidates(
     candidates: torch.Tensor,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
-    """d_w(q, c) for each query's own candidate list (Q x K indices into ref), exact differences (spec §3.5).
+    """d_w(q, c) for each query's own candidate list (Q x K indices into ref), exact differences (section 5.1).
 
     Processed in query chunks so the gathered (chunk x K x d) tensor stays below ``chunk_elements``."""
     q, k = candidates.shape

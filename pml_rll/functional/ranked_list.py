@@ -110,7 +110,7 @@ def hinge_gradients(
     imbalance: float,
     detach_weights: bool,
 ) -> tuple[Tensor, Tensor]:
-    """d loss_i / d hinge_ij of every listed pair, in closed form (spec 1.2).
+    """d loss_i / d hinge_ij of every listed pair, in closed form (docs/ranked_list_loss.md, section 2).
 
     Constant weights (the paper): the normalised weight. Differentiable weights (plain autograd):
     w_ij * (1 + T * (hinge_ij - L_set,i)).

@@ -31,7 +31,8 @@ MaskFn = Callable[[int, int], tuple[Tensor, Optional[Tensor]]]
 # Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
 # distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
 _NEAR = 1e-4
-# Distances at most this many machine epsilons are 0: their direction is undefined, use 0 (spec case 5).
+# Distances at most this many machine epsilons are 0: their direction is undefined, use 0
+# (docs/ranked_list_loss.md, case 5).
 _ZERO_DISTANCE = 64
 # Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache (CPU);
 # on a GPU, where every block costs a synchronisation, a whole 4096 x 4096 batch is one block.

@@ -1,3 +1,5 @@
+"""CrossBatchMemory: PML's cross-batch memory wrapper, also accepting this package's RankedListLoss."""
+
 from __future__ import annotations
 
 from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory

@@ -17,7 +17,7 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
 
     Paper: "Neighborhood-Adaptive Multi-cluster Ranking for Deep Metric Learning" (NAMR, TCSVT 2022),
     whose loss is not published; this is the documented NASA (AAAI 2022) "group-wise ranking" loss,
-    generalised to M ordered clusters (spec §1.3 b and §3.2).
+    generalised to M ordered clusters (docs/namr.md, sections 4.2-4.5).
 
     For a batch of sample embeddings x (N x d) and structure embeddings s (N x d):
 

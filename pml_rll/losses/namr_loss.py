@@ -18,14 +18,15 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
 
     Paper: NAMR (TCSVT 2022) trains a sample embedding x with "any distance-based loss" jointly with a
     structure embedding s learned by self-supervised multi-cluster ranking; the documented objective is
-    the NASA code's ``L = L_metric(x_tilde, y) + lambda * L_strc(x_tilde, s)`` with lambda = 2 (spec §3.3).
+    the NASA code's ``L = L_metric(x_tilde, y) + lambda * L_strc(x_tilde, s)`` with lambda = 2
+    (docs/namr.md, section 4.6).
     This is what goes in a PML trainer's ``loss_funcs["metric_loss"]``.
 
     ``forward(packed, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``:
 
     1. split the packed input (and ``ref_emb`` when given, packed or sample-only) into x and s;
     2. if ``scale_by_mean_distance``: x_tilde = x / d_bar with d_bar the batch mean pairwise distance of
-       x, not detached (NASA, spec §1.3 a); ``ref_emb`` is divided by the same d_bar;
+       x, not detached (NASA, docs/namr.md, section 4.1); ``ref_emb`` is divided by the same d_bar;
     3. if ``miner`` is given and no ``indices_tuple`` was passed: mine on x_tilde only;
     4. return ``loss(x_tilde, labels, indices_tuple, ref_emb, ref_labels) + structure_weight *
        structure_loss([x_tilde || s])``. The structure term always uses the batch only.
@@ -186,7 +187,7 @@ def make_base_loss(base_name: str):
     if key is None:
         raise ValueError(f"unknown NAMR base loss {base_name!r}; expected one of {NAMR_VARIANTS}")
     if key == "triplet":
-        # NASA recipe (spec §3.4): margin 0.2 on the scaled, un-normalised x, plain mean over triplets,
+        # NASA recipe (docs/namr.md, section 7): margin 0.2 on the scaled, un-normalised x, plain mean over triplets,
         # distance-weighted negatives.
         loss = losses.TripletMarginLoss(
             margin=0.2, distance=distances.LpDistance(normalize_embeddings=False), reducer=reducers.MeanReducer()

@@ -1,3 +1,5 @@
+"""RankedListLoss: the Ranked List Loss (CVPR 2019, eqs. 2-5) as a PML loss; see docs/ranked_list_loss.md."""
+
 from __future__ import annotations
 
 import torch

@@ -1,3 +1,5 @@
+"""RankedListMiner: the non-trivial pairs of the Ranked List Loss as a PML miner (docs/ranked_list_loss.md, 2.4)."""
+
 from __future__ import annotations
 
 import torch

@@ -11,8 +11,8 @@ from ..functional import namr as F_namr
 class SampleEmbeddingMiner(BaseMiner):
     """Delegates to ``miner`` on x, the first ``embedding_size`` columns of packed ``[x || s]`` inputs.
 
-    NAMR (TCSVT 2022) embedders output ``[x || s]`` (spec §5.1); a miner that saw the packed vector would
-    mine on the structure embedding too. Put this in a PML trainer's ``mining_funcs["tuple_miner"]``.
+    NAMR (TCSVT 2022) embedders output ``[x || s]`` (docs/namr.md, section 3.3); a miner that saw the packed
+    vector would mine on the structure embedding too. Put this in a PML trainer's ``mining_funcs["tuple_miner"]``.
     Alternatively give the miner to :class:`~pml_rll.losses.NAMRLoss` (``miner=``), which mines on x
     after the mean-distance scaling, i.e. in the same geometry as the loss.
 

@@ -13,8 +13,8 @@ class NAMREmbedder(nn.Module):
     """Sample head ``Linear(F, d)`` plus a structure head, packed as ``[x || s]`` of width ``2 * d``.
 
     Paper: NAMR (TCSVT 2022) and the NASA code (AAAI 2022): one backbone, two heads; the sample head is
-    a single linear layer with no normalisation (spec §1.3 a, §3.1). PML trainers and testers pass one
-    tensor around, so the two embeddings travel packed (spec §5.1); :meth:`split` (or
+    a single linear layer with no normalisation (docs/namr.md, section 3.1). PML trainers and testers pass one
+    tensor around, so the two embeddings travel packed (docs/namr.md, section 3.3); :meth:`split` (or
     :func:`pml_rll.functional.namr.split_packed`) separates them.
 
     The output must never be L2-normalised as a whole: build testers with ``normalize_embeddings=False``

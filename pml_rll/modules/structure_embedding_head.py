@@ -13,7 +13,7 @@ class StructureEmbeddingHead(nn.Module):
 
     Paper: NAMR (TCSVT 2022) gives every image a structure embedding next to its sample embedding; the
     NASA code (AAAI 2022) builds it as above with ``s = 0.5 + sigmoid(.)``, i.e. every component in
-    (0.5, 1.5), the same width d as the sample embedding (spec §1.3 a, §3.1).
+    (0.5, 1.5), the same width d as the sample embedding (docs/namr.md, section 3.2).
 
     Faithful: the layer stack, the range (0.5, 1.5) and frozen BatchNorm (NASA puts every BN layer in
     eval mode, so the running statistics stay at mean 0, variance 1 and each BN acts as a learnable

@@ -31,7 +31,7 @@ class NAMRReRankKNN:
     """A PML ``knn_func`` for packed NAMR embeddings: Euclidean candidates on x, query-weighted re-ranking.
 
     Paper: NAMR (TCSVT 2022) claims existing indexes work unmodified; the NASA evaluation code does it
-    in two stages (spec §1.3 d, §3.5): (1) the K_c nearest references by plain Euclidean distance on the
+    in two stages (docs/namr.md, section 5.1): (1) the K_c nearest references by plain Euclidean distance on the
     sample embeddings x; (2) those K_c re-ranked by ``sum_k s_qk (x_qk - x_jk)^2`` using only the
     query's structure embedding s_q. The index stores only x.
 

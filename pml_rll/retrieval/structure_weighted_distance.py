@@ -9,7 +9,7 @@ from ..functional import namr as F_namr
 
 
 class StructureWeightedDistance(BaseDistance):
-    """``d_w(q, j) = sum_k s_qk (x_qk - x_jk)^2`` between packed queries and references (spec §3.5).
+    """``d_w(q, j) = sum_k s_qk (x_qk - x_jk)^2`` between packed queries and references (docs/namr.md, section 5.2).
 
     Paper: NAMR/NASA retrieval re-ranks by the *query's* structure embedding; references contribute only
     their sample embeddings x. Here every reference is scored (exhaustive ranking); use

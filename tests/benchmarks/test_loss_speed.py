@@ -24,22 +24,7 @@ def _load(out):
 
 def test_end_to_end_tiny_with_memory(tmp_path):
     out = str(tmp_path / "out")
-    ls.main(
-        [
-            "--batch-sizes",
-            "16",
-            "32",
-            "--losses",
-            "pml_rll",
-            "floor",
-            "rll_paper",
-            "--memory-batch-sizes",
-            "32",
-            "--out",
-            out,
-        ]
-        + TINY
-    )
+    ls.main("--batch-sizes 16 32 --losses pml_rll floor rll_paper --memory-batch-sizes 32 --out".split() + [out] + TINY)
     doc, md = _load(out)
     cfg, res = doc["config"], doc["results"]
     assert cfg["batch_sizes"] == [16, 32] and cfg["dim"] == 8 and cfg["device"] == "cpu"
@@ -82,22 +67,7 @@ def test_max_batch_skip_unavailable_and_no_memory(tmp_path, monkeypatch):
     reg["broken"] = ls.LossSpec("broken", "a broken loss", broken, note="raises Unavailable")
     monkeypatch.setattr(ls, "REGISTRY", reg)
     out = str(tmp_path / "out")
-    ls.main(
-        [
-            "--batch-sizes",
-            "16",
-            "32",
-            "--losses",
-            "floor",
-            "broken",
-            "contrastive",
-            "--no-memory",
-            "--no-plot",
-            "--out",
-            out,
-        ]
-        + TINY
-    )
+    ls.main("--batch-sizes 16 32 --losses floor broken contrastive --no-memory --no-plot --out".split() + [out] + TINY)
     doc, md = _load(out)
     res = doc["results"]
     assert res["floor"]["16"]["time_status"] == "ok"

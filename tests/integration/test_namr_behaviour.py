@@ -1,4 +1,4 @@
-"""Behavioural test (spec §6.2.1): classes with different anisotropic local structure.
+"""Behavioural test (docs/namr.md, sections 4.5 and 5.1): classes with different anisotropic local structure.
 
 Half the classes are loose on dimensions 0-3 and tight on 4-7, the other half the reverse; a ninth input
 feature tells the two kinds apart. After joint training (triplet + NAMR structure term) the structure

@@ -1,4 +1,4 @@
-"""End-to-end with PML's trainer and tester (spec §5.2 item 8, §6.1 item 11)."""
+"""End-to-end with PML's trainer and tester (docs/namr.md, section 5.3; the README's NAMR usage)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MultiClusterRankingLoss and its functional core against a loop reference (spec §1.3 b, §3.2, §6.1)."""
+"""MultiClusterRankingLoss and its functional core against a loop reference (docs/namr.md, section 4)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import torch
 
 from pml_rll.functional import namr as F_namr
 from pml_rll.losses import MultiClusterRankingLoss
+from tests.conftest import sample_and_structure
 from tests.reference import namr as ref
 
 
 def _packed(n=6, d=4, seed=0, offset=0.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype) + offset
-    s = 0.5 + torch.rand(n, d, generator=g, dtype=dtype)
-    return x, s
+    return sample_and_structure(n, d, seed, dtype, offset=offset)
 
 
 def _loss_and_grads(loss_fn, x, s, **kwargs):
@@ -63,7 +61,7 @@ def test_nasa_default_has_one_floored_centre():
 
 
 def test_clamp_regime_near_duplicate_points():
-    # Coordinates equal or almost equal trigger the per-dimension 1e-12 clamp of the spec formula; the
+    # Coordinates equal or almost equal trigger the per-dimension 1e-12 clamp of the NASA formula; the
     # implementation clamps the sum instead: the squared distance differs by at most d * s_max * 1e-12.
     x, s = _packed(n=5, d=4, seed=4)
     x[1, :2] = x[0, :2]  # two equal coordinates
@@ -251,9 +249,7 @@ def test_hyperparameters_are_recordable():
 
 
 def test_half_precision_and_autocast_are_computed_in_float32():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(24, 8, generator=g)
-    s = 0.5 + torch.rand(24, 8, generator=g)
+    x, s = sample_and_structure(24, 8, seed=5, dtype=torch.float32)
     packed = torch.cat([x, s], 1)
     loss = MultiClusterRankingLoss(8)
     full = loss(packed)

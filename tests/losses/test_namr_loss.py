@@ -1,4 +1,4 @@
-"""NAMRLoss wrapper, make_namr_loss and SampleEmbeddingMiner (spec §5.2 items 4-5, §6.1 items 2 and 9)."""
+"""NAMRLoss wrapper, make_namr_loss and SampleEmbeddingMiner (docs/namr.md, sections 4.1, 4.6 and 7)."""
 
 from __future__ import annotations
 
@@ -10,23 +10,22 @@ from pml_rll.functional import namr as F_namr
 from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, RankedListLoss, make_namr_loss
 from pml_rll.losses.namr_loss import NAMR_VARIANTS
 from pml_rll.miners import SampleEmbeddingMiner
+from tests.conftest import sample_and_structure
 
 D = 6
 
 
 def test_mean_pairwise_distance_is_the_off_diagonal_mean():
-    # spec 1.3(a): the scale is the mean Euclidean distance over the ordered pairs i != j (an independent loop)
+    # docs/namr.md, section 4.1: the scale is the mean Euclidean distance over the ordered pairs i != j
+    # (an independent loop)
     x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     pairs = [float(torch.sqrt(((x[i] - x[j]) ** 2).sum())) for i in range(7) for j in range(7) if i != j]
     assert F_namr.mean_pairwise_distance(x).item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
 
 
 def _batch(n=16, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=g, dtype=dtype) * 3.0
-    s = 0.5 + torch.rand(n, D, generator=g, dtype=dtype)
-    labels = torch.arange(n) // 4
-    return x, s, labels
+    x, s = sample_and_structure(n, D, seed, dtype, scale=3.0)
+    return x, s, torch.arange(n) // 4
 
 
 def _base_losses():

@@ -1,4 +1,4 @@
-"""RankedListLoss against the spec's hand cases and an explicit loop reference."""
+"""RankedListLoss against the hand-checkable cases of docs/ranked_list_loss.md (section 4) and a loop reference."""
 
 from __future__ import annotations
 
@@ -10,16 +10,10 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_rll.functional.ranked_list import hinge_gradients, ranked_lists
 from pml_rll.losses import RankedListLoss
-from tests.reference.ranked_list_loss import reference_loss, reference_losses, reference_paper_gradient, unit_circle
+from tests.conftest import F64, hand_case, paired_batch
+from tests.reference.ranked_list_loss import reference_loss, reference_losses, reference_paper_gradient
 
-F64 = torch.float64
-
-
-def case(angles, labels, dtype=F64):
-    return unit_circle(angles, dtype), torch.tensor(labels)
-
-
-# ---- spec section 5: hand cases (convex 0.5 = PML's default convention) -------------------------------------
+# ---- docs/ranked_list_loss.md, section 4: hand cases (convex 0.5 = PML's default convention) ----------------
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
@@ -39,13 +33,13 @@ def case(angles, labels, dtype=F64):
     ],
 )
 def test_hand_cases(angles, labels, kw, expected, dtype, tol):
-    x, y = case(angles, labels, dtype)
+    x, y = hand_case(angles, labels, dtype)
     loss = RankedListLoss(margin=0.4, **kw)(x, y)
     assert loss.item() == pytest.approx(expected, abs=tol)
 
 
 def test_case1_per_query_cvpr_values():
-    x, y = case([0, 60, 90, 180], [0, 0, 1, 1])
+    x, y = hand_case([0, 60, 90, 180], [0, 0, 1, 1])
     # imbalance 0.5 is half the CVPR per-query value L_P + L_N
     expected = [0.2, 0.882362, 1.296575, 0.614214]
     got = reference_losses(x, y.tolist(), Tn=10)
@@ -55,7 +49,7 @@ def test_case1_per_query_cvpr_values():
 
 
 def test_case5_per_query_and_zero_distance_gradient_is_finite():
-    x, y = case([0, 0, 90, 180], [0, 1, 0, 1])
+    x, y = hand_case([0, 0, 90, 180], [0, 1, 0, 1])
     x.requires_grad_(True)
     for gradient in ("paper", "autograd"):
         loss = RankedListLoss(0.4, Tn=10, gradient=gradient)(x, y)
@@ -65,11 +59,11 @@ def test_case5_per_query_and_zero_distance_gradient_is_finite():
 
 
 def test_case7_scale_invariance():
-    x, y = case([0, 70, 30, 50, 120], [0, 0, 1, 1, 1])
+    x, y = hand_case([0, 70, 30, 50, 120], [0, 0, 1, 1, 1])
     assert RankedListLoss(0.4, Tn=10)(3 * x, y).item() == pytest.approx(0.5504989, abs=1e-6)
 
 
-# ---- spec case 8: the two gradient semantics ----------------------------------------------------------------
+# ---- docs/ranked_list_loss.md, case 8: the two gradient rules -----------------------------------------------
 
 CASE8_A = [(0, 0.033518), (-0.052335, 0.019048), (0.162930, -0.282203), (-0.073574, 0.061736), (-0.121766, -0.070302)]
 CASE8_C = [(0, 0.014460), (0.014252, -0.005187), (0.068481, -0.118612), (-0.011700, 0.009818), (0.012400, 0.007159)]
@@ -78,7 +72,7 @@ CASE8_C = [(0, 0.014460), (0.014252, -0.005187), (0.068481, -0.118612), (-0.0117
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 2e-6), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("gradient,expected", [("autograd", CASE8_A), ("paper", CASE8_C)])
 def test_case8_gradients(gradient, expected, dtype, tol):
-    x, y = case([0, 70, 30, 50, 120], [0, 0, 1, 1, 1], dtype)
+    x, y = hand_case([0, 70, 30, 50, 120], [0, 0, 1, 1, 1], dtype)
     x.requires_grad_(True)
     loss = RankedListLoss(0.4, Tn=10, gradient=gradient)(x, y)
     (g,) = torch.autograd.grad(loss, x)
@@ -124,19 +118,10 @@ def test_paper_gradient_moves_queries_away_from_all_negatives():
 # ---- loop reference on random batches -----------------------------------------------------------------------
 
 
-def random_batch(n=20, dim=5, classes=5, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=F64)
-    # make some pairs close so that both sets are populated at margin 0.4
-    x[1::2] = x[0::2] + 0.3 * torch.randn(n // 2, dim, generator=g, dtype=F64)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return x.to(dtype), y
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kw", [dict(Tn=10), dict(Tn=0, Tp=0), dict(Tn=5, Tp=3, imbalance=0.3, alpha=1.1, margin=0.5)])
 def test_value_and_gradients_match_loop_reference(seed, kw):
-    x, y = random_batch(seed=seed)
+    x, y = paired_batch(seed=seed)
     x.requires_grad_(True)
     margin = kw.pop("margin", 0.4)
     ref = reference_loss(x, y.tolist(), margin=margin, **kw)
@@ -155,7 +140,7 @@ def test_value_and_gradients_match_loop_reference(seed, kw):
 @pytest.mark.parametrize("gradient", ["paper", "autograd"])
 def test_large_batch_fast_path_equals_reference_in_float32(gradient):
     # blocks of queries, near-duplicates (exact refinement) and both gradient modes at a size that uses several blocks
-    x, y = random_batch(n=64, dim=16, classes=8, seed=3)
+    x, y = paired_batch(n=64, dim=16, classes=8, seed=3)
     x[5] = x[4]  # identical embeddings
     x[9] = x[8] * 2  # identical after normalisation
     x64 = x.clone().requires_grad_(True)
@@ -178,7 +163,7 @@ def test_large_batch_fast_path_equals_reference_in_float32(gradient):
 def test_blocked_forward_matches_single_block(monkeypatch):
     from pml_rll.functional import ranked_list_euclidean as fast
 
-    x, y = random_batch(n=40, dim=6, seed=4)
+    x, y = paired_batch(n=40, dim=6, seed=4)
     x.requires_grad_(True)
     whole = RankedListLoss(0.4, Tn=10, gradient="autograd")(x, y)
     (g_whole,) = torch.autograd.grad(whole, x)
@@ -193,7 +178,7 @@ def test_generic_distance_path_equals_fast_path():
     class MyLp(LpDistance):  # not exactly LpDistance: forces the generic path
         pass
 
-    x, y = random_batch(seed=5)
+    x, y = paired_batch(seed=5)
     for gradient in ("paper", "autograd"):
         xa = x.clone().requires_grad_(True)
         xb = x.clone().requires_grad_(True)
@@ -206,7 +191,7 @@ def test_generic_distance_path_equals_fast_path():
 
 
 def test_unnormalised_distance_matches_reference():
-    x, y = random_batch(seed=6)
+    x, y = paired_batch(seed=6)
     x = x / 3
     loss = RankedListLoss(0.4, Tn=10, distance=LpDistance(normalize_embeddings=False))(x, y)
     d = torch.cdist(x, x)
@@ -224,7 +209,7 @@ def test_unnormalised_distance_matches_reference():
 
 
 def test_permutation_invariance():
-    x, y = random_batch(seed=7)
+    x, y = paired_batch(seed=7)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     loss = RankedListLoss(0.4, Tn=10)
     assert loss(x[perm], y[perm]).item() == pytest.approx(loss(x, y).item(), abs=1e-12)
@@ -234,7 +219,7 @@ def test_edge_cases():
     loss = RankedListLoss(0.4, Tn=10)
     x = torch.randn(1, 4, dtype=F64)
     assert loss(x, torch.tensor([0])).item() == 0.0  # one element: nothing to rank
-    x, _ = random_batch(seed=8)
+    x, _ = paired_batch(seed=8)
     distinct = torch.arange(len(x))
     assert loss(x, distinct).item() == pytest.approx(reference_loss(x, distinct.tolist(), Tn=10).item(), abs=1e-10)
     equal = torch.zeros(len(x), dtype=torch.long)
@@ -245,7 +230,8 @@ def test_edge_cases():
         assert got == pytest.approx(reference_loss(x, y.tolist(), Tn=10, **kw).item(), abs=1e-10)
 
 
-def test_boundary_ties_are_trivial():
+def test_case9_boundary_ties_are_trivial():
+    # docs/ranked_list_loss.md, case 9.
     # exact distances without normalisation: d(0,1) = d(1,2) = d(0,3) = 0.5 = alpha - m, d(0,2) = 1.0 = alpha.
     # Strict sets (the paper): ties are trivial. By hand, per query: 0.5, 0.146447, 0.25, 0.198223.
     # Counting ties (>= / <=) would give 0.21117 instead.
@@ -258,8 +244,8 @@ def test_boundary_ties_are_trivial():
 
 
 def test_near_duplicate_positives_count_when_every_positive_does():
-    # alpha = m (spec Table 4, "every positive counts"): positives a few 1e-4 apart are non-trivial even though
-    # the float32 Gram matrix cannot resolve their distance
+    # alpha = m (the CVPR paper's Table 4, "every positive counts"): positives a few 1e-4 apart are non-trivial
+    # even though the float32 Gram matrix cannot resolve their distance
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 512, generator=g)
     x[1] = x[0] + 1e-5 * torch.randn(512, generator=g)
@@ -274,7 +260,7 @@ def test_near_duplicate_positives_count_when_every_positive_does():
 
 
 def test_autocast_computes_in_float32():
-    x, y = random_batch(seed=12, dtype=torch.float32)
+    x, y = paired_batch(seed=12, dtype=torch.float32)
     x.requires_grad_(True)
     for gradient in ("paper", "autograd"):
         loss = RankedListLoss(0.4, Tn=10, gradient=gradient)
@@ -289,7 +275,7 @@ def test_autocast_computes_in_float32():
 
 
 def test_large_temperature_approaches_hardest_negative():
-    x, y = random_batch(seed=9, dtype=torch.float32)
+    x, y = paired_batch(seed=9, dtype=torch.float32)
     got = RankedListLoss(0.4, Tn=50, imbalance=1.0, reducer=None)(x, y).item()
     ref = reference_loss(x.double(), y.tolist(), Tn=50, imbalance=1.0).item()
     assert got == pytest.approx(ref, abs=1e-5)
@@ -366,7 +352,7 @@ def test_bad_inputs():
 
 def test_record_keeper_attributes():
     loss = RankedListLoss(0.3, Tn=7, collect_stats=True)
-    x, y = random_batch(seed=10)
+    x, y = paired_batch(seed=10)
     loss(x, y)
     for name in ("margin", "alpha", "Tp", "Tn", "imbalance"):
         assert name in loss._record_these

@@ -7,15 +7,14 @@ import torch
 from pytorch_metric_learning.losses import ContrastiveLoss
 
 from pml_rll import losses, miners, reducers
+from tests.conftest import paired_batch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def batch(n=256, dim=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    x[1::2] = x[0::2] + 0.5 * torch.randn(n // 2, dim, generator=g)
-    x[7] = x[6]
+    x, _ = paired_batch(n, dim, seed=seed, noise=0.5, dtype=torch.float32)
+    x[7] = x[6]  # identical embeddings
     return x, torch.arange(n) % 32
 
 

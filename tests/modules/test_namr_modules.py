@@ -1,4 +1,4 @@
-"""StructureEmbeddingHead and NAMREmbedder (spec §3.1, §5.2 items 1-2, §6.1 items 1-2)."""
+"""StructureEmbeddingHead and NAMREmbedder: range, frozen BatchNorm, packing (docs/namr.md, sections 3.1-3.3)."""
 
 from __future__ import annotations
 

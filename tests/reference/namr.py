@@ -1,4 +1,4 @@
-"""Slow, obviously-correct loop references for the NAMR tests, written from the spec formulas (float64)."""
+"""Slow, obviously-correct loop references for the NAMR tests, from the formulas of docs/namr.md (float64)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A slow, explicit Ranked List Loss written from the spec (shared/specs/ranked_list_loss.md, sections 1.1-1.2).
+"""A slow, explicit Ranked List Loss written from the paper's eqs. 2-5 (docs/ranked_list_loss.md, sections 1-2).
 
 Loops over queries and gallery items with scalar arithmetic; nothing here is shared with the package.
 """
@@ -8,11 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-def unit_circle(degrees, dtype=torch.float64):
-    a = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
-    return torch.stack([torch.cos(a), torch.sin(a)], 1).to(dtype)
 
 
 def _normalise(x):
@@ -77,8 +72,8 @@ def reference_loss(*args, **kwargs):
 
 
 def reference_paper_gradient(x, labels, margin=0.4, alpha=None, Tp=0.0, Tn=10.0, imbalance=0.5):
-    """The paper's gradient of the mean loss (spec 1.2): constant weights, query-only, unit directions,
-    then the L2-normalisation Jacobian. Written out by hand, no autograd."""
+    """The paper's gradient of the mean loss (docs/ranked_list_loss.md, section 2.1): constant weights, query-only,
+    unit directions, then the L2-normalisation Jacobian. Written out by hand, no autograd."""
     alpha = 1 + margin / 2 if alpha is None else alpha
     x = x.detach().to(torch.float64)
     e = _normalise(x)
@@ -95,7 +90,7 @@ def reference_paper_gradient(x, labels, margin=0.4, alpha=None, Tp=0.0, Tn=10.0,
             w = [math.exp(T * v - top) for v in h]
             s = sum(w)
             for (j, d), wj in zip(group, w):
-                if float(d) > 1e-12:  # the direction at d = 0 is undefined: zero (spec case 5)
+                if float(d) > 1e-12:  # the direction at d = 0 is undefined: zero (docs/ranked_list_loss.md, case 5)
                     ge += sign * lam * (wj / s) * (e[i] - e[j]) / d
         ge = ge / B
         norm = torch.sqrt((x[i] ** 2).sum())

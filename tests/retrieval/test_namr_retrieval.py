@@ -1,4 +1,4 @@
-"""NAMRReRankKNN and StructureWeightedDistance (spec §1.3 d, §3.5, §5.2 items 6-7, §6.1 items 5 and 10)."""
+"""NAMRReRankKNN and StructureWeightedDistance (docs/namr.md, section 5)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from pml_rll.retrieval import NAMRReRankKNN, StructureWeightedDistance
 from pml_rll.retrieval.namr_rerank_knn import _HAS_FAISS
+from tests.conftest import sample_and_structure
 from tests.reference import namr as ref
 
 D = 5
 
 
 def _packed(n, seed, dtype=torch.float64, s_one=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=g, dtype=dtype)
-    s = torch.ones(n, D, dtype=dtype) if s_one else 0.5 + torch.rand(n, D, generator=g, dtype=dtype)
-    return torch.cat([x, s], 1)
+    return torch.cat(sample_and_structure(n, D, seed, dtype, s_one=s_one), 1)
 
 
 def _exact_knn():
