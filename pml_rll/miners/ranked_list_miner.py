@@ -1,3 +1,5 @@
+"""RankedListMiner: the non-trivial pairs of the Ranked List Loss as a PML miner."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +9,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
-from ..losses._checks import check_distance, check_number
+from ..utils.validation import check_batch, check_distance, check_number
 
 
 class RankedListMiner(BaseMiner):
@@ -22,6 +24,10 @@ class RankedListMiner(BaseMiner):
         alpha: the negative boundary; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
         **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
             the loss computes it), ``collect_stats``.
+
+    Bad input: embeddings and ``ref_emb`` must be 2-D floating-point tensors of one width with finite values (a NaN
+    row raises a ``ValueError`` instead of being silently dropped), labels (and ``ref_labels`` with ``ref_emb``)
+    1-D integer tensors of matching length; see :mod:`pml_rll.utils.validation`.
 
     Recorded: margin, alpha; statistics num_pos_pairs, num_neg_pairs (PML's), ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query``.
@@ -38,6 +44,11 @@ class RankedListMiner(BaseMiner):
         self.add_to_recordable_attributes(
             list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
         )
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
+        check_batch(embeddings, labels, ref_emb, ref_labels, labels_required=True)
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         check_distance(self.distance, "RankedListMiner")
