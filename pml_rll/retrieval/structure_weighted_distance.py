@@ -34,7 +34,7 @@ class StructureWeightedDistance(BaseDistance):
     def __init__(self, embedding_size: int, **kwargs):
         embedding_size = check_int("embedding_size", embedding_size)
         if kwargs.get("normalize_embeddings", False):
-            raise ValueError("normalize_embeddings: StructureWeightedDistance needs normalize_embeddings=False (packed embeddings)")
+            raise ValueError("StructureWeightedDistance needs normalize_embeddings=False (packed embeddings)")
         kwargs["normalize_embeddings"] = False
         super().__init__(**kwargs)
         self.embedding_size = embedding_size
