@@ -122,7 +122,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
     def check_input(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None) -> None:
         """Raise on bad input to :meth:`forward` (nothing is computed or recorded)."""
         d = self.embedding_size
-        check_batch(embeddings, labels, ref_emb, ref_labels, packed=d)
+        check_batch(embeddings, labels, ref_emb, ref_labels, packed=d, indices_tuple=indices_tuple)
         if self.structure_weight > 0:
             check_structure_positive("embeddings", embeddings, d)
         if labels is None and indices_tuple is None:

@@ -100,8 +100,10 @@ class RankedListLoss(BaseMetricLossFunction):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
-        pairs_given = indices_tuple is not None
-        check_batch(embeddings, labels, ref_emb, ref_labels, ref_labels_required=labels is not None and not pairs_given)
+        need_ref_labels = labels is not None and indices_tuple is None
+        check_batch(
+            embeddings, labels, ref_emb, ref_labels, ref_labels_required=need_ref_labels, indices_tuple=indices_tuple
+        )
         if labels is None and indices_tuple is None:
             raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
         # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast)

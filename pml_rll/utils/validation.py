@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from pytorch_metric_learning.distances import BaseDistance
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 #: Largest temperature (RankedListLoss / RankedListReducer ``Tn``, ``Tp``) and soft-assignment sharpness
@@ -203,6 +202,7 @@ def check_batch(
     packed: int | None = None,
     labels_required: bool = False,
     ref_labels_required: bool | None = None,
+    indices_tuple: Any = None,
 ) -> None:
     """The PML call ``(embeddings, labels, ref_emb, ref_labels)`` of a loss or a miner, every value finite.
 
@@ -210,6 +210,7 @@ def check_batch(
     ref_emb: (R, D) on the embeddings' device; ref_labels: (R,) integers, required with ``ref_emb`` when
     ``ref_labels_required`` (default: when labels are given); ``ref_labels`` without ``ref_emb`` is rejected (it
     would be ignored). ``packed=d``: NAMR inputs, embeddings (N, 2d) and ref_emb (R, 2d) or (R, d).
+    ``indices_tuple``, when given, is checked by :func:`check_indices_tuple` for N queries x R references.
     """
     if packed is not None:
         check_embeddings("embeddings", embeddings, 2 * packed, what=packed_width(packed))
@@ -219,6 +220,8 @@ def check_batch(
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError("ref_labels was given without ref_emb (it would be ignored); pass ref_emb too")
+        if indices_tuple is not None:
+            check_indices_tuple(indices_tuple, embeddings.shape[0], embeddings.shape[0])
         return
     if packed is not None:
         check_reference("ref_emb", ref_emb, packed)
@@ -229,6 +232,8 @@ def check_batch(
     if ref_labels_required is None:
         ref_labels_required = labels is not None
     check_labels("ref_labels", ref_labels, ref_emb.shape[0], required=ref_labels_required)
+    if indices_tuple is not None:
+        check_indices_tuple(indices_tuple, embeddings.shape[0], ref_emb.shape[0])
 
 
 def check_structure_positive(name: str, packed: Tensor, embedding_size: int) -> None:
@@ -254,26 +259,35 @@ def check_reference(name: str, reference: Any, embedding_size: int) -> None:
 
 
 # -- miners' output --------------------------------------------------------------------------------------------------
+def check_indices_tuple(indices_tuple: Any, n: int, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A PML triplet ``(a, p, n)`` or pair ``(a1, p, a2, n)`` tuple for n queries x m references, as the pairs
+    ``(a1, p, a2, n)`` (long tensors): 1-D integer tensors, matching lengths, indices in range, and no pair listed
+    both as positive and as negative."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise TypeError("indices_tuple must be a PML tuple of 3 (triplets) or 4 (pairs) index tensors")
+    for t in indices_tuple:
+        if not torch.is_tensor(t) or t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError("indices_tuple must hold 1-D integer index tensors")
+    idx = [t.long() for t in indices_tuple]
+    a1, p, a2, neg = (idx[0], idx[1], idx[0], idx[2]) if len(idx) == 3 else idx
+    for kind, rows, cols in (("positive", a1, p), ("negative", a2, neg)):
+        if rows.shape != cols.shape:
+            raise ValueError(f"indices_tuple: {kind} anchors and partners differ in length")
+        if rows.numel() and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= m):
+            raise ValueError(f"indices_tuple: {kind} pair indices out of range for {n} queries x {m} references")
+    if a1.numel() and a2.numel() and bool(torch.isin(a1 * m + p, a2.to(a1.device) * m + neg.to(a1.device)).any()):
+        raise ValueError("indices_tuple: a pair is listed both as positive and as negative")
+    return a1, p, a2, neg
+
+
 def pairs_to_masks(
     indices_tuple, labels: Tensor | None, ref_labels: Tensor | None, n: int, m: int, device
 ) -> tuple[Tensor, Tensor]:
-    """Dense (n x m) positive / negative masks from a PML pair or triplet tuple, every index checked."""
-    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-        raise TypeError("indices_tuple must be a PML tuple of 3 (triplets) or 4 (pairs) index tensors")
-    a1, p, a2, n_idx = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+    """Dense (n x m) positive / negative masks from a PML pair or triplet tuple, checked by
+    :func:`check_indices_tuple` (``labels`` and ``ref_labels`` are not needed: a tuple names its pairs)."""
+    a1, p, a2, n_idx = (t.to(device) for t in check_indices_tuple(indices_tuple, n, m))
     pos = torch.zeros(n, m, dtype=torch.bool, device=device)
     neg = torch.zeros(n, m, dtype=torch.bool, device=device)
-    for name, rows, cols, mask in (("positive", a1, p, pos), ("negative", a2, n_idx, neg)):
-        rows, cols = torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
-        for t in (rows, cols):
-            if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise TypeError(f"indices_tuple: {name} pair indices must be 1-D integer tensors")
-        rows, cols = rows.long(), cols.long()
-        if rows.shape != cols.shape:
-            raise ValueError(f"indices_tuple: {name} anchors and partners differ in length")
-        if rows.numel() and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= m):
-            raise ValueError(f"indices_tuple: {name} pair indices out of range for {n} queries x {m} references")
-        mask[rows, cols] = True
-    if bool((pos & neg).any()):
-        raise ValueError("indices_tuple: a pair is listed both as positive and as negative")
+    pos[a1, p] = True
+    neg[a2, n_idx] = True
     return pos, neg
