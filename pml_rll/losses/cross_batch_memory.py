@@ -71,12 +71,17 @@ class CrossBatchMemory(PMLCrossBatchMemory):
             self.has_been_filled,
             self.embedding_memory[slots].clone(),
             self.label_memory[slots].clone(),
+            self.__dict__.get("curr_batch_idx"),
         )
         try:
             return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
         except Exception:
             # the loss or the miner refused the batch after it was enqueued: put the memory back as it was
             self.queue_idx, self.has_been_filled = saved[0], saved[1]
+            if saved[4] is None:
+                self.__dict__.pop("curr_batch_idx", None)
+            else:
+                self.curr_batch_idx = saved[4]
             slots = slots.to(self.embedding_memory.device)
             self.embedding_memory[slots] = saved[2].to(self.embedding_memory)
             self.label_memory[slots] = saved[3].to(self.label_memory)
