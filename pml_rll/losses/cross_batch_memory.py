@@ -6,7 +6,7 @@ import torch
 from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
 from pytorch_metric_learning.losses import RankedListLoss as PMLRankedListLoss
 
-from ..utils.validation import check_batch, check_callable, check_int
+from ..utils.validation import check_batch, check_callable, check_indices_tuple, check_int
 from .ranked_list_loss import RankedListLoss
 
 
@@ -23,8 +23,9 @@ class CrossBatchMemory(PMLCrossBatchMemory):
     ``memory_size`` must be positive ints (numpy ints too), ``loss`` and ``miner`` callable. Every call is checked
     before anything is enqueued: embeddings 2-D floating point of width ``embedding_size`` and finite, labels a 1-D
     integer tensor of the batch's length, at most ``memory_size`` rows to enqueue, ``enqueue_mask`` a 1-D bool
-    tensor of the batch's length. A rejected call raises a ``ValueError``/``TypeError`` naming the argument and
-    leaves the memory as it was; so does a call whose loss or miner raises (the overwritten slots are restored).
+    tensor of the batch's length, ``indices_tuple`` pairs of batch rows and memory slots. A rejected call raises a
+    ``ValueError``/``TypeError`` naming the argument and leaves the memory as it was; so does a call whose loss or
+    miner raises (the overwritten slots are restored).
     """
 
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs):
@@ -61,6 +62,9 @@ class CrossBatchMemory(PMLCrossBatchMemory):
                 f"embeddings: {n} rows to enqueue exceed memory_size={self.memory_size}; "
                 "use a larger memory_size or a smaller batch"
             )
+        if indices_tuple is not None:  # queries: the batch; references: the memory once the batch is enqueued
+            filled = self.has_been_filled or self.queue_idx + n >= self.memory_size
+            check_indices_tuple(indices_tuple, embeddings.shape[0], self.memory_size if filled else self.queue_idx + n)
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         self.check_input(embeddings, labels, indices_tuple, enqueue_mask)

@@ -9,6 +9,7 @@ from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from ..functional import namr as F_namr
 from ..utils.validation import (
+    MAX_MAGNITUDE,
     check_batch,
     check_bool,
     check_callable,
@@ -53,7 +54,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             only when given, so losses that reject them still work without them.
         embedding_size: d, the width of x and of s.
         structure_loss: the structure term; default ``MultiClusterRankingLoss(embedding_size)`` (NASA).
-        structure_weight: lambda >= 0 (NASA: 2.0).
+        structure_weight: lambda in [0, 1e30] (NASA: 2.0).
         miner: optional PML miner applied to x_tilde (use this rather than a trainer-level miner so
             mining sees the scaled geometry).
         scale_by_mean_distance: divide x by the batch mean pairwise distance (NASA: True).
@@ -78,7 +79,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
     ):
         check_callable("loss", loss)
         embedding_size = check_int("embedding_size", embedding_size)
-        structure_weight = check_number("structure_weight", structure_weight, low=0.0)
+        structure_weight = check_number("structure_weight", structure_weight, 0.0, MAX_MAGNITUDE)
         check_callable("structure_loss", structure_loss, optional=True)
         check_callable("miner", miner, optional=True)
         scale_by_mean_distance = check_bool("scale_by_mean_distance", scale_by_mean_distance)
@@ -138,7 +139,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
         if labels is not None:
             labels = c_f.to_device(labels, embeddings)
-        ref_x = None if ref_emb is None else self._split_ref(ref_emb)
+        ref_x = None if ref_emb is None else self._split_ref(ref_emb).to(x.dtype)
         if ref_x is not None and ref_labels is not None:
             ref_labels = c_f.to_device(ref_labels, ref_x)
 

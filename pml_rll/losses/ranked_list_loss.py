@@ -9,6 +9,7 @@ from torch import Tensor
 from ..functional.ranked_list import negative_hinge, non_trivial_pairs, positive_hinge, ranked_lists
 from ..functional.ranked_list_euclidean import dense_masks, label_masks, ranked_list_euclidean
 from ..utils.validation import (
+    MAX_MAGNITUDE,
     check_batch,
     check_choice,
     check_distance,
@@ -37,13 +38,14 @@ class RankedListLoss(BaseMetricLossFunction):
     set contributing 0.
 
     Args:
-        margin: m, the gap between the positive boundary alpha - m and the negative boundary alpha.
+        margin: m, the gap between the positive boundary alpha - m and the negative boundary alpha, in [0, 1e30].
         Tn: temperature of the negative weighting (0: uniform; large: the hardest negative only), in
             [0, 1e4] (``pml_rll.utils.validation.MAX_TEMPERATURE``: beyond it float32 changes nothing but can
             overflow).
         imbalance: lambda in ``(1 - lambda) * L_P + lambda * L_N``, in [0, 1]. The CVPR form ``L_P + l * L_N``
             is this with imbalance = l / (1 + l), times (1 + l).
-        alpha: the negative boundary; ``None`` means ``1 + margin / 2`` (the TPAMI code's fixed boundaries).
+        alpha: the negative boundary in (0, 1e30]; ``None`` means ``1 + margin / 2`` (the TPAMI code's fixed
+            boundaries).
         Tp: temperature of the positive weighting (0 in the paper's experiments), in [0, 1e4] like Tn.
         gradient: ``"paper"`` (default): the weights are constants and each pair's gradient reaches only its query,
             the gallery held fixed, as the authors state; every non-trivial negative is pushed away and every
@@ -84,11 +86,11 @@ class RankedListLoss(BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.margin = check_number("margin", margin, low=0.0)
+        self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
         self.Tn = check_temperature("Tn", Tn)
         self.Tp = check_temperature("Tp", Tp)
         self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
-        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)

@@ -9,7 +9,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
-from ..utils.validation import check_batch, check_distance, check_number
+from ..utils.validation import MAX_MAGNITUDE, check_batch, check_distance, check_number
 
 
 class RankedListMiner(BaseMiner):
@@ -20,8 +20,8 @@ class RankedListMiner(BaseMiner):
     ``RankedListLoss`` on the mined pairs equals ``RankedListLoss`` on all pairs.
 
     Args:
-        margin: m, the gap between the two boundaries.
-        alpha: the negative boundary; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
+        margin: m, the gap between the two boundaries, in [0, 1e30].
+        alpha: the negative boundary in (0, 1e30]; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
         **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
             the loss computes it), ``collect_stats``.
 
@@ -35,8 +35,8 @@ class RankedListMiner(BaseMiner):
 
     def __init__(self, margin: float = 0.4, alpha: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.margin = check_number("margin", margin, low=0.0)
-        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
+        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         check_distance(self.distance, "RankedListMiner")

@@ -56,7 +56,7 @@ class SampleEmbeddingMiner(BaseMiner):
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         x, _ = F_namr.split_packed(embeddings, self.embedding_size)
         same_ref = ref_emb is embeddings
-        ref_x = x if same_ref else self._ref_sample(ref_emb)
+        ref_x = x if same_ref else self._ref_sample(ref_emb).to(x.dtype)
         if self.scale_by_mean_distance:
             scale = F_namr.mean_pairwise_distance(x)
             x, ref_x = x / scale, ref_x / scale

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..functional import namr as F_namr
-from ..utils.validation import check_callable, check_embeddings, check_int
+from ..utils.validation import check_callable, check_features, check_int
 from .structure_embedding_head import StructureEmbeddingHead
 
 
@@ -54,7 +54,7 @@ class NAMREmbedder(nn.Module):
         return 2 * self.embedding_size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        check_embeddings("features", features, self.in_features, what=f"in_features = {self.in_features}")
+        check_features(features, self)
         x = self.sample_head(features)
         s = self.structure_head(features)
         if s.shape != x.shape:

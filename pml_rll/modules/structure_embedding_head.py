@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..utils.validation import check_bool, check_embeddings, check_int, check_numbers
+from ..utils.validation import check_bool, check_features, check_int, check_numbers
 
 
 class StructureEmbeddingHead(nn.Module):
@@ -75,7 +75,7 @@ class StructureEmbeddingHead(nn.Module):
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        check_embeddings("features", features, self.in_features, what=f"in_features = {self.in_features}")
+        check_features(features, self)
         s_min, s_max = self.s_range
         s = s_min + (s_max - s_min) * torch.sigmoid(self.layers(features))
         lo = torch.nextafter(torch.tensor(s_min, dtype=s.dtype), torch.tensor(s_max, dtype=s.dtype))

@@ -55,14 +55,14 @@ class StructureWeightedDistance(BaseDistance):
 
     def compute_mat(self, query_emb, ref_emb):
         qx, qs = F_namr.split_packed(query_emb, self.embedding_size)
-        rx = self._ref_sample(ref_emb)
+        rx = self._ref_sample(ref_emb).to(qx.dtype)
         qx, rx, qs, unscale = _rescaled(qx, rx, qs)
         return F_namr.structure_weighted_sq_distance(qx, qs, rx) * unscale
 
     def pairwise_distance(self, query_emb, ref_emb):
         self.check_shapes(query_emb, ref_emb)
         qx, qs = F_namr.split_packed(query_emb, self.embedding_size)
-        rx = self._ref_sample(ref_emb)
+        rx = self._ref_sample(ref_emb).to(qx.dtype)
         if rx.shape[0] != qx.shape[0]:
             raise ValueError(f"ref_emb must have {qx.shape[0]} rows like query_emb, got {rx.shape[0]}")
         return (qs * (qx - rx) ** 2).sum(1)

@@ -15,7 +15,8 @@ message starts with the name of the argument at fault. The conventions:
   rejected with a ``TypeError`` (convert with ``torch.as_tensor``) rather than converted, as PML itself expects
   tensors: one rule for every class, and no silent copy to the wrong device. Labels on another device than the
   embeddings are moved, as PML does.
-* Temperatures and sharpness factors lie in ``[0, MAX_TEMPERATURE]``: see :data:`MAX_TEMPERATURE`.
+* Temperatures and sharpness factors lie in ``[0, MAX_TEMPERATURE]``, margins, boundaries and loss weights are at
+  most ``MAX_MAGNITUDE``: see :data:`MAX_TEMPERATURE` and :data:`MAX_MAGNITUDE`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from torch import Tensor
 #: float32's largest value (3.4e38) for every hinge below 3.4e34, so the weights are finite in every dtype the
 #: losses compute in (float16 and bfloat16 inputs are computed in float32).
 MAX_TEMPERATURE = 1e4
+#: Largest margin, alpha (distance boundaries) and loss weight accepted: times a temperature of at most 1e4 it stays
+#: below 1e34, far from float32's largest value, so no hyper-parameter can overflow a float32 loss on its own.
+MAX_MAGNITUDE = 1e30
 
 
 # -- hyper-parameters ----------------------------------------------------------------------------------------------
@@ -182,6 +186,21 @@ def check_labels(name: str, labels: Any, n: int | None = None, required: bool = 
 def check_same_device(name: str, t: Tensor, like: Tensor, like_name: str = "embeddings") -> None:
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device}, {like_name} on {like.device}; put both on one device")
+
+
+def check_features(features: Any, module: torch.nn.Module) -> None:
+    """Input of a module with ``in_features``: (N, in_features) floating point, finite, of the parameters' dtype
+    and device (any floating dtype under autocast)."""
+    check_embeddings("features", features, module.in_features, what=f"in_features = {module.in_features}")
+    param = next(module.parameters(), None)
+    if param is None:
+        return
+    check_same_device("features", features, param, "the module's parameters")
+    if features.dtype != param.dtype and not torch.is_autocast_enabled(features.device.type):
+        raise TypeError(
+            f"features are {features.dtype} but the module's parameters are {param.dtype}; convert one of them "
+            "or run under torch.autocast"
+        )
 
 
 def packed_width(embedding_size: int) -> str:

@@ -43,6 +43,8 @@ BAD_CONSTRUCTION = [
     ("rll Tp negative", lambda: RankedListLoss(Tp=-0.5), ValueError, "Tp"),
     ("rll Tp too large", lambda: RankedListLoss(Tp=np.float64(2e4)), ValueError, "Tp"),
     ("rll imbalance", lambda: RankedListLoss(imbalance=1.5), ValueError, "imbalance"),
+    ("rll margin huge", lambda: RankedListLoss(margin=1e40), ValueError, "margin"),
+    ("rll alpha huge", lambda: RankedListLoss(alpha=1e40), ValueError, "alpha"),
     ("rll alpha zero", lambda: RankedListLoss(alpha=0.0), ValueError, "alpha"),
     ("rll alpha str", lambda: RankedListLoss(alpha="1"), TypeError, "alpha"),
     ("rll gradient", lambda: RankedListLoss(gradient="fast"), ValueError, "gradient"),
@@ -73,6 +75,7 @@ BAD_CONSTRUCTION = [
     ),
     ("namr weight str", lambda: NAMRLoss(RankedListLoss(), D, structure_weight="2"), TypeError, "structure_weight"),
     ("namr weight nan", lambda: NAMRLoss(RankedListLoss(), D, structure_weight=NAN), ValueError, "structure_weight"),
+    ("namr weight huge", lambda: NAMRLoss(RankedListLoss(), D, structure_weight=1e40), ValueError, "structure_weight"),
     ("namr structure_loss", lambda: NAMRLoss(RankedListLoss(), D, structure_loss="mcr"), TypeError, "structure_loss"),
     (
         "namr structure size",
@@ -201,6 +204,9 @@ BAD_CALLS = [
         ValueError,
         "enqueue_mask",
     ),
+    ("cbm pairs list", _cbm, (E, LABELS), (E, LABELS, [0, 1, 2]), TypeError, "indices_tuple"),
+    ("cbm pairs float", _cbm, (E, LABELS), (E, LABELS, tuple(t.float() for t in T3)), TypeError, "indices_tuple"),
+    ("cbm pairs range", _cbm, (E, LABELS), (E, LABELS, (T3[0], T3[1], T3[2] + 30)), ValueError, "indices_tuple"),
     (
         "cbm mask and pairs",
         _cbm,
@@ -247,3 +253,10 @@ def test_cross_batch_memory_recovers_after_a_nan_batch():
     assert cbm.queue_idx == 0 and not cbm.has_been_filled
     for seed in range(4):
         assert torch.isfinite(cbm(_emb(seed=seed), LABELS))
+
+
+def test_references_of_another_dtype_are_cast_to_the_embeddings_dtype():
+    ref = _packed(6, seed=3)
+    for loss in (_namr(), _namr_contrastive()):
+        expected = loss(P, LABELS, None, ref, torch.arange(6) % 4)
+        torch.testing.assert_close(loss(P, LABELS, None, ref.double(), torch.arange(6) % 4), expected)

@@ -28,6 +28,8 @@ BAD_CONSTRUCTION = [
     ("rlm margin str", lambda: RankedListMiner(margin="0.4"), TypeError, "margin"),
     ("rlm alpha zero", lambda: RankedListMiner(alpha=0.0), ValueError, "alpha"),
     ("rlm alpha bool", lambda: RankedListMiner(alpha=True), TypeError, "alpha"),
+    ("rlm alpha huge", lambda: RankedListMiner(alpha=1e40), ValueError, "alpha"),
+    ("rlm margin huge", lambda: RankedListMiner(margin=1e40), ValueError, "margin"),
     ("rlm similarity", lambda: RankedListMiner(distance=distances.DotProductSimilarity()), ValueError, "distance"),
     ("sem miner None", lambda: SampleEmbeddingMiner(None, D), TypeError, "miner"),
     ("sem size 0", lambda: SampleEmbeddingMiner(miners.MultiSimilarityMiner(), 0), ValueError, "embedding_size"),
@@ -95,3 +97,10 @@ def test_bad_call_raises_and_changes_nothing(case, rejects):
 def test_sample_part_reference_is_accepted():
     out = _sem()(P, LABELS, E, LABELS)
     assert len(out) == 4
+
+
+def test_a_reference_of_another_dtype_is_cast():
+    miner = SampleEmbeddingMiner(miners.MultiSimilarityMiner(), D)
+    expected = miner(P, LABELS, E, LABELS)
+    for a, b in zip(miner(P, LABELS, E.half(), LABELS), expected):
+        assert torch.equal(a, b)

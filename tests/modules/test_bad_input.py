@@ -56,6 +56,7 @@ BAD_FEATURES = [
     ("3-D", X[None], ValueError),
     ("int", X.long(), TypeError),
     ("width", X[:, :-1], ValueError),
+    ("float64", X.double(), TypeError),
     ("nan", X.index_put((torch.tensor([3]), torch.tensor([2])), torch.tensor(NAN)), ValueError),
     ("inf", X.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))), ValueError),
 ]
@@ -70,3 +71,10 @@ def test_bad_features_raise_and_change_no_buffer(case, make, rejects):
     module = make().train()  # BatchNorm statistics would move on any batch that got through
     module(X)
     rejects(lambda: module(features), exc, "features", obj=module)
+
+
+def test_other_dtypes_run_under_autocast():
+    module = NAMREmbedder(F, D).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(X.bfloat16())
+    assert out.shape == (5, 2 * D) and torch.isfinite(out).all()

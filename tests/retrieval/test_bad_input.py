@@ -96,9 +96,9 @@ def test_no_minus_one_and_no_nan_for_finite_extreme_magnitudes():
             dist, got = NAMRReRankKNN(D, num_candidates=4, mode=mode)(q, 3, R * scale)
             assert torch.equal(got, idx), (mode, scale)
             assert not torch.isnan(dist).any()
-        s_big = torch.cat([Q[:, :D], Q[:, D:] * 1e36], 1)
-        dist, got = NAMRReRankKNN(D, mode="exhaustive")(s_big, 3, R)
-        assert torch.equal(got, expected["exhaustive"][1]) and not torch.isnan(dist).any()
+    s_big = torch.cat([Q[:, :D], Q[:, D:] * 1e36], 1)
+    dist, got = NAMRReRankKNN(D, mode="exhaustive")(s_big, 3, R)
+    assert torch.equal(got, expected["exhaustive"][1]) and not torch.isnan(dist).any()
 
 
 def test_plain_mode_never_returns_minus_one(rejects):
@@ -129,3 +129,8 @@ def test_bad_distance_calls(case, rejects):
     dist(Q, R)
     rejects(lambda: dist(*args), exc, name, obj=dist)
     rejects(lambda: dist.pairwise_distance(*args), exc, name, obj=dist)
+
+
+def test_a_reference_of_another_dtype_is_cast():
+    dist = StructureWeightedDistance(D)
+    torch.testing.assert_close(dist(Q, R.half()), dist(Q, R.half().float()))
