@@ -68,3 +68,11 @@ def unchanged():
         _assert_same_state(before, _snapshot(obj))
 
     return guard
+
+
+def pytest_generate_tests(metafunc):
+    """Tables of bad input: a test that asks for ``bad_construction`` runs once per row ``(id, call, exception,
+    argument named)`` of its module's ``BAD_CONSTRUCTION``."""
+    if "bad_construction" in metafunc.fixturenames:
+        table = metafunc.module.BAD_CONSTRUCTION
+        metafunc.parametrize("bad_construction", [row[1:] for row in table], ids=[row[0] for row in table])

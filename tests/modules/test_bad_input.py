@@ -37,10 +37,8 @@ BAD_CONSTRUCTION = [
 ]
 
 
-@pytest.mark.parametrize("case", BAD_CONSTRUCTION, ids=[c[0] for c in BAD_CONSTRUCTION])
-def test_bad_construction(case, rejects):
-    _, call, exc, name = case
-    rejects(call, exc, name)
+def test_bad_construction(bad_construction, rejects):
+    rejects(*bad_construction)
 
 
 def test_numpy_sizes_are_accepted():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from pytorch_metric_learning import losses
 
@@ -20,10 +19,8 @@ BAD_CONSTRUCTION = [
 ]
 
 
-@pytest.mark.parametrize("case", BAD_CONSTRUCTION, ids=[c[0] for c in BAD_CONSTRUCTION])
-def test_bad_construction(case, rejects):
-    _, call, exc, name = case
-    rejects(call, exc, name)
+def test_bad_construction(bad_construction, rejects):
+    rejects(*bad_construction)
 
 
 def test_numpy_temperatures_are_accepted():
