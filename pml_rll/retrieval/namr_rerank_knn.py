@@ -198,7 +198,9 @@ def _pow2(t: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(t), e)
 
 
-def _rescaled(qx, rx, qs):
+def _rescaled(
+    qx: torch.Tensor, rx: torch.Tensor, qs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qx, rx, qs, unscale): x divided by one power of two and each query's s by its own, when their magnitudes
     would make squared distances overflow or underflow; ``d_w * unscale`` is then the distance of the inputs.
 

@@ -59,14 +59,14 @@ def check_number(
     ``low_open``), returned as a Python float."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    too_low = low is not None and (out <= low if low_open else out < low)
+    if too_low or (high is not None and out > high):
         left = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {left}{low}, {high}], got {value}")
-    return value
+        raise ValueError(f"{name} must lie in {left}{low}, {high}], got {out}")
+    return out
 
 
 def check_temperature(name: str, value: Any) -> float:
@@ -78,10 +78,10 @@ def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> i
     """An integer (Python or numpy, not a bool, not a float) in [low, high], returned as a Python int."""
     if _is_bool(value) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be an int in [{low}, {high if high is not None else 'inf'}], got {value}")
-    return value
+    out = int(value)
+    if out < low or (high is not None and out > high):
+        raise ValueError(f"{name} must be an int in [{low}, {high if high is not None else 'inf'}], got {out}")
+    return out
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -191,7 +191,8 @@ def check_same_device(name: str, t: Tensor, like: Tensor, like_name: str = "embe
 def check_features(features: Any, module: torch.nn.Module) -> None:
     """Input of a module with ``in_features``: (N, in_features) floating point, finite, of the parameters' dtype
     and device (any floating dtype under autocast)."""
-    check_embeddings("features", features, module.in_features, what=f"in_features = {module.in_features}")
+    width = int(module.in_features)  # type: ignore[arg-type]
+    check_embeddings("features", features, width, what=f"in_features = {width}")
     param = next(module.parameters(), None)
     if param is None:
         return
@@ -300,7 +301,7 @@ def check_indices_tuple(indices_tuple: Any, n: int, m: int) -> tuple[Tensor, Ten
 
 
 def pairs_to_masks(
-    indices_tuple, labels: Tensor | None, ref_labels: Tensor | None, n: int, m: int, device
+    indices_tuple: Any, labels: Tensor | None, ref_labels: Tensor | None, n: int, m: int, device: Any
 ) -> tuple[Tensor, Tensor]:
     """Dense (n x m) positive / negative masks from a PML pair or triplet tuple, checked by
     :func:`check_indices_tuple` (``labels`` and ``ref_labels`` are not needed: a tuple names its pairs)."""
