@@ -1,4 +1,4 @@
-"""CrossBatchMemory: PML's cross-batch memory wrapper, accepting this package's RankedListLoss and checking input."""
+"""CrossBatchMemory: PML's cross-batch memory wrapper, also accepting this package's RankedListLoss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RankedListMiner: the non-trivial pairs of the Ranked List Loss as a PML miner."""
+"""RankedListMiner: the non-trivial pairs of the Ranked List Loss as a PML miner (docs/ranked_list_loss.md, 2.4)."""
 
 from __future__ import annotations
 

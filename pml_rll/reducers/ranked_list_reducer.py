@@ -1,4 +1,4 @@
-"""RankedListReducer: the ranked-list weighting of the Ranked List Loss for any PML pair loss."""
+"""RankedListReducer: the ranked-list reduction of any PML pair loss (docs/ranked_list_loss.md, section 2.4)."""
 
 from __future__ import annotations
 
