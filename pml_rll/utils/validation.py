@@ -1,7 +1,7 @@
 """Argument checks shared by every public class of the package (losses, miners, reducers, modules, retrieval).
 
 Every check raises at once, before anything is computed or stored, so a rejected call changes no state, and its
-message starts with the name of the argument at fault. The conventions:
+message names the argument at fault. The conventions:
 
 * ``TypeError`` for a value of the wrong kind (not a tensor, an integer tensor where floats are needed, a string
   where a number is needed, a bool where a number is needed or a number where a bool is needed);
@@ -10,7 +10,9 @@ message starts with the name of the argument at fault. The conventions:
 * Numbers: Python and numpy scalars alike (``np.float32(0.4)``, ``np.int64(10)``); bools are never numbers.
   Sizes are integers (Python or numpy), never floats, even integral ones.
 * Embeddings: 2-D floating-point ``torch.Tensor`` of shape (N, D), D >= 1, every value finite. An empty batch
-  (N = 0) is accepted where the class defines its result.
+  (N = 0) is accepted where the class defines its result. Reference embeddings (``ref_emb``, a gallery) of another
+  floating dtype are cast to the embeddings' dtype, as PML's CrossBatchMemory casts its memory; on another device
+  they are rejected.
 * Labels: 1-D ``torch.Tensor`` of integer class labels with one entry per embedding. Lists and numpy arrays are
   rejected with a ``TypeError`` (convert with ``torch.as_tensor``) rather than converted, as PML itself expects
   tensors: one rule for every class, and no silent copy to the wrong device. Labels on another device than the
