@@ -7,4 +7,4 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import functional, losses, miners, modules, reducers, retrieval  # noqa: E402,F401
+from . import functional, losses, miners, modules, reducers, retrieval, utils  # noqa: E402,F401

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
 from pytorch_metric_learning.losses import RankedListLoss as PMLRankedListLoss
 
+from ..utils.validation import check_batch, check_callable, check_indices_tuple, check_int
 from .ranked_list_loss import RankedListLoss
 
 
@@ -16,9 +18,21 @@ class CrossBatchMemory(PMLCrossBatchMemory):
     own ``RankedListLoss``, which rejects ``ref_emb``, is still refused). Arguments and behaviour are PML's:
     ``CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)``; the memory is the reference set, the
     queries are the current batch, and self-comparisons are removed through the indices tuple it builds.
+
+    Bad input (a choice of this package; PML asserts or fails inside the update): ``embedding_size`` and
+    ``memory_size`` must be positive ints (numpy ints too), ``loss`` and ``miner`` callable. Every call is checked
+    before anything is enqueued: embeddings 2-D floating point of width ``embedding_size`` and finite, labels a 1-D
+    integer tensor of the batch's length, at most ``memory_size`` rows to enqueue, ``enqueue_mask`` a 1-D bool
+    tensor of the batch's length, ``indices_tuple`` pairs of batch rows and memory slots. A rejected call raises a
+    ``ValueError``/``TypeError`` naming the argument and leaves the memory as it was; so does a call whose loss or
+    miner raises (the overwritten slots are restored).
     """
 
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs):
+        check_callable("loss", loss)
+        embedding_size = check_int("embedding_size", embedding_size)
+        memory_size = check_int("memory_size", memory_size)
+        check_callable("miner", miner, optional=True)
         if isinstance(loss, PMLRankedListLoss):
             raise ValueError(
                 "CrossBatchMemory: PML's RankedListLoss does not accept ref_emb; use pml_rll.losses.RankedListLoss"
@@ -29,3 +43,50 @@ class CrossBatchMemory(PMLCrossBatchMemory):
     def check_loss_support(self, loss_name):  # type: ignore[override]
         if not self._ours:
             super().check_loss_support(loss_name)
+
+    def check_input(self, embeddings, labels, indices_tuple=None, enqueue_mask=None) -> None:
+        """Raise on bad input to :meth:`forward` (nothing is changed)."""
+        check_batch(embeddings, labels, width=self.embedding_size, labels_required=True)
+        n = embeddings.shape[0]
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if enqueue_mask is not None:
+            if not torch.is_tensor(enqueue_mask) or enqueue_mask.dtype != torch.bool:
+                got = getattr(enqueue_mask, "dtype", type(enqueue_mask).__name__)
+                raise TypeError(f"enqueue_mask must be a bool tensor, got {got}")
+            if enqueue_mask.shape != (n,):
+                raise ValueError(f"enqueue_mask must have shape ({n},) like labels, got {tuple(enqueue_mask.shape)}")
+            n = int(enqueue_mask.sum())
+        if n > self.memory_size:
+            raise ValueError(
+                f"embeddings: {n} rows to enqueue exceed memory_size={self.memory_size}; "
+                "use a larger memory_size or a smaller batch"
+            )
+        if indices_tuple is not None:  # queries: the batch; references: the memory once the batch is enqueued
+            filled = self.has_been_filled or self.queue_idx + n >= self.memory_size
+            check_indices_tuple(indices_tuple, embeddings.shape[0], self.memory_size if filled else self.queue_idx + n)
+
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        self.check_input(embeddings, labels, indices_tuple, enqueue_mask)
+        n = embeddings.shape[0] if enqueue_mask is None else int(enqueue_mask.sum())
+        slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
+        saved = (
+            self.queue_idx,
+            self.has_been_filled,
+            self.embedding_memory[slots].clone(),
+            self.label_memory[slots].clone(),
+            self.__dict__.get("curr_batch_idx"),
+        )
+        try:
+            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+        except Exception:
+            # the loss or the miner refused the batch after it was enqueued: put the memory back as it was
+            self.queue_idx, self.has_been_filled = saved[0], saved[1]
+            if saved[4] is None:
+                self.__dict__.pop("curr_batch_idx", None)
+            else:
+                self.curr_batch_idx = saved[4]
+            slots = slots.to(self.embedding_memory.device)
+            self.embedding_memory[slots] = saved[2].to(self.embedding_memory)
+            self.label_memory[slots] = saved[3].to(self.label_memory)
+            raise

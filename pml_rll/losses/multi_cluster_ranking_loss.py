@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +9,15 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import MeanReducer
 
 from ..functional import namr as F_namr
+from ..utils.validation import (
+    MAX_TEMPERATURE,
+    check_batch,
+    check_bool,
+    check_int,
+    check_number,
+    check_numbers,
+    check_structure_positive,
+)
 
 
 class MultiClusterRankingLoss(BaseMetricLossFunction):
@@ -40,13 +48,19 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
 
     Args:
         embedding_size: d, the width of x and of s; inputs must have width ``2 * d``.
-        t_values: one t_m per cluster (M = len(t_values) >= 1), distinct finite numbers. (0, 3) is NASA.
-        alpha: soft-assignment sharpness (> 0). NASA: 10.
-        floor: lower bound of every centre as a fraction of mu (>= 0). NASA: 0.2.
+        t_values: one t_m per cluster (M = len(t_values) >= 1), distinct numbers in [-1e4, 1e4] (a string is
+            rejected, not read as digits). (0, 3) is NASA.
+        alpha: soft-assignment sharpness in (0, 1e4] (``MAX_TEMPERATURE``: keeps alpha * |D - eta| finite in
+            float32). NASA: 10.
+        floor: lower bound of every centre as a fraction of mu, in [0, 1e4]. NASA: 0.2.
         stats_include_diagonal: take mu and sigma over all N*N distances (NASA) or off-diagonal only.
         detach_sample_embedding: stop the gradient of this loss into x (ablation; NASA: False).
         **kwargs: passed to ``BaseMetricLossFunction`` (reducer, collect_stats, ...). A distance object is
             not used: the loss has its own fixed distances.
+
+    Bad input (see :mod:`pml_rll.utils.validation`): every call is checked before anything is computed or
+    recorded: embeddings (N, 2d) floating point, finite, N >= 2, s > 0; labels, when given, a 1-D integer tensor
+    of length N; ``indices_tuple`` and ``ref_emb`` are rejected.
     """
 
     def __init__(
@@ -59,23 +73,15 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         detach_sample_embedding: bool = False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        try:
-            t_list = [float(t) for t in t_values]
-        except TypeError as e:
-            raise TypeError(f"t_values must be a sequence of numbers, got {t_values!r}") from e
-        if len(t_list) < 1:
-            raise ValueError("t_values must hold at least one value")
-        if not all(math.isfinite(t) for t in t_list):
-            raise ValueError(f"t_values must be finite, got {t_values!r}")
+        embedding_size = check_int("embedding_size", embedding_size)
+        t_list = check_numbers("t_values", t_values, low=-MAX_TEMPERATURE, high=MAX_TEMPERATURE)
         if len(set(t_list)) != len(t_list):
             raise ValueError(f"t_values must be distinct (a repeated t doubles a tier), got {t_values!r}")
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
-        if not (math.isfinite(floor) and floor >= 0):
-            raise ValueError(f"floor must be a finite number >= 0, got {floor!r}")
+        alpha = check_number("alpha", alpha, 0.0, MAX_TEMPERATURE, low_open=True)
+        floor = check_number("floor", floor, 0.0, MAX_TEMPERATURE)
+        stats_include_diagonal = check_bool("stats_include_diagonal", stats_include_diagonal)
+        detach_sample_embedding = check_bool("detach_sample_embedding", detach_sample_embedding)
+        super().__init__(**kwargs)
         self.embedding_size = embedding_size
         self.t_values = tuple(sorted(t_list))
         self.alpha = float(alpha)
@@ -97,7 +103,23 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
     def get_default_reducer(self):
         return MeanReducer()
 
+    def check_input(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None) -> None:
+        """Raise on bad input to :meth:`forward` (nothing is computed or recorded)."""
+        if indices_tuple is not None:
+            raise ValueError(
+                "indices_tuple: MultiClusterRankingLoss is self-supervised over all ordered pairs; it is not supported"
+            )
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("ref_emb: MultiClusterRankingLoss works on the batch itself; ref_emb is not supported")
+        check_batch(embeddings, labels, packed=self.embedding_size)
+        check_structure_positive("embeddings", embeddings, self.embedding_size)
+        if embeddings.shape[0] < 2:
+            raise ValueError(
+                f"embeddings: MultiClusterRankingLoss needs a batch of at least 2 embeddings, got {embeddings.shape[0]}"
+            )
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self.check_input(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         # computed in float32 or float64 whatever the autocast state (half precision is upcast)
         with torch.autocast(embeddings.device.type, enabled=False):
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pytorch_metric_learning.losses.base_loss_wrapper import BaseLossWrapper
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from ..functional import namr as F_namr
+from ..utils.validation import (
+    MAX_MAGNITUDE,
+    check_batch,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_number,
+    check_structure_positive,
+)
 from .multi_cluster_ranking_loss import MultiClusterRankingLoss
 
 
@@ -31,6 +39,12 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
     4. return ``loss(x_tilde, labels, indices_tuple, ref_emb, ref_labels) + structure_weight *
        structure_loss([x_tilde || s])``. The structure term always uses the batch only.
 
+    Bad input (see :mod:`pml_rll.utils.validation`): the arguments are checked at construction (``loss``,
+    ``structure_loss``, ``miner`` callable; sizes ints, numpy ints too; ``structure_weight`` a number >= 0) and
+    every call before anything is computed or recorded: embeddings (N, 2d) floating point, finite, s > 0 when
+    the structure term is on, N >= 2; labels a 1-D integer tensor of length N, or an ``indices_tuple``;
+    ``ref_emb`` (R, 2d) or (R, d), finite, on the same device, with ``ref_labels`` when labels are given.
+
     ``structure_weight == 0`` skips the structure term: the result is exactly the base loss and s gets
     no gradient. Both parts are kept, detached, in ``metric_loss_value`` and ``structure_loss_value``
     (recordable attributes, so record-keeper logs them).
@@ -41,7 +55,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             only when given, so losses that reject them still work without them.
         embedding_size: d, the width of x and of s.
         structure_loss: the structure term; default ``MultiClusterRankingLoss(embedding_size)`` (NASA).
-        structure_weight: lambda >= 0 (NASA: 2.0).
+        structure_weight: lambda in [0, 1e30] (NASA: 2.0).
         miner: optional PML miner applied to x_tilde (use this rather than a trainer-level miner so
             mining sees the scaled geometry).
         scale_by_mean_distance: divide x by the batch mean pairwise distance (NASA: True).
@@ -64,29 +78,26 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         structure_geometry: str = "auto",
         **kwargs,
     ):
+        check_callable("loss", loss)
+        embedding_size = check_int("embedding_size", embedding_size)
+        structure_weight = check_number("structure_weight", structure_weight, 0.0, MAX_MAGNITUDE)
+        check_callable("structure_loss", structure_loss, optional=True)
+        check_callable("miner", miner, optional=True)
+        scale_by_mean_distance = check_bool("scale_by_mean_distance", scale_by_mean_distance)
+        check_choice("structure_geometry", structure_geometry, ("auto", "scaled", "l2"))
         super().__init__(loss=loss, **kwargs)
-        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        if not (
-            isinstance(structure_weight, (int, float)) and math.isfinite(structure_weight) and structure_weight >= 0
-        ):
-            raise ValueError(f"structure_weight must be a finite number >= 0, got {structure_weight!r}")
         if structure_loss is None:
             structure_loss = MultiClusterRankingLoss(embedding_size)
         elif getattr(structure_loss, "embedding_size", embedding_size) != embedding_size:
             raise ValueError(
                 f"structure_loss.embedding_size ({structure_loss.embedding_size}) != embedding_size ({embedding_size})"
             )
-        if miner is not None and not callable(miner):
-            raise TypeError(f"miner must be callable, got {type(miner).__name__}")
         self.loss = loss
         self.structure_loss = structure_loss
         self.miner = miner
         self.embedding_size = embedding_size
         self.structure_weight = float(structure_weight)
         self.scale_by_mean_distance = bool(scale_by_mean_distance)
-        if structure_geometry not in ("auto", "scaled", "l2"):
-            raise ValueError(f"structure_geometry must be 'auto', 'scaled' or 'l2', got {structure_geometry!r}")
         if structure_geometry == "auto":
             normalised = getattr(getattr(loss, "distance", None), "normalize_embeddings", False)
             structure_geometry = "l2" if normalised else "scaled"
@@ -110,17 +121,26 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
     def check_loss_support(cls, loss_name):
         pass
 
+    def check_input(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None) -> None:
+        """Raise on bad input to :meth:`forward` (nothing is computed or recorded)."""
+        d = self.embedding_size
+        check_batch(embeddings, labels, ref_emb, ref_labels, packed=d, indices_tuple=indices_tuple)
+        if self.structure_weight > 0:
+            check_structure_positive("embeddings", embeddings, d)
+        if labels is None and indices_tuple is None:
+            raise ValueError("NAMRLoss needs labels or an indices_tuple (the base loss's pairs or triplets)")
+        if embeddings.shape[0] < 2 and (self.scale_by_mean_distance or self.structure_weight > 0):
+            raise ValueError(f"embeddings: NAMRLoss needs a batch of at least 2 embeddings, got {embeddings.shape[0]}")
+
     def _split_ref(self, ref_emb: torch.Tensor) -> torch.Tensor:
         return F_namr.sample_part(ref_emb, self.embedding_size, "ref_emb")
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self.check_input(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
-        if not bool(torch.isfinite(embeddings).all()):
-            raise ValueError("embeddings contain non-finite values (NaN or inf)")
-        c_f.check_shapes(embeddings, labels)
         if labels is not None:
             labels = c_f.to_device(labels, embeddings)
-        ref_x = None if ref_emb is None else self._split_ref(ref_emb)
+        ref_x = None if ref_emb is None else self._split_ref(ref_emb).to(x.dtype)
         if ref_x is not None and ref_labels is not None:
             ref_labels = c_f.to_device(ref_labels, ref_x)
 
@@ -183,6 +203,8 @@ def make_base_loss(base_name: str):
     """(base loss, miner or None) for a NAMR variant name; see :func:`make_namr_loss`."""
     from pytorch_metric_learning import distances, losses, miners, reducers
 
+    if not isinstance(base_name, str):
+        raise TypeError(f"base_name must be a string, one of {NAMR_VARIANTS}, got {type(base_name).__name__}")
     key = _ALIASES.get(_normalise_name(base_name))
     if key is None:
         raise ValueError(f"unknown NAMR base loss {base_name!r}; expected one of {NAMR_VARIANTS}")

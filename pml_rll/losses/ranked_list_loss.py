@@ -10,12 +10,15 @@ from torch import Tensor
 
 from ..functional.ranked_list import negative_hinge, non_trivial_pairs, positive_hinge, ranked_lists
 from ..functional.ranked_list_euclidean import dense_masks, label_masks, ranked_list_euclidean
-from ._checks import (
+from ..utils.validation import (
+    MAX_MAGNITUDE,
+    check_batch,
     check_choice,
     check_distance,
     check_embeddings,
     check_labels,
     check_number,
+    check_temperature,
     pairs_to_masks,
 )
 
@@ -37,12 +40,15 @@ class RankedListLoss(BaseMetricLossFunction):
     set contributing 0.
 
     Args:
-        margin: m, the gap between the positive boundary alpha - m and the negative boundary alpha.
-        Tn: temperature of the negative weighting (0: uniform; large: the hardest negative only).
+        margin: m, the gap between the positive boundary alpha - m and the negative boundary alpha, in [0, 1e30].
+        Tn: temperature of the negative weighting (0: uniform; large: the hardest negative only), in
+            [0, 1e4] (``pml_rll.utils.validation.MAX_TEMPERATURE``: beyond it float32 changes nothing but can
+            overflow).
         imbalance: lambda in ``(1 - lambda) * L_P + lambda * L_N``, in [0, 1]. The CVPR form ``L_P + l * L_N``
             is this with imbalance = l / (1 + l), times (1 + l).
-        alpha: the negative boundary; ``None`` means ``1 + margin / 2`` (the TPAMI code's fixed boundaries).
-        Tp: temperature of the positive weighting (0 in the paper's experiments).
+        alpha: the negative boundary in (0, 1e30]; ``None`` means ``1 + margin / 2`` (the TPAMI code's fixed
+            boundaries).
+        Tp: temperature of the positive weighting (0 in the paper's experiments), in [0, 1e4] like Tn.
         gradient: ``"paper"`` (default): the weights are constants and each pair's gradient reaches only its query,
             the gallery held fixed, as the authors state; every non-trivial negative is pushed away and every
             non-trivial positive pulled in. ``"autograd"``: the plain derivative of the loss value (what PML's
@@ -51,8 +57,8 @@ class RankedListLoss(BaseMetricLossFunction):
         **kwargs: PML's ``distance``, ``reducer``, ``embedding_regularizer``, ``collect_stats``...
 
     Faithful to the paper, unlike PML 2.9's class: pairs at distance 0 count (identical embeddings of different
-    classes are the hardest negatives); no epsilon in the weight normalisation; weights are max-shifted, so any
-    temperature is finite in every dtype (float16/bfloat16 are computed in float32); miners (``indices_tuple``),
+    classes are the hardest negatives); no epsilon in the weight normalisation; weights are max-shifted, so every
+    allowed temperature is finite in every dtype (float16/bfloat16 are computed in float32); miners (``indices_tuple``),
     ``ref_emb``/``ref_labels`` (cross-batch memory, ``DistributedLossWrapper(efficient=True)``) and pairs without
     labels (multi-label data) are supported.
 
@@ -61,6 +67,11 @@ class RankedListLoss(BaseMetricLossFunction):
     (as in PML), so pass an ``indices_tuple`` when the reference set contains the batch. The default distance
     ``LpDistance(p=2, power=1, normalize_embeddings=True)`` takes the fast path (one matmul forward, one backward);
     any other non-inverted PML distance is supported through a slower generic path.
+
+    Bad input (see :mod:`pml_rll.utils.validation`): every argument is checked before anything is computed or
+    recorded, and a rejected call raises a ``TypeError``/``ValueError`` naming the argument: embeddings and
+    ``ref_emb`` 2-D floating point of one width and finite, labels 1-D integer tensors of the batch's length,
+    ``ref_labels`` with ``ref_emb`` (unless pairs are given), labels or an ``indices_tuple``.
 
     Recorded for record-keeper: margin, alpha, Tp, Tn, imbalance; statistics ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query`` (non-trivial pairs per query, when ``collect_stats`` is on).
@@ -77,11 +88,11 @@ class RankedListLoss(BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.margin = check_number("margin", margin, low=0.0)
-        self.Tn = check_number("Tn", Tn)
-        self.Tp = check_number("Tp", Tp)
+        self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
+        self.Tn = check_temperature("Tn", Tn)
+        self.Tp = check_temperature("Tp", Tp)
         self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
-        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
@@ -92,14 +103,13 @@ class RankedListLoss(BaseMetricLossFunction):
         )
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        # clear type errors before PML's own shape checks
-        check_embeddings("embeddings", embeddings, check_values=False)
-        check_labels("labels", labels)
-        check_labels("ref_labels", ref_labels)
-        if ref_emb is not None:
-            check_embeddings("ref_emb", ref_emb, embeddings.shape[1], check_values=False)
-            if ref_emb.device != embeddings.device:
-                raise ValueError(f"ref_emb is on {ref_emb.device}, embeddings on {embeddings.device}")
+        # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
+        need_ref_labels = labels is not None and indices_tuple is None
+        check_batch(
+            embeddings, labels, ref_emb, ref_labels, ref_labels_required=need_ref_labels, indices_tuple=indices_tuple
+        )
+        if labels is None and indices_tuple is None:
+            raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
         # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast)
         with torch.autocast(embeddings.device.type, enabled=False):
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)

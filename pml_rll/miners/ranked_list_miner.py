@@ -9,7 +9,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
-from ..losses._checks import check_distance, check_number
+from ..utils.validation import MAX_MAGNITUDE, check_batch, check_distance, check_number
 
 
 class RankedListMiner(BaseMiner):
@@ -20,10 +20,14 @@ class RankedListMiner(BaseMiner):
     ``RankedListLoss`` on the mined pairs equals ``RankedListLoss`` on all pairs.
 
     Args:
-        margin: m, the gap between the two boundaries.
-        alpha: the negative boundary; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
+        margin: m, the gap between the two boundaries, in [0, 1e30].
+        alpha: the negative boundary in (0, 1e30]; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
         **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
             the loss computes it), ``collect_stats``.
+
+    Bad input: embeddings and ``ref_emb`` must be 2-D floating-point tensors of one width with finite values (a NaN
+    row raises a ``ValueError`` instead of being silently dropped), labels (and ``ref_labels`` with ``ref_emb``)
+    1-D integer tensors of matching length; see :mod:`pml_rll.utils.validation`.
 
     Recorded: margin, alpha; statistics num_pos_pairs, num_neg_pairs (PML's), ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query``.
@@ -31,8 +35,8 @@ class RankedListMiner(BaseMiner):
 
     def __init__(self, margin: float = 0.4, alpha: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.margin = check_number("margin", margin, low=0.0)
-        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha)
+        self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
+        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         check_distance(self.distance, "RankedListMiner")
@@ -40,6 +44,11 @@ class RankedListMiner(BaseMiner):
         self.add_to_recordable_attributes(
             list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
         )
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
+        check_batch(embeddings, labels, ref_emb, ref_labels, labels_required=True)
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         check_distance(self.distance, "RankedListMiner")

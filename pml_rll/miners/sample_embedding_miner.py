@@ -6,6 +6,7 @@ import torch
 from pytorch_metric_learning.miners import BaseMiner
 
 from ..functional import namr as F_namr
+from ..utils.validation import check_batch, check_bool, check_callable, check_int
 
 
 class SampleEmbeddingMiner(BaseMiner):
@@ -24,24 +25,29 @@ class SampleEmbeddingMiner(BaseMiner):
             mining, to match :class:`NAMRLoss` with ``scale_by_mean_distance=True`` (default False: the
             raw x, as a trainer-level miner sees it without NAMR).
         **kwargs: passed to ``BaseMiner``.
+
+    Bad input (see :mod:`pml_rll.utils.validation`): packed embeddings (N, 2d) and ``ref_emb`` (R, 2d or d) must be
+    floating point and finite (a NaN row raises instead of being silently dropped), labels (and ``ref_labels`` with
+    ``ref_emb``) 1-D integer tensors of matching length.
     """
 
     def __init__(self, miner: torch.nn.Module, embedding_size: int, scale_by_mean_distance: bool = False, **kwargs):
+        check_callable("miner", miner)
+        embedding_size = check_int("embedding_size", embedding_size)
+        scale_by_mean_distance = check_bool("scale_by_mean_distance", scale_by_mean_distance)
         super().__init__(**kwargs)
-        if not callable(miner):
-            raise TypeError(f"miner must be callable, got {type(miner).__name__}")
-        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
         self.miner = miner
         self.embedding_size = embedding_size
         self.scale_by_mean_distance = bool(scale_by_mean_distance)
         self.add_to_recordable_attributes(list_of_names=["embedding_size"], is_stat=False)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        # validate widths before BaseMiner's processing so the error names the packed input
-        F_namr.split_packed(embeddings, self.embedding_size)
-        if ref_emb is not None:
-            self._ref_sample(ref_emb)
+        # every argument checked before BaseMiner resets the statistics: a rejected call changes nothing
+        d = self.embedding_size
+        check_batch(embeddings, labels, ref_emb, ref_labels, packed=d, labels_required=True)
+        if self.scale_by_mean_distance and embeddings.shape[0] < 2:
+            n = embeddings.shape[0]
+            raise ValueError(f"embeddings: scale_by_mean_distance needs at least 2 embeddings, got {n}")
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def _ref_sample(self, ref_emb: torch.Tensor) -> torch.Tensor:
@@ -50,7 +56,7 @@ class SampleEmbeddingMiner(BaseMiner):
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         x, _ = F_namr.split_packed(embeddings, self.embedding_size)
         same_ref = ref_emb is embeddings
-        ref_x = x if same_ref else self._ref_sample(ref_emb)
+        ref_x = x if same_ref else self._ref_sample(ref_emb).to(x.dtype)
         if self.scale_by_mean_distance:
             scale = F_namr.mean_pairwise_distance(x)
             x, ref_x = x / scale, ref_x / scale

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..functional import namr as F_namr
+from ..utils.validation import check_callable, check_features, check_int
 from .structure_embedding_head import StructureEmbeddingHead
 
 
@@ -27,13 +28,16 @@ class NAMREmbedder(nn.Module):
         embedding_size: d (NASA: 512).
         structure_head: module mapping (N, F) features to (N, d) strictly positive weights; default
             ``StructureEmbeddingHead(in_features, embedding_size)``.
+
+    Sizes are ints (numpy ints too). ``forward`` checks that ``features`` is a 2-D floating-point (batch, F)
+    tensor with finite values before any layer runs.
     """
 
     def __init__(self, in_features: int, embedding_size: int = 512, structure_head: nn.Module | None = None):
+        in_features = check_int("in_features", in_features)
+        embedding_size = check_int("embedding_size", embedding_size)
+        check_callable("structure_head", structure_head, optional=True)
         super().__init__()
-        for name, value in (("in_features", in_features), ("embedding_size", embedding_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_features = in_features
         self.embedding_size = embedding_size
         self.sample_head = nn.Linear(in_features, embedding_size)
@@ -50,8 +54,7 @@ class NAMREmbedder(nn.Module):
         return 2 * self.embedding_size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"features must have shape (batch, {self.in_features}), got {tuple(features.shape)}")
+        check_features(features, self)
         x = self.sample_head(features)
         s = self.structure_head(features)
         if s.shape != x.shape:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from ..utils.validation import check_bool, check_features, check_int, check_numbers
 
 
 class StructureEmbeddingHead(nn.Module):
@@ -27,6 +27,10 @@ class StructureEmbeddingHead(nn.Module):
         hidden: width of the hidden layer (NASA: 512).
         s_range: (s_min, s_max) with 0 <= s_min < s_max (NASA: (0.5, 1.5)).
         freeze_bn: keep the BatchNorm layers in eval mode even under ``.train()`` (NASA: True).
+
+    Sizes are ints (numpy ints too), ``s_range`` a pair of finite numbers, ``freeze_bn`` a bool. ``forward`` checks
+    that ``features`` is a 2-D floating-point (batch, F) tensor with finite values before any layer runs (so a
+    rejected batch never updates BatchNorm statistics when they are not frozen).
     """
 
     def __init__(
@@ -37,15 +41,15 @@ class StructureEmbeddingHead(nn.Module):
         s_range: tuple[float, float] = (0.5, 1.5),
         freeze_bn: bool = True,
     ):
+        in_features = check_int("in_features", in_features)
+        embedding_size = check_int("embedding_size", embedding_size)
+        hidden = check_int("hidden", hidden)
+        bounds = check_numbers("s_range", s_range, min_len=2, low=0.0)
+        if len(bounds) != 2 or bounds[0] >= bounds[1]:
+            raise ValueError(f"s_range must be (s_min, s_max) with 0 <= s_min < s_max, got {s_range!r}")
+        s_min, s_max = bounds
+        freeze_bn = check_bool("freeze_bn", freeze_bn)
         super().__init__()
-        for name, value in (("in_features", in_features), ("embedding_size", embedding_size), ("hidden", hidden)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if len(s_range) != 2:
-            raise ValueError(f"s_range must be (s_min, s_max), got {s_range!r}")
-        s_min, s_max = float(s_range[0]), float(s_range[1])
-        if not (math.isfinite(s_min) and math.isfinite(s_max) and 0 <= s_min < s_max):
-            raise ValueError(f"s_range must satisfy 0 <= s_min < s_max (finite), got {s_range!r}")
         self.in_features = in_features
         self.embedding_size = embedding_size
         self.s_range = (s_min, s_max)
@@ -71,8 +75,7 @@ class StructureEmbeddingHead(nn.Module):
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"features must have shape (batch, {self.in_features}), got {tuple(features.shape)}")
+        check_features(features, self)
         s_min, s_max = self.s_range
         s = s_min + (s_max - s_min) * torch.sigmoid(self.layers(features))
         lo = torch.nextafter(torch.tensor(s_min, dtype=s.dtype), torch.tensor(s_max, dtype=s.dtype))

@@ -7,8 +7,8 @@ from pytorch_metric_learning.reducers import MultipleReducers
 from torch import Tensor
 
 from ..functional.ranked_list import is_non_trivial, ranked_lists
-from ..losses._checks import check_choice, check_number
 from ..losses.ranked_list_loss import GRADIENT_MODES
+from ..utils.validation import check_choice, check_embeddings, check_finite, check_number, check_temperature
 
 
 class RankedListReducer(MultipleReducers):
@@ -32,22 +32,39 @@ class RankedListReducer(MultipleReducers):
         imbalance: lambda in [0, 1].
         gradient: ``"paper"`` (constant weights) or ``"autograd"`` (weights differentiated).
 
+    Temperatures lie in [0, 1e4] as in ``RankedListLoss`` (:data:`pml_rll.utils.validation.MAX_TEMPERATURE`). Each
+    call checks, before recording anything, that ``loss_dict`` is a PML loss dict with finite losses and that
+    ``embeddings`` is a 2-D floating-point tensor; otherwise a ``TypeError``/``ValueError`` names the argument.
+
     Other sub-losses in the loss dict (e.g. regularisers) are reduced with ``MeanReducer`` and added, as PML's
     ``MultipleReducers`` does.
     """
 
     def __init__(self, Tp: float = 0.0, Tn: float = 10.0, imbalance: float = 0.5, gradient: str = "paper", **kwargs):
+        Tp, Tn = check_temperature("Tp", Tp), check_temperature("Tn", Tn)
+        imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
+        gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         super().__init__(reducers={}, **kwargs)
-        self.Tp = check_number("Tp", Tp)
-        self.Tn = check_number("Tn", Tn)
-        self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
-        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
+        self.Tp, self.Tn, self.imbalance, self.gradient = Tp, Tn, imbalance, gradient
         self.add_to_recordable_attributes(list_of_names=["Tp", "Tn", "imbalance"], is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["avg_num_pos_per_query", "avg_num_neg_per_query"], is_stat=True
         )
 
+    @staticmethod
+    def check_input(loss_dict, embeddings, labels=None) -> None:
+        """Raise on bad input to :meth:`forward` (nothing is computed or recorded)."""
+        if not isinstance(loss_dict, dict):
+            raise TypeError(f"loss_dict must be a dict of PML loss entries, got {type(loss_dict).__name__}")
+        check_embeddings("embeddings", embeddings, check_values=False)
+        for name, info in loss_dict.items():
+            if not isinstance(info, dict) or "reduction_type" not in info or "losses" not in info:
+                raise TypeError(f"loss_dict[{name!r}] must be a dict with 'losses', 'indices' and 'reduction_type'")
+            if torch.is_tensor(info["losses"]):
+                check_finite(f"loss_dict[{name!r}]['losses']", info["losses"].reshape(-1))
+
     def forward(self, loss_dict, embeddings, labels):
+        self.check_input(loss_dict, embeddings, labels)
         self.reset_stats()
         pairs = {"pos_pair": None, "neg_pair": None}
         others = []

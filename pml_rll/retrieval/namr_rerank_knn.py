@@ -9,6 +9,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils.inference import CustomKNN
 
 from ..functional import namr as F_namr
+from ..utils.validation import check_bool, check_callable, check_choice, check_int, check_packed, check_reference
 
 try:  # faiss is optional; PML's FaissKNN needs it
     import faiss  # noqa: F401
@@ -50,6 +51,16 @@ class NAMRReRankKNN:
     * ``"exhaustive"``: every reference scored by the structure-weighted distance (not index-friendly;
       equal to ``"rerank"`` with ``num_candidates`` >= the gallery size).
 
+    Bad input (see :mod:`pml_rll.utils.validation`): queries must be packed (N, 2d), floating point, finite, with
+    a strictly positive structure part; references (given to the call, or to :meth:`train` / :meth:`add`, which
+    then store nothing) must be finite: a NaN or infinite gallery row raises a ``ValueError`` naming the argument
+    and the row, where the gallery is given, instead of making every distance NaN. ``k`` is an int (numpy ints
+    too) in [1, number of searchable references]. For finite input the result never holds -1 indices or NaN
+    distances: in "rerank" and "exhaustive" modes x (and each query's s) is first divided by a power of two when
+    its magnitude would make squared distances overflow or underflow (exact, so the ranking and distances are
+    unchanged; a distance beyond the dtype's range comes back as inf); in "plain" mode, indices outside the
+    gallery from ``base_knn`` (faiss answers -1 when squared distances overflow float32) raise a ``ValueError``.
+
     For ``InferenceModel``: ``train(embeddings)`` / ``add(embeddings)`` store the reference sample
     embeddings; a call with ``reference=None`` searches them.
 
@@ -75,14 +86,11 @@ class NAMRReRankKNN:
         mode: str = "rerank",
         normalize_sample: bool = False,
     ):
-        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        if not isinstance(num_candidates, int) or isinstance(num_candidates, bool) or num_candidates < 1:
-            raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if base_knn is not None and not callable(base_knn):
-            raise TypeError(f"base_knn must be a callable knn_func, got {type(base_knn).__name__}")
+        embedding_size = check_int("embedding_size", embedding_size)
+        num_candidates = check_int("num_candidates", num_candidates)
+        check_choice("mode", mode, self.MODES)
+        check_callable("base_knn", base_knn, optional=True)
+        normalize_sample = check_bool("normalize_sample", normalize_sample)
         self.embedding_size = embedding_size
         self.num_candidates = num_candidates
         self.base_knn = default_base_knn() if base_knn is None else base_knn
@@ -92,10 +100,12 @@ class NAMRReRankKNN:
 
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
-        self.reference_x = self._ref_sample(torch.as_tensor(embeddings)).detach()
+        check_reference("embeddings", embeddings, self.embedding_size)
+        self.reference_x = self._ref_sample(embeddings).detach()
 
     def add(self, embeddings: torch.Tensor) -> None:
-        new = self._ref_sample(torch.as_tensor(embeddings)).detach()
+        check_reference("embeddings", embeddings, self.embedding_size)
+        new = self._ref_sample(embeddings).detach()
         self.reference_x = new if self.reference_x is None else torch.cat([self.reference_x, new.to(self.reference_x)])
 
     def reset(self) -> None:
@@ -122,6 +132,11 @@ class NAMRReRankKNN:
     def __call__(
         self, query: torch.Tensor, k: int, reference: torch.Tensor | None = None, ref_includes_query: bool = False
     ):
+        check_packed("query", query, self.embedding_size)
+        k = check_int("k", k)
+        ref_includes_query = check_bool("ref_includes_query", ref_includes_query)
+        if reference is not None:
+            check_reference("reference", reference, self.embedding_size)
         qx, qs = F_namr.split_packed(query, self.embedding_size)
         self._warn_if_normalised(query)
         if reference is None:
@@ -132,9 +147,7 @@ class NAMRReRankKNN:
             rx = self._ref_sample(reference).to(qx)
         if ref_includes_query and rx.shape[0] < qx.shape[0]:
             raise ValueError("ref_includes_query=True needs the queries to be the first rows of reference")
-        available = rx.shape[0] - int(bool(ref_includes_query))
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        available = rx.shape[0] - int(ref_includes_query)
         if k > available:
             raise ValueError(f"k={k} exceeds the number of searchable references ({available})")
 
@@ -143,17 +156,31 @@ class NAMRReRankKNN:
         # faiss (via PML's FaissKNN) needs contiguous tensors; slices of packed rows are not
         qx, rx = qx.contiguous(), rx.contiguous()
         if self.mode == "plain":
-            return self.base_knn(qx, k, rx, ref_includes_query)
+            dist, idx = self.base_knn(qx, k, rx, ref_includes_query)
+            return dist, self._checked_indices(idx, rx.shape[0], "plain")
+        # exact power-of-two rescaling so that squared distances neither overflow nor underflow (see the class)
+        qx, rx, qs, unscale = _rescaled(qx, rx, qs)
         if self.mode == "exhaustive":
-            return self._exhaustive(qx, qs, k, rx, ref_includes_query)
+            dist, idx = self._exhaustive(qx, qs, k, rx, ref_includes_query)
+            return dist * unscale, idx
 
         num_c = min(max(k, self.num_candidates), available)
         _, cand = self.base_knn(qx, num_c, rx, ref_includes_query)
-        cand = cand.to(qx.device).long()
+        cand = self._checked_indices(cand.to(qx.device).long(), rx.shape[0], "rerank")
         with torch.no_grad():
             dw = F_namr.structure_weighted_sq_distance_to_candidates(qx, qs, rx, cand)
         dw_sorted, order = torch.sort(dw, dim=1, stable=True)
-        return dw_sorted[:, :k], torch.gather(cand, 1, order)[:, :k]
+        return dw_sorted[:, :k] * unscale, torch.gather(cand, 1, order)[:, :k]
+
+    @staticmethod
+    def _checked_indices(idx: torch.Tensor, num_refs: int, mode: str) -> torch.Tensor:
+        # a faiss index answers -1 where it found no finite distance; never let that pick the last reference
+        if idx.numel() and bool(((idx < 0) | (idx >= num_refs)).any()):
+            raise ValueError(
+                f"base_knn returned indices outside [0, {num_refs}) in mode {mode!r} (a faiss index answers -1 when "
+                "squared distances overflow float32); rescale the embeddings or use mode='exhaustive'"
+            )
+        return idx
 
     def _exhaustive(self, qx, qs, k, rx, ref_includes_query):
         with torch.no_grad():
@@ -163,3 +190,28 @@ class NAMRReRankKNN:
                 dw[torch.arange(n, device=dw.device), torch.arange(n, device=dw.device)] = float("inf")
         dist, idx = torch.topk(dw, k, dim=1, largest=False, sorted=True)
         return dist, idx
+
+
+def _pow2(t: torch.Tensor) -> torch.Tensor:
+    """The power of two 2^e with max|t| in [2^(e-1), 2^e) (1 for an all-zero t); dividing by it is exact."""
+    _, e = torch.frexp(t)
+    return torch.ldexp(torch.ones_like(t), e)
+
+
+def _rescaled(
+    qx: torch.Tensor, rx: torch.Tensor, qs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qx, rx, qs, unscale): x divided by one power of two and each query's s by its own, when their magnitudes
+    would make squared distances overflow or underflow; ``d_w * unscale`` is then the distance of the inputs.
+
+    d_w is homogeneous (degree 2 in x, 1 in each query's s) and power-of-two scaling is exact, so the ranking and
+    the distances are those of the inputs, except that a distance beyond the dtype's range is returned as inf or 0
+    rather than poisoning the Gram form with inf - inf = NaN."""
+    one = torch.ones((), dtype=qx.dtype, device=qx.device)
+    m = torch.maximum(qx.abs().amax(), rx.abs().amax()) if qx.numel() and rx.numel() else one
+    sm = qs.amax(dim=1, keepdim=True) if qs.numel() else one
+    lo, hi = 2.0**-16, 2.0**16
+    if bool((m >= lo) & (m <= hi)) and bool(((sm >= lo) & (sm <= hi)).all()):
+        return qx, rx, qs, one
+    cx, cs = _pow2(m), _pow2(sm)
+    return qx / cx, rx / cx, qs / cs, cx * cx * cs

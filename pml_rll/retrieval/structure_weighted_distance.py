@@ -6,6 +6,8 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance
 
 from ..functional import namr as F_namr
+from ..utils.validation import check_int, check_packed, check_reference, check_same_device
+from .namr_rerank_knn import _rescaled
 
 
 class StructureWeightedDistance(BaseDistance):
@@ -19,33 +21,48 @@ class StructureWeightedDistance(BaseDistance):
     Not symmetric and not a metric: do not use it inside training losses. Never normalises (the packed
     vector must not be L2-normalised).
 
+    Bad input (see :mod:`pml_rll.utils.validation`): queries must be packed, finite, with a strictly positive
+    structure part, references finite, both floating point on one device; a NaN or infinite row raises a
+    ``ValueError`` naming the argument and the row (rather than making distances NaN). Magnitudes whose squared
+    distances would overflow or underflow are rescaled by an exact power of two as in ``NAMRReRankKNN``.
+
     Args:
         embedding_size: d.
         **kwargs: passed to ``BaseDistance`` (``normalize_embeddings`` must stay False).
     """
 
     def __init__(self, embedding_size: int, **kwargs):
+        embedding_size = check_int("embedding_size", embedding_size)
         if kwargs.get("normalize_embeddings", False):
             raise ValueError("StructureWeightedDistance needs normalize_embeddings=False (packed embeddings)")
         kwargs["normalize_embeddings"] = False
         super().__init__(**kwargs)
-        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
         self.embedding_size = embedding_size
 
     def _ref_sample(self, ref_emb: torch.Tensor) -> torch.Tensor:
         return F_namr.sample_part(ref_emb, self.embedding_size, "reference")
 
     def check_shapes(self, query_emb, ref_emb):
-        F_namr.split_packed(query_emb, self.embedding_size)
+        check_packed("query_emb", query_emb, self.embedding_size)
         if ref_emb is not None:
-            self._ref_sample(ref_emb)
+            check_reference("ref_emb", ref_emb, self.embedding_size)
+            check_same_device("ref_emb", ref_emb, query_emb, "query_emb")
+
+    def forward(self, query_emb, ref_emb=None):
+        # checked before BaseDistance resets the statistics: a rejected call changes nothing
+        self.check_shapes(query_emb, ref_emb)
+        return super().forward(query_emb, ref_emb)
 
     def compute_mat(self, query_emb, ref_emb):
         qx, qs = F_namr.split_packed(query_emb, self.embedding_size)
-        return F_namr.structure_weighted_sq_distance(qx, qs, self._ref_sample(ref_emb))
+        rx = self._ref_sample(ref_emb).to(qx.dtype)
+        qx, rx, qs, unscale = _rescaled(qx, rx, qs)
+        return F_namr.structure_weighted_sq_distance(qx, qs, rx) * unscale
 
     def pairwise_distance(self, query_emb, ref_emb):
+        self.check_shapes(query_emb, ref_emb)
         qx, qs = F_namr.split_packed(query_emb, self.embedding_size)
-        rx = self._ref_sample(ref_emb)
+        rx = self._ref_sample(ref_emb).to(qx.dtype)
+        if rx.shape[0] != qx.shape[0]:
+            raise ValueError(f"ref_emb must have {qx.shape[0]} rows like query_emb, got {rx.shape[0]}")
         return (qs * (qx - rx) ** 2).sum(1)

@@ -144,7 +144,7 @@ def test_width_and_argument_errors():
     bad[2, 1] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         NAMRLoss(losses.ContrastiveLoss(), D, structure_weight=0.0)(bad, labels)
-    with pytest.raises(ValueError, match="Number of embeddings"):
+    with pytest.raises(ValueError, match="labels must have shape"):
         namr(torch.cat([x, s], 1), labels[:-1])
     with pytest.raises(ValueError, match="structure_weight"):
         NAMRLoss(losses.ContrastiveLoss(), D, structure_weight=-1.0)

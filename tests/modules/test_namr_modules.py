@@ -80,7 +80,7 @@ def test_head_validation():
         StructureEmbeddingHead(4, 4, s_range=(-0.1, 1.0))
     with pytest.raises(ValueError, match="hidden"):
         StructureEmbeddingHead(4, 4, hidden=0)
-    with pytest.raises(ValueError, match="features must have shape"):
+    with pytest.raises(ValueError, match="features must have width"):
         StructureEmbeddingHead(4, 4)(torch.randn(3, 5))
 
 
@@ -107,7 +107,7 @@ def test_embedder_custom_head_and_errors():
     assert emb.structure_head is head
     with pytest.raises(ValueError, match="embedding_size"):
         NAMREmbedder(10, 5, structure_head=head)
-    with pytest.raises(ValueError, match="features must have shape"):
+    with pytest.raises(ValueError, match="features must have width"):
         emb(torch.randn(3, 9))
     with pytest.raises(ValueError, match="width 2 \\* embedding_size"):
         emb.split(torch.randn(3, 11))
