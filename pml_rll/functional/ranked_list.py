@@ -15,16 +15,25 @@ so nothing is spent on the (usually many) trivial ones.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from .ranked_list_params import RankedListParams
 
-# A function (rows, cols) -> (pos_mask, neg_mask) giving the candidate pairs of the queries ``rows`` against the
-# gallery items ``cols`` (two slices), each a bool matrix; neg_mask None means "every pair that is not a positive".
-MaskFn = Callable[[slice, slice], tuple[Tensor, Optional[Tensor]]]
+
+class MaskFn(Protocol):
+    """(rows, cols) -> (pos_mask, neg_mask): the candidate pairs of the queries ``rows`` against the gallery items
+    ``cols`` (two slices). Bool matrices, or 1/0 matrices of ``dtype`` when one is given; neg_mask None means
+    "every pair that is not a positive"."""
+
+    def __call__(
+        self, rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The masks of one tile; ``out``, when given with ``dtype``, may receive the positive mask."""
+        ...
+
 
 # Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
 # distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
@@ -35,10 +44,28 @@ ZERO_DISTANCE_EPS = 64
 
 
 def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
-    """Candidate pairs from class labels: same label = positive, different = negative."""
+    """Candidate pairs from class labels: same label = positive, different = negative.
 
-    def masks(rows: slice, cols: slice) -> tuple[Tensor, Tensor | None]:
-        return labels[rows, None] == ref_labels[None, cols], None
+    1/0 masks compare the labels as float32 when they are small integers (exact below 2^24; a CPU-only shortcut,
+    decided once on the host), otherwise convert the bool comparison.
+    """
+    cache: dict[str, tuple[Tensor, Tensor] | None] = {}
+
+    def masks(
+        rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if dtype is None:
+            return labels[rows, None] == ref_labels[None, cols], None
+        if "f" not in cache:
+            both = (labels, ref_labels)
+            small = all(not t.is_floating_point() and (t.numel() == 0 or bool(t.abs().max() < 2**24)) for t in both)
+            cache["f"] = (labels.float(), ref_labels.float()) if small else None
+        pair = cache["f"]
+        if pair is None:
+            return (labels[rows, None] == ref_labels[None, cols]).to(dtype), None
+        a, b = pair[0][rows], pair[1][cols]
+        out = a.new_empty((a.shape[0], b.shape[0]), dtype=dtype) if out is None else out
+        return torch.eq(a[:, None], b[None, :], out=out), None
 
     return masks
 
@@ -46,8 +73,11 @@ def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
 def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
     """Candidate pairs given as dense boolean matrices (e.g. built from a miner's indices)."""
 
-    def masks(rows: slice, cols: slice) -> tuple[Tensor, Tensor | None]:
-        return pos_mask[rows, cols], neg_mask[rows, cols]
+    def masks(
+        rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        pos, neg = pos_mask[rows, cols], neg_mask[rows, cols]
+        return (pos, neg) if dtype is None else (pos.to(dtype), neg.to(dtype))
 
     return masks
 

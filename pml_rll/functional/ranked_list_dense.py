@@ -30,7 +30,8 @@ from torch import Tensor
 from .ranked_list import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, MaskFn, squared_norms
 from .ranked_list_params import RankedListParams
 
-# Near-duplicates recomputed exactly per query (the query itself, when the gallery is the batch, comes on top).
+# Near-duplicates recomputed exactly per query without synchronising (the query itself comes on top when the
+# gallery is the batch). On a CPU, where reading a value on the host costs nothing, every near-duplicate is.
 NEAR_PER_QUERY = 4
 # Elements per tile: cache-sized on a CPU, one large tile on a GPU (a 4096 x 4096 batch in one go).
 _TILE_ELEMENTS_CPU = 1 << 19
@@ -43,44 +44,113 @@ _SAFE_EXPONENT_FRACTION = 0.5
 
 
 def sync_free_wanted(x: Tensor) -> bool:
-    """Where the dense path is always taken: on CUDA, and while ``torch.compile`` traces."""
+    """Where the dense path is always taken and must not synchronise: on CUDA, and while ``torch.compile`` traces."""
     return x.is_cuda or torch.compiler.is_compiling()
 
 
+class _Near(NamedTuple):
+    """The near-duplicate pairs of a tile, recomputed from explicit differences."""
+
+    rows: Tensor  # (n,) tile rows
+    cols: Tensor  # (n,) tile columns
+    keep: Tensor  # (n,) bool: really near (a fixed-size list may hold others, left as they were)
+    diff: Tensor  # (n, D) q_i - g_j
+
+
 class _Tile(NamedTuple):
-    """One tile's distances and their near-duplicate correction."""
+    """One tile: distances, 1/0 member matrices of P* and N*, near-duplicates."""
 
-    d: Tensor  # (b, c) distances, near-duplicates exact
-    tiny: Tensor  # (b, c) distance within rounding of 0: gradient direction 0
-    near_idx: Tensor  # (b, k) columns of the k nearest gallery items of each query
-    near: Tensor  # (b, k) which of them were recomputed exactly
-    near_diff: Tensor  # (b, k, D) q_i - g_j for those k items
+    d: Tensor
+    member_p: Tensor
+    member_n: Tensor
+    near: _Near
+    diag: int | None  # the gallery is the batch: entry (r, r + diag) is the query itself
 
 
-def _tile_distances(q: Tensor, g: Tensor, q_sq: Tensor, g_sq: Tensor, near_k: int) -> _Tile:
-    """Distances of a tile through the Gram form, the near-duplicates recomputed from explicit differences."""
-    sq = torch.addmm(g_sq[None, :], q, g.T, alpha=-2).add_(q_sq[:, None])
-    k = min(near_k, sq.shape[1])
-    vals, idx = torch.topk(sq, k, dim=1, largest=False, sorted=False)
-    diff = q[:, None, :] - g[idx]
-    near = vals < NEAR_SQUARED_DISTANCE
-    sq.scatter_(1, idx, torch.where(near, diff.pow(2).sum(-1), vals))
+def _near_duplicates(sq: Tensor, q: Tensor, g: Tensor, sync_free: bool, diag: int | None) -> _Near:
+    """Recompute the squared distances of near-duplicate pairs in ``sq`` (in place) from explicit differences.
+
+    Sync-free: the ``NEAR_PER_QUERY`` smallest of each row (a fixed-size ``topk``). Otherwise all of them, found
+    after a cheap check of the row minima.
+    """
+    if sync_free:
+        if diag is not None:
+            sq.diagonal(diag).fill_(0.0)  # the query itself: exactly 0, one of the k
+        k = min(NEAR_PER_QUERY + (1 if diag is not None else 0), sq.shape[1])
+        vals, idx = torch.topk(sq, k, dim=1, largest=False, sorted=False)
+        rows = torch.arange(sq.shape[0], device=sq.device)[:, None].expand(-1, k).reshape(-1)
+        cols, vals = idx.reshape(-1), vals.reshape(-1)
+        diff = q[rows] - g[cols]
+        keep = vals < NEAR_SQUARED_DISTANCE
+        sq.index_put_((rows, cols), torch.where(keep, diff.pow(2).sum(1), vals))
+        return _Near(rows, cols, keep, diff)
+    if diag is not None:
+        sq.diagonal(diag).fill_(math.inf)  # not a near-duplicate to recompute: exactly 0, set below
+    if bool((sq.amin(1) < NEAR_SQUARED_DISTANCE).any()):
+        rows, cols = torch.nonzero(sq < NEAR_SQUARED_DISTANCE, as_tuple=True)
+    else:
+        rows = cols = torch.zeros(0, dtype=torch.long, device=sq.device)
+    diff = q[rows] - g[cols]
+    sq.index_put_((rows, cols), diff.pow(2).sum(1))
+    if diag is not None:
+        sq.diagonal(diag).fill_(0.0)
+    return _Near(rows, cols, torch.ones_like(rows, dtype=torch.bool), diff)
+
+
+class _Workspace:
+    """Reusable tile buffers on a CPU: a fresh large tensor costs page faults on every tile. None elsewhere (the
+    GPU's caching allocator and the compiler manage memory)."""
+
+    def __init__(self, elements: int, like: Tensor, enabled: bool) -> None:
+        self.elements, self.like, self.enabled = elements, like, enabled
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, b: int, c: int) -> Tensor | None:
+        if not self.enabled:
+            return None
+        if name not in self.buffers:
+            self.buffers[name] = self.like.new_empty(self.elements)
+        return self.buffers[name][: b * c].view(b, c)
+
+
+def _indicator(op: Any, x: Tensor, value: float | Tensor, out: Tensor | None) -> Tensor:
+    """1/0 in the dtype of ``x`` where ``op(x, value)`` holds, written into ``out`` when given."""
+    return op(x, value).to(x.dtype) if out is None else op(x, value, out=out)
+
+
+def _tile(
+    q: Tensor,
+    g: Tensor,
+    q_sq: Tensor,
+    g_sq: Tensor,
+    masks: MaskFn,
+    rows: slice,
+    cols: slice,
+    params: RankedListParams,
+    same: bool,
+    sync_free: bool,
+    ws: _Workspace,
+) -> _Tile:
+    """Distances and members of the tile ``rows`` x ``cols`` (``q``, ``g``: its queries and gallery items)."""
+    b, c = q.shape[0], g.shape[0]
+    offset = rows.start - cols.start
+    diag = offset if same and -b < offset < c else None
+    sq = torch.addmm(g_sq[None, :], q, g.T, alpha=-2, out=ws.get("d", b, c)).add_(q_sq[:, None])
+    near = _near_duplicates(sq, q, g, sync_free, diag)
     d = sq.clamp_min_(0).sqrt_()
-    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
-    return _Tile(d, tiny, idx, near, diff)
-
-
-def _members(
-    tile: _Tile, masks: MaskFn, rows: slice, cols: slice, params: RankedListParams, diag: int | None
-) -> tuple[Tensor, Tensor]:
-    """Non-trivial positives (d > alpha - m, the query itself excluded) and negatives (d < alpha) of a tile."""
-    pos, neg = masks(rows, cols)
-    neg = ~pos if neg is None else neg
-    member_p = pos & (tile.d > params.positive_boundary)
-    member_n = neg & (tile.d < params.negative_boundary)
-    if diag is not None:  # the gallery is the batch: entry (r, r + diag) is the query itself
-        member_p.diagonal(diag).fill_(False)
-    return member_p, member_n
+    # 1/0 matrices in the compute dtype: on a CPU, float arithmetic is several times faster than bool masking
+    pos, neg = masks(rows, cols, dtype=None if sync_free else d.dtype, out=ws.get("pos", b, c))
+    pos = pos.to(d.dtype)
+    member_p = _indicator(torch.gt, d, params.positive_boundary, ws.get("member_p", b, c)).mul_(pos)
+    if diag is not None:
+        member_p.diagonal(diag).fill_(0.0)  # a query is never its own positive
+    if neg is None:  # every non-positive: a positive is pushed beyond alpha before the comparison
+        shifted = torch.add(d, pos, alpha=params.negative_boundary + 1, out=ws.get("member_n", b, c))
+        member_n = _indicator(torch.lt, shifted, params.negative_boundary, ws.get("member_n", b, c))
+    else:
+        member_n = _indicator(torch.lt, d, params.negative_boundary, ws.get("member_n", b, c))
+        member_n.mul_(neg.to(d.dtype))
+    return _Tile(d, member_p, member_n, near, diag)
 
 
 def _fixed_shift(T: float, span: float | None, dtype: torch.dtype) -> float | None:
@@ -97,49 +167,75 @@ def _fixed_shift(T: float, span: float | None, dtype: torch.dtype) -> float | No
 
 
 class _SetState:
-    """Running per-query sums of one set (P* or N*): shift, normaliser S, weighted hinge H, gradient G."""
+    """Running per-query sums of one set (P* or N*): shift, normaliser S, weighted hinge H, gradient G.
 
-    def __init__(self, b: int, dim: int, like: Tensor, shift: float | None, with_grad: bool) -> None:
-        self.fixed = shift
-        self.shift = like.new_full((b,), shift if shift is not None else float("-inf"))
+    The set's hinge is ``sign * d + offset`` (P*: d - (alpha - m); N*: alpha - d) with temperature T.
+    """
+
+    def __init__(
+        self, b: int, like: Tensor, T: float, sign: float, offset: float, shift: float | None, dim: int | None
+    ) -> None:
+        self.T, self.sign, self.offset, self.fixed = T, sign, offset, shift
+        self.shift = like.new_full((b,), shift if shift is not None else -math.inf)
         self.S = like.new_zeros(b)
         self.H = like.new_zeros(b)
-        self.G = like.new_zeros(b, dim) if with_grad else None
+        self.G = like.new_zeros(b, dim) if dim is not None else None
 
-    def weights(self, T: float, hinge: Tensor, member: Tensor) -> Tensor:
-        """exp(T * hinge - shift) on the members, 0 elsewhere; moves the running shift and rescales the sums."""
-        if T == 0:
-            return member.to(hinge.dtype)
-        logits = (hinge * T).masked_fill_(~member, float("-inf"))
-        if self.fixed is None:
-            new = torch.maximum(self.shift, logits.amax(1))
-            new = new.masked_fill(new == float("-inf"), 0.0)  # no member yet: any finite shift
+    def weights(self, d: Tensor, member: Tensor, out: Tensor | None, update: bool = True) -> Tensor:
+        """exp(T * hinge - shift) on the members, 0 elsewhere (into ``out`` when given); with ``update`` the
+        running shift moves and the sums are rescaled."""
+        if self.T == 0:
+            return member
+        a, b = self.sign * self.T, self.offset * self.T
+        if self.fixed is not None:
+            return torch.mul(d, a, out=out).add_(b - self.fixed).exp_().mul_(member)
+        z = torch.mul(d, a, out=out).add_(b).add_(torch.log(member))  # -inf off the set
+        if update:
+            new = torch.maximum(self.shift, z.amax(1))
+            new = torch.where(new == -math.inf, torch.zeros_like(new), new)  # no member yet: any finite shift
             scale = torch.exp(self.shift - new)
             self.S.mul_(scale)
             self.H.mul_(scale)
             if self.G is not None:
                 self.G.mul_(scale[:, None])
             self.shift = new
-        return logits.sub_(self.shift[:, None]).exp_()
+        return z.sub_(self.shift[:, None]).exp_()
 
-    def add(self, e: Tensor, hinge: Tensor) -> None:
-        self.S.add_(e.sum(1))
-        self.H.add_((e * hinge).sum(1))
+    def add(self, e: Tensor, d: Tensor, scratch: Tensor | None) -> None:
+        """Add a tile's weights to S and H (sum e * hinge = sign * sum e * d + offset * sum e)."""
+        s = e.sum(1)
+        self.S.add_(s)
+        self.H.add_(torch.mul(e, d, out=scratch).sum(1).mul_(self.sign).add_(s, alpha=self.offset))
+
+    def normaliser(self) -> Tensor:
+        return torch.where(self.S == 0, torch.ones_like(self.S), self.S)
 
     def loss(self) -> Tensor:
         """The weighted mean hinge of the set (eqs. 3, 4); 0 for an empty set."""
-        return self.H / self.S.masked_fill(self.S == 0, 1.0)
+        return self.H / self.normaliser()
 
 
-def _pair_gradient(c: Tensor, tile: _Tile, q: Tensor, g: Tensor) -> Tensor:
-    """sum_j c_ij (q_i - g_j) for a tile: the Gram form, the near-duplicates from their explicit differences.
+def _pair_gradient(k: Tensor, tile: _Tile, q: Tensor, g: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
+    """sum_j k_ij / d_ij (q_i - g_j) for a tile: the Gram form, the near-duplicates from explicit differences.
 
-    ``c`` is changed in place (its near-duplicate entries are zeroed).
+    ``k`` (d loss / d d per pair) is turned in place into c = k / d with the near-duplicates zeroed (returned, for
+    the gallery side); a pair within rounding of distance 0 has direction 0.
     """
-    c_near = c.gather(1, tile.near_idx).masked_fill_(~tile.near, 0.0)
-    c.scatter_(1, tile.near_idx, c.gather(1, tile.near_idx).masked_fill_(tile.near, 0.0))
-    out = c.sum(1)[:, None] * q - c @ g
-    return out.add_((c_near[:, :, None] * tile.near_diff).sum(1))
+    near, d = tile.near, tile.d
+    k_near = k[near.rows, near.cols]
+    d_near = d[near.rows, near.cols]
+    tiny = d_near <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
+    c_near = torch.where(near.keep & ~tiny, k_near / torch.where(tiny, torch.ones_like(d_near), d_near), 0.0)
+    if sync_free:  # beyond the fixed number of near-duplicates a distance can be 0: direction 0
+        c = k.mul_(torch.where(d > ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, d.reciprocal(), 0.0))
+    else:  # every pair not listed as near lies at least 1e-2 away
+        c = k.div_(d)
+        if tile.diag is not None:
+            c.diagonal(tile.diag).fill_(0.0)
+    c.index_put_((near.rows, near.cols), torch.where(near.keep, 0.0, c[near.rows, near.cols]))
+    out = torch.addmm(q * c.sum(1)[:, None], c, g, alpha=-1)
+    explicit = torch.zeros_like(q).index_add_(0, near.rows, c_near[:, None] * near.diff)
+    return out.add_(explicit), c_near
 
 
 def _tiling(B: int, R: int, x: Tensor) -> tuple[int, int]:
@@ -147,6 +243,13 @@ def _tiling(B: int, R: int, x: Tensor) -> tuple[int, int]:
     elements = _TILE_ELEMENTS_CUDA if x.is_cuda else _TILE_ELEMENTS_CPU
     rows = min(B, max(_MIN_TILE_ROWS, elements // max(R, 1)))
     return rows, min(R, max(1, elements // rows))
+
+
+def _set_states(b: int, like: Tensor, params: RankedListParams, dim: int | None) -> tuple[_SetState, _SetState]:
+    low, alpha = params.positive_boundary, params.negative_boundary
+    p = _SetState(b, like, params.Tp, 1.0, -low, _fixed_shift(params.Tp, None, like.dtype), dim)
+    n = _SetState(b, like, params.Tn, -1.0, alpha, _fixed_shift(params.Tn, alpha, like.dtype), dim)
+    return p, n
 
 
 def _forward_block(
@@ -160,56 +263,46 @@ def _forward_block(
     same: bool,
     chunk: int,
     paper_grad: bool,
-) -> tuple[Tensor, _SetState, _SetState, Tensor, Tensor]:
-    """One block of queries against the whole gallery, chunk by chunk: (losses, P*, N* states, counts)."""
-    b, R, dim = q.shape[0], g.shape[0], q.shape[1]
-    near_k = NEAR_PER_QUERY + (1 if same else 0)
-    alpha, lam = params.negative_boundary, params.imbalance
-    p = _SetState(b, dim, q, _fixed_shift(params.Tp, None, q.dtype), paper_grad)
-    n = _SetState(b, dim, q, _fixed_shift(params.Tn, alpha, q.dtype), paper_grad)
-    count_p = torch.zeros((), dtype=torch.long, device=q.device)
-    count_n = torch.zeros((), dtype=torch.long, device=q.device)
+    sync_free: bool,
+) -> tuple[Tensor, Tensor | None, _SetState, _SetState, Tensor, Tensor]:
+    """One block of queries against the whole gallery, chunk by chunk.
+
+    Returns (losses, paper gradient or None, P* and N* states, counts of P* and N*).
+    """
+    b, R = q.shape[0], g.shape[0]
+    lam = params.imbalance
     single = chunk >= R
+    ws = _Workspace(b * min(chunk, R), q, not sync_free)
+    p, n = _set_states(b, q, params, None if single or not paper_grad else q.shape[1])
+    count_p = torch.zeros((), dtype=q.dtype, device=q.device)
+    count_n = torch.zeros((), dtype=q.dtype, device=q.device)
+    grad = torch.zeros_like(q) if paper_grad and single else None
     for start in range(0, R, chunk):
         cols = slice(start, min(R, start + chunk))
         g_c = g[cols]
-        tile = _tile_distances(q, g_c, q_sq, g_sq[cols], near_k)
-        diag = rows.start - start if same and -b < rows.start - start < cols.stop - start else None
-        member_p, member_n = _members(tile, masks, rows, cols, params, diag)
-        count_p = count_p + member_p.sum()
-        count_n = count_n + member_n.sum()
-        h_p = tile.d - params.positive_boundary
-        h_n = alpha - tile.d
-        e_p = p.weights(params.Tp, h_p, member_p)
-        e_n = n.weights(params.Tn, h_n, member_n)
-        p.add(e_p, h_p)
-        n.add(e_n, h_n)
+        c = g_c.shape[0]
+        tile = _tile(q, g_c, q_sq, g_sq[cols], masks, rows, cols, params, same, sync_free, ws)
+        count_p = count_p + tile.member_p.sum()
+        count_n = count_n + tile.member_n.sum()
+        e_p = p.weights(tile.d, tile.member_p, ws.get("e_p", b, c))
+        e_n = n.weights(tile.d, tile.member_n, ws.get("e_n", b, c))
+        p.add(e_p, tile.d, ws.get("k", b, c))
+        n.add(e_n, tile.d, ws.get("k", b, c))
         if not paper_grad:
             continue
-        inv_d = torch.reciprocal(tile.d).masked_fill_(tile.tiny, 0.0)
-        if single:  # the normalisers are final: one product for both sets
-            coef_p = (1 - lam) / p.S.masked_fill(p.S == 0, 1.0)
-            coef_n = lam / n.S.masked_fill(n.S == 0, 1.0)
-            c = (e_p * coef_p[:, None]).sub_(e_n * coef_n[:, None]).mul_(inv_d)
-            assert p.G is not None
-            p.G.add_(_pair_gradient(c, tile, q, g_c))
+        if grad is not None:  # one chunk: the normalisers are final, one product for both sets
+            k = torch.mul(e_p, ((1 - lam) / p.normaliser())[:, None], out=ws.get("k", b, c))
+            k.addcmul_(e_n, (-lam / n.normaliser())[:, None])
+            grad.add_(_pair_gradient(k, tile, q, g_c, sync_free)[0])
         else:
             for state, e in ((p, e_p), (n, e_n)):
                 assert state.G is not None
-                state.G.add_(_pair_gradient(e.mul_(inv_d), tile, q, g_c))
+                state.G.add_(_pair_gradient(e.clone(), tile, q, g_c, sync_free)[0])
+    if paper_grad and grad is None:
+        assert p.G is not None and n.G is not None
+        grad = p.G * ((1 - lam) / p.normaliser())[:, None] - n.G * (lam / n.normaliser())[:, None]
     losses = (1 - lam) * p.loss() + lam * n.loss()
-    return losses, p, n, count_p, count_n
-
-
-def _paper_gradient(p: _SetState, n: _SetState, lam: float, single: bool) -> Tensor:
-    """d loss_i / d q_i under the paper's rule, from the running sums of a block."""
-    assert p.G is not None and n.G is not None
-    if single:  # combined during the pass
-        return p.G
-    return (
-        p.G * ((1 - lam) / p.S.masked_fill(p.S == 0, 1.0))[:, None]
-        - n.G * (lam / n.S.masked_fill(n.S == 0, 1.0))[:, None]
-    )
+    return losses, grad, p, n, count_p, count_n
 
 
 class _RankedListDense(torch.autograd.Function):
@@ -230,26 +323,30 @@ class _RankedListDense(torch.autograd.Function):
         gallery = query if ref is None else ref
         B, R = query.shape[0], gallery.shape[0]
         step, chunk = _tiling(B, R, query)
+        sync_free = sync_free_wanted(query)
         q_sq_all, g_sq = squared_norms(query), squared_norms(gallery)
         losses, grads, stats = [], [], []
-        count_p = torch.zeros((), dtype=torch.long, device=query.device)
-        count_n = torch.zeros((), dtype=torch.long, device=query.device)
+        count_p = torch.zeros((), dtype=query.dtype, device=query.device)
+        count_n = torch.zeros((), dtype=query.dtype, device=query.device)
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
-            out, p, n, c_p, c_n = _forward_block(
-                query[rows], gallery, q_sq_all[rows], g_sq, masks, rows, params, same, chunk, need_grad and paper
+            out, grad, p, n, c_p, c_n = _forward_block(
+                query[rows], gallery, q_sq_all[rows], g_sq, masks, rows, params, same, chunk, need_grad and paper,
+                sync_free,
             )
             losses.append(out)
             count_p, count_n = count_p + c_p, count_n + c_n
-            if need_grad and paper:
-                grads.append(_paper_gradient(p, n, params.imbalance, chunk >= R))
+            if grad is not None:
+                grads.append(grad)
             elif need_grad:
                 stats.append(torch.stack([p.shift, p.S, p.loss(), n.shift, n.S, n.loss()]))
         ctx.paper, ctx.same, ctx.params, ctx.masks, ctx.tiling = paper, same, params, masks, (step, chunk)
+        ctx.sync_free = sync_free
         if need_grad and paper:
             ctx.save_for_backward(torch.cat(grads))
         elif need_grad:
             ctx.save_for_backward(query, gallery, torch.cat(stats, 1))
+        count_p, count_n = count_p.long(), count_n.long()
         ctx.mark_non_differentiable(count_p, count_n)
         return torch.cat(losses), count_p, count_n
 
@@ -262,7 +359,16 @@ class _RankedListDense(torch.autograd.Function):
             return grad * grad_losses[:, None], None, None, None, None, None
         query, gallery, stats = ctx.saved_tensors
         grad_q, grad_g = _autograd_backward(
-            query, gallery, stats, grad_losses, ctx.masks, ctx.params, ctx.same, ctx.tiling, ctx.needs_input_grad[1]
+            query,
+            gallery,
+            stats,
+            grad_losses,
+            ctx.masks,
+            ctx.params,
+            ctx.same,
+            ctx.tiling,
+            ctx.needs_input_grad[1],
+            ctx.sync_free,
         )
         return grad_q, grad_g, None, None, None, None
 
@@ -277,6 +383,7 @@ def _autograd_backward(
     same: bool,
     tiling: tuple[int, int],
     ref_needs_grad: bool,
+    sync_free: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """The exact derivative of the losses: tiles recomputed, weights differentiated, both ends of every pair moved.
 
@@ -284,46 +391,40 @@ def _autograd_backward(
     """
     B, R = query.shape[0], gallery.shape[0]
     step, chunk = tiling
-    alpha, lam = params.negative_boundary, params.imbalance
-    near_k = NEAR_PER_QUERY + (1 if same else 0)
+    lam = params.imbalance
     q_sq_all, g_sq = squared_norms(query), squared_norms(gallery)
-    to_gallery = same or ref_needs_grad
     grad_q = torch.zeros_like(query)
-    grad_g = torch.zeros_like(gallery) if to_gallery else None
+    grad_g = torch.zeros_like(gallery) if same or ref_needs_grad else None
     shift_p, S_p, L_p, shift_n, S_n, L_n = stats
     for start in range(0, B, step):
         rows = slice(start, min(B, start + step))
         q, q_sq, gl = query[rows], q_sq_all[rows], grad_losses[rows]
-        b = q.shape[0]
-        a_p = gl * (1 - lam) / S_p[rows].masked_fill(S_p[rows] == 0, 1.0)
-        a_n = gl * lam / S_n[rows].masked_fill(S_n[rows] == 0, 1.0)
+        p, n = _set_states(q.shape[0], q, params, None)
+        p.shift, n.shift = shift_p[rows], shift_n[rows]
+        ws = _Workspace(q.shape[0] * min(chunk, R), q, not sync_free)
+        coefs = (
+            (p, L_p[rows], gl * (1 - lam) / torch.where(S_p[rows] == 0, 1.0, S_p[rows])),
+            (n, L_n[rows], gl * lam / torch.where(S_n[rows] == 0, 1.0, S_n[rows])),
+        )
         for c_start in range(0, R, chunk):
             cols = slice(c_start, min(R, c_start + chunk))
             g_c = gallery[cols]
-            tile = _tile_distances(q, g_c, q_sq, g_sq[cols], near_k)
-            diag = start - c_start if same and -b < start - c_start < cols.stop - c_start else None
-            member_p, member_n = _members(tile, masks, rows, cols, params, diag)
-            h_p = tile.d - params.positive_boundary
-            h_n = alpha - tile.d
+            tile = _tile(q, g_c, q_sq, g_sq[cols], masks, rows, cols, params, same, sync_free, ws)
             k = torch.zeros_like(tile.d)
-            for T, h, member, shift, L, a, sign in (
-                (params.Tp, h_p, member_p, shift_p[rows], L_p[rows], a_p, 1.0),
-                (params.Tn, h_n, member_n, shift_n[rows], L_n[rows], a_n, -1.0),
-            ):
-                if T == 0:
-                    e = member.to(h.dtype)
-                else:
-                    e = (h * T).sub_(shift[:, None]).exp_().masked_fill_(~member, 0.0)
-                    e.mul_((h - L[:, None]).mul_(T).add_(1.0))
-                k.add_(e.mul_((sign * a)[:, None]))
-            c = k.mul_(torch.reciprocal(tile.d).masked_fill_(tile.tiny, 0.0))
-            c_near = c.gather(1, tile.near_idx).masked_fill_(~tile.near, 0.0)
-            grad_q[rows] += _pair_gradient(c, tile, q, g_c)  # zeroes c's near-duplicate entries
+            for (state, L, a), member in zip(coefs, (tile.member_p, tile.member_n)):
+                e = state.weights(tile.d, member, None, update=False)
+                if state.T != 0:  # d w / d hinge: the factor 1 + T (hinge - L_set)
+                    hinge = torch.mul(tile.d, state.sign).add_(state.offset)
+                    e = e * hinge.sub_(L[:, None]).mul_(state.T).add_(1.0)
+                k.add_(e * (state.sign * a)[:, None])
+            grad_tile, c_near = _pair_gradient(k, tile, q, g_c, sync_free)  # k is now c, near-duplicates zeroed
+            grad_q[rows] += grad_tile
             if grad_g is not None:
+                c = k
                 target = grad_q if same else grad_g
                 target[cols] += c.sum(0)[:, None] * g_c - c.T @ q
-                pair = (c_near[:, :, None] * tile.near_diff).reshape(-1, q.shape[1])
-                target[cols] -= torch.zeros_like(g_c).index_add_(0, tile.near_idx.reshape(-1), pair)
+                pair = c_near[:, None] * tile.near.diff
+                target[cols] -= torch.zeros_like(g_c).index_add_(0, tile.near.cols, pair)
     return grad_q, None if same else grad_g
 
 
@@ -334,6 +435,7 @@ def ranked_list_dense(
 
     Same contract as :func:`.ranked_list_euclidean.ranked_list_euclidean`: ``ref=None`` means the gallery is the
     query batch; returns (losses (B,), number of non-trivial positives, of negatives), the counts as 0-d tensors.
+    On a CPU outside ``torch.compile`` it may read values on the host (which costs nothing there).
     """
     need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
     out: tuple[Tensor, Tensor, Tensor] = _RankedListDense.apply(query, ref, masks, params, paper, need_grad)
