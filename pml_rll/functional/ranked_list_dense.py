@@ -22,6 +22,7 @@ differences, as on the list path, for the ``NEAR_PER_QUERY`` nearest gallery ite
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, NamedTuple
 
 import torch
@@ -41,6 +42,7 @@ _MIN_TILE_ROWS = 128
 # A constant shift T * max(hinge) is used when it cannot underflow a weight: T * span below this fraction of
 # -log(smallest normal number) of the dtype. Otherwise the running maximum of each set is the shift.
 _SAFE_EXPONENT_FRACTION = 0.5
+_SYMMETRIC = True
 
 
 def sync_free_wanted(x: Tensor) -> bool:
@@ -97,20 +99,50 @@ def _near_duplicates(sq: Tensor, q: Tensor, g: Tensor, sync_free: bool, diag: in
     return _Near(rows, cols, torch.ones_like(rows, dtype=torch.bool), diff)
 
 
+# Tile buffers kept between calls, per thread (a CPU allocator returns large blocks to the system, and a fresh
+# block costs a page fault per 4 KiB on first touch: as much as the arithmetic of the tile). Scratch only: every
+# buffer is written before it is read.
+_SCRATCH = threading.local()
+
+
 class _Workspace:
-    """Reusable tile buffers on a CPU: a fresh large tensor costs page faults on every tile. None elsewhere (the
-    GPU's caching allocator and the compiler manage memory)."""
+    """Reusable tile buffers on a CPU. Disabled elsewhere (the GPU's caching allocator and the compiler manage
+    memory), where ``get`` returns None and each operation allocates its result."""
 
     def __init__(self, elements: int, like: Tensor, enabled: bool) -> None:
         self.elements, self.like, self.enabled = elements, like, enabled
-        self.buffers: dict[str, Tensor] = {}
+        if enabled and not hasattr(_SCRATCH, "buffers"):
+            _SCRATCH.buffers = {}
 
     def get(self, name: str, b: int, c: int) -> Tensor | None:
         if not self.enabled:
             return None
-        if name not in self.buffers:
-            self.buffers[name] = self.like.new_empty(self.elements)
-        return self.buffers[name][: b * c].view(b, c)
+        buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.buffers
+        key = (name, self.like.dtype)
+        if key not in buffers or buffers[key].numel() < max(self.elements, b * c):
+            buffers[key] = self.like.new_empty(max(self.elements, b * c))
+        return buffers[key][: b * c].view(b, c)
+
+
+class _SymmetricGram:
+    """CPU, gallery = the batch, whole rows per tile: each Gram block is computed once; a block left of the
+    diagonal is the transpose of one computed for an earlier block of queries (half the forward matmul)."""
+
+    def __init__(self, x: Tensor, x_sq: Tensor) -> None:
+        self.x, self.x_sq = x, x_sq
+        self.upper: list[tuple[int, Tensor]] = []  # (first query, its block against the gallery from there on)
+
+    def squared(self, rows: slice, out: Tensor | None) -> Tensor:
+        """Squared Gram distances of the queries ``rows`` to the whole batch, into ``out`` when given."""
+        s, e = rows.start, rows.stop
+        upper = self.x[s:e] @ self.x[s:].T
+        out = upper.new_empty(e - s, self.x.shape[0]) if out is None else out
+        torch.add(self.x_sq[None, s:], upper, alpha=-2, out=out[:, s:])
+        for start, block in self.upper:
+            stop = start + block.shape[0]
+            torch.add(self.x_sq[None, start:stop], block[:, s - start : e - start].T, alpha=-2, out=out[:, start:stop])
+        self.upper.append((s, upper))
+        return out.add_(self.x_sq[s:e, None])
 
 
 def _indicator(op: Any, x: Tensor, value: float | Tensor, out: Tensor | None) -> Tensor:
@@ -130,12 +162,16 @@ def _tile(
     same: bool,
     sync_free: bool,
     ws: _Workspace,
+    gram: _SymmetricGram | None = None,
 ) -> _Tile:
     """Distances and members of the tile ``rows`` x ``cols`` (``q``, ``g``: its queries and gallery items)."""
     b, c = q.shape[0], g.shape[0]
     offset = rows.start - cols.start
     diag = offset if same and -b < offset < c else None
-    sq = torch.addmm(g_sq[None, :], q, g.T, alpha=-2, out=ws.get("d", b, c)).add_(q_sq[:, None])
+    if gram is not None:
+        sq = gram.squared(rows, ws.get("d", b, c))
+    else:
+        sq = torch.addmm(g_sq[None, :], q, g.T, alpha=-2, out=ws.get("d", b, c)).add_(q_sq[:, None])
     near = _near_duplicates(sq, q, g, sync_free, diag)
     d = sq.clamp_min_(0).sqrt_()
     # 1/0 matrices in the compute dtype: on a CPU, float arithmetic is several times faster than bool masking
@@ -188,7 +224,10 @@ class _SetState:
             return member
         a, b = self.sign * self.T, self.offset * self.T
         if self.fixed is not None:
-            return torch.mul(d, a, out=out).add_(b - self.fixed).exp_().mul_(member)
+            z = torch.mul(d, a, out=out)
+            if b != self.fixed:
+                z.add_(b - self.fixed)
+            return z.exp_().mul_(member)
         z = torch.mul(d, a, out=out).add_(b).add_(torch.log(member))  # -inf off the set
         if update:
             new = torch.maximum(self.shift, z.amax(1))
@@ -201,11 +240,12 @@ class _SetState:
             self.shift = new
         return z.sub_(self.shift[:, None]).exp_()
 
-    def add(self, e: Tensor, d: Tensor, scratch: Tensor | None) -> None:
-        """Add a tile's weights to S and H (sum e * hinge = sign * sum e * d + offset * sum e)."""
+    def add(self, e: Tensor, d: Tensor, scratch: Tensor | None) -> Tensor:
+        """Add a tile's weights to S and H (sum e * hinge = sign * sum e * d + offset * sum e); returns sum e."""
         s = e.sum(1)
         self.S.add_(s)
         self.H.add_(torch.mul(e, d, out=scratch).sum(1).mul_(self.sign).add_(s, alpha=self.offset))
+        return s.sum()
 
     def normaliser(self) -> Tensor:
         return torch.where(self.S == 0, torch.ones_like(self.S), self.S)
@@ -264,6 +304,7 @@ def _forward_block(
     chunk: int,
     paper_grad: bool,
     sync_free: bool,
+    gram: _SymmetricGram | None,
 ) -> tuple[Tensor, Tensor | None, _SetState, _SetState, Tensor, Tensor]:
     """One block of queries against the whole gallery, chunk by chunk.
 
@@ -281,13 +322,14 @@ def _forward_block(
         cols = slice(start, min(R, start + chunk))
         g_c = g[cols]
         c = g_c.shape[0]
-        tile = _tile(q, g_c, q_sq, g_sq[cols], masks, rows, cols, params, same, sync_free, ws)
-        count_p = count_p + tile.member_p.sum()
-        count_n = count_n + tile.member_n.sum()
+        tile = _tile(q, g_c, q_sq, g_sq[cols], masks, rows, cols, params, same, sync_free, ws, gram)
         e_p = p.weights(tile.d, tile.member_p, ws.get("e_p", b, c))
         e_n = n.weights(tile.d, tile.member_n, ws.get("e_n", b, c))
-        p.add(e_p, tile.d, ws.get("k", b, c))
-        n.add(e_n, tile.d, ws.get("k", b, c))
+        sum_p = p.add(e_p, tile.d, ws.get("k", b, c))
+        sum_n = n.add(e_n, tile.d, ws.get("k", b, c))
+        # with T = 0 the weights are the members: their sum is the count
+        count_p = count_p + (sum_p if params.Tp == 0 else tile.member_p.sum())
+        count_n = count_n + (sum_n if params.Tn == 0 else tile.member_n.sum())
         if not paper_grad:
             continue
         if grad is not None:  # one chunk: the normalisers are final, one product for both sets
@@ -325,14 +367,25 @@ class _RankedListDense(torch.autograd.Function):
         step, chunk = _tiling(B, R, query)
         sync_free = sync_free_wanted(query)
         q_sq_all, g_sq = squared_norms(query), squared_norms(gallery)
+        gram = _SymmetricGram(query, q_sq_all) if _SYMMETRIC and same and chunk >= R and not sync_free else None
         losses, grads, stats = [], [], []
         count_p = torch.zeros((), dtype=query.dtype, device=query.device)
         count_n = torch.zeros((), dtype=query.dtype, device=query.device)
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
             out, grad, p, n, c_p, c_n = _forward_block(
-                query[rows], gallery, q_sq_all[rows], g_sq, masks, rows, params, same, chunk, need_grad and paper,
+                query[rows],
+                gallery,
+                q_sq_all[rows],
+                g_sq,
+                masks,
+                rows,
+                params,
+                same,
+                chunk,
+                need_grad and paper,
                 sync_free,
+                gram,
             )
             losses.append(out)
             count_p, count_n = count_p + c_p, count_n + c_n
