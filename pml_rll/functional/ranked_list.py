@@ -189,7 +189,9 @@ def non_trivial_pairs(
     """(rows, cols) of P* and of N* from a dense distance matrix and the candidate pair masks."""
     pos = pos_mask & is_non_trivial(positive_hinge(d, params.negative_boundary, params.margin))
     neg = neg_mask & is_non_trivial(negative_hinge(d, params.negative_boundary))
-    return (*torch.nonzero(pos, as_tuple=True), *torch.nonzero(neg, as_tuple=True))
+    pos_rows, pos_cols = torch.nonzero(pos, as_tuple=True)
+    neg_rows, neg_cols = torch.nonzero(neg, as_tuple=True)
+    return pos_rows, pos_cols, neg_rows, neg_cols
 
 
 def squared_norms(x: Tensor) -> Tensor:

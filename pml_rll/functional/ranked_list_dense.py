@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -145,7 +145,7 @@ class _SymmetricGram:
         return out.add_(self.x_sq[s:e, None])
 
 
-def _indicator(op: Any, x: Tensor, value: float | Tensor, out: Tensor | None) -> Tensor:
+def _indicator(op: Callable[..., Tensor], x: Tensor, value: float, out: Tensor | None) -> Tensor:
     """1/0 in the dtype of ``x`` where ``op(x, value)`` holds, written into ``out`` when given."""
     return op(x, value).to(x.dtype) if out is None else op(x, value, out=out)
 
@@ -352,7 +352,7 @@ class _RankedListDense(torch.autograd.Function):
     the autograd rule's (tiles recomputed)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         query: Tensor,
         ref: Tensor | None,
@@ -404,9 +404,7 @@ class _RankedListDense(torch.autograd.Function):
         return torch.cat(losses), count_p, count_n
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         if ctx.paper:
             (grad,) = ctx.saved_tensors
             return grad * grad_losses[:, None], None, None, None, None, None

@@ -107,16 +107,18 @@ def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, i
         with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
             warnings.filterwarnings("ignore", message="Sparse invariant checks")
             matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
-        return torch.sparse.mm(matrix, dense)
+        product: Tensor = torch.sparse.mm(matrix, dense)
+        return product
     matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
-    return matrix @ dense
+    out: Tensor = matrix @ dense
+    return out
 
 
 class _RankedListEuclidean(torch.autograd.Function):
     """The list path: forward lists the non-trivial pairs; backward applies their closed-form gradients."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, query: Tensor, ref: Tensor | None, masks: MaskFn, params: RankedListParams, paper: bool, same: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         alpha, margin = params.negative_boundary, params.margin
@@ -140,9 +142,7 @@ class _RankedListEuclidean(torch.autograd.Function):
         return r.losses, num_pos, num_neg
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         query, gallery, rows, cols, k, near = ctx.saved_tensors
         B, R = query.shape[0], gallery.shape[0]
         c = k * grad_losses[rows]

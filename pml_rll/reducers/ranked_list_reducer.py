@@ -82,7 +82,7 @@ class RankedListReducer(MultipleReducers):
     def _non_trivial(info: dict | None, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """Pairs with a positive loss (the non-trivial ones) and their anchors."""
         losses = None if info is None else info["losses"]
-        if not torch.is_tensor(losses) or losses.numel() == 0:
+        if info is None or not torch.is_tensor(losses) or losses.numel() == 0:
             return embeddings.new_zeros(0), torch.zeros(0, dtype=torch.long, device=embeddings.device)
         anchors = info["indices"][0]
         if losses.shape != anchors.shape:
