@@ -56,6 +56,7 @@ _RESUME_KEYS = (
     "losses",
     "inputs",
     "ref_size",
+    "compile",
 )
 
 
@@ -84,6 +85,8 @@ def time_batch(
             except Unavailable as exc:
                 e.update(time_status="unavailable", time_reason=exc.short, detail=exc.detail)
             else:
+                if args.compile:  # compiled on the first warm-up step (which the timing excludes)
+                    step = torch.compile(step)
                 runnable[n] = (step, modules, make_input(spec, batch_size, workload, device))
                 continue
         bar.update(args.warmup + args.repeats)
@@ -239,6 +242,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="reuse batch sizes already complete in OUT/loss_speed.json when the settings agree",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time each loss under torch.compile (default backend; compiled during the warm-up steps, which must "
+        "then be at least 1; the memory measurements stay uncompiled)",
+    )
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--memory-worker", metavar="NAME", default=None, help=argparse.SUPPRESS)
@@ -249,6 +258,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for b in args.batch_sizes + (args.memory_batch_sizes or []):
         if b < 8 or b % SAMPLES_PER_CLASS:
             p.error(f"batch size {b}: must be a multiple of {SAMPLES_PER_CLASS} and at least 8")
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup of at least 1 (the compilation happens there)")
     if args.dim < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.ref_size < 0:
         p.error("--dim, --repeats and --threads must be positive, --warmup and --ref-size non-negative")
     args.batch_sizes = sorted(set(args.batch_sizes))
@@ -281,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "inputs": args.inputs,
         "ref_size": args.ref_size,
+        "compile": args.compile,
         "memory": args.memory,
         "losses": args.losses,
         "memory_batch_sizes": args.memory_batch_sizes,

@@ -119,7 +119,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "### Loss speed and memory\n\n"
         f"- device: {cfg['device_name']} ({cfg['device']}); torch threads: {cfg['torch_num_threads']}; "
         f"torch {cfg['torch_version']}, pytorch-metric-learning {cfg['pml_version']}, Python {cfg['python']}\n"
-        f"- input: {workload_of(cfg).describe()}, "
+        f"- input: {workload_of(cfg).describe()}{'; every loss under torch.compile' if cfg.get('compile') else ''}, "
         f"labels = B/{SAMPLES_PER_CLASS} classes x {SAMPLES_PER_CLASS}; "
         f"median of {cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up steps\n"
         f"- command: `{cfg['command']}`\n"

@@ -37,6 +37,8 @@ NEAR_PER_QUERY = 4
 # Elements per tile: cache-sized on a CPU, one large tile on a GPU (a 4096 x 4096 batch in one go).
 _TILE_ELEMENTS_CPU = 1 << 19
 _TILE_ELEMENTS_CUDA = 1 << 25
+# On a CPU, a tile's gradient product lists its pairs when at most this fraction of them has a coefficient.
+_SPARSE_PRODUCT = 1 / 64
 # At least this many queries per tile (a wider gallery is then cut into chunks): an efficient matmul.
 _MIN_TILE_ROWS = 128
 # A constant shift T * max(hinge) is used when it cannot underflow a weight: T * span below this fraction of
@@ -255,11 +257,15 @@ class _SetState:
         return self.H / self.normaliser()
 
 
-def _pair_gradient(k: Tensor, tile: _Tile, q: Tensor, g: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
+def _pair_gradient(
+    k: Tensor, tile: _Tile, q: Tensor, g: Tensor, sync_free: bool, members: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """sum_j k_ij / d_ij (q_i - g_j) for a tile: the Gram form, the near-duplicates from explicit differences.
 
     ``k`` (d loss / d d per pair) is turned in place into c = k / d with the near-duplicates zeroed (returned, for
-    the gallery side); a pair within rounding of distance 0 has direction 0.
+    the gallery side); a pair within rounding of distance 0 has direction 0. ``members``: the number of pairs
+    with a coefficient, when known; on a CPU a tile with few (e.g. the positives among a large reference set) is
+    then listed instead of multiplied densely.
     """
     near, d = tile.near, tile.d
     k_near = k[near.rows, near.cols]
@@ -273,7 +279,15 @@ def _pair_gradient(k: Tensor, tile: _Tile, q: Tensor, g: Tensor, sync_free: bool
         if tile.diag is not None:
             c.diagonal(tile.diag).fill_(0.0)
     c.index_put_((near.rows, near.cols), torch.where(near.keep, 0.0, c[near.rows, near.cols]))
-    out = torch.addmm(q * c.sum(1)[:, None], c, g, alpha=-1)
+    count = None if sync_free or members is None else int(members)
+    if count is None or count > _SPARSE_PRODUCT * c.numel():
+        out = torch.addmm(q * c.sum(1)[:, None], c, g, alpha=-1)
+    elif count == 0:
+        out = torch.zeros_like(q)
+    else:
+        rows, cols = torch.nonzero(c, as_tuple=True)
+        values = c[rows, cols]
+        out = (q * c.sum(1)[:, None]).index_add_(0, rows, values[:, None] * g[cols], alpha=-1)
     explicit = torch.zeros_like(q).index_add_(0, near.rows, c_near[:, None] * near.diff)
     return out.add_(explicit), c_near
 
@@ -328,8 +342,9 @@ def _forward_block(
         sum_p = p.add(e_p, tile.d, ws.get("k", b, c))
         sum_n = n.add(e_n, tile.d, ws.get("k", b, c))
         # with T = 0 the weights are the members: their sum is the count
-        count_p = count_p + (sum_p if params.Tp == 0 else tile.member_p.sum())
-        count_n = count_n + (sum_n if params.Tn == 0 else tile.member_n.sum())
+        tile_p = sum_p if params.Tp == 0 else tile.member_p.sum()
+        tile_n = sum_n if params.Tn == 0 else tile.member_n.sum()
+        count_p, count_n = count_p + tile_p, count_n + tile_n
         if not paper_grad:
             continue
         if grad is not None:  # one chunk: the normalisers are final, one product for both sets
@@ -337,9 +352,9 @@ def _forward_block(
             k.addcmul_(e_n, (-lam / n.normaliser())[:, None])
             grad.add_(_pair_gradient(k, tile, q, g_c, sync_free)[0])
         else:
-            for state, e in ((p, e_p), (n, e_n)):
+            for state, e, m in ((p, e_p, tile_p), (n, e_n, tile_n)):
                 assert state.G is not None
-                state.G.add_(_pair_gradient(e.clone(), tile, q, g_c, sync_free)[0])
+                state.G.add_(_pair_gradient(e, tile, q, g_c, sync_free, m)[0])  # e is not needed afterwards
     if paper_grad and grad is None:
         assert p.G is not None and n.G is not None
         grad = p.G * ((1 - lam) / p.normaliser())[:, None] - n.G * (lam / n.normaliser())[:, None]

@@ -38,6 +38,9 @@ _SPARSE_DENSITY = 1 / 32
 # CPU: the dense path is taken when more than this fraction of the candidate negatives of a sample of queries is
 # non-trivial (the lists would be long, and listing them costs more than the dense passes).
 _DENSE_FRACTION = 1 / 20
+# CPU: the dense path is also taken for a gallery of at least this many items (a cross-batch memory): its memory
+# stays O(tile) where the lists of a long gallery grow with it.
+_LARGE_GALLERY = 16384
 PATHS = ("auto", "list", "dense")
 
 
@@ -211,13 +214,15 @@ def ranked_list_euclidean(
 
     ``path``: ``"list"`` lists the non-trivial pairs (fastest on a CPU when they are few; the list sizes are
     decided on the host), ``"dense"`` computes every pair in tiles without any synchronisation
-    (:mod:`.ranked_list_dense`), ``"auto"`` takes the dense path on CUDA, under ``torch.compile`` and on a CPU when a
-    sample of queries shows long lists, the list path otherwise. Both give the same values and gradients.
+    (:mod:`.ranked_list_dense`), ``"auto"`` takes the dense path on CUDA, under ``torch.compile``, and on a CPU when a
+    sample of queries shows long lists or the gallery is a large reference set; the list path otherwise. Both give
+    the same values and gradients.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "auto":
-        dense = sync_free_wanted(query) or dense_lists_expected(query, ref, masks, params=params)
+        R = query.shape[0] if ref is None else ref.shape[0]
+        dense = sync_free_wanted(query) or R >= _LARGE_GALLERY or dense_lists_expected(query, ref, masks, params=params)
         path = "dense" if dense else "list"
     if path == "dense":
         return ranked_list_dense(query, ref, masks, params=params, paper=paper)
