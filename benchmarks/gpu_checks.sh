@@ -31,7 +31,7 @@ else
   HARD_SIZES=(--batch-sizes 512 1024 2048 4096 --repeats 15 --warmup 3)
   XBM_SIZES=(--batch-sizes 256 1024 --dim 128 --ref-size 65536 --repeats 15 --warmup 3)
   COMPILE_SIZES=(--batch-sizes 4096 --repeats 15 --warmup 3)
-  LIMIT=150
+  LIMIT=100
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, report the exit status
@@ -43,6 +43,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   tail -n 3 "$WORK/$name.log"
+  # what is done comes back even if a later step is cut off
+  if [ -f "$WORK/$name/loss_speed.md" ]; then
+    cp "$WORK/$name/loss_speed.md" "$OUT/$name.md"
+  else
+    cp "$WORK/$name.log" "$OUT/$name.log"
+  fi
   return 0
 }
 
@@ -53,9 +59,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   git log -1 --oneline 2>/dev/null || cat COMMIT 2>/dev/null || true
 } >"$WORK/machine.txt" 2>&1
 cat "$WORK/machine.txt"
+cp "$WORK/machine.txt" "$OUT/"
 
 if [ "$DEVICE" = cuda ]; then
-  step cuda_tests 120 "$PY" -m pytest tests/losses/test_ranked_list_loss_cuda.py -q -p no:cacheprovider -x
+  step cuda_tests 100 "$PY" -m pytest tests/losses/test_ranked_list_loss_cuda.py -q -p no:cacheprovider -x
 fi
 BENCH=("$PY" -m benchmarks.loss_speed --device "$DEVICE" --no-progress --no-plot)
 step speed "$LIMIT" "${BENCH[@]}" "${SIZES[@]}" --out "$WORK/speed"
@@ -65,9 +72,5 @@ step xbm "$LIMIT" "${BENCH[@]}" "${XBM_SIZES[@]}" \
   --losses rll_paper rll_autograd contrastive multi_similarity floor --out "$WORK/xbm"
 step compile $((LIMIT + 30)) "${BENCH[@]}" "${COMPILE_SIZES[@]}" --compile --no-memory \
   --losses rll_paper rll_autograd floor --out "$WORK/compile"
-cp "$WORK/machine.txt" "$OUT/"
-for mode in speed speed_hard xbm compile; do
-  if [ -f "$WORK/$mode/loss_speed.md" ]; then cp "$WORK/$mode/loss_speed.md" "$OUT/${mode}.md"; fi
-done
 tar czf "$OUT/gpu_results.tgz" -C "$WORK" .
 ls -la "$OUT"
