@@ -36,7 +36,7 @@ from .ranked_list_params import RankedListParams
 NEAR_PER_QUERY = 4
 # Elements per tile: cache-sized on a CPU, one large tile on a GPU (a 4096 x 4096 batch in one go).
 _TILE_ELEMENTS_CPU = 1 << 19
-_TILE_ELEMENTS_CUDA = 1 << 25
+_TILE_ELEMENTS_CUDA = 1 << 24
 # On a CPU, a tile's gradient product lists its pairs when at most this fraction of them has a coefficient.
 _SPARSE_PRODUCT = 1 / 64
 # At least this many queries per tile (a wider gallery is then cut into chunks): an efficient matmul.
@@ -108,18 +108,22 @@ _SCRATCH = threading.local()
 
 
 class _Workspace:
-    """Reusable tile buffers on a CPU. Disabled elsewhere (the GPU's caching allocator and the compiler manage
-    memory), where ``get`` returns None and each operation allocates its result."""
+    """Tile buffers reused from tile to tile (fewer live temporaries), and on a CPU from call to call. Disabled
+    under ``torch.compile`` (the compiler plans memory), where ``get`` returns None and each operation allocates
+    its result."""
 
-    def __init__(self, elements: int, like: Tensor, enabled: bool) -> None:
-        self.elements, self.like, self.enabled = elements, like, enabled
-        if enabled and not hasattr(_SCRATCH, "buffers"):
+    def __init__(self, elements: int, like: Tensor) -> None:
+        self.elements, self.like = elements, like
+        self.enabled = not torch.compiler.is_compiling()
+        if self.enabled and not like.is_cuda and not hasattr(_SCRATCH, "buffers"):
             _SCRATCH.buffers = {}
+        # a GPU's buffers live for one call (its caching allocator makes them cheap; kept, they would hold memory)
+        self.local: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def get(self, name: str, b: int, c: int) -> Tensor | None:
         if not self.enabled:
             return None
-        buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.buffers
+        buffers: dict[tuple[str, torch.dtype], Tensor] = self.local if self.like.is_cuda else _SCRATCH.buffers
         key = (name, self.like.dtype)
         if key not in buffers or buffers[key].numel() < max(self.elements, b * c):
             buffers[key] = self.like.new_empty(max(self.elements, b * c))
@@ -327,7 +331,7 @@ def _forward_block(
     b, R = q.shape[0], g.shape[0]
     lam = params.imbalance
     single = chunk >= R
-    ws = _Workspace(b * min(chunk, R), q, not sync_free)
+    ws = _Workspace(b * min(chunk, R), q)
     p, n = _set_states(b, q, params, None if single or not paper_grad else q.shape[1])
     count_p = torch.zeros((), dtype=q.dtype, device=q.device)
     count_n = torch.zeros((), dtype=q.dtype, device=q.device)
@@ -467,7 +471,7 @@ def _autograd_backward(
         q, q_sq, gl = query[rows], q_sq_all[rows], grad_losses[rows]
         p, n = _set_states(q.shape[0], q, params, None)
         p.shift, n.shift = shift_p[rows], shift_n[rows]
-        ws = _Workspace(q.shape[0] * min(chunk, R), q, not sync_free)
+        ws = _Workspace(q.shape[0] * min(chunk, R), q)
         coefs = (
             (p, L_p[rows], gl * (1 - lam) / torch.where(S_p[rows] == 0, 1.0, S_p[rows])),
             (n, L_n[rows], gl * lam / torch.where(S_n[rows] == 0, 1.0, S_n[rows])),
