@@ -292,8 +292,7 @@ def _pair_gradient(
         rows, cols = torch.nonzero(c, as_tuple=True)
         values = c[rows, cols]
         out = (q * c.sum(1)[:, None]).index_add_(0, rows, values[:, None] * g[cols], alpha=-1)
-    explicit = torch.zeros_like(q).index_add_(0, near.rows, c_near[:, None] * near.diff)
-    return out.add_(explicit), c_near
+    return out.index_add_(0, near.rows, c_near[:, None] * near.diff), c_near
 
 
 def _tiling(B: int, R: int, x: Tensor) -> tuple[int, int]:
@@ -335,7 +334,7 @@ def _forward_block(
     p, n = _set_states(b, q, params, None if single or not paper_grad else q.shape[1])
     count_p = torch.zeros((), dtype=q.dtype, device=q.device)
     count_n = torch.zeros((), dtype=q.dtype, device=q.device)
-    grad = torch.zeros_like(q) if paper_grad and single else None
+    grad: Tensor | None = None
     for start in range(0, R, chunk):
         cols = slice(start, min(R, start + chunk))
         g_c = g[cols]
@@ -351,10 +350,10 @@ def _forward_block(
         count_p, count_n = count_p + tile_p, count_n + tile_n
         if not paper_grad:
             continue
-        if grad is not None:  # one chunk: the normalisers are final, one product for both sets
+        if single:  # one chunk: the normalisers are final, one product for both sets
             k = torch.mul(e_p, ((1 - lam) / p.normaliser())[:, None], out=ws.get("k", b, c))
             k.addcmul_(e_n, (-lam / n.normaliser())[:, None])
-            grad.add_(_pair_gradient(k, tile, q, g_c, sync_free)[0])
+            grad = _pair_gradient(k, tile, q, g_c, sync_free)[0]
         else:
             for state, e, m in ((p, e_p, tile_p), (n, e_n, tile_n)):
                 assert state.G is not None
