@@ -34,9 +34,10 @@ from .ranked_list_params import RankedListParams
 # Near-duplicates recomputed exactly per query without synchronising (the query itself comes on top when the
 # gallery is the batch). On a CPU, where reading a value on the host costs nothing, every near-duplicate is.
 NEAR_PER_QUERY = 4
-# Elements per tile: cache-sized on a CPU, one large tile on a GPU (a 4096 x 4096 batch in one go).
+# Elements per tile: cache-sized on a CPU; on a GPU large (few launches) but bounded (a tile's temporaries are
+# what the loss holds in memory): a 2048 x 2048 batch in one tile, a 4096 x 4096 one in four.
 _TILE_ELEMENTS_CPU = 1 << 19
-_TILE_ELEMENTS_CUDA = 1 << 24
+_TILE_ELEMENTS_CUDA = 1 << 22
 # On a CPU, a tile's gradient product lists its pairs when at most this fraction of them has a coefficient.
 _SPARSE_PRODUCT = 1 / 64
 # At least this many queries per tile (a wider gallery is then cut into chunks): an efficient matmul.
@@ -108,22 +109,21 @@ _SCRATCH = threading.local()
 
 
 class _Workspace:
-    """Tile buffers reused from tile to tile (fewer live temporaries), and on a CPU from call to call. Disabled
-    under ``torch.compile`` (the compiler plans memory), where ``get`` returns None and each operation allocates
-    its result."""
+    """Tile buffers reused from tile to tile and from call to call, on a CPU. Disabled elsewhere: on a GPU the
+    caching allocator makes a fresh temporary cheap and frees it early (buffers held for a whole tile raise the
+    peak), and under ``torch.compile`` the compiler plans memory; ``get`` then returns None and each operation
+    allocates its result."""
 
     def __init__(self, elements: int, like: Tensor) -> None:
         self.elements, self.like = elements, like
-        self.enabled = not torch.compiler.is_compiling()
-        if self.enabled and not like.is_cuda and not hasattr(_SCRATCH, "buffers"):
+        self.enabled = not like.is_cuda and not torch.compiler.is_compiling()
+        if self.enabled and not hasattr(_SCRATCH, "buffers"):
             _SCRATCH.buffers = {}
-        # a GPU's buffers live for one call (its caching allocator makes them cheap; kept, they would hold memory)
-        self.local: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def get(self, name: str, b: int, c: int) -> Tensor | None:
         if not self.enabled:
             return None
-        buffers: dict[tuple[str, torch.dtype], Tensor] = self.local if self.like.is_cuda else _SCRATCH.buffers
+        buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.buffers
         key = (name, self.like.dtype)
         if key not in buffers or buffers[key].numel() < max(self.elements, b * c):
             buffers[key] = self.like.new_empty(max(self.elements, b * c))
