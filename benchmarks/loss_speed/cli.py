@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -60,17 +61,20 @@ _RESUME_KEYS = (
 )
 
 
-def time_batch(
-    names: list[str],
-    batch_size: int,
-    args: argparse.Namespace,
-    workload: Workload,
-    device: torch.device,
-    results: dict[str, Any],
-    too_slow: dict[str, str],
-    bar: Any,
-) -> None:
+@dataclasses.dataclass
+class Sweep:
+    """One run of the benchmark: its arguments, workload, device, results so far and progress bar."""
+
+    args: argparse.Namespace
+    workload: Workload
+    device: torch.device
+    results: dict[str, Any]
+    bar: Any
+
+
+def time_batch(names: list[str], batch_size: int, sweep: Sweep, too_slow: dict[str, str]) -> None:
     """Warm-up then interleaved repeats of every runnable loss at one batch size."""
+    args, workload, device, results, bar = sweep.args, sweep.workload, sweep.device, sweep.results, sweep.bar
     runnable: dict[str, tuple[Step, list[torch.nn.Module], torch.Tensor]] = {}
     labels = make_labels(batch_size, device)
     for n in names:
@@ -123,16 +127,9 @@ def time_batch(
     gc.collect()
 
 
-def memory_batch(
-    names: list[str],
-    batch_size: int,
-    args: argparse.Namespace,
-    workload: Workload,
-    device: torch.device,
-    results: dict[str, Any],
-    bar: Any,
-) -> None:
+def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
     """Peak memory of every loss at one batch size (CPU: each in a fresh process)."""
+    args, workload, device, results, bar = sweep.args, sweep.workload, sweep.device, sweep.results, sweep.bar
     for n in names:
         e = _entry(results, n, batch_size)
         bar.set_postfix_str(f"{n} B={batch_size}")
@@ -334,9 +331,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tqdm(total=total, desc="loss_speed", unit="step", disable=not args.progress, dynamic_ncols=True) as bar:
         for b in todo:
             bar.set_postfix_str(f"timing B={b}")
-            time_batch(args.losses, b, args, workload, device, results, too_slow, bar)
+            sweep = Sweep(args, workload, device, results, bar)
+            time_batch(args.losses, b, sweep, too_slow)
             if args.memory:
-                memory_batch(args.losses, b, args, workload, device, results, bar)
+                memory_batch(args.losses, b, sweep)
             done.append(b)
             write_outputs(doc, args.out, png=False, specs=specs)  # checkpoint after every batch size
     write_outputs(doc, args.out, png=args.plot, specs=specs)

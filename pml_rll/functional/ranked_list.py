@@ -196,7 +196,8 @@ def non_trivial_pairs(
 
 def squared_norms(x: Tensor) -> Tensor:
     # ||x_i||^2 of every row, as a reduction (no temporary of the size of x)
-    return torch.linalg.vector_norm(x, dim=1).square_()
+    norms: Tensor = torch.linalg.vector_norm(x, dim=1)
+    return norms.square_()
 
 
 def squared_euclidean(

@@ -156,32 +156,33 @@ def _indicator(op: Callable[..., Tensor], x: Tensor, value: float, out: Tensor |
     return op(x, value).to(x.dtype) if out is None else op(x, value, out=out)
 
 
+class _Problem(NamedTuple):
+    """What every tile of one call shares: the gallery, its squared norms, the candidate pairs, the settings."""
+
+    gallery: Tensor
+    g_sq: Tensor
+    masks: MaskFn
+    params: RankedListParams
+    same: bool  # the gallery is the query batch
+    sync_free: bool
+
+
 def _tile(
-    q: Tensor,
-    g: Tensor,
-    q_sq: Tensor,
-    g_sq: Tensor,
-    masks: MaskFn,
-    rows: slice,
-    cols: slice,
-    params: RankedListParams,
-    same: bool,
-    sync_free: bool,
-    ws: _Workspace,
-    gram: _SymmetricGram | None = None,
+    q: Tensor, q_sq: Tensor, rows: slice, cols: slice, pb: _Problem, ws: _Workspace, gram: _SymmetricGram | None
 ) -> _Tile:
-    """Distances and members of the tile ``rows`` x ``cols`` (``q``, ``g``: its queries and gallery items)."""
+    """Distances and members of the tile ``rows`` x ``cols`` (``q``, ``q_sq``: its queries and their norms)."""
+    g, params, sync_free = pb.gallery[cols], pb.params, pb.sync_free
     b, c = q.shape[0], g.shape[0]
     offset = rows.start - cols.start
-    diag = offset if same and -b < offset < c else None
+    diag = offset if pb.same and -b < offset < c else None
     if gram is not None:
         sq = gram.squared(rows, ws.get("d", b, c))
     else:
-        sq = torch.addmm(g_sq[None, :], q, g.T, alpha=-2, out=ws.get("d", b, c)).add_(q_sq[:, None])
+        sq = torch.addmm(pb.g_sq[None, cols], q, g.T, alpha=-2, out=ws.get("d", b, c)).add_(q_sq[:, None])
     near = _near_duplicates(sq, q, g, sync_free, diag)
     d = sq.clamp_min_(0).sqrt_()
     # 1/0 matrices in the compute dtype: on a CPU, float arithmetic is several times faster than bool masking
-    pos, neg = masks(rows, cols, dtype=None if sync_free else d.dtype, out=ws.get("pos", b, c))
+    pos, neg = pb.masks(rows, cols, dtype=None if sync_free else d.dtype, out=ws.get("pos", b, c))
     pos = pos.to(d.dtype)
     member_p = _indicator(torch.gt, d, params.positive_boundary, ws.get("member_p", b, c)).mul_(pos)
     if diag is not None:
@@ -310,24 +311,14 @@ def _set_states(b: int, like: Tensor, params: RankedListParams, dim: int | None)
 
 
 def _forward_block(
-    q: Tensor,
-    g: Tensor,
-    q_sq: Tensor,
-    g_sq: Tensor,
-    masks: MaskFn,
-    rows: slice,
-    params: RankedListParams,
-    same: bool,
-    chunk: int,
-    paper_grad: bool,
-    sync_free: bool,
-    gram: _SymmetricGram | None,
+    q: Tensor, q_sq: Tensor, rows: slice, pb: _Problem, chunk: int, paper_grad: bool, gram: _SymmetricGram | None
 ) -> tuple[Tensor, Tensor | None, _SetState, _SetState, Tensor, Tensor]:
     """One block of queries against the whole gallery, chunk by chunk.
 
     Returns (losses, paper gradient or None, P* and N* states, counts of P* and N*).
     """
-    b, R = q.shape[0], g.shape[0]
+    b, R = q.shape[0], pb.gallery.shape[0]
+    params, sync_free = pb.params, pb.sync_free
     lam = params.imbalance
     single = chunk >= R
     ws = _Workspace(b * min(chunk, R), q)
@@ -337,9 +328,9 @@ def _forward_block(
     grad: Tensor | None = None
     for start in range(0, R, chunk):
         cols = slice(start, min(R, start + chunk))
-        g_c = g[cols]
+        g_c = pb.gallery[cols]
         c = g_c.shape[0]
-        tile = _tile(q, g_c, q_sq, g_sq[cols], masks, rows, cols, params, same, sync_free, ws, gram)
+        tile = _tile(q, q_sq, rows, cols, pb, ws, gram)
         e_p = p.weights(tile.d, tile.member_p, ws.get("e_p", b, c))
         e_n = n.weights(tile.d, tile.member_n, ws.get("e_n", b, c))
         sum_p = p.add(e_p, tile.d, ws.get("k", b, c))
@@ -384,35 +375,24 @@ class _RankedListDense(torch.autograd.Function):
         B, R = query.shape[0], gallery.shape[0]
         step, chunk = _tiling(B, R, query)
         sync_free = sync_free_wanted(query)
-        q_sq_all, g_sq = squared_norms(query), squared_norms(gallery)
+        q_sq_all = squared_norms(query)
+        pb = _Problem(gallery, q_sq_all if same else squared_norms(gallery), masks, params, same, sync_free)
         gram = _SymmetricGram(query, q_sq_all) if _SYMMETRIC and same and chunk >= R and not sync_free else None
         losses, grads, stats = [], [], []
         count_p = torch.zeros((), dtype=query.dtype, device=query.device)
         count_n = torch.zeros((), dtype=query.dtype, device=query.device)
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
-            out, grad, p, n, c_p, c_n = _forward_block(
-                query[rows],
-                gallery,
-                q_sq_all[rows],
-                g_sq,
-                masks,
-                rows,
-                params,
-                same,
-                chunk,
-                need_grad and paper,
-                sync_free,
-                gram,
-            )
+            paper_grad = need_grad and paper
+            out, grad, p, n, c_p, c_n = _forward_block(query[rows], q_sq_all[rows], rows, pb, chunk, paper_grad, gram)
             losses.append(out)
             count_p, count_n = count_p + c_p, count_n + c_n
             if grad is not None:
                 grads.append(grad)
             elif need_grad:
                 stats.append(torch.stack([p.shift, p.S, p.loss(), n.shift, n.S, n.loss()]))
-        ctx.paper, ctx.same, ctx.params, ctx.masks, ctx.tiling = paper, same, params, masks, (step, chunk)
-        ctx.sync_free = sync_free
+        ctx.paper, ctx.tiling = paper, (step, chunk)
+        ctx.settings = (masks, params, same, sync_free)  # the tensors travel through save_for_backward
         if need_grad and paper:
             ctx.save_for_backward(torch.cat(grads))
         elif need_grad:
@@ -427,41 +407,23 @@ class _RankedListDense(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             return grad * grad_losses[:, None], None, None, None, None, None
         query, gallery, stats = ctx.saved_tensors
-        grad_q, grad_g = _autograd_backward(
-            query,
-            gallery,
-            stats,
-            grad_losses,
-            ctx.masks,
-            ctx.params,
-            ctx.same,
-            ctx.tiling,
-            ctx.needs_input_grad[1],
-            ctx.sync_free,
-        )
+        pb = _Problem(gallery, squared_norms(gallery), *ctx.settings)
+        grad_q, grad_g = _autograd_backward(query, stats, grad_losses, pb, ctx.tiling, ctx.needs_input_grad[1])
         return grad_q, grad_g, None, None, None, None
 
 
 def _autograd_backward(
-    query: Tensor,
-    gallery: Tensor,
-    stats: Tensor,
-    grad_losses: Tensor,
-    masks: MaskFn,
-    params: RankedListParams,
-    same: bool,
-    tiling: tuple[int, int],
-    ref_needs_grad: bool,
-    sync_free: bool,
+    query: Tensor, stats: Tensor, grad_losses: Tensor, pb: _Problem, tiling: tuple[int, int], ref_needs_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """The exact derivative of the losses: tiles recomputed, weights differentiated, both ends of every pair moved.
 
     d loss_i / d hinge_ij = w_ij (1 + T (hinge_ij - L_set,i)) per set, times (1 - lambda) or lambda.
     """
+    gallery, params, same = pb.gallery, pb.params, pb.same
     B, R = query.shape[0], gallery.shape[0]
     step, chunk = tiling
     lam = params.imbalance
-    q_sq_all, g_sq = squared_norms(query), squared_norms(gallery)
+    q_sq_all = squared_norms(query)
     grad_q = torch.zeros_like(query)
     grad_g = torch.zeros_like(gallery) if same or ref_needs_grad else None
     shift_p, S_p, L_p, shift_n, S_n, L_n = stats
@@ -478,7 +440,7 @@ def _autograd_backward(
         for c_start in range(0, R, chunk):
             cols = slice(c_start, min(R, c_start + chunk))
             g_c = gallery[cols]
-            tile = _tile(q, g_c, q_sq, g_sq[cols], masks, rows, cols, params, same, sync_free, ws)
+            tile = _tile(q, q_sq, rows, cols, pb, ws, None)
             k = torch.zeros_like(tile.d)
             for (state, L, a), member in zip(coefs, (tile.member_p, tile.member_n)):
                 e = state.weights(tile.d, member, None, update=False)
@@ -486,7 +448,7 @@ def _autograd_backward(
                     hinge = torch.mul(tile.d, state.sign).add_(state.offset)
                     e = e * hinge.sub_(L[:, None]).mul_(state.T).add_(1.0)
                 k.add_(e * (state.sign * a)[:, None])
-            grad_tile, c_near = _pair_gradient(k, tile, q, g_c, sync_free)  # k is now c, near-duplicates zeroed
+            grad_tile, c_near = _pair_gradient(k, tile, q, g_c, pb.sync_free)  # k is now c, near-duplicates zeroed
             grad_q[rows] += grad_tile
             if grad_g is not None:
                 c = k
