@@ -46,6 +46,7 @@ _MIN_TILE_ROWS = 128
 # A constant shift T * max(hinge) is used when it cannot underflow a weight: T * span below this fraction of
 # -log(smallest normal number) of the dtype. Otherwise the running maximum of each set is the shift.
 _SAFE_EXPONENT_FRACTION = 0.5
+# CPU, gallery = batch: compute each Gram block once and reuse its transpose (switch kept for measurements).
 _SYMMETRIC = True
 
 
