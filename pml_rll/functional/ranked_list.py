@@ -15,10 +15,71 @@ so nothing is spent on the (usually many) trivial ones.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+
+from .ranked_list_params import RankedListParams
+
+
+class MaskFn(Protocol):
+    """(rows, cols) -> (pos_mask, neg_mask): the candidate pairs of the queries ``rows`` against the gallery items
+    ``cols`` (two slices). Bool matrices, or 1/0 matrices of ``dtype`` when one is given; neg_mask None means
+    "every pair that is not a positive"."""
+
+    def __call__(
+        self, rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The masks of one tile; ``out``, when given with ``dtype``, may receive the positive mask."""
+        ...
+
+
+# Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
+# distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
+NEAR_SQUARED_DISTANCE = 1e-4
+# Distances at most this many machine epsilons are 0: their direction is undefined, use 0
+# (docs/ranked_list_loss.md, pairs at distance 0).
+ZERO_DISTANCE_EPS = 64
+
+
+def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
+    """Candidate pairs from class labels: same label = positive, different = negative.
+
+    1/0 masks compare the labels as float32 when they are small integers (exact below 2^24; a CPU-only shortcut,
+    decided once on the host), otherwise convert the bool comparison.
+    """
+    cache: dict[str, tuple[Tensor, Tensor] | None] = {}
+
+    def masks(
+        rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if dtype is None:
+            return labels[rows, None] == ref_labels[None, cols], None
+        if "f" not in cache:
+            both = (labels, ref_labels)
+            small = all(not t.is_floating_point() and (t.numel() == 0 or bool(t.abs().max() < 2**24)) for t in both)
+            cache["f"] = (labels.float(), ref_labels.float()) if small else None
+        pair = cache["f"]
+        if pair is None:
+            return (labels[rows, None] == ref_labels[None, cols]).to(dtype), None
+        a, b = pair[0][rows], pair[1][cols]
+        out = a.new_empty((a.shape[0], b.shape[0]), dtype=dtype) if out is None else out
+        return torch.eq(a[:, None], b[None, :], out=out), None
+
+    return masks
+
+
+def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
+    """Candidate pairs given as dense boolean matrices (e.g. built from a miner's indices)."""
+
+    def masks(
+        rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        pos, neg = pos_mask[rows, cols], neg_mask[rows, cols]
+        return (pos, neg) if dtype is None else (pos.to(dtype), neg.to(dtype))
+
+    return masks
 
 
 def positive_hinge(d: Tensor, alpha: float, margin: float) -> Tensor:
@@ -79,9 +140,8 @@ def ranked_lists(
     neg_hinge: Tensor,
     neg_query: Tensor,
     num_queries: int,
-    Tp: float,
-    Tn: float,
-    imbalance: float,
+    *,
+    params: RankedListParams,
     detach_weights: bool,
     pos_member: Tensor | None = None,
     neg_member: Tensor | None = None,
@@ -92,11 +152,13 @@ def ranked_lists(
     rule); otherwise autograd also differentiates them. ``pos_member`` / ``neg_member``, when given, mark which
     listed pairs are in the set (the others get weight 0), so that a list need not be filtered.
     """
-    w_p = set_weights(pos_hinge.detach() if detach_weights else pos_hinge, pos_query, num_queries, Tp, pos_member)
-    w_n = set_weights(neg_hinge.detach() if detach_weights else neg_hinge, neg_query, num_queries, Tn, neg_member)
+    p_in = pos_hinge.detach() if detach_weights else pos_hinge
+    n_in = neg_hinge.detach() if detach_weights else neg_hinge
+    w_p = set_weights(p_in, pos_query, num_queries, params.Tp, pos_member)
+    w_n = set_weights(n_in, neg_query, num_queries, params.Tn, neg_member)
     loss_p = weighted_set_loss(w_p, pos_hinge, pos_query, num_queries)
     loss_n = weighted_set_loss(w_n, neg_hinge, neg_query, num_queries)
-    return RankedLists(query_loss(loss_p, loss_n, imbalance), loss_p, loss_n, w_p, w_n)
+    return RankedLists(query_loss(loss_p, loss_n, params.imbalance), loss_p, loss_n, w_p, w_n)
 
 
 def hinge_gradients(
@@ -105,35 +167,37 @@ def hinge_gradients(
     pos_query: Tensor,
     neg_hinge: Tensor,
     neg_query: Tensor,
-    Tp: float,
-    Tn: float,
-    imbalance: float,
+    *,
+    params: RankedListParams,
     detach_weights: bool,
 ) -> tuple[Tensor, Tensor]:
-    """d loss_i / d hinge_ij of every listed pair, in closed form (docs/ranked_list_loss.md, section 2).
+    """d loss_i / d hinge_ij of every listed pair, in closed form (docs/ranked_list_loss.md, the two gradient rules).
 
     Constant weights (the paper): the normalised weight. Differentiable weights (plain autograd):
     w_ij * (1 + T * (hinge_ij - L_set,i)).
     """
     g_p, g_n = r.w_p, r.w_n
     if not detach_weights:
-        g_p = g_p * (1 + Tp * (pos_hinge - r.loss_p[pos_query]))
-        g_n = g_n * (1 + Tn * (neg_hinge - r.loss_n[neg_query]))
-    return (1 - imbalance) * g_p, imbalance * g_n
+        g_p = g_p * (1 + params.Tp * (pos_hinge - r.loss_p[pos_query]))
+        g_n = g_n * (1 + params.Tn * (neg_hinge - r.loss_n[neg_query]))
+    return (1 - params.imbalance) * g_p, params.imbalance * g_n
 
 
 def non_trivial_pairs(
-    d: Tensor, pos_mask: Tensor, neg_mask: Tensor, alpha: float, margin: float
+    d: Tensor, pos_mask: Tensor, neg_mask: Tensor, *, params: RankedListParams
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(rows, cols) of P* and of N* from a dense distance matrix and the candidate pair masks."""
-    pos = pos_mask & is_non_trivial(positive_hinge(d, alpha, margin))
-    neg = neg_mask & is_non_trivial(negative_hinge(d, alpha))
-    return (*torch.nonzero(pos, as_tuple=True), *torch.nonzero(neg, as_tuple=True))
+    pos = pos_mask & is_non_trivial(positive_hinge(d, params.negative_boundary, params.margin))
+    neg = neg_mask & is_non_trivial(negative_hinge(d, params.negative_boundary))
+    pos_rows, pos_cols = torch.nonzero(pos, as_tuple=True)
+    neg_rows, neg_cols = torch.nonzero(neg, as_tuple=True)
+    return pos_rows, pos_cols, neg_rows, neg_cols
 
 
 def squared_norms(x: Tensor) -> Tensor:
-    # ||x_i||^2 of every row
-    return (x * x).sum(1)
+    # ||x_i||^2 of every row, as a reduction (no temporary of the size of x)
+    norms: Tensor = torch.linalg.vector_norm(x, dim=1)
+    return norms.square_()
 
 
 def squared_euclidean(

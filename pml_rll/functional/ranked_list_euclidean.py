@@ -10,12 +10,15 @@ matmuls, and lean in memory.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .ranked_list import (
+    NEAR_SQUARED_DISTANCE,
+    ZERO_DISTANCE_EPS,
+    MaskFn,
     hinge_gradients,
     negative_hinge,
     positive_hinge,
@@ -23,37 +26,26 @@ from .ranked_list import (
     squared_euclidean,
     squared_norms,
 )
+from .ranked_list_dense import ranked_list_dense, sync_free_wanted
+from .ranked_list_params import RankedListParams
 
-# A function (start, stop) -> (pos_mask, neg_mask) for the queries start:stop, each (stop - start) x R bool;
-# neg_mask None means "every pair that is not a positive candidate".
-MaskFn = Callable[[int, int], tuple[Tensor, Optional[Tensor]]]
-
-# Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
-# distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
-_NEAR = 1e-4
-# Distances at most this many machine epsilons are 0: their direction is undefined, use 0
-# (docs/ranked_list_loss.md, case 5).
-_ZERO_DISTANCE = 64
 # Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache (CPU);
 # on a GPU, where every block costs a synchronisation, a whole 4096 x 4096 batch is one block.
 _BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_CUDA = 1 << 24
 # Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
 _SPARSE_DENSITY = 1 / 32
-
-
-def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
-    """Candidate pairs from class labels: same label = positive, different = negative."""
-    return lambda start, stop: (labels[start:stop, None] == ref_labels[None, :], None)
-
-
-def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
-    """Candidate pairs given as dense boolean matrices (e.g. built from a miner's indices)."""
-    return lambda start, stop: (pos_mask[start:stop], neg_mask[start:stop])
+# CPU: the dense path is taken when more than this fraction of the candidate negatives of a sample of queries is
+# non-trivial (the lists would be long, and listing them costs more than the dense passes).
+_DENSE_FRACTION = 1 / 20
+# CPU: the dense path is also taken for a gallery of at least this many items (a cross-batch memory): its memory
+# stays O(tile) where the lists of a long gallery grow with it.
+_LARGE_GALLERY = 16384
+PATHS = ("auto", "list", "dense")
 
 
 def candidate_pairs(
-    query: Tensor, gallery: Tensor, masks: MaskFn, alpha: float, margin: float, exclude_self: bool
+    query: Tensor, gallery: Tensor, masks: MaskFn, *, params: RankedListParams, exclude_self: bool
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """Positives with d > alpha - m and negatives with d < alpha, by blocks of queries.
 
@@ -61,21 +53,21 @@ def candidate_pairs(
     per-query thresholds, so one matmul, a few comparisons and two listing passes cover a block.
     """
     B, R = query.shape[0], gallery.shape[0]
-    low = alpha - margin
+    alpha, low = params.negative_boundary, params.positive_boundary
     query_sq, gallery_sq = squared_norms(query), squared_norms(gallery)
     # d > low <=> sq > low^2 and d < alpha <=> sq < alpha^2. A boundary within Gram rounding of 0 lists every
     # candidate instead, and the exact distances decide (exact_distances, then the strict check in forward).
-    all_pos = not (low >= 0 and low * low >= _NEAR)
-    all_neg = alpha * alpha < _NEAR
+    all_pos = not (low >= 0 and low * low >= NEAR_SQUARED_DISTANCE)
+    all_neg = alpha * alpha < NEAR_SQUARED_DISTANCE
     pos_limit, neg_limit = low * low - query_sq, alpha * alpha - query_sq
-    lists = {"pos": ([], [], []), "neg": ([], [], [])}
+    lists: dict[str, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {"pos": ([], [], []), "neg": ([], [], [])}
     block = _BLOCK_ELEMENTS_CUDA if query.is_cuda else _BLOCK_ELEMENTS
     step = max(1, min(B, block // max(R, 1)))
     for start in range(0, B, step):
         stop = min(B, start + step)
         part = torch.addmm(gallery_sq[None, :], query[start:stop], gallery.T, alpha=-2)
-        pos, neg = masks(start, stop)
-        neg = ~pos if neg is None else neg
+        pos, maybe_neg = masks(slice(start, stop), slice(None))
+        neg = ~pos if maybe_neg is None else maybe_neg
         pos_act = pos.clone() if all_pos else pos & (part > pos_limit[start:stop, None])
         neg_act = neg if all_neg else neg & (part < neg_limit[start:stop, None])
         if exclude_self:  # a query is never its own positive
@@ -88,7 +80,7 @@ def candidate_pairs(
             out[1].append(cols)
             out[2].append(part[rows, cols])
 
-    def joined(kind):
+    def joined(kind: str) -> tuple[Tensor, Tensor, Tensor]:
         rows, cols, sq = (torch.cat(t) for t in lists[kind])
         return rows, cols, sq.add_(query_sq[rows])
 
@@ -102,7 +94,7 @@ def exact_distances(
 
     Near-duplicates are rare; when there are more than ``budget`` (collapsed embeddings) the Gram values stand.
     """
-    near = sq < _NEAR
+    near = sq < NEAR_SQUARED_DISTANCE
     idx = torch.nonzero(near, as_tuple=True)[0]
     if len(idx) > budget:
         near = torch.zeros_like(near)
@@ -118,27 +110,33 @@ def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, i
         with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
             warnings.filterwarnings("ignore", message="Sparse invariant checks")
             matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
-        return torch.sparse.mm(matrix, dense)
+        product: Tensor = torch.sparse.mm(matrix, dense)
+        return product
     matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
-    return matrix @ dense
+    out: Tensor = matrix @ dense
+    return out
 
 
 class _RankedListEuclidean(torch.autograd.Function):
+    """The list path: forward lists the non-trivial pairs; backward applies their closed-form gradients."""
+
     @staticmethod
-    def forward(ctx, query, ref, masks, params, paper, same):  # type: ignore[override]
-        margin, alpha, Tp, Tn, imbalance = params
-        gallery = query if same else ref
+    def forward(
+        ctx: Any, query: Tensor, ref: Tensor | None, masks: MaskFn, params: RankedListParams, paper: bool, same: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        alpha, margin = params.negative_boundary, params.margin
+        gallery = query if same or ref is None else ref
         B = query.shape[0]
-        (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, alpha, margin, same)
+        (pr, pc, psq), (nr, nc, nsq) = candidate_pairs(query, gallery, masks, params=params, exclude_self=same)
         P = len(pr)
         rows, cols = torch.cat([pr, nr]), torch.cat([pc, nc])
         d, near = exact_distances(torch.cat([psq, nsq]), rows, cols, query, gallery, budget=4 * B)
         h_p, h_n = positive_hinge(d[:P], alpha, margin), negative_hinge(d[P:], alpha)
         in_p, in_n = h_p > 0, h_n > 0  # the exact strict boundaries (listed pairs outside get weight 0)
-        r = ranked_lists(h_p, pr, h_n, nr, B, Tp, Tn, imbalance, True, in_p, in_n)
-        g_p, g_n = hinge_gradients(r, h_p, pr, h_n, nr, Tp, Tn, imbalance, detach_weights=paper)
+        r = ranked_lists(h_p, pr, h_n, nr, B, params=params, detach_weights=True, pos_member=in_p, neg_member=in_n)
+        g_p, g_n = hinge_gradients(r, h_p, pr, h_n, nr, params=params, detach_weights=paper)
         # d d_ij / d q_i = (q_i - r_j) / d_ij; d hinge_pos / d d = +1, d hinge_neg / d d = -1
-        tiny = d <= _ZERO_DISTANCE * torch.finfo(d.dtype).eps
+        tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
         k = torch.cat([g_p, -g_n]).div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
         ctx.paper, ctx.same = paper, same
         ctx.save_for_backward(query, gallery, rows, cols, k, near)
@@ -147,18 +145,18 @@ class _RankedListEuclidean(torch.autograd.Function):
         return r.losses, num_pos, num_neg
 
     @staticmethod
-    def backward(ctx, grad_losses, _gp, _gn):  # type: ignore[override]
+    def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         query, gallery, rows, cols, k, near = ctx.saved_tensors
         B, R = query.shape[0], gallery.shape[0]
         c = k * grad_losses[rows]
         to_gallery = not ctx.paper and (ctx.same or ctx.needs_input_grad[1])
         # near-duplicates: exact differences instead of the Gram form, which cancels catastrophically there
-        exact = None
+        exact: tuple[Tensor, Tensor, Tensor] | None = None
         if bool(near.any()):
             idx = torch.nonzero(near, as_tuple=True)[0]
             exact = (rows[idx], cols[idx], c[idx][:, None] * (query[rows[idx]] - gallery[cols[idx]]))
             c = c.masked_fill(near, 0.0)
-        grad_r = None
+        grad_r: Tensor | None = None
         if ctx.same and to_gallery:  # each pair sits in two lists: one product for both ends
             rows, cols, c = torch.cat([rows, cols]), torch.cat([cols, rows]), torch.cat([c, c])
         weight = torch.zeros(B, dtype=c.dtype, device=c.device).index_add_(0, rows, c)
@@ -170,35 +168,71 @@ class _RankedListEuclidean(torch.autograd.Function):
             e_rows, e_cols, pair = exact
             grad_q.index_add_(0, e_rows, pair)
             if to_gallery:
-                (grad_q if ctx.same else grad_r).index_add_(0, e_cols, -pair)
+                target = grad_q if ctx.same or grad_r is None else grad_r
+                target.index_add_(0, e_cols, -pair)
         return grad_q, grad_r, None, None, None, None
+
+
+def ranked_list_list_path(
+    query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams, paper: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The list path of :func:`ranked_list_euclidean`: only the non-trivial pairs are listed (host-side sizes)."""
+    out: tuple[Tensor, Tensor, Tensor] = _RankedListEuclidean.apply(query, ref, masks, params, paper, ref is None)
+    return out
+
+
+def dense_lists_expected(query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams) -> bool:
+    """CPU: whether the lists are long enough for the dense path to win, judged on a sample of queries.
+
+    The Gram block of up to 64 queries (a few percent of one matmul) is computed and the fraction of non-trivial
+    negatives among their candidate negatives compared with a fixed threshold; a host-side decision, taken only
+    where synchronising costs nothing.
+    """
+    gallery = query if ref is None else ref
+    rows = slice(0, min(64, query.shape[0]))
+    d = squared_euclidean(query[rows], gallery).clamp_min_(0).sqrt_()
+    pos, neg = masks(rows, slice(None))
+    neg = ~pos if neg is None else neg
+    hard = int((neg & (d < params.negative_boundary)).sum())
+    return hard > _DENSE_FRACTION * max(int(neg.sum()), 1)
 
 
 def ranked_list_euclidean(
     query: Tensor,
     ref: Tensor | None,
     masks: MaskFn,
-    margin: float,
-    alpha: float,
-    Tp: float,
-    Tn: float,
-    imbalance: float,
+    *,
+    params: RankedListParams,
     paper: bool,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-query Ranked List Loss on Euclidean distances between ``query`` and ``ref`` rows.
 
     ``ref=None`` means the gallery is the query batch itself. ``paper=True``: weights constant and each pair's
     gradient reaches only its query (the gallery is fixed); ``paper=False``: the exact gradient of the value.
     Returns (losses (B,), number of non-trivial positives, number of non-trivial negatives).
+
+    ``path``: ``"list"`` lists the non-trivial pairs (fastest on a CPU when they are few; the list sizes are
+    decided on the host), ``"dense"`` computes every pair in tiles without any synchronisation
+    (:mod:`.ranked_list_dense`), ``"auto"`` takes the dense path on CUDA, under ``torch.compile``, and on a CPU when a
+    sample of queries shows long lists or the gallery is a large reference set; the list path otherwise. Both give
+    the same values and gradients.
     """
-    params = (float(margin), float(alpha), float(Tp), float(Tn), float(imbalance))
-    return _RankedListEuclidean.apply(query, ref, masks, params, paper, ref is None)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        R = query.shape[0] if ref is None else ref.shape[0]
+        dense = sync_free_wanted(query) or R >= _LARGE_GALLERY or dense_lists_expected(query, ref, masks, params=params)
+        path = "dense" if dense else "list"
+    if path == "dense":
+        return ranked_list_dense(query, ref, masks, params=params, paper=paper)
+    return ranked_list_list_path(query, ref, masks, params=params, paper=paper)
 
 
 def euclidean_distances(query: Tensor, gallery: Tensor) -> Tensor:
     """Dense Euclidean distances, computed as the loss computes them (Gram form, near-duplicates exact)."""
     sq = squared_euclidean(query, gallery)
-    rows, cols = torch.nonzero(sq < _NEAR, as_tuple=True)
+    rows, cols = torch.nonzero(sq < NEAR_SQUARED_DISTANCE, as_tuple=True)
     d, _ = exact_distances(sq[rows, cols], rows, cols, query, gallery, budget=4 * len(query))
     out = sq.clamp_min_(0).sqrt_()
     out[rows, cols] = d

@@ -8,15 +8,23 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
-from ..functional.ranked_list import negative_hinge, non_trivial_pairs, positive_hinge, ranked_lists
-from ..functional.ranked_list_euclidean import dense_masks, label_masks, ranked_list_euclidean
+from ..functional.ranked_list import (
+    MaskFn,
+    dense_masks,
+    label_masks,
+    negative_hinge,
+    non_trivial_pairs,
+    positive_hinge,
+    ranked_lists,
+)
+from ..functional.ranked_list_dense import sync_free_wanted
+from ..functional.ranked_list_euclidean import PATHS, ranked_list_euclidean
+from ..functional.ranked_list_params import RankedListParams
 from ..utils.validation import (
     MAX_MAGNITUDE,
     check_batch,
     check_choice,
     check_distance,
-    check_embeddings,
-    check_labels,
     check_number,
     check_temperature,
     pairs_to_masks,
@@ -54,6 +62,11 @@ class RankedListLoss(BaseMetricLossFunction):
             non-trivial positive pulled in. ``"autograd"``: the plain derivative of the loss value (what PML's
             class computes), which also differentiates the weights and moves the gallery end of each pair; with
             Tn > 0 it can pull a moderately hard negative towards its query.
+        path: how the Euclidean fast path computes (same values and gradients): ``"list"`` lists the non-trivial
+            pairs (host-side sizes), ``"dense"`` computes all pairs in tiles without synchronising the device,
+            ``"auto"`` (default) takes the dense path on CUDA, under ``torch.compile`` and on a CPU when the lists
+            are long. On CUDA and under ``torch.compile`` the embeddings are not checked for NaN (that check would
+            synchronise).
         **kwargs: PML's ``distance``, ``reducer``, ``embedding_regularizer``, ``collect_stats``...
 
     Faithful to the paper, unlike PML 2.9's class: pairs at distance 0 count (identical embeddings of different
@@ -85,6 +98,7 @@ class RankedListLoss(BaseMetricLossFunction):
         alpha: float | None = None,
         Tp: float = 0.0,
         gradient: str = "paper",
+        path: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,6 +110,7 @@ class RankedListLoss(BaseMetricLossFunction):
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
+        self.path = check_choice("path", path, PATHS)
         check_distance(self.distance, "RankedListLoss")
         self.add_to_recordable_attributes(list_of_names=["margin", "alpha", "Tp", "Tn", "imbalance"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -106,7 +121,14 @@ class RankedListLoss(BaseMetricLossFunction):
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
         need_ref_labels = labels is not None and indices_tuple is None
         check_batch(
-            embeddings, labels, ref_emb, ref_labels, ref_labels_required=need_ref_labels, indices_tuple=indices_tuple
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            ref_labels_required=need_ref_labels,
+            indices_tuple=indices_tuple,
+            # the finiteness check reads values on the host: skipped where the loss must not synchronise
+            check_values=not (torch.is_tensor(embeddings) and sync_free_wanted(embeddings)),
         )
         if labels is None and indices_tuple is None:
             raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
@@ -115,15 +137,8 @@ class RankedListLoss(BaseMetricLossFunction):
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        check_distance(self.distance, "RankedListLoss")
-        check_embeddings("embeddings", embeddings)
-        same = ref_emb is embeddings
-        if not same:
-            check_embeddings("ref_emb", ref_emb, embeddings.shape[1])
-        check_labels("labels", labels, embeddings.shape[0])
-        check_labels("ref_labels", ref_labels, ref_emb.shape[0])
-        if labels is None and indices_tuple is None:
-            raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
+        check_distance(self.distance, "RankedListLoss")  # the distance may have been replaced after construction
+        same = ref_emb is embeddings  # every argument was checked in forward
         B, R = embeddings.shape[0], ref_emb.shape[0]
         if B == 0 or R == 0:
             return self.zero_losses()
@@ -135,12 +150,14 @@ class RankedListLoss(BaseMetricLossFunction):
                 raise ValueError("ref_labels is required with ref_emb when no indices_tuple is given")
             masks = label_masks(labels, ref_labels.to(labels.device))
 
-        params = (self.margin, self.alpha, self.Tp, self.Tn, self.imbalance)
+        params = RankedListParams(
+            margin=self.margin, alpha=self.alpha, Tp=self.Tp, Tn=self.Tn, imbalance=self.imbalance
+        )
         paper = self.gradient == "paper"
         if self._is_fast_distance():
-            losses, n_pos, n_neg = self._euclidean_losses(embeddings, ref_emb, same, masks, params, paper)
+            losses, n_pos, n_neg = self._euclidean_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
         else:
-            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params, paper)
+            losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
         if self.collect_stats:
             self.avg_num_pos_per_query = float(n_pos) / B
             self.avg_num_neg_per_query = float(n_neg) / B
@@ -156,7 +173,9 @@ class RankedListLoss(BaseMetricLossFunction):
         dist = self.distance
         return type(dist) is LpDistance and dist.p == 2 and dist.power == 1
 
-    def _euclidean_losses(self, embeddings, ref_emb, same, masks, params, paper):
+    def _euclidean_losses(
+        self, embeddings: Tensor, ref_emb: Tensor, same: bool, masks: MaskFn, *, params: RankedListParams, paper: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         def prepare(x: Tensor) -> Tensor:
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()  # accumulate half precision in float32
@@ -166,27 +185,29 @@ class RankedListLoss(BaseMetricLossFunction):
 
         query = prepare(embeddings)
         gallery = None if same else prepare(ref_emb).to(query.dtype)
-        return ranked_list_euclidean(query, gallery, masks, *params, paper=paper)
+        return ranked_list_euclidean(query, gallery, masks, params=params, paper=paper, path=self.path)
 
-    def _generic_losses(self, embeddings, ref_emb, same, masks, params, paper):
+    def _generic_losses(
+        self, embeddings: Tensor, ref_emb: Tensor, same: bool, masks: MaskFn, *, params: RankedListParams, paper: bool
+    ) -> tuple[Tensor, int, int]:
         """Any PML distance: the non-trivial pairs of the dense matrix, then autograd through the core.
 
         In paper mode the gallery is detached and the weights are constants.
         """
-        margin, alpha, Tp, Tn, imbalance = params
+        alpha, margin = params.negative_boundary, params.margin
         if embeddings.dtype in (torch.float16, torch.bfloat16):
             embeddings = embeddings.float()
             ref_emb = ref_emb.float()
         mat = self.distance(embeddings, ref_emb.detach() if paper else ref_emb)
-        pos, neg = masks(0, embeddings.shape[0])
+        pos, neg = masks(slice(None), slice(None))
         if neg is None:
             neg = ~pos
         if same:  # a query is never its own positive, labels or pairs alike (as in the fast path)
             pos = pos & ~torch.eye(*pos.shape, dtype=torch.bool, device=pos.device)
-        pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, alpha, margin)
+        pr, pc, nr, nc = non_trivial_pairs(mat.detach(), pos, neg, params=params)
         h_p = positive_hinge(mat[pr, pc], alpha, margin)
         h_n = negative_hinge(mat[nr, nc], alpha)
-        r = ranked_lists(h_p, pr, h_n, nr, embeddings.shape[0], Tp, Tn, imbalance, detach_weights=paper)
+        r = ranked_lists(h_p, pr, h_n, nr, embeddings.shape[0], params=params, detach_weights=paper)
         return r.losses, len(pr), len(nr)
 
     def get_default_distance(self):

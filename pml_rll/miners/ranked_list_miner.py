@@ -9,6 +9,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
+from ..functional.ranked_list_params import RankedListParams
 from ..utils.validation import MAX_MAGNITUDE, check_batch, check_distance, check_number
 
 
@@ -57,7 +58,9 @@ class RankedListMiner(BaseMiner):
         with torch.autocast(embeddings.device.type, enabled=False):
             d = self._distances(embeddings, ref_emb)
         matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
-        a1, p, a2, n = non_trivial_pairs(d, matches.bool(), diffs.bool(), self.alpha, self.margin)
+        a1, p, a2, n = non_trivial_pairs(
+            d, matches.bool(), diffs.bool(), params=RankedListParams(margin=self.margin, alpha=self.alpha)
+        )
         if self.collect_stats:
             self.avg_num_pos_per_query = len(a1) / len(embeddings)
             self.avg_num_neg_per_query = len(a2) / len(embeddings)

@@ -7,6 +7,7 @@ from pytorch_metric_learning.reducers import MultipleReducers
 from torch import Tensor
 
 from ..functional.ranked_list import is_non_trivial, ranked_lists
+from ..functional.ranked_list_params import RankedListParams
 from ..losses.ranked_list_loss import GRADIENT_MODES
 from ..utils.validation import check_choice, check_embeddings, check_finite, check_number, check_temperature
 
@@ -84,16 +85,9 @@ class RankedListReducer(MultipleReducers):
         n = embeddings.shape[0]
         pos_loss, pos_query = self._non_trivial(pairs["pos_pair"], embeddings)
         neg_loss, neg_query = self._non_trivial(pairs["neg_pair"], embeddings)
+        params = RankedListParams(Tp=self.Tp, Tn=self.Tn, imbalance=self.imbalance)
         r = ranked_lists(
-            pos_loss,
-            pos_query,
-            neg_loss,
-            neg_query,
-            n,
-            self.Tp,
-            self.Tn,
-            self.imbalance,
-            detach_weights=self.gradient == "paper",
+            pos_loss, pos_query, neg_loss, neg_query, n, params=params, detach_weights=self.gradient == "paper"
         )
         if self.collect_stats:
             self.avg_num_pos_per_query = len(pos_loss) / n

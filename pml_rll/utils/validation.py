@@ -130,8 +130,17 @@ def check_distance(distance: BaseDistance, owner: str) -> None:
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------
+def all_finite(t: Tensor) -> bool:
+    """Whether every value is finite: the extremes are finite exactly when every value is (NaN propagates); two
+    reductions without a temporary of the tensor's size."""
+    t = t.detach()
+    return t.numel() == 0 or (bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin())))
+
+
 def check_finite(name: str, t: Tensor) -> None:
     """Every value finite; the message names the argument and the first bad row."""
+    if all_finite(t):
+        return
     bad = ~torch.isfinite(t.detach())
     if bool(bad.any()):
         rows = bad.reshape(bad.shape[0], -1).any(1) if t.ndim > 1 else bad.reshape(-1)
@@ -225,8 +234,11 @@ def check_batch(
     labels_required: bool = False,
     ref_labels_required: bool | None = None,
     indices_tuple: Any = None,
+    check_values: bool = True,
 ) -> None:
     """The PML call ``(embeddings, labels, ref_emb, ref_labels)`` of a loss or a miner, every value finite.
+
+    ``check_values=False`` skips the finiteness checks (they read values on the host, a synchronisation on CUDA).
 
     embeddings: (N, D), D == ``width`` when given; labels: (N,) integers, required if ``labels_required``;
     ref_emb: (R, D) on the embeddings' device; ref_labels: (R,) integers, required with ``ref_emb`` when
@@ -235,9 +247,9 @@ def check_batch(
     ``indices_tuple``, when given, is checked by :func:`check_indices_tuple` for N queries x R references.
     """
     if packed is not None:
-        check_embeddings("embeddings", embeddings, 2 * packed, what=packed_width(packed))
+        check_embeddings("embeddings", embeddings, 2 * packed, check_values, what=packed_width(packed))
     else:
-        check_embeddings("embeddings", embeddings, width, what=f"{width} (embedding_size)")
+        check_embeddings("embeddings", embeddings, width, check_values, what=f"{width} (embedding_size)")
     check_labels("labels", labels, embeddings.shape[0], required=labels_required)
     if ref_emb is None:
         if ref_labels is not None:
@@ -249,7 +261,7 @@ def check_batch(
         check_reference("ref_emb", ref_emb, packed)
     else:
         d = embeddings.shape[1]
-        check_embeddings("ref_emb", ref_emb, d, what=f"{d} like embeddings")
+        check_embeddings("ref_emb", ref_emb, d, check_values, what=f"{d} like embeddings")
     check_same_device("ref_emb", ref_emb, embeddings)
     if ref_labels_required is None:
         ref_labels_required = labels is not None

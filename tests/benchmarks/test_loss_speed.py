@@ -8,8 +8,10 @@ import math
 import os
 
 import pytest
+import torch
 
 from benchmarks import loss_speed as ls
+from benchmarks.loss_speed import cases
 
 TINY = ["--dim", "8", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--threads", "1", "--no-progress"]
 
@@ -59,13 +61,14 @@ def test_end_to_end_tiny_with_memory(tmp_path):
 
 
 def test_max_batch_skip_unavailable_and_no_memory(tmp_path, monkeypatch):
-    def broken(batch_size, dim, device):
+    def broken(batch_size, workload, device):
         raise ls.Unavailable("not importable", "pml_rll.losses.Nothing: no such class")
 
-    reg = dict(ls.REGISTRY)
-    reg["floor"] = dataclasses.replace(reg["floor"], max_batch=16, max_batch_reason="test cap")
-    reg["broken"] = ls.LossSpec("broken", "a broken loss", broken, note="raises Unavailable")
-    monkeypatch.setattr(ls, "REGISTRY", reg)
+    capped = dataclasses.replace(ls.REGISTRY["floor"], max_batch=16, max_batch_reason="test cap")
+    monkeypatch.setitem(ls.REGISTRY, "floor", capped)  # one registry object, shared by the sweep and the renderer
+    monkeypatch.setitem(
+        ls.REGISTRY, "broken", ls.LossSpec("broken", "a broken loss", broken, note="raises Unavailable")
+    )
     out = str(tmp_path / "out")
     ls.main("--batch-sizes 16 32 --losses floor broken contrastive --no-memory --no-plot --out".split() + [out] + TINY)
     doc, md = _load(out)
@@ -137,7 +140,8 @@ def test_compute_ratios_values_targets_and_missing():
         "pml_rll": {"512": _fake(10.0), "1024": _fake(30.0), "4096": _fake(mem=1000.0)},
         "floor": {"1024": _fake(20.0), "2048": _fake(64.0)},
     }
-    rows = {(r["title"], r["batch_size"]): r for r in ls.compute_ratios(results, bs)}
+    specs = ls.ratio_specs(ls.Workload(8))
+    rows = {(r["title"], r["batch_size"]): r for r in ls.compute_ratios(results, bs, specs)}
     r = rows[("time ours (paper) / PML RankedListLoss", 512)]
     assert r["value"] == pytest.approx(0.4) and r["met"] is True and r["target"] == 0.5
     assert r["value_of_minima"] == pytest.approx(0.4)
@@ -156,7 +160,7 @@ def test_compute_ratios_values_targets_and_missing():
     r = rows[("time ours (autograd) / ours (paper)", 2048)]
     assert r["value"] is None and "rll_autograd time not measured" in r["reason"]
     # a batch size outside the run
-    r = {(x["title"], x["batch_size"]): x for x in ls.compute_ratios(results, [512])}[
+    r = {(x["title"], x["batch_size"]): x for x in ls.compute_ratios(results, [512], specs)}[
         ("time ours (paper) / floor", 1024)
     ]
     assert r["value"] is None and "not in this run" in r["reason"]
@@ -168,3 +172,31 @@ def test_compute_ratios_values_targets_and_missing():
 def test_bad_arguments_are_rejected(bad, tmp_path):
     with pytest.raises(SystemExit):
         ls.main(bad + ["--out", str(tmp_path)])
+
+
+def test_reference_set_mode_tiny(tmp_path):
+    """Cross-batch memory mode: the queries against a fixed reference set, with memory, ratios of that mode."""
+    out = str(tmp_path / "out")
+    names = ["rll_paper", "contrastive", "multi_similarity", "floor", "pml_rll"]
+    ls.main(["--batch-sizes", "16", "--ref-size", "64", "--losses", *names, "--no-plot", "--out", out] + TINY)
+    doc, md = _load(out)
+    res = doc["results"]
+    assert doc["config"]["ref_size"] == 64
+    for n in names[:4]:
+        assert res[n]["16"]["time_status"] == "ok" and res[n]["16"]["mem_status"] == "ok", res[n]
+    assert res["pml_rll"]["16"]["time_status"] == "unavailable"  # PML's RankedListLoss takes no ref_emb
+    titles = {r["title"] for r in doc["ratios"]}
+    assert "time ours (paper) / ContrastiveLoss" in titles and "time ours (paper) / PML RankedListLoss" not in titles
+    assert "reference set of 64 items" in md
+
+
+def test_input_kind_is_explicit():
+    spec, w = ls.REGISTRY["rll_paper"], ls.Workload(16, "random")
+    cpu = torch.device("cpu")
+    a = cases.make_input(spec, 64, w, cpu)
+    assert torch.equal(a, cases.make_input(spec, 64, w, cpu, kind="random"))
+    hard = cases.make_input(spec, 64, w, cpu, kind="hard")
+    assert not torch.equal(a, hard)
+    assert torch.equal(hard, cases.make_input(spec, 64, ls.Workload(16, "hard"), cpu))  # nothing global
+    ref_emb, ref_labels = cases.make_reference(64, ls.Workload(16, "hard", ref_size=128), cpu)
+    assert ref_emb.shape == (128, 16) and not ref_emb.requires_grad and int(ref_labels.max()) == 31

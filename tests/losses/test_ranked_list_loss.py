@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_rll.functional.ranked_list import hinge_gradients, ranked_lists
+from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.losses import RankedListLoss
 from tests.conftest import F64, hand_case, paired_batch
 from tests.reference.ranked_list_loss import reference_loss, reference_losses, reference_paper_gradient
@@ -86,8 +87,9 @@ def test_case8c_paper_gradient_pushes_every_negative_away():
     h_p, q_p = h_n[:0], q_n[:0]
 
     def dloss_dd(detach):
-        r = ranked_lists(h_p, q_p, h_n, q_n, 1, 0.0, 10.0, 1.0, detach_weights=True)
-        return -hinge_gradients(r, h_p, q_p, h_n, q_n, 0.0, 10.0, 1.0, detach_weights=detach)[1][None]
+        params = RankedListParams(Tp=0.0, Tn=10.0, imbalance=1.0)
+        r = ranked_lists(h_p, q_p, h_n, q_n, 1, params=params, detach_weights=True)
+        return -hinge_gradients(r, h_p, q_p, h_n, q_n, params=params, detach_weights=detach)[1][None]
 
     paper, auto = dloss_dd(True), dloss_dd(False)
     assert paper[0].tolist() == pytest.approx([-0.9636, -0.0364], abs=1e-4)

@@ -59,3 +59,24 @@ def test_cuda_reducer_miner_and_memory():
     assert pair_loss(x, y, ref_emb=x, ref_labels=y).item() == pytest.approx(loss(x, y).item(), abs=1e-5)
     xbm = losses.CrossBatchMemory(loss, 64, memory_size=1024).cuda()
     assert torch.isfinite(xbm(x, y)) and torch.isfinite(xbm(x, y))
+
+
+@cuda
+@pytest.mark.parametrize("gradient", ["paper", "autograd"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_cuda_forward_backward_never_synchronises(gradient, with_ref):
+    """The dense path reads nothing back to the host: no nonzero, no .item(), no data-dependent size."""
+    x, y = batch(1024)
+    x, y = x.cuda().requires_grad_(True), y.cuda()
+    ref, ref_y = (x.detach()[:512].clone(), y[:512].clone()) if with_ref else (None, None)
+    loss = losses.RankedListLoss(0.4, Tn=10, gradient=gradient)
+    loss(x, y, ref_emb=ref, ref_labels=ref_y).backward()  # lazy initialisation (kernels, handles) may synchronise
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = loss(x, y, ref_emb=ref, ref_labels=ref_y)
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all()
