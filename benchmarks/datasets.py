@@ -315,6 +315,7 @@ def load_omniglot_bundle(
     test_alphabets: Sequence[str] | None = None,
     augment: bool = True,
 ) -> DatasetBundle:
+    shown = data_root or f"${DATA_ENV}/omniglot"  # how the description names the folder
     data_root = data_root or default_data_root("omniglot")
     if not data_root:
         raise DatasetUnavailableError(
@@ -346,7 +347,7 @@ def load_omniglot_bundle(
         input_kind="gray",
         input_shape=(1, image_size, image_size),
         description=(
-            f"Omniglot from {data_root}, alphabet split ({rule}); train alphabets {train_alph} "
+            f"Omniglot from {shown}, alphabet split ({rule}); train alphabets {train_alph} "
             f"({n_tr_cls} characters, {len(tr)} images), test alphabets {test_alph} "
             f"({n_te_cls} characters, {len(te)} images); {image_size}x{image_size}, random shift <= 2 px"
         ),

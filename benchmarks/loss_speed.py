@@ -50,6 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from .common import atomic_write, device_name, resolve_device
+from .registry import default as registry_default
+
+RLL_MARGIN, RLL_TN = registry_default("rll", "margin"), registry_default("rll", "Tn")  # the runner's defaults
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BATCH_SIZES = (128, 256, 512, 1024, 2048, 4096)
@@ -115,9 +118,8 @@ class LossSpec:
 def _ours_rll(gradient: str):
     def build(batch_size: int, dim: int, device: torch.device):
         cls = _import_ours("RankedListLoss")
-        loss = _construct(
-            cls, f"RankedListLoss(margin=0.4, Tn=10, gradient={gradient!r})", margin=0.4, Tn=10, gradient=gradient
-        ).to(device)
+        call = f"RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN}, gradient={gradient!r})"
+        loss = _construct(cls, call, margin=RLL_MARGIN, Tn=RLL_TN, gradient=gradient).to(device)
         return loss, [loss]
 
     return build
@@ -130,7 +132,7 @@ def _pml_rll(batch_size, dim, device):
 
     with warnings.catch_warnings():  # PML warns about Tn > 5 at construction; Tn=10 is the paper's value
         warnings.simplefilter("ignore")
-        loss = RankedListLoss(margin=0.4, Tn=10).to(device)
+        loss = RankedListLoss(margin=RLL_MARGIN, Tn=RLL_TN).to(device)
     return loss, [loss]
 
 

@@ -446,8 +446,11 @@ def _versions() -> dict:
 
     import pml_rll
 
-    return {"pml_rll": pml_rll.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
-            "torch": torch.__version__}
+    return {
+        "pml_rll": pml_rll.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--storage {v['storage']}: cannot open the results store ({type(e).__name__}: {e})")
     test_alphabets = [a.strip() for a in args.test_alphabets.split(",") if a.strip()] if args.test_alphabets else None
     try:
-        bundle = load_dataset(args.dataset, v["data_root"], args.download, args.image_size, test_alphabets)
+        bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
     except DatasetUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -578,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     job = dict(
         dataset=args.dataset,
-        data_root=v["data_root"],
+        data_root=args.data_root,  # None: the loaders read $PML_RLL_DATA themselves (and name it so)
         download=args.download,
         image_size=args.image_size,
         test_alphabets=test_alphabets,

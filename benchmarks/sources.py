@@ -2,10 +2,11 @@
 
 * :class:`RunSource`: (loss, hyper-parameters, seed) runs on the test split, each claimed in the results store.
 * :class:`TuneSource`: the Reality Check protocol for one loss. Trial slot s (s = 0 .. trials-1) is claimed in the
-  store, asks Optuna's TPE sampler for hyper-parameters (slot 0: the defaults, when they lie in the search space), trains with seed s on every fold but one and scores MAP@R
-  on the held-out fold, for each of the K class-disjoint folds; its value, the mean over folds, goes back to the
-  study. Every loss gets the same slots, seeds, folds and budget. The test split is never read. A trial whose
-  runner died is taken over with the same hyper-parameters (its finished folds are reused from the store).
+  store and asks Optuna's TPE sampler for hyper-parameters (slot 0: the defaults, when they lie in the search
+  space); the trial trains with seed s on every fold but one and scores MAP@R on the held-out fold, for each of the
+  K class-disjoint folds, and its value, the mean over folds, goes back to the study. Every loss gets the same
+  slots, seeds, folds and budget. The test split is never read. A trial whose runner died is taken over with the
+  same hyper-parameters (its finished folds are reused from the store).
 """
 
 from __future__ import annotations

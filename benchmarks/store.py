@@ -263,9 +263,7 @@ class ResultStore:
                 if tokens:
                     try:
                         with self.engine.begin() as conn:
-                            conn.execute(
-                                RUNS.update().where(RUNS.c.token.in_(tokens)).values(heartbeat=time.time())
-                            )
+                            conn.execute(RUNS.update().where(RUNS.c.token.in_(tokens)).values(heartbeat=time.time()))
                     except OperationalError:  # a busy database: the next beat comes soon
                         pass
 
