@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
@@ -265,16 +266,13 @@ def parse_seeds(spec: str | None, default_n: int) -> list[int]:
     try:
         if "," in spec:
             parts = [s.strip() for s in spec.split(",")]
-            if not all(parts):
-                raise ValueError
-            seeds = [int(s) for s in parts]
+            seeds = [int(s) for s in parts]  # an empty part fails here too
         else:
-            n = int(spec)
-            if n < 1:
-                raise ValueError(f"--seeds {spec}: the number of seeds must be >= 1")
-            seeds = list(range(n))
-    except ValueError as e:
-        raise ValueError(str(e) or f"--seeds {spec!r}: expected a count N or a comma list of integers") from None
+            seeds = list(range(int(spec)))
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: expected a count N or a comma list of integers") from None
+    if not seeds:
+        raise ValueError(f"--seeds {spec}: the number of seeds must be >= 1")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise ValueError(f"--seeds {spec}: seeds {repeated} repeated (each seed once)")
@@ -383,7 +381,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     ctx = BuildContext(num_classes=max(2, n_batch_classes), embedding_size=pick("embedding_size"))
     for n in loss_names:  # a dry build: bad --set values and --config kwargs fail here, not after loading data
         try:
-            registry.entries[n].build(ctx, registry.overrides.get(n))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                registry.entries[n].build(ctx, registry.overrides.get(n))
         except (TypeError, ValueError, AttributeError, ImportError) as e:
             src = "--set" if n in registry.overrides else ("--config" if args.config else "registry")
             fail(f"{src}: loss {n!r} cannot be built with these hyper-parameters: {type(e).__name__}: {e}")
