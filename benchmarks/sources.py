@@ -278,7 +278,7 @@ class TuneSource:
         else:
             obj, fkey = task["fold_key"]
             rec.update(self.ctx.extras)
-            rec.update(kind="fold", fold=task["fold"], key=fkey)
+            rec.update(kind="fold", fold=task["fold"], key=fkey, finished_unix=time.time())
             self.ctx.store.put(fkey, task["seed"], "fold", obj, rec)
         a["out"][task["fold"]] = rec
 
@@ -310,6 +310,7 @@ class TuneSource:
             "seconds": sum(a["out"][k].get("wall_seconds", 0.0) for k in range(len(self.folds))),
             "key": self.key,
             "dataset": self.ctx.extras.get("dataset"),
+            "finished_unix": time.time(),
         }
         if self.ctx.store.complete(self.key, a["slot"], rec):
             self.done[a["slot"]] = rec
