@@ -598,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         RunItem.make(ctx, registry.entries[n], registry.hparams(n), s, "untuned") for s in seeds for n in loss_names
     ]
     tuners: list[TuneSource] = []
+    tuned: list[RunItem] = []
+    interrupted = False
     pool = WorkerPool(args.jobs)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     t0 = time.perf_counter()
@@ -608,22 +610,24 @@ def main(argv: list[str] | None = None) -> int:
             tuners = [TuneSource(ctx, registry.entries[n], registry.hparams(n), folds, args.trials) for n in loss_names]
             schedule(pool, job, tuners, ctx.poll_seconds)
             bundle.test_sealed = False
-        tuned = []
         for t in tuners:
             best = t.best
             hp = dict(t.hparams, **best["params"]) if best else t.hparams
             tuned += [RunItem.make(ctx, t.entry, hp, s, "tuned") for s in seeds]
         schedule(pool, job, [RunSource(ctx, untuned), RunSource(ctx, tuned)], ctx.poll_seconds)
     except KeyboardInterrupt:
-        outer.close()
-        print("interrupted: finished runs are kept in the store; the same command resumes", file=sys.stderr)
-        return 130
+        interrupted = True
     finally:
         signal.signal(signal.SIGTERM, previous)
         pool.shutdown()
         store.close()
         outer.close()
     elapsed = time.perf_counter() - t0
+    if interrupted:
+        print(
+            "\ninterrupted: finished runs are kept in the store and exported below; the same command resumes",
+            file=sys.stderr,
+        )
 
     store = ResultStore(v["storage"], lease_seconds=args.lease)
     records = []  # a tuned configuration equal to the defaults is one stored run, listed under both variants
@@ -667,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, path in paths.items():
         print(f"  {k}: {path}")
     print(f"  per-run logs (record-keeper CSV + SQLite): {os.path.join(out_dir, 'logs')}")
-    return 0
+    return 130 if interrupted else 0
 
 
 def _raise_interrupt(signum, frame):

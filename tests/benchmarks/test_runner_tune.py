@@ -159,3 +159,14 @@ def test_sealed_test_split_raises():
     bundle.test_sealed = True
     with pytest.raises(TestSplitSealedError):
         _ = bundle.test
+
+
+def test_example_config_builds():
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    reg = build_registry(os.path.join(repo, "benchmarks", "examples", "my_loss.toml"), [])
+    ctx = BuildContext(num_classes=6, embedding_size=8)
+    spec = reg.entries["my-loss"].build(ctx)
+    assert spec.loss.centers.shape == (6, 8) and spec.loss_lr_multiplier == 10.0
+    assert reg.entries["my-loss"].search_space().keys() == {"neg_margin", "center_weight"}
+    assert reg.entries["ms-strict"].build(ctx).miner.epsilon == 0.05
+    assert reg.entries["rll"].build(ctx).loss.Tn == 20.0
