@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 _META = sa.MetaData()
 RUNS = sa.Table(
@@ -99,7 +99,7 @@ class ResultStore:
             try:
                 _META.create_all(self.engine)
                 break
-            except OperationalError:
+            except DatabaseError:  # SQLite: locked; PostgreSQL: a duplicate catalogue entry
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
