@@ -119,6 +119,7 @@ def _defaults_help() -> str:
 SEED_MAX = 2**31 - 1 - 40_000  # the pipeline derives seeds up to seed + 30_011
 TRUNKS = ("mlp", "convnet", "convnet-small", "resnet18", "resnet50")
 NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop")
+TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the defaults) and 3 random draws
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "world_size": 1,
         "versions": _versions(),
     }
-    sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": max(1, min(10, args.trials // 2))}
+    # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
+    sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": TPE_STARTUP_TRIALS}
     extras = dict(dataset=args.dataset, config=cfg.key(), environment=env, command=command)
     print(f"dataset: {bundle.description}")
     print(f"config: {cfg.key()}")
