@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry, import_object
 
@@ -73,7 +74,7 @@ def parse_space(name: str, spec: object) -> Param:
     raise ValueError(f"search space of {name!r}: expected [low, high], {{low, high, log}} or {{choices}}, got {spec!r}")
 
 
-def _entry_from_table(name: str, t: dict, existing: LossEntry | None, where: str) -> LossEntry:
+def _entry_from_table(name: str, t: dict[str, Any], existing: LossEntry | None, where: str) -> LossEntry:
     unknown = set(t) - ENTRY_KEYS
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(ENTRY_KEYS)}")

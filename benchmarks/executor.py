@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
-_BUNDLES: dict = {}
-_FOLD_BUNDLES: dict = {}
+_BUNDLES: dict[tuple[Any, ...], Any] = {}
+_FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
 
 
-def _bundle(job: dict):
+def _bundle(job: dict[str, Any]) -> Any:
     from .datasets import load_dataset
 
     key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
@@ -33,13 +33,13 @@ def _bundle(job: dict):
     return _BUNDLES[key]
 
 
-def preload(job: dict, bundle) -> None:
+def preload(job: dict[str, Any], bundle: Any) -> None:
     """Make the main process's already loaded bundle the one that inline tasks use."""
     key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
     _BUNDLES[key] = bundle
 
 
-def execute(job: dict, task: dict) -> dict:
+def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     """Run one task (see the module docstring) and return its result record. Starts from empty per-run logs."""
     import torch
 
@@ -92,7 +92,7 @@ def _watch_parent(parent: int) -> None:
     except (OSError, AttributeError):
         pass
 
-    def watch():
+    def watch() -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
@@ -120,10 +120,10 @@ class WorkerPool:
                 jobs, mp_context=mp.get_context("spawn"), initializer=_watch_parent, initargs=(os.getpid(),)
             )
 
-    def submit(self, job: dict, task: dict) -> cf.Future:
+    def submit(self, job: dict[str, Any], task: dict[str, Any]) -> cf.Future[Any]:
         if self._pool is not None:
             return self._pool.submit(execute, job, dict(task, pbar_position=None))
-        fut: cf.Future = cf.Future()
+        fut: cf.Future[Any] = cf.Future()
         try:
             fut.set_result(execute(job, dict(task, pbar_position=1)))
         except Exception as e:  # noqa: BLE001 - handed to the task's source like a worker's exception
@@ -145,21 +145,21 @@ class WorkerPool:
 class Source(Protocol):
     """Hands out tasks (claimed in the store) and receives their results."""
 
-    def next_task(self) -> dict | None: ...
+    def next_task(self) -> dict[str, Any] | None: ...
 
-    def on_result(self, task: dict, future: cf.Future) -> None: ...
+    def on_result(self, task: dict[str, Any], future: cf.Future[Any]) -> None: ...
 
     @property
     def finished(self) -> bool: ...
 
 
-def schedule(pool: WorkerPool, job: dict, sources: list[Source], poll_seconds: float = 2.0) -> None:
+def schedule(pool: WorkerPool, job: dict[str, Any], sources: list[Source], poll_seconds: float = 2.0) -> None:
     """Run every source's tasks, ``pool.jobs`` at a time, until every source is finished.
 
     Sources are asked in turn, so that several losses' tuning trials interleave. When no task is running and a
     source still waits for work another runner holds, the scheduler polls every ``poll_seconds``.
     """
-    inflight: dict[cf.Future, tuple[Source, dict]] = {}
+    inflight: dict[cf.Future[Any], tuple[Source, dict[str, Any]]] = {}
     turn = 0
     while True:
         progressed = True

@@ -30,6 +30,7 @@ import importlib
 import math
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ class Param:
     high: float | None = None
     log: bool = False
     integer: bool = False
-    choices: tuple | None = None
+    choices: tuple[Any, ...] | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -71,7 +72,7 @@ class Param:
             for v in (self.low, self.high):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise ValueError(f"search range bounds must be finite numbers, got {self.low!r}, {self.high!r}")
-            if not self.low < self.high:
+            if not self.low < self.high:  # type: ignore[operator]  # both checked above
                 raise ValueError(f"search range needs low < high, got [{self.low}, {self.high}]")
             if self.log and self.low <= 0:
                 raise ValueError(f"a log-scale search range needs low > 0, got {self.low}")
@@ -91,12 +92,13 @@ class Param:
         scale = "log" if self.log else "linear"
         return f"[{self.low:g}, {self.high:g}] {scale}{', int' if self.integer else ''}"
 
-    def distribution(self):
+    def distribution(self) -> Any:
         """The Optuna distribution of the search space."""
         import optuna
 
         if self.choices is not None:
             return optuna.distributions.CategoricalDistribution(list(self.choices))
+        assert self.low is not None and self.high is not None
         if self.integer:
             return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
         return optuna.distributions.FloatDistribution(float(self.low), float(self.high), log=self.log)
@@ -120,7 +122,7 @@ class BuildContext:
     embedding_size: int
 
 
-def import_object(path: str):
+def import_object(path: str) -> Any:
     """Import ``"module:Name"`` (or ``"module.Name"``); raise ValueError naming the path when it fails."""
     mod, sep, attr = path.partition(":")
     if not sep:
@@ -236,7 +238,7 @@ class LossEntry:
         return "\n".join(lines)
 
 
-def _resolve(value, ctx: BuildContext, hp: dict, name: str, depth: int = 0):
+def _resolve(value: Any, ctx: BuildContext, hp: dict[str, Any], name: str, depth: int = 0) -> Any:
     if not isinstance(value, str):
         return value
     m = _PLACEHOLDER.match(value)

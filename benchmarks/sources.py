@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .datasets import TestSplitSealedError
 from .registry import LossEntry
@@ -27,7 +28,7 @@ from .store import ResultStore
 PRIMARY = "mean_average_precision_at_r"
 
 
-def key_of(obj: dict) -> str:
+def key_of(obj: dict[str, Any]) -> str:
     """The store key of a key object: a hash of its canonical JSON."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -38,16 +39,16 @@ class Context:
 
     store: ResultStore
     out_dir: str
-    common_key: dict  # dataset, split, data identity, config, world size, versions
-    extras: dict  # copied into every record: dataset, config, environment, command
+    common_key: dict[str, Any]  # dataset, split, data identity, config, world size, versions
+    extras: dict[str, Any]  # copied into every record: dataset, config, environment, command
     replace_before: float | None = None  # --no-resume: re-claim records finished before this time
-    optuna_storage: object = None
+    optuna_storage: Any = None
     poll_seconds: float = 2.0
-    on_record: Callable[[dict, str], None] = lambda rec, how: None
-    tune_meta: dict = field(default_factory=dict)  # folds, trials, sampler settings (part of the trial key)
+    on_record: Callable[[dict[str, Any], str], None] = field(default=lambda rec, how: None)
+    tune_meta: dict[str, Any] = field(default_factory=dict)  # the sampler's settings (part of the trials' key)
 
 
-def _in_space(p, value) -> bool:
+def _in_space(p: Any, value: Any) -> bool:
     if p.choices is not None:
         return value in p.choices
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -55,7 +56,7 @@ def _in_space(p, value) -> bool:
     return p.low <= value <= p.high and (not p.integer or float(value).is_integer())
 
 
-def entry_key(entry: LossEntry, hparams: dict) -> dict:
+def entry_key(entry: LossEntry, hparams: dict[str, Any]) -> dict[str, Any]:
     out = {"loss": entry.name, "loss_class": entry.loss_class, "miner_class": entry.miner_class, "hparams": hparams}
     if entry.wraps is not None:
         out["wraps"] = {"loss_class": entry.wraps.loss_class, "miner_class": entry.wraps.miner_class}
@@ -67,14 +68,14 @@ class RunItem:
     """One (loss, hyper-parameters, seed) run on the test split."""
 
     entry: LossEntry
-    hparams: dict
+    hparams: dict[str, Any]
     seed: int
     variant: str  # "untuned" (defaults + --set/--config) or "tuned"
-    key_obj: dict
+    key_obj: dict[str, Any]
     key: str
 
     @classmethod
-    def make(cls, ctx: Context, entry: LossEntry, hparams: dict, seed: int, variant: str) -> RunItem:
+    def make(cls, ctx: Context, entry: LossEntry, hparams: dict[str, Any], seed: int, variant: str) -> RunItem:
         obj = {**ctx.common_key, "kind": "run", **entry_key(entry, hparams)}
         return cls(entry, hparams, seed, variant, obj, key_of(obj))
 
@@ -97,7 +98,7 @@ class RunSource:
     def finished(self) -> bool:
         return not self.pending and not self.busy
 
-    def next_task(self) -> dict | None:
+    def next_task(self) -> dict[str, Any] | None:
         if not self.pending and self.busy and time.time() >= self.next_poll:
             self.pending, self.busy = self.busy, []
             self.next_poll = time.time() + self.ctx.poll_seconds
@@ -105,6 +106,7 @@ class RunSource:
             it = self.pending.pop(0)
             state, rec = self.ctx.store.claim(it.key, it.seed, "run", it.key_obj, self.ctx.replace_before)
             if state == "done":
+                assert rec is not None
                 self.ctx.on_record(rec, "skipped")
                 continue
             if state == "busy":
@@ -120,7 +122,7 @@ class RunSource:
             }
         return None
 
-    def on_result(self, task: dict, future: cf.Future) -> None:
+    def on_result(self, task: dict[str, Any], future: cf.Future[Any]) -> None:
         it: RunItem = task["item"]
         try:
             rec = future.result()
@@ -146,7 +148,9 @@ class TuneSource:
         trials: the number of trial slots.
     """
 
-    def __init__(self, ctx: Context, entry: LossEntry, hparams: dict, folds: list[list[int]], trials: int) -> None:
+    def __init__(
+        self, ctx: Context, entry: LossEntry, hparams: dict[str, Any], folds: list[list[int]], trials: int
+    ) -> None:
         self.ctx, self.entry, self.hparams, self.folds, self.trials = ctx, entry, hparams, folds, trials
         self.space = entry.search_space()
         self.key_obj = {
@@ -158,22 +162,22 @@ class TuneSource:
             "sampler": ctx.tune_meta.get("sampler"),
         }
         self.key = key_of(self.key_obj)
-        self.done: dict[int, dict] = {}
-        self.active: dict | None = None
+        self.done: dict[int, dict[str, Any]] = {}
+        self.active: dict[str, Any] | None = None
         self.next_poll = 0.0
-        self._study = None
+        self._study: Any = None
 
     @property
     def finished(self) -> bool:
         return not self.space or len(self.done) >= self.trials
 
     @property
-    def best(self) -> dict | None:
+    def best(self) -> dict[str, Any] | None:
         """The finished trial with the highest validation score (ties: the lower slot), or None."""
         valid = [r for r in self.done.values() if r.get("value") is not None]
         return max(valid, key=lambda r: (r["value"], -r["slot"])) if valid else None
 
-    def study(self):
+    def study(self) -> Any:
         if self._study is None:
             import optuna
 
@@ -195,11 +199,11 @@ class TuneSource:
                         raise
         return self._study
 
-    def _fold_key(self, hp: dict, k: int) -> tuple[dict, str]:
+    def _fold_key(self, hp: dict[str, Any], k: int) -> tuple[dict[str, Any], str]:
         obj = {**self.ctx.common_key, "kind": "fold", **entry_key(self.entry, hp), "folds": self.folds, "held_out": k}
         return obj, key_of(obj)
 
-    def _start(self, slot: int, payload: dict | None) -> None:
+    def _start(self, slot: int, payload: dict[str, Any] | None) -> None:
         import optuna
 
         study = self.study()
@@ -219,7 +223,7 @@ class TuneSource:
         self.ctx.store.set_payload(self.key, slot, {"trial_number": trial.number, "params": trial.params})
         self.active = {"slot": slot, "trial": trial, "hparams": hp, "queue": list(range(len(self.folds))), "out": {}}
 
-    def next_task(self) -> dict | None:
+    def next_task(self) -> dict[str, Any] | None:
         while True:
             if self.active is not None:
                 a = self.active
@@ -252,6 +256,7 @@ class TuneSource:
                     continue
                 state, payload = self.ctx.store.claim(self.key, slot, "trial", self.key_obj, self.ctx.replace_before)
                 if state == "done":
+                    assert payload is not None
                     self.done[slot] = payload
                     self.ctx.on_record(payload, "skipped")
                 elif state == "busy":
@@ -264,8 +269,9 @@ class TuneSource:
                     self.next_poll = time.time() + self.ctx.poll_seconds
                 return None
 
-    def on_result(self, task: dict, future: cf.Future) -> None:
+    def on_result(self, task: dict[str, Any], future: cf.Future[Any]) -> None:
         a = self.active
+        assert a is not None
         try:
             rec = future.result()
         except TestSplitSealedError:
@@ -286,6 +292,7 @@ class TuneSource:
         import optuna
 
         a, self.active = self.active, None
+        assert a is not None
         values = [a["out"][k].get("metrics", {}).get(PRIMARY) for k in range(len(self.folds))]
         errors = [a["out"][k]["error"] for k in range(len(self.folds)) if "error" in a["out"][k]]
         ok = not errors and all(v is not None and math.isfinite(v) for v in values)

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
@@ -58,11 +59,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _json(obj) -> str:
+def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=_json_default)
 
 
-def _json_default(o):
+def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     return str(o)
@@ -82,14 +83,14 @@ class ResultStore:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.worker = f"{self.host}:{self.pid}"
-        kwargs: dict = {}
+        kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 120}
         self.engine = sa.create_engine(url, **kwargs)
         if url.startswith("sqlite"):
 
             @sa.event.listens_for(self.engine, "connect")
-            def _pragmas(conn, _record):
+            def _pragmas(conn: Any, _record: Any) -> None:
                 cur = conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA busy_timeout=120000")
@@ -109,18 +110,18 @@ class ResultStore:
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------------------------------------------- claims
-    def _row(self, conn, key: str, seed: int):
+    def _row(self, conn: Any, key: str, seed: int) -> Any:
         return conn.execute(sa.select(RUNS).where(RUNS.c.key == key, RUNS.c.seed == seed)).mappings().first()
 
-    def _stale(self, row, now: float) -> bool:
+    def _stale(self, row: Any, now: float) -> bool:
         if row["heartbeat"] < now - self.lease_seconds:
             return True
         host, _, pid = row["worker"].rpartition(":")
         return host == self.host and pid.isdigit() and int(pid) != self.pid and not _pid_alive(int(pid))
 
     def claim(
-        self, key: str, seed: int, kind: str, key_obj: dict, replace_before: float | None = None
-    ) -> tuple[str, dict | None]:
+        self, key: str, seed: int, kind: str, key_obj: dict[str, Any], replace_before: float | None = None
+    ) -> tuple[str, dict[str, Any] | None]:
         """Try to own ``(key, seed)``. Returns ``("mine", payload)`` (payload: what a taken-over claim had stored),
         ``("done", record)`` or ``("busy", None)``. ``replace_before``: re-claim a done row finished before then."""
         for _ in range(50):
@@ -183,7 +184,7 @@ class ResultStore:
                 raise KeyError(f"run {key} seed {seed} is not claimed by this runner")
             return self._held[(key, seed)]
 
-    def set_payload(self, key: str, seed: int, payload: dict) -> bool:
+    def set_payload(self, key: str, seed: int, payload: dict[str, Any]) -> bool:
         """Store ``payload`` in a claimed row (what a runner taking the claim over needs to continue)."""
         token = self._token(key, seed)
         with self.engine.begin() as conn:
@@ -194,7 +195,7 @@ class ResultStore:
             )
         return res.rowcount == 1
 
-    def complete(self, key: str, seed: int, record: dict) -> bool:
+    def complete(self, key: str, seed: int, record: dict[str, Any]) -> bool:
         """Write the record and mark the row done, if this runner still owns it. False: the claim was lost (taken
         over by another runner, which will write its own record), and this record is dropped."""
         token = self._token(key, seed)
@@ -230,7 +231,7 @@ class ResultStore:
             except Exception:  # noqa: BLE001 - best effort on the way out; the lease covers the rest
                 pass
 
-    def put(self, key: str, seed: int, kind: str, key_obj: dict, record: dict) -> None:
+    def put(self, key: str, seed: int, kind: str, key_obj: dict[str, Any], record: dict[str, Any]) -> None:
         """Insert or replace a finished row directly (for work owned through another claim: a trial's folds)."""
         now = time.time()
         values = dict(
@@ -256,7 +257,7 @@ class ResultStore:
             return
         self._stop.clear()
 
-        def beat():
+        def beat() -> None:
             while not self._stop.wait(max(0.5, self.lease_seconds / 4)):
                 with self._lock:
                     tokens = list(self._held.values())
@@ -279,20 +280,21 @@ class ResultStore:
         self.engine.dispose()
 
     # ---------------------------------------------------------------------------------------------------- reading
-    def get(self, key: str, seed: int) -> dict | None:
+    def get(self, key: str, seed: int) -> dict[str, Any] | None:
         """The record of a finished row, or None."""
         with self.engine.connect() as conn:
             row = self._row(conn, key, seed)
         if row is None or row["status"] != "done":
             return None
-        return json.loads(row["record"])
+        record: dict[str, Any] = json.loads(row["record"])
+        return record
 
     def status(self, key: str, seed: int) -> str | None:
         with self.engine.connect() as conn:
             row = self._row(conn, key, seed)
         return None if row is None else row["status"]
 
-    def records(self, keys: Iterable[str] | None = None, kind: str | None = None) -> list[dict]:
+    def records(self, keys: Iterable[str] | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         """Finished records (optionally only these keys / this kind), in the order they finished."""
         q = sa.select(RUNS.c.record).where(RUNS.c.status == "done")
         if kind is not None:
