@@ -183,14 +183,17 @@ class LossEntry:
         return {k: p for k, p in self.params.items() if p.tunable}
 
     def with_changes(
-        self, defaults: dict[str, object] | None = None, search: dict[str, Param] | None = None
+        self,
+        defaults: dict[str, object] | None = None,
+        search: dict[str, Param] | None = None,
+        source: str = "--config",
     ) -> LossEntry:
         """A copy with new defaults and/or search spaces for existing parameters (``--config`` on a known entry)."""
         params = dict(self.params)
         for k, v in (defaults or {}).items():
             if k not in params:
                 raise ValueError(f"{self.name}: unknown hyper-parameter {k!r}; known: {', '.join(params)}")
-            params[k] = replace(params[k], default=v, source="--config")
+            params[k] = replace(params[k], default=v, source=source)
         for k, p in (search or {}).items():
             if k not in params:
                 raise ValueError(f"{self.name}: search space for unknown hyper-parameter {k!r}")

@@ -465,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
             reg = build_registry(args.config, args.sets)
         except ValueError as e:
             parser.error(str(e))
-        print(describe_registry({n: e.with_changes(reg.overrides.get(n)) for n, e in reg.entries.items()}))
+        print(
+            describe_registry({n: e.with_changes(reg.overrides.get(n), source="--set") for n, e in reg.entries.items()})
+        )
         return 0
     v = validate(args, parser)
 
