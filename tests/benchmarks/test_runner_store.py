@@ -150,8 +150,11 @@ def test_no_resume_replaces_and_changed_hyper_parameters_rerun(tmp_path, capsys)
     rows = _rows(out)
     assert len(rows) == 2 and all(r["finished_at"] > first[(r["key"], r["seed"])] for r in rows)
     assert len(report.load_jsonl(os.path.join(out, "results.jsonl"))) == 2  # replaced, not appended
+    with open(os.path.join(out, "results.jsonl"), "a") as f:  # a foreign line: the export is not read back
+        f.write('{"foreign": true}\nnot json\n')
     assert main(args) == 0
     assert "0 runs/trials made, 2 reused" in capsys.readouterr().out
+    assert len(report.load_jsonl(os.path.join(out, "results.jsonl"))) == 2  # regenerated from the store
     assert main(args + ["--set", "contrastive.neg_margin=0.9"]) == 0
     assert "2 runs/trials made, 0 reused" in capsys.readouterr().out
     recs = report.load_jsonl(os.path.join(out, "results.jsonl"))
