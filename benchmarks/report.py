@@ -250,7 +250,8 @@ def tuning_tables(records: list[dict], tuning: dict) -> str:
         f"## Tuning: {tuning['trials']} trials per loss, {len(folds)} class-disjoint folds of the training classes "
         f"({', '.join(str(len(f)) for f in folds)} classes)\n\n"
         "Optuna TPE sampler "
-        f"(seed {tuning['sampler']['seed']}, {tuning['sampler']['n_startup_trials']} random start-up trials); "
+        f"(seed {tuning['sampler']['seed']}, {tuning['sampler']['n_startup_trials']} start-up trials: trial 0 = the "
+        "defaults, then random draws); "
         "trial k of every loss uses seed k. A trial trains on all folds but one and scores MAP@R on the held-out "
         "fold; its value is the mean over folds. The test split is not read while tuning.\n\n"
         "| loss | trials | best validation MAP@R | validation MAP@R at defaults | tuned hyper-parameters | "
@@ -265,12 +266,15 @@ def tuning_tables(records: list[dict], tuning: dict) -> str:
         best = max(valid, key=lambda t: (t["value"], -t["slot"])) if valid else None
         defaults = tuning["defaults"][loss]
         at_default = [t["value"] for t in valid if all(t["hparams"].get(k) == defaults.get(k) for k in space)]
+        default_slots = {t["slot"] for t in valid if all(t["hparams"].get(k) == defaults.get(k) for k in space)}
         cells = [
             loss,
             f"{len(valid)}/{len(ts)}" if ts else "0 (nothing to tune)",
             f"{best['value'] * 100:.2f} (trial {best['slot']})" if best else "–",
             f"{at_default[0] * 100:.2f}" if at_default else "not tried",
-            _fmt_params(best["params"]) if best else "defaults",
+            (_fmt_params(best["params"]) + (" (the defaults)" if best["slot"] in default_slots else ""))
+            if best
+            else "defaults",
             "; ".join(f"{k} {v}" for k, v in space.items()) or "–",
         ]
         buf.write("| " + " | ".join(cells) + " |\n")

@@ -653,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.schedule} schedule.\n\n"
         f"Machine: {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs), torch {env['torch']}, "
         f"PML {env['pytorch_metric_learning']}, {env['torch_threads']} torch threads, {args.jobs} parallel runs.\n\n"
-        f"Command: `{command.strip()}`\n"
+        f"Command: `{command.strip()}`: {counts['ran']} runs/trials made and {counts['skipped']} reused from the "
+        f"store in {elapsed:.0f} s" + (" (interrupted)" if interrupted else "") + ".\n"
     )
     tuning = None
     if args.tune:
