@@ -181,8 +181,7 @@ class TuneSource:
         if self._study is None:
             import optuna
 
-            meta = self.ctx.tune_meta["sampler"]
-            sampler = optuna.samplers.TPESampler(seed=meta["seed"], n_startup_trials=meta["n_startup_trials"])
+            sampler = self._sampler(0)
             name = f"{self.entry.name}-{self.key[:16]}"
             for attempt in range(3):
                 try:
@@ -198,6 +197,14 @@ class TuneSource:
                     if attempt == 2:
                         raise
         return self._study
+
+    def _sampler(self, slot: int) -> Any:
+        """TPE seeded by the trial slot: a resumed study draws what an uninterrupted one would, never a repeat of
+        an earlier slot's random draw (a sampler seeded once per process would restart its random stream)."""
+        import optuna
+
+        meta = self.ctx.tune_meta["sampler"]
+        return optuna.samplers.TPESampler(seed=meta["seed"] + slot, n_startup_trials=meta["n_startup_trials"])
 
     def _fold_key(self, hp: dict[str, Any], k: int) -> tuple[dict[str, Any], str]:
         obj = {**self.ctx.common_key, "kind": "fold", **entry_key(self.entry, hp), "folds": self.folds, "held_out": k}
@@ -218,6 +225,7 @@ class TuneSource:
             defaults = {k: self.hparams[k] for k in self.space}
             if all(_in_space(p, defaults[k]) for k, p in self.space.items()):
                 study.enqueue_trial(defaults)
+        study.sampler = self._sampler(slot)
         trial = study.ask({k: p.distribution() for k, p in self.space.items()})
         hp = dict(self.hparams, **trial.params)
         self.ctx.store.set_payload(self.key, slot, {"trial_number": trial.number, "params": trial.params})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 
@@ -148,8 +149,12 @@ def test_tune_two_trials_two_folds_never_reads_test(tmp_path, monkeypatch, capsy
     text = capsys.readouterr().out
     assert "trial 2: validation" in text and "trial 0: validation" not in text
     store = ResultStore("sqlite:///" + os.path.join(out, "results.db"))
-    assert len(store.records(kind="trial")) == 6 and len(store.records(kind="fold")) == 12
+    trials = store.records(kind="trial")
+    assert len(trials) == 6 and len(store.records(kind="fold")) == 12
     store.close()
+    for loss in ("rll", "contrastive"):  # the resumed study draws new points, not its first random draw again
+        params = [json.dumps(t["params"], sort_keys=True) for t in trials if t["loss"] == loss]
+        assert len(set(params)) == 3, params
 
 
 def test_sealed_test_split_raises():
