@@ -35,7 +35,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-OMNIGLOT_DEFAULT_ROOTS = ("../shared/data/omniglot",)
+DATA_ENV = "PML_RLL_DATA"  # a folder holding one sub-folder per dataset: $PML_RLL_DATA/omniglot, .../cub200
 FASHION_MNIST_DEFAULT_ROOTS = ("/usr/share/datasets/fashion-mnist",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,21 +45,42 @@ class DatasetUnavailableError(RuntimeError):
     """Raised when a dataset's files cannot be found; the message says where they were looked for."""
 
 
+def default_data_root(dataset: str) -> str | None:
+    """``$PML_RLL_DATA/<dataset>`` when the environment variable is set, else None."""
+    base = os.environ.get(DATA_ENV)
+    return os.path.join(base, dataset) if base else None
+
+
+class TestSplitSealedError(RuntimeError):
+    """Raised when the test split of a sealed bundle is read (hyper-parameter tuning must never see it)."""
+
+
 @dataclass
 class DatasetBundle:
     """Train and test splits of one benchmark protocol.
 
     ``train`` and ``test`` are :class:`PairedDataset` objects. ``input_kind`` is ``"vector"`` (flat features),
-    ``"gray"`` (1 x H x W tensors) or ``"rgb"`` (PIL images turned into 3 x 224 x 224 tensors).
+    ``"gray"`` (1 x H x W tensors) or ``"rgb"`` (PIL images turned into 3 x 224 x 224 tensors). ``groups``
+    (optional) gives, per training sample, the group its class belongs to (Omniglot: its alphabet), so that tuning
+    folds keep whole groups together. While ``test_sealed`` is set, reading ``test`` raises
+    :class:`TestSplitSealedError`.
     """
 
     name: str
     train: PairedDataset
-    test: PairedDataset
+    _test: PairedDataset
     input_kind: str
     input_shape: tuple[int, ...]
     description: str
     info: dict[str, object] = field(default_factory=dict)
+    groups: np.ndarray | None = None
+    test_sealed: bool = False
+
+    @property
+    def test(self) -> PairedDataset:
+        if self.test_sealed:
+            raise TestSplitSealedError(f"{self.name}: the test split was read while it is sealed (tuning)")
+        return self._test
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -178,7 +199,7 @@ def load_digits_bundle(test_fraction: float = 0.3, split_seed: int = 0) -> Datas
     return DatasetBundle(
         name="digits",
         train=train,
-        test=test,
+        _test=test,
         input_kind="vector",
         input_shape=(64,),
         description=f"sklearn digits, within-class split {1 - test_fraction:.0%}/{test_fraction:.0%} "
@@ -297,19 +318,18 @@ def load_omniglot_bundle(
     test_alphabets: Sequence[str] | None = None,
     augment: bool = True,
 ) -> DatasetBundle:
-    roots = [data_root] if data_root else list(OMNIGLOT_DEFAULT_ROOTS)
-    images: np.ndarray | None = None
-    keys: list[tuple[str, str, str]] = []
-    for root in roots:
-        images, keys = read_omniglot(root, image_size=image_size)
-        if keys:
-            data_root = root
-            break
+    shown = data_root or f"${DATA_ENV}/omniglot"  # how the description names the folder
+    data_root = data_root or default_data_root("omniglot")
+    if not data_root:
+        raise DatasetUnavailableError(
+            f"omniglot needs --data-root (a folder holding the Omniglot zips or folders), or {DATA_ENV} set to a "
+            "folder with an omniglot/ sub-folder"
+        )
+    images, keys = read_omniglot(data_root, image_size=image_size)
     if not keys:
         raise DatasetUnavailableError(
-            "Omniglot not found: looked for <alphabet>/<character>/*.png folders or zip archives under "
-            + ", ".join(repr(r) for r in roots)
-            + ". Pass --data-root pointing at the folder holding the Omniglot zips (e.g. torchvision's "
+            f"Omniglot not found: looked for <alphabet>/<character>/*.png folders or zip archives under "
+            f"{data_root!r}. Pass --data-root pointing at the folder holding the Omniglot zips (e.g. torchvision's "
             "omniglot-py folder, or images_background.zip / images_evaluation.zip)."
         )
     train_alph, test_alph, rule = omniglot_alphabet_split(keys, test_alphabets)
@@ -326,15 +346,16 @@ def load_omniglot_bundle(
     return DatasetBundle(
         name="omniglot",
         train=train,
-        test=test,
+        _test=test,
         input_kind="gray",
         input_shape=(1, image_size, image_size),
         description=(
-            f"Omniglot from {data_root}, alphabet split ({rule}); train alphabets {train_alph} "
+            f"Omniglot from {shown}, alphabet split ({rule}); train alphabets {train_alph} "
             f"({n_tr_cls} characters, {len(tr)} images), test alphabets {test_alph} "
             f"({n_te_cls} characters, {len(te)} images); {image_size}x{image_size}, random shift <= 2 px"
         ),
-        info={"train_alphabets": train_alph, "test_alphabets": test_alph, "split_rule": rule},
+        info={"train_alphabets": train_alph, "test_alphabets": test_alph, "split_rule": rule, "root": data_root},
+        groups=alphabet[tr],
     )
 
 
@@ -363,6 +384,7 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_fashion_mnist_bundle(data_root: str | None = None, augment: bool = True) -> DatasetBundle:
+    data_root = data_root or default_data_root("fashion-mnist")
     roots = [data_root] if data_root else list(FASHION_MNIST_DEFAULT_ROOTS)
     paths = {(k, w): _find_idx(roots, k, w) for k in ("train", "t10k") for w in ("images-idx3", "labels-idx1")}
     missing = [f"{k}-{w}-ubyte[.gz]" for (k, w), p in paths.items() if p is None]
@@ -383,11 +405,12 @@ def load_fashion_mnist_bundle(data_root: str | None = None, augment: bool = True
     return DatasetBundle(
         name="fashion-mnist",
         train=train,
-        test=test,
+        _test=test,
         input_kind="gray",
         input_shape=(1, 28, 28),
         description=f"Fashion-MNIST from {os.path.dirname(found[('train', 'images-idx3')])}: standard "
         f"{len(train)} train / {len(test)} test split, 10 classes, random shift <= 2 px",
+        info={"root": os.path.dirname(found[("train", "images-idx3")])},
     )
 
 
@@ -429,6 +452,7 @@ def load_pml_bundle(name: str, data_root: str | None, download: bool = False, im
     from pytorch_metric_learning import datasets as pml_datasets
 
     cls_name, desc, layout = PML_DATASETS[name]
+    data_root = data_root or default_data_root(name)
     if not data_root:
         raise DatasetUnavailableError(
             f"{name} needs --data-root (a folder holding {layout}); add --download to fetch it there."
@@ -452,10 +476,11 @@ def load_pml_bundle(name: str, data_root: str | None, download: bool = False, im
     return DatasetBundle(
         name=name,
         train=train,
-        test=test,
+        _test=test,
         input_kind="rgb",
         input_shape=(3, image_size, image_size),
         description=f"{desc}; {len(train)} train / {len(test)} test images, RandomResizedCrop({image_size}) + flip",
+        info={"root": data_root},
     )
 
 
@@ -479,3 +504,104 @@ def load_dataset(
     if name in PML_DATASETS:
         return load_pml_bundle(name, data_root, download=download, image_size=image_size or 224)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+
+
+# ------------------------------------------------------------------------------------------------ identity and folds
+def root_identity(root: str | None) -> dict[str, object]:
+    """What identifies a data folder: its resolved path and a hash of every file's relative path, size and mtime."""
+    if not root:
+        return {"root": None}
+    import hashlib
+
+    real = os.path.realpath(root)
+    h = hashlib.sha1()
+    n = 0
+    if os.path.isfile(real):
+        st = os.stat(real)
+        h.update(f"{os.path.basename(real)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        n = 1
+    for dirpath, dirnames, filenames in os.walk(real):
+        dirnames.sort()
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            h.update(f"{os.path.relpath(full, real)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            n += 1
+    return {"root": real, "files": n, "files_sha1": h.hexdigest()}
+
+
+def split_identity(bundle: DatasetBundle) -> dict[str, object]:
+    """The actual split of a bundle: class lists where the protocol has names (Omniglot alphabets), sizes, and a
+    hash of the label arrays. The test split is read only for its labels' hash, before any training."""
+    import hashlib
+
+    sealed, bundle.test_sealed = bundle.test_sealed, False
+    try:
+        test = bundle.test
+        h = hashlib.sha1(np.ascontiguousarray(bundle.train.labels).tobytes())
+        h.update(b"|" + np.ascontiguousarray(test.labels).tobytes())
+        out = {
+            "train_items": len(bundle.train),
+            "test_items": len(test),
+            "train_classes": bundle.num_train_classes,
+            "test_classes": int(len(np.unique(test.labels))),
+            "labels_sha1": h.hexdigest(),
+        }
+    finally:
+        bundle.test_sealed = sealed
+    for k in ("train_alphabets", "test_alphabets", "split_rule"):
+        if k in bundle.info:
+            out[k] = bundle.info[k]
+    return out
+
+
+def class_folds(bundle: DatasetBundle, k: int) -> list[list[int]]:
+    """Split the training classes into ``k`` disjoint folds, whole groups (Omniglot alphabets) kept together.
+
+    Groups (or classes, when the bundle has no groups) are sorted, then dealt largest first to the fold with the
+    fewest classes so far (ties: the lower fold index). Deterministic; returns the training labels of each fold.
+    """
+    labels = bundle.train.labels
+    groups = bundle.groups if bundle.groups is not None else labels.astype(str)
+    members: dict[str, set[int]] = {}
+    for g, y in zip(groups.tolist(), labels.tolist()):
+        members.setdefault(str(g), set()).add(int(y))
+    if len(members) < k:
+        raise ValueError(
+            f"--folds {k}: the training split has only {len(members)} "
+            f"{'groups' if bundle.groups is not None else 'classes'} to divide"
+        )
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for g in sorted(members, key=lambda g: (-len(members[g]), g)):
+        target = min(range(k), key=lambda i: (len(folds[i]), i))
+        folds[target].extend(sorted(members[g]))
+    return [sorted(f) for f in folds]
+
+
+def fold_bundle(bundle: DatasetBundle, folds: list[list[int]], held_out: int) -> DatasetBundle:
+    """Train on every fold but ``held_out``, evaluate on ``held_out``: a bundle built from the training split only
+    (the test split is not touched), labels remapped per side."""
+    labels = bundle.train.labels
+    held = np.isin(labels, folds[held_out])
+    tr, va = np.flatnonzero(~held), np.flatnonzero(held)
+    src = bundle.train
+
+    def subset(idx: np.ndarray, transform) -> PairedDataset:
+        items = src.items[idx] if isinstance(src.items, (torch.Tensor, np.ndarray)) else [src.items[i] for i in idx]
+        return PairedDataset(items, remap_labels(labels[idx]), transform, src.eval_transform, src.loader)
+
+    groups = bundle.groups[tr] if bundle.groups is not None else None
+    return DatasetBundle(
+        name=bundle.name,
+        train=subset(tr, src.transform),
+        _test=subset(va, None),
+        input_kind=bundle.input_kind,
+        input_shape=bundle.input_shape,
+        description=f"{bundle.name} training classes, fold {held_out + 1} of {len(folds)} held out "
+        f"({len(folds[held_out])} classes, {len(va)} items) for validation",
+        info={"fold": held_out, "folds": len(folds)},
+        groups=groups,
+    )

@@ -131,34 +131,20 @@ def build_trunk(name: str, input_shape: tuple[int, ...], pretrained: bool = True
     raise ValueError(f"unknown trunk {name!r}")
 
 
-def _copy_sample_head(namr_embedder: torch.nn.Module, plain: torch.nn.Linear) -> bool:
-    """Copy the plain embedder's weights into the NAMR embedder's sample head (first Linear of the same shape)."""
-    for attr in ("sample_head", "sample", "head_x"):
-        m = getattr(namr_embedder, attr, None)
-        if isinstance(m, torch.nn.Linear) and m.weight.shape == plain.weight.shape:
-            m.load_state_dict(plain.state_dict())
-            return True
-    for m in namr_embedder.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.shape == plain.weight.shape:
-            m.load_state_dict(plain.state_dict())
-            return True
-    return False
-
-
 def build_models(cfg: RunConfig, bundle: DatasetBundle, seed: int, namr: bool):
+    """Trunk and embedder for one seed. A NAMR embedder's sample head is a copy of the plain embedder (paired)."""
+    from pml_rll.modules import NAMREmbedder
+
     torch.manual_seed(seed)
     trunk, width, note = build_trunk(cfg.trunk, bundle.input_shape, cfg.pretrained)
     torch.manual_seed(seed + 10_007)
-    linear = torch.nn.Linear(width, cfg.embedding_size)
-    paired_head = True
+    embedder: torch.nn.Module = torch.nn.Linear(width, cfg.embedding_size)
     if namr:
-        from pml_rll.modules import NAMREmbedder
-
         torch.manual_seed(seed + 20_011)
         namr_embedder = NAMREmbedder(width, cfg.embedding_size)
-        paired_head = _copy_sample_head(namr_embedder, linear)
-        return trunk, namr_embedder, note, paired_head
-    return trunk, linear, note, paired_head
+        namr_embedder.sample_head.load_state_dict(embedder.state_dict())
+        embedder = namr_embedder
+    return trunk, embedder, note
 
 
 # ---------------------------------------------------------------------------------------------------- sampler
@@ -237,16 +223,13 @@ def build_accuracy_calculator(
 ):
     if not namr:
         return RetrievalAccuracyCalculator(device=device)
-    import inspect
-
     from pml_rll.retrieval import NAMRReRankKNN
 
-    params = inspect.signature(NAMRReRankKNN.__init__).parameters
-    kw: dict[str, Any] = {"num_candidates": namr_candidates} if "num_candidates" in params else {}
-    if "normalize_sample" in params:  # retrieval in the geometry the wrapped loss trained (NAMRLoss)
-        kw["normalize_sample"] = normalize_sample
-    rerank = NAMRReRankKNN(embedding_size, **kw)
-    plain = NAMRReRankKNN(embedding_size, mode="plain", **kw) if "mode" in params else None
+    # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry)
+    rerank = NAMRReRankKNN(embedding_size, num_candidates=namr_candidates, normalize_sample=normalize_sample)
+    plain = NAMRReRankKNN(
+        embedding_size, mode="plain", num_candidates=namr_candidates, normalize_sample=normalize_sample
+    )
     return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
 
 
@@ -254,6 +237,7 @@ def build_accuracy_calculator(
 def run_one(
     bundle: DatasetBundle,
     entry: LossEntry,
+    hparams: dict[str, object],
     seed: int,
     cfg: RunConfig,
     device: torch.device,
@@ -263,7 +247,10 @@ def run_one(
     save_models: bool = False,
     pbar_position: int | None = 1,
 ) -> dict:
-    """Train one (loss, seed) and evaluate it on the test split; return the result record."""
+    """Train one (loss, seed) with ``hparams`` and evaluate it on ``bundle.test``; return the result record.
+
+    ``bundle`` may be a tuning fold (:func:`benchmarks.datasets.fold_bundle`), whose ``test`` is the held-out fold.
+    """
     from pytorch_metric_learning.utils import logging_presets
 
     os.makedirs(log_dir, exist_ok=True)
@@ -272,8 +259,8 @@ def run_one(
         torch.backends.cudnn.benchmark = False
     ctx = BuildContext(num_classes=bundle.num_train_classes, embedding_size=cfg.embedding_size)
     torch.manual_seed(seed + 30_011)  # loss parameters (proxies, beta) are paired too
-    spec: LossSpec = entry.build(ctx)
-    trunk, embedder, trunk_note, paired_head = build_models(cfg, bundle, seed, spec.namr)
+    spec: LossSpec = entry.build(ctx, hparams)
+    trunk, embedder, trunk_note = build_models(cfg, bundle, seed, spec.namr)
     trunk, embedder, loss = trunk.to(device), embedder.to(device), spec.loss.to(device)
     torch.manual_seed(seed)  # the global RNG that miners use starts from the same state too
 
@@ -312,7 +299,7 @@ def run_one(
         cfg.embedding_size,
         device,
         cfg.namr_candidates,
-        normalize_sample=getattr(spec.loss, "structure_geometry", "scaled") == "l2",
+        normalize_sample=spec.namr and spec.loss.structure_geometry == "l2",
     )
     tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
@@ -390,8 +377,7 @@ def run_one(
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds[0], 3),
         "seconds_per_iteration": train_seconds / max(1, len(trainer.loss_log)),
-        "hparams": entry.hparams,
+        "hparams": entry.hparams(hparams),
         "trunk": trunk_note,
-        "paired_sample_head": paired_head,
         "log_dir": log_dir,
     }

@@ -1,12 +1,22 @@
-"""Loss registry for the head-to-head benchmark.
+"""Loss registry for the head-to-head benchmark: every hyper-parameter declared once, as data.
 
-Every entry builds a fresh (loss, miner) pair with the hyper-parameters its paper recommends, written next to it
-with a one-line source note. ``family`` is ``"ours"`` for pml_rll losses and ``"pml"`` for PML's bundled losses;
-the results table reports, for each of ours, the paired difference to each PML loss.
+Each :class:`LossEntry` names the loss class (and optional miner class) by import path and declares its
+hyper-parameters as :class:`Param` objects: the default with its source, and the search space that ``--tune``
+draws from (a range on a linear or log scale, or a list of choices). The builders, the report, ``--list``,
+``--set`` / ``--config`` and the loss speed benchmark all read these declarations; no value is written twice.
 
-Our losses are imported lazily: an entry whose class cannot be imported (a library piece not merged yet) is
-reported as unavailable and skipped, never a crash. The NAMR entries are registered only when
-``pml_rll.losses.NAMRLoss`` is importable.
+Hyper-parameter names:
+
+* a plain name (``margin``) is a keyword argument of the loss class;
+* ``miner.<name>`` is a keyword argument of the miner class;
+* ``loss_lr_multiplier`` is not passed to any class: the loss's own parameters (proxies, a learned beta) are
+  trained at ``loss_lr_multiplier x --lr``;
+* NAMR entries wrap another entry: their own names (``structure_weight``) go to ``NAMRLoss`` and
+  ``loss.<name>`` to the wrapped entry (``loss.margin``, ``loss.miner.margin``), with the wrapped entry's
+  defaults and search space.
+
+A value may be a placeholder string: ``"{embedding_size}"``, ``"{num_classes}"`` (the training classes of the run)
+or ``"{<other hyper-parameter>}"`` (the triplet miner's margin follows the loss's margin this way).
 
 Left out on purpose: PML's ``LiftedStructureLoss``. It builds a (#positive pairs x #negative pairs) matrix, so its
 memory grows as O(B^4) in the batch size B (8.9 GB at B=512, killed at B=1024 on a 24 GB machine, 317 s per
@@ -17,8 +27,10 @@ Defense of the Triplet Loss") stands in for it.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -26,6 +38,70 @@ EXCLUDED = {
     "lifted-structure": "PML LiftedStructureLoss: O(#pos pairs x #neg pairs) memory, 8.9 GB at batch 512 and "
     "OOM at 1024; GeneralizedLiftedStructureLoss is benchmarked instead",
 }
+FAMILIES = ("ours", "pml", "user")
+LR_MULTIPLIER = "loss_lr_multiplier"
+_PLACEHOLDER = re.compile(r"^\{([A-Za-z_][\w.]*)\}$")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: its default, where the default comes from, and its search space for ``--tune``.
+
+    Args:
+        default: the value used without ``--set`` / ``--tune`` (a number, bool, string, ``None`` or placeholder).
+        low, high: a numeric search range (both or neither); ``log`` draws on a log scale (``low > 0``),
+            ``integer`` draws integers.
+        choices: a search space of discrete values instead of a range.
+        source: where the default comes from when it differs from the entry's source (e.g. "PML default").
+    """
+
+    default: object
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple[Any, ...] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.low is None) != (self.high is None):
+            raise ValueError(f"a search range needs both low and high, got low={self.low}, high={self.high}")
+        if self.low is not None:
+            if self.choices is not None:
+                raise ValueError("give a search range (low, high) or choices, not both")
+            for v in (self.low, self.high):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"search range bounds must be finite numbers, got {self.low!r}, {self.high!r}")
+            if not self.low < self.high:  # type: ignore[operator]  # both checked above
+                raise ValueError(f"search range needs low < high, got [{self.low}, {self.high}]")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log-scale search range needs low > 0, got {self.low}")
+        if self.choices is not None and len(self.choices) < 1:
+            raise ValueError("choices must not be empty")
+
+    @property
+    def tunable(self) -> bool:
+        return self.low is not None or self.choices is not None
+
+    def space(self) -> str:
+        """The search space in words, '' when the parameter is fixed."""
+        if self.choices is not None:
+            return "{" + ", ".join(repr(c) for c in self.choices) + "}"
+        if self.low is None:
+            return ""
+        scale = "log" if self.log else "linear"
+        return f"[{self.low:g}, {self.high:g}] {scale}{', int' if self.integer else ''}"
+
+    def distribution(self) -> Any:
+        """The Optuna distribution of the search space."""
+        import optuna
+
+        if self.choices is not None:
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(float(self.low), float(self.high), log=self.log)
 
 
 @dataclass
@@ -40,275 +116,319 @@ class LossSpec:
 
 @dataclass
 class BuildContext:
+    """What a run knows when it builds its loss: the values the placeholders refer to."""
+
     num_classes: int
     embedding_size: int
 
 
-@dataclass
+def import_object(path: str) -> Any:
+    """Import ``"module:Name"`` (or ``"module.Name"``); raise ValueError naming the path when it fails."""
+    mod, sep, attr = path.partition(":")
+    if not sep:
+        mod, _, attr = path.rpartition(".")
+    if not mod or not attr:
+        raise ValueError(f"{path!r} is not an import path like 'package.module:Class'")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {path!r}: {e}") from e
+
+
+@dataclass(frozen=True)
 class LossEntry:
+    """One benchmarked loss: its class, optional miner, and declared hyper-parameters.
+
+    Args:
+        name: registry name (``--losses``, ``--set NAME.PARAM=VALUE``).
+        family: ``"ours"`` (pml_rll), ``"pml"`` (PML's bundled losses) or ``"user"`` (from ``--config``).
+        loss_class: import path ``"module:Class"`` of the loss.
+        params: hyper-parameter name -> :class:`Param` (see the module docstring for the naming rules).
+        source: the paper (title, venue) the defaults come from.
+        miner_class: import path of the miner, or ``None``.
+        wraps: for NAMR entries, the wrapped entry (its parameters appear here as ``loss.<name>``).
+        notes: anything a reader of the table should know.
+    """
+
     name: str
-    family: str  # "ours" or "pml"
-    hparams: dict[str, object]
+    family: str
+    loss_class: str
+    params: dict[str, Param]
     source: str
-    build: Callable[[BuildContext], LossSpec]
-    requires: tuple[str, ...] = ()  # "module:attr" that must import for the entry to be available
-    base: str | None = None  # for NAMR variants: the registry entry whose loss is wrapped
+    miner_class: str | None = None
+    wraps: LossEntry | None = None
     notes: str = ""
 
-    def available(self) -> tuple[bool, str]:
-        for req in self.requires:
-            ok, why = _importable(req)
-            if not ok:
-                return False, why
-        return True, ""
+    @property
+    def namr(self) -> bool:
+        return self.wraps is not None
+
+    @property
+    def base(self) -> str | None:
+        return self.wraps.name if self.wraps is not None else None
+
+    def defaults(self) -> dict[str, object]:
+        return {k: p.default for k, p in self.params.items()}
+
+    def hparams(self, overrides: dict[str, object] | None = None) -> dict[str, object]:
+        """Every hyper-parameter: the defaults with ``overrides`` laid over them (unknown names are an error)."""
+        hp = self.defaults()
+        for k, v in (overrides or {}).items():
+            if k not in hp:
+                raise ValueError(f"{self.name}: unknown hyper-parameter {k!r}; known: {', '.join(hp)}")
+            hp[k] = v
+        return hp
+
+    def search_space(self) -> dict[str, Param]:
+        return {k: p for k, p in self.params.items() if p.tunable}
+
+    def with_changes(
+        self,
+        defaults: dict[str, object] | None = None,
+        search: dict[str, Param] | None = None,
+        source: str = "--config",
+    ) -> LossEntry:
+        """A copy with new defaults and/or search spaces for existing parameters (``--config`` on a known entry)."""
+        params = dict(self.params)
+        for k, v in (defaults or {}).items():
+            if k not in params:
+                raise ValueError(f"{self.name}: unknown hyper-parameter {k!r}; known: {', '.join(params)}")
+            params[k] = replace(params[k], default=v, source=source)
+        for k, p in (search or {}).items():
+            if k not in params:
+                raise ValueError(f"{self.name}: search space for unknown hyper-parameter {k!r}")
+            params[k] = replace(p, default=params[k].default, source=params[k].source)
+        return replace(self, params=params)
+
+    def build(self, ctx: BuildContext, hparams: dict[str, object] | None = None) -> LossSpec:
+        """Build (loss, miner) with ``hparams`` (default: the declared defaults), placeholders resolved."""
+        hp = self.hparams(hparams)
+        loss_kw, miner_kw, inner_kw = {}, {}, {}
+        for k, v in hp.items():
+            if k.startswith("loss.") and self.wraps is not None:
+                inner_kw[k[len("loss.") :]] = v
+            elif k.startswith("miner."):
+                miner_kw[k[len("miner.") :]] = _resolve(v, ctx, hp, k)
+            elif k != LR_MULTIPLIER:
+                loss_kw[k] = _resolve(v, ctx, hp, k)
+        lr_mult = float(_resolve(hp.get(LR_MULTIPLIER, 1.0), ctx, hp, LR_MULTIPLIER))
+        if self.wraps is not None:
+            inner = self.wraps.build(ctx, inner_kw)
+            loss = import_object(self.loss_class)(
+                loss=inner.loss, miner=inner.miner, embedding_size=ctx.embedding_size, **loss_kw
+            )
+            return LossSpec(loss, None, namr=True, loss_lr_multiplier=inner.loss_lr_multiplier)
+        loss = import_object(self.loss_class)(**loss_kw)
+        miner = import_object(self.miner_class)(**miner_kw) if self.miner_class else None
+        if miner is None and miner_kw:
+            raise ValueError(f"{self.name}: miner hyper-parameters {sorted(miner_kw)} but no miner class")
+        return LossSpec(loss, miner, loss_lr_multiplier=lr_mult)
+
+    def describe(self) -> str:
+        def fmt(k: str, p: Param) -> str:
+            s = f"{k}={p.default!r}"
+            if p.tunable:
+                s += f" ~ {p.space()}"
+            return s + (f" ({p.source})" if p.source else "")
+
+        cls = self.loss_class.split(":")[-1] + (f" + {self.miner_class.split(':')[-1]}" if self.miner_class else "")
+        if self.wraps is not None:
+            cls += f"({self.wraps.name})"
+        lines = [f"  {self.name:<22} [{self.family}] {cls}; source: {self.source}"]
+        lines += [f"  {'':<24}{fmt(k, p)}" for k, p in self.params.items()]
+        if self.notes:
+            lines.append(f"  {'':<24}note: {self.notes}")
+        return "\n".join(lines)
 
 
-def _importable(req: str) -> tuple[bool, str]:
-    mod, _, attr = req.partition(":")
-    try:
-        m = importlib.import_module(mod)
-        if attr and not hasattr(m, attr):
-            return False, f"{mod}.{attr} not found"
-    except ImportError as e:  # pragma: no cover - depends on what is merged
-        return False, f"{mod}: {e}"
-    return True, ""
+def _resolve(value: Any, ctx: BuildContext, hp: dict[str, Any], name: str, depth: int = 0) -> Any:
+    if not isinstance(value, str):
+        return value
+    m = _PLACEHOLDER.match(value)
+    if m is None:
+        return value
+    ref = m.group(1)
+    if ref in ("embedding_size", "num_classes"):
+        return getattr(ctx, ref)
+    if ref in hp and ref != name and depth < 8:
+        return _resolve(hp[ref], ctx, hp, ref, depth + 1)
+    raise ValueError(
+        f"hyper-parameter {name}: unknown placeholder {value!r} (use {{embedding_size}}, {{num_classes}} or "
+        "another hyper-parameter's name)"
+    )
 
 
-def _ours(name: str):
-    return getattr(importlib.import_module("pml_rll.losses"), name)
-
-
-# ------------------------------------------------------------------------------------------------ PML's losses
-def _pml_losses():
-    from pytorch_metric_learning import losses, miners
-
-    return losses, miners
-
-
-# Ranked List Loss hyper-parameters shared by ours and PML's: margin m=0.4 (so alpha = 1 + m/2 = 1.2), Tn=10, Tp=0,
-# equal weighting of the positive and negative terms.
-RLL_HPARAMS = {"margin": 0.4, "Tn": 10.0, "imbalance": 0.5, "alpha": None, "Tp": 0.0}
+# ------------------------------------------------------------------------------------------------ the entries
 RLL_SOURCE = "Ranked List Loss, CVPR 2019 / TPAMI 2021: m=0.4, alpha=1+m/2=1.2, Tn=10, Tp=0 (SOP configs)"
-
-TRIPLET_HPARAMS = {"margin": 0.2, "miner": "TripletMarginMiner(margin=0.2, type_of_triplets='semihard')"}
-MS_HPARAMS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "miner": "MultiSimilarityMiner(epsilon=0.1)"}
-CONTRASTIVE_HPARAMS: dict[str, object] = {"pos_margin": 0.0, "neg_margin": 1.0}
-
-
-def _build_triplet(ctx: BuildContext) -> LossSpec:
-    losses, miners = _pml_losses()
-    return LossSpec(
-        losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
-    )
-
-
-def _build_ms(ctx: BuildContext) -> LossSpec:
-    losses, miners = _pml_losses()
-    return LossSpec(
-        losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
-    )
-
-
-def _build_contrastive(ctx: BuildContext) -> LossSpec:
-    losses, _ = _pml_losses()
-    return LossSpec(losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0))
-
-
-def _build_pml_rll(ctx: BuildContext) -> LossSpec:
-    losses, _ = _pml_losses()
-    return LossSpec(losses.RankedListLoss(margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0))
-
-
-def _build_circle(ctx: BuildContext) -> LossSpec:
-    losses, _ = _pml_losses()
-    return LossSpec(losses.CircleLoss(m=0.4, gamma=80))
-
-
-def _build_ntxent(ctx: BuildContext) -> LossSpec:
-    losses, _ = _pml_losses()
-    return LossSpec(losses.NTXentLoss(temperature=0.07))
-
-
-def _build_gls(ctx: BuildContext) -> LossSpec:
-    losses, _ = _pml_losses()
-    return LossSpec(losses.GeneralizedLiftedStructureLoss(neg_margin=1.0, pos_margin=0.0))
-
-
-def _build_margin(ctx: BuildContext) -> LossSpec:
-    losses, miners = _pml_losses()
-    loss = losses.MarginLoss(margin=0.2, nu=0.0, beta=1.2, triplets_per_anchor="all", learn_beta=True)
-    return LossSpec(loss, miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
-
-
-def _build_proxy_anchor(ctx: BuildContext) -> LossSpec:
-    losses, _ = _pml_losses()
-    loss = losses.ProxyAnchorLoss(num_classes=ctx.num_classes, embedding_size=ctx.embedding_size, margin=0.1, alpha=32)
-    return LossSpec(loss, loss_lr_multiplier=100.0)
-
-
-# ------------------------------------------------------------------------------------------------ our losses
-def _build_rll(gradient: str) -> Callable[[BuildContext], LossSpec]:
-    def build(ctx: BuildContext) -> LossSpec:
-        RankedListLoss = _ours("RankedListLoss")
-        return LossSpec(RankedListLoss(margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0, gradient=gradient))
-
-    return build
-
-
-NAMR_HPARAMS = {
-    "structure_weight": 2.0,
-    "structure_loss": "MultiClusterRankingLoss defaults (NASA code: t=(0,3), alpha=10)",
+# Shared by ours and PML's: margin m=0.4 (so alpha = 1 + m/2 = 1.2), Tn=10, Tp=0, equal weighting of the terms.
+RLL_PARAMS = {
+    "margin": Param(0.4, 0.1, 1.0),
+    "Tn": Param(10.0, 1.0, 50.0, log=True),
+    "imbalance": Param(0.5, 0.2, 0.8),
+    "alpha": Param(None, source="None = 1 + margin/2"),
+    "Tp": Param(0.0),
 }
 NAMR_SOURCE = "NAMR (TCSVT 2022) / NASA (AAAI 2022) code: lambda=2.0, 2 clusters t=(0,3), alpha=10, re-rank top-32"
-
-
-def _build_namr(base_name: str) -> Callable[[BuildContext], LossSpec]:
-    def build(ctx: BuildContext) -> LossSpec:
-        import inspect
-
-        NAMRLoss = _ours("NAMRLoss")
-        base = REGISTRY[base_name].build(ctx)
-        kwargs = {"loss": base.loss, "embedding_size": ctx.embedding_size}
-        params = inspect.signature(NAMRLoss.__init__).parameters
-        if "structure_weight" in params:
-            kwargs["structure_weight"] = 2.0
-        if base.miner is not None:
-            if "miner" not in params:
-                raise TypeError("NAMRLoss has no `miner` argument; cannot wrap a mined loss")
-            kwargs["miner"] = base.miner
-        return LossSpec(NAMRLoss(**kwargs), None, namr=True, loss_lr_multiplier=base.loss_lr_multiplier)
-
-    return build
+NAMR_PARAMS = {"structure_weight": Param(2.0, 0.1, 10.0, log=True)}
+_PML = "pytorch_metric_learning.losses:"
+_PML_MINERS = "pytorch_metric_learning.miners:"
 
 
 def _entries() -> list[LossEntry]:
-    ours_rll_req = ("pml_rll.losses:RankedListLoss",)
-    namr_req = ("pml_rll.losses:NAMRLoss", "pml_rll.modules:NAMREmbedder", "pml_rll.retrieval:NAMRReRankKNN")
     e = [
         LossEntry(
             "rll",
             "ours",
-            dict(RLL_HPARAMS, gradient="paper"),
+            "pml_rll.losses:RankedListLoss",
+            {**RLL_PARAMS, "gradient": Param("paper")},
             RLL_SOURCE + "; paper gradient (query-only, constant weights)",
-            _build_rll("paper"),
-            ours_rll_req,
         ),
         LossEntry(
             "rll-autograd",
             "ours",
-            dict(RLL_HPARAMS, gradient="autograd"),
+            "pml_rll.losses:RankedListLoss",
+            {**RLL_PARAMS, "gradient": Param("autograd")},
             RLL_SOURCE + "; plain autograd of eqs. 2-5",
-            _build_rll("autograd"),
-            ours_rll_req,
         ),
-        LossEntry("pml-rll", "pml", dict(RLL_HPARAMS), RLL_SOURCE + "; PML 2.9 RankedListLoss", _build_pml_rll),
+        LossEntry("pml-rll", "pml", _PML + "RankedListLoss", dict(RLL_PARAMS), RLL_SOURCE + "; PML 2.9 RankedListLoss"),
         LossEntry(
             "triplet",
             "pml",
-            TRIPLET_HPARAMS,
+            _PML + "TripletMarginLoss",
+            {
+                "margin": Param(0.2, 0.01, 1.0, log=True),
+                "miner.margin": Param("{margin}"),
+                "miner.type_of_triplets": Param("semihard"),
+            },
             "FaceNet, CVPR 2015: margin 0.2 on L2-normalized embeddings, semi-hard mining",
-            _build_triplet,
+            miner_class=_PML_MINERS + "TripletMarginMiner",
         ),
         LossEntry(
             "multi-similarity",
             "pml",
-            MS_HPARAMS,
+            _PML + "MultiSimilarityLoss",
+            {
+                "alpha": Param(2.0, 0.5, 20.0, log=True),
+                "beta": Param(50.0, 10.0, 100.0, log=True),
+                "base": Param(0.5, 0.2, 0.9),
+                "miner.epsilon": Param(0.1, 0.01, 0.5, log=True),
+            },
             "Multi-Similarity Loss, CVPR 2019: alpha=2, beta=50, lambda=0.5, mining epsilon=0.1",
-            _build_ms,
+            miner_class=_PML_MINERS + "MultiSimilarityMiner",
         ),
         LossEntry(
             "contrastive",
             "pml",
-            CONTRASTIVE_HPARAMS,
+            _PML + "ContrastiveLoss",
+            {"pos_margin": Param(0.0, 0.0, 0.5), "neg_margin": Param(1.0, 0.3, 1.5)},
             "Learning an Invariant Mapping, CVPR 2006: positives pulled to 0, negatives pushed beyond margin 1 "
             "(PML defaults)",
-            _build_contrastive,
         ),
         LossEntry(
             "circle",
             "pml",
-            {"m": 0.4, "gamma": 80},
+            _PML + "CircleLoss",
+            {"m": Param(0.4, 0.1, 0.5), "gamma": Param(80.0, 10.0, 256.0, log=True)},
             "Circle Loss, CVPR 2020: m=0.4, gamma=80 (its fine-grained retrieval setting)",
-            _build_circle,
         ),
         LossEntry(
             "ntxent",
             "pml",
-            {"temperature": 0.07},
+            _PML + "NTXentLoss",
+            {"temperature": Param(0.07, 0.01, 1.0, log=True)},
             "Supervised NT-Xent / InfoNCE over all positive pairs: temperature 0.07 (PML default, MoCo/SupCon)",
-            _build_ntxent,
         ),
         LossEntry(
             "generalized-lifted",
             "pml",
-            {"neg_margin": 1.0, "pos_margin": 0.0},
+            _PML + "GeneralizedLiftedStructureLoss",
+            {"neg_margin": Param(1.0, 0.1, 2.0), "pos_margin": Param(0.0, 0.0, 0.5)},
             "In Defense of the Triplet Loss, 2017 (generalized lifted structure): margin 1",
-            _build_gls,
         ),
         LossEntry(
             "margin",
             "pml",
+            _PML + "MarginLoss",
             {
-                "margin": 0.2,
-                "beta": 1.2,
-                "nu": 0.0,
-                "learn_beta": True,
-                "miner": "DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)",
+                "margin": Param(0.2, 0.05, 0.5),
+                "beta": Param(1.2, 0.5, 1.5),
+                "nu": Param(0.0),
+                "triplets_per_anchor": Param("all"),
+                "learn_beta": Param(True),
+                "miner.cutoff": Param(0.5),
+                "miner.nonzero_loss_cutoff": Param(1.4),
             },
             "Sampling Matters, ICCV 2017: alpha=0.2, beta0=1.2 (learned), distance-weighted sampling",
-            _build_margin,
+            miner_class=_PML_MINERS + "DistanceWeightedMiner",
             notes="beta is a parameter: trained by the loss optimizer at --lr",
         ),
         LossEntry(
             "proxy-anchor",
             "pml",
-            {"margin": 0.1, "alpha": 32, "proxy_lr_multiplier": 100},
+            _PML + "ProxyAnchorLoss",
+            {
+                "num_classes": Param("{num_classes}"),
+                "embedding_size": Param("{embedding_size}"),
+                "margin": Param(0.1, 0.0, 0.5),
+                "alpha": Param(32.0, 4.0, 128.0, log=True),
+                LR_MULTIPLIER: Param(100.0, 1.0, 1000.0, log=True),
+            },
             "Proxy Anchor Loss, CVPR 2020: delta=0.1, alpha=32, proxies at 100x the learning rate",
-            _build_proxy_anchor,
-            notes="proxies are parameters: trained by the loss optimizer at 100 x --lr",
+            notes="proxies are parameters: trained by the loss optimizer at loss_lr_multiplier x --lr",
         ),
     ]
-    for name, base, req in (
-        ("namr-triplet", "triplet", ()),
-        ("namr-multi-similarity", "multi-similarity", ()),
-        ("namr-contrastive", "contrastive", ()),
-        ("namr-rll", "rll", ours_rll_req),
-    ):
-        e.append(
-            LossEntry(
-                name,
-                "ours",
-                dict(NAMR_HPARAMS, base=base),
-                NAMR_SOURCE + f"; base loss = the '{base}' entry",
-                _build_namr(base),
-                namr_req + req,
-                base=base,
-            )
-        )
+    by_name = {x.name: x for x in e}
+    for base in ("triplet", "multi-similarity", "contrastive", "rll"):
+        e.append(namr_entry(f"namr-{base}", by_name[base]))
     return e
 
 
-REGISTRY: dict[str, LossEntry] = {e.name: e for e in _entries()}
-NAMR_ENTRIES = tuple(n for n, e in REGISTRY.items() if e.base is not None)
+def namr_entry(name: str, base: LossEntry, family: str = "ours") -> LossEntry:
+    """The NAMR wrapper of ``base``: NAMRLoss's own parameters plus ``loss.<name>`` for each of base's."""
+    params = {**NAMR_PARAMS, **{f"loss.{k}": p for k, p in base.params.items()}}
+    return LossEntry(
+        name,
+        family,
+        "pml_rll.losses:NAMRLoss",
+        params,
+        NAMR_SOURCE + f"; wrapped loss = the '{base.name}' entry",
+        wraps=base,
+    )
 
 
-def namr_available() -> bool:
-    return _importable("pml_rll.losses:NAMRLoss")[0]
+REGISTRY: dict[str, LossEntry] = {x.name: x for x in _entries()}
+NAMR_ENTRIES = tuple(n for n, x in REGISTRY.items() if x.namr)
 
 
-def default_loss_names() -> list[str]:
-    """Every registered name, NAMR variants only when NAMRLoss imports."""
-    names = list(REGISTRY)
-    if not namr_available():
-        names = [n for n in names if n not in NAMR_ENTRIES]
-    return names
+def default(name: str, param: str) -> object:
+    """The registered default of one hyper-parameter (for scripts that build a loss by hand, e.g. loss_speed)."""
+    return REGISTRY[name].params[param].default
 
 
-def describe_registry() -> str:
-    lines = []
-    for e in REGISTRY.values():
-        hp = ", ".join(f"{k}={v}" for k, v in e.hparams.items())
-        lines.append(f"  {e.name:<22} [{e.family}] {hp}\n  {'':<22} source: {e.source}")
+def default_loss_names(registry: dict[str, LossEntry] | None = None) -> list[str]:
+    """Every registered name (``--losses all``)."""
+    return list(REGISTRY if registry is None else registry)
+
+
+def describe_registry(registry: dict[str, LossEntry] | None = None) -> str:
+    reg = REGISTRY if registry is None else registry
+    lines = [x.describe() for x in reg.values()]
     for k, why in EXCLUDED.items():
         lines.append(f"  (excluded) {k}: {why}")
     return "\n".join(lines)
+
+
+@dataclass
+class Registry:
+    """A registry plus the per-run overrides: what ``--config`` and ``--set`` produce.
+
+    Args:
+        entries: name -> :class:`LossEntry` (the built-in registry, changed and extended by ``--config``).
+        overrides: name -> {hyper-parameter: value} from ``--set``.
+    """
+
+    entries: dict[str, LossEntry] = field(default_factory=lambda: dict(REGISTRY))
+    overrides: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def hparams(self, name: str) -> dict[str, object]:
+        return self.entries[name].hparams(self.overrides.get(name))

@@ -1,17 +1,18 @@
-"""Result files of the benchmark: JSON lines, Markdown and CSV tables, a PNG figure, a printed summary.
+"""Exports of the results store: JSON lines, Markdown and CSV tables, a PNG figure, a printed summary.
 
-* ``results.jsonl``: one JSON object per (dataset, loss, seed, config), appended atomically (the file is rewritten
-  to a temporary file and moved into place), so an interrupted benchmark never leaves a half-written line and
-  resumes by skipping the runs already there.
-* ``results.md`` / ``results.csv``: mean ± std over seeds per loss, and for each of our losses the paired
-  difference to each PML loss (mean ± std over the seeds both have; per-seed differences, not differences of means).
+All files are regenerated from the store's records of the command (never appended to), each written atomically:
+
+* ``results.jsonl``: one JSON object per run (loss, variant, seed) of the command.
+* ``results.md`` / ``results.csv``: mean ± std over seeds per loss, and for each of our (and the user's) losses the
+  paired difference to each PML loss (mean ± std over the seeds both have; per-seed differences, not differences
+  of means). With ``--tune``: per loss the tuned hyper-parameters and validation score, the tuned test table
+  beside the untuned one, and the paired tuned − untuned differences; ``trials.csv`` lists every trial.
 * ``results.png``: MAP@R and P@1 per loss with error bars (std over seeds) and test-split learning curves.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -27,19 +28,9 @@ TABLE_METRICS = METRICS
 PAIRED_METRICS = ("mean_average_precision_at_r", "precision_at_1")
 
 
-def config_hash(config: dict) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def append_jsonl(path: str, record: dict) -> None:
-    """Append one JSON line atomically (rewrite into a temporary file, then ``os.replace``)."""
-    old = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        if old and not old.endswith("\n"):
-            old += "\n"
-    atomic_write(path, old + json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Write every record as one JSON line, atomically (the export of the store)."""
+    atomic_write(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in records))
 
 
 def _json_default(o):
@@ -56,15 +47,8 @@ def load_jsonl(path: str) -> list[dict]:
         for line in f:
             line = line.strip()
             if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+                out.append(json.loads(line))
     return out
-
-
-def run_key(rec: dict) -> tuple[str, str, int, str]:
-    return (rec["dataset"], rec["loss"], int(rec["seed"]), rec["config_hash"])
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -80,7 +64,8 @@ def ordered_losses(records: Iterable[dict]) -> list[str]:
     for r in records:
         seen.setdefault(r["loss"], len(seen))
     fam = {r["loss"]: r["family"] for r in records}
-    return sorted(seen, key=lambda n: (fam[n] != "ours", seen[n]))
+    rank = {"ours": 0, "user": 1, "pml": 2}
+    return sorted(seen, key=lambda n: (rank.get(fam[n], 1), seen[n]))
 
 
 def aggregate(records: list[dict], metrics: Sequence[str] = TABLE_METRICS) -> list[dict]:
@@ -103,7 +88,7 @@ def aggregate(records: list[dict], metrics: Sequence[str] = TABLE_METRICS) -> li
 def paired_differences(records: list[dict], metric: str) -> dict[tuple[str, str], tuple[float, float, int]]:
     """(ours, pml) -> mean ± std over shared seeds of (ours - pml) for ``metric``."""
     by = {(r["loss"], int(r["seed"])): r["metrics"].get(metric) for r in records}
-    ours = [n for n in ordered_losses(records) if any(r["loss"] == n and r["family"] == "ours" for r in records)]
+    ours = [n for n in ordered_losses(records) if any(r["loss"] == n and r["family"] != "pml" for r in records)]
     pml = [n for n in ordered_losses(records) if any(r["loss"] == n and r["family"] == "pml" for r in records)]
     out = {}
     for a in ours:
@@ -124,6 +109,7 @@ def _fmt(ms: tuple[float, float, int] | None, scale: float = 100.0, signed: bool
 
 
 def markdown_tables(records: list[dict], header: str = "") -> str:
+    """The test table (mean ± std over seeds), NAMR's plain-retrieval table and the paired-difference tables."""
     rows = aggregate(records)
     buf = io.StringIO()
     if header:
@@ -156,7 +142,7 @@ def markdown_tables(records: list[dict], header: str = "") -> str:
         ours = list(dict.fromkeys(a for a, _ in diffs))
         pml = list(dict.fromkeys(b for _, b in diffs))
         buf.write(
-            f"\nPaired difference in {SHORT_NAMES[metric]} (points), ours − PML: mean ± std over the per-seed "
+            f"\nPaired difference in {SHORT_NAMES[metric]} (points), ours/user − PML: mean ± std over the per-seed "
             "differences (same seeds, same initial weights, batches and augmentations):\n\n"
         )
         buf.write("| ours \\ PML | " + " | ".join(pml) + " |\n|" + "---|" * (len(pml) + 1) + "\n")
@@ -248,15 +234,122 @@ def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
     return path
 
 
-def write_reports(records: list[dict], out_dir: str, header: str = "") -> dict[str, str]:
-    """Write results.md, results.csv and results.png for ``records``; return their paths."""
+def _variant(records: list[dict], variant: str) -> list[dict]:
+    return [r for r in records if r.get("variant", "untuned") == variant]
+
+
+def _fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "–"
+
+
+def tuning_tables(records: list[dict], tuning: dict) -> str:
+    """Per loss: trials, validation score of the best trial, its hyper-parameters; then tuned − untuned per seed."""
+    buf = io.StringIO()
+    folds = tuning["folds"]
+    buf.write(
+        f"## Tuning: {tuning['trials']} trials per loss, {len(folds)} class-disjoint folds of the training classes "
+        f"({', '.join(str(len(f)) for f in folds)} classes)\n\n"
+        "Optuna TPE sampler "
+        f"(seed {tuning['sampler']['seed']}, {tuning['sampler']['n_startup_trials']} start-up trials: trial 0 = the "
+        "defaults, then random draws); "
+        "trial k of every loss uses seed k. A trial trains on all folds but one and scores MAP@R on the held-out "
+        "fold; its value is the mean over folds. The test split is not read while tuning.\n\n"
+        "| loss | trials | best validation MAP@R | validation MAP@R at defaults | tuned hyper-parameters | "
+        "search space |\n|---|---|---|---|---|---|\n"
+    )
+    by_loss: dict[str, list[dict]] = {}
+    for t in tuning["records"]:
+        by_loss.setdefault(t["loss"], []).append(t)
+    for loss, space in tuning["spaces"].items():
+        ts = by_loss.get(loss, [])
+        valid = [t for t in ts if t.get("value") is not None]
+        best = max(valid, key=lambda t: (t["value"], -t["slot"])) if valid else None
+        defaults = tuning["defaults"][loss]
+        at_default = [t["value"] for t in valid if all(t["hparams"].get(k) == defaults.get(k) for k in space)]
+        default_slots = {t["slot"] for t in valid if all(t["hparams"].get(k) == defaults.get(k) for k in space)}
+        cells = [
+            loss,
+            f"{len(valid)}/{len(ts)}" if ts else "0 (nothing to tune)",
+            f"{best['value'] * 100:.2f} (trial {best['slot']})" if best else "–",
+            f"{at_default[0] * 100:.2f}" if at_default else "not tried",
+            (_fmt_params(best["params"]) + (" (the defaults)" if best["slot"] in default_slots else ""))
+            if best
+            else "defaults",
+            "; ".join(f"{k} {v}" for k, v in space.items()) or "–",
+        ]
+        buf.write("| " + " | ".join(cells) + " |\n")
+    tuned, untuned = _variant(records, "tuned"), _variant(records, "untuned")
+    by = {(r["loss"], int(r["seed"])): r for r in untuned}
+    buf.write(
+        "\nTest split, tuned − untuned (points), mean ± std over the per-seed differences (same seeds):\n\n"
+        "| loss | tuned MAP@R | untuned MAP@R | Δ MAP@R | tuned P@1 | untuned P@1 | Δ P@1 |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    for loss in ordered_losses(tuned) if tuned else []:
+        row = [loss]
+        for m in PAIRED_METRICS:
+            pairs = [
+                (r["metrics"].get(m), by[(loss, int(r["seed"]))]["metrics"].get(m))
+                for r in tuned
+                if r["loss"] == loss and (loss, int(r["seed"])) in by
+            ]
+            row += [
+                _fmt(_mean_std([a for a, _ in pairs])),
+                _fmt(_mean_std([b for _, b in pairs])),
+                _fmt(_mean_std([a - b for a, b in pairs]), signed=True),
+            ]
+        buf.write("| " + " | ".join(row) + " |\n")
+    return buf.getvalue()
+
+
+def markdown_report(records: list[dict], header: str = "", tuning: dict | None = None) -> str:
+    """The whole Markdown report: the test tables, and with tuning the tuned tables beside the untuned ones."""
+    if tuning is None:
+        return markdown_tables(records, header)
+    parts = [header.rstrip() + "\n" if header else "", tuning_tables(records, tuning)]
+    parts.append("\n## Test split, tuned hyper-parameters\n\n" + markdown_tables(_variant(records, "tuned")))
+    parts.append("\n## Test split, untuned (defaults)\n\n" + markdown_tables(_variant(records, "untuned")))
+    return "\n".join(p for p in parts if p)
+
+
+def write_trials_csv(trials: list[dict], path: str) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["loss", "slot", "seed", "value", "fold_values", "params", "errors", "seconds"])
+    for t in sorted(trials, key=lambda t: (t["loss"], t["slot"])):
+        w.writerow(
+            [
+                t["loss"],
+                t["slot"],
+                t["seed"],
+                "" if t["value"] is None else f"{t['value']:.6f}",
+                json.dumps(t["fold_values"]),
+                json.dumps(t["params"], sort_keys=True),
+                "; ".join(t.get("errors", [])),
+                f"{t.get('seconds', 0.0):.1f}",
+            ]
+        )
+    atomic_write(path, buf.getvalue())
+
+
+def write_reports(records: list[dict], out_dir: str, header: str = "", tuning: dict | None = None) -> dict[str, str]:
+    """Write results.jsonl, results.md, results.csv and results.png (and trials.csv when tuning) from ``records``
+    (and the tuning summary); return their paths. The figure shows the tuned runs when there are any."""
     paths = {
+        "jsonl": os.path.join(out_dir, "results.jsonl"),
         "markdown": os.path.join(out_dir, "results.md"),
         "csv": os.path.join(out_dir, "results.csv"),
         "figure": os.path.join(out_dir, "results.png"),
     }
-    atomic_write(paths["markdown"], markdown_tables(records, header))
-    write_csv(records, paths["csv"])
-    if write_figure(records, paths["figure"], title=header.splitlines()[0].lstrip("# ") if header else "") is None:
+    write_jsonl(paths["jsonl"], records)
+    atomic_write(paths["markdown"], markdown_report(records, header, tuning))
+    shown = _variant(records, "tuned") if tuning is not None else records
+    write_csv(shown, paths["csv"])
+    if tuning is not None:
+        paths["untuned_csv"] = os.path.join(out_dir, "results_untuned.csv")
+        write_csv(_variant(records, "untuned"), paths["untuned_csv"])
+        paths["trials"] = os.path.join(out_dir, "trials.csv")
+        write_trials_csv(tuning["records"], paths["trials"])
+    if write_figure(shown, paths["figure"], title=header.splitlines()[0].lstrip("# ") if header else "") is None:
         paths.pop("figure")
     return paths

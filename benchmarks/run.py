@@ -1,20 +1,27 @@
 """Head-to-head benchmark: pml_rll's losses against PML's bundled losses, same data, model, sampler and budget.
 
 python -m benchmarks.run                      # digits, every registered loss, default seeds (CPU, minutes)
-python -m benchmarks.run --dataset omniglot   # unseen-class retrieval, alphabet split
+python -m benchmarks.run --dataset omniglot --data-root DIR   # unseen-class retrieval, alphabet split
+python -m benchmarks.run --tune --trials 8 --folds 2          # tune every loss alike, then test (Reality Check)
 python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
+
+Every option is checked before any data is loaded (exit code 2 with a message naming the option). Results live in
+a database (``results.db`` in ``--out``, or ``--storage URL``); results.jsonl/csv/md/png are exports of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
+import signal
 import sys
+import tempfile
 import time
-from typing import Any
+import warnings
 
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
     "digits": dict(
         trunk="mlp",
@@ -109,34 +116,47 @@ def _defaults_help() -> str:
     return "\n".join(lines)
 
 
+SEED_MAX = 2**31 - 1 - 40_000  # the pipeline derives seeds up to seed + 30_011
+TRUNKS = ("mlp", "convnet", "convnet-small", "resnet18", "resnet50")
+NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop")
+TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the defaults) and 3 random draws
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .datasets import DATASETS
+    from .datasets import DATA_ENV, DATASETS
     from .registry import describe_registry
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Benchmark pml_rll's RankedListLoss (and NAMR, when installed) head to head against PML's losses.\n"
+            "Benchmark pml_rll's RankedListLoss and NAMR head to head against PML's losses.\n"
             "Every loss gets the same data, trunk + embedder, Adam optimizer, MPerClassSampler batches, budget and\n"
             "evaluation (GlobalEmbeddingSpaceTester + AccuracyCalculator: P@1, Recall@1/2/4/8 as in the DML papers,\n"
             "MAP@R, R-precision, NMI). Seeds are paired: at a given seed every loss starts from the same weights and\n"
             "sees the same batches and augmentations. Numbers are those of the last epoch (the test split is never\n"
-            "used for model selection). Finished (loss, seed) runs are skipped when the command is run again."
+            "used for model selection). With --tune every loss first gets the same number of Optuna TPE trials on\n"
+            "class-disjoint folds of the training classes (A Metric Learning Reality Check, ECCV 2020).\n"
+            "Results are stored per (key, seed), the key covering everything that decides a result; finished runs\n"
+            "are never redone or duplicated, and several runners may share one store."
         ),
         epilog=_defaults_help() + "\n\ndatasets:\n"
         "  digits         scikit-learn digits, within-class 70/30 split (no download; a smoke test, not a ranking)\n"
-        "  omniglot       unseen characters, split by alphabet;\n"
-        "                 --data-root: folder or zips of alphabet/character/*.png\n"
-        "                 (default ../shared/data/omniglot); images resized to --image-size (28)\n"
+        "  omniglot       unseen characters, split by alphabet; --data-root: folder or zips of\n"
+        f"                 alphabet/character/*.png (required, or ${DATA_ENV}/omniglot); images resized to\n"
+        "                 --image-size (28)\n"
         "  fashion-mnist  IDX files: Debian dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or a\n"
         "                 torchvision FashionMNIST root via --data-root\n"
         "  cub200, cars196, sop   PML's dataset classes under --data-root (--download fetches them); ResNet-50 with\n"
         "                 ImageNet weights when loadable, RandomResizedCrop(224) + flip\n"
-        "\nloss registry (paper-default hyper-parameters):\n" + describe_registry(),
+        "\nloss registry (defaults, search spaces ~ for --tune, sources):\n" + describe_registry(),
     )
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
-    p.add_argument("--data-root", default=None, help="dataset folder (omniglot, fashion-mnist, cub200, cars196, sop)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help=f"dataset folder (omniglot, fashion-mnist, cub200, cars196, sop; default ${DATA_ENV}/<dataset>)",
+    )
     p.add_argument("--download", action="store_true", help="let PML download cub200/cars196/sop into --data-root")
     p.add_argument(
         "--losses", default="all", help="comma-separated registry names, or all / ours / pml (default: all; see --list)"
@@ -158,12 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per class in a batch, MPerClassSampler's m (default: per dataset)",
     )
     p.add_argument("--embedding-size", type=int, default=None, help="embedding width (default: per dataset)")
-    p.add_argument(
-        "--trunk",
-        default=None,
-        choices=["mlp", "convnet", "convnet-small", "resnet18", "resnet50"],
-        help="trunk network (default: per dataset)",
-    )
+    p.add_argument("--trunk", default=None, choices=TRUNKS, help="trunk network (default: per dataset)")
     p.add_argument("--no-pretrained", action="store_true", help="ResNet trunks: do not try ImageNet weights")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for trunk and embedder")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay")
@@ -191,113 +206,213 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads per run (0: auto = 1 on CPU, where these small models gain little from "
         "intra-op threads and lose a lot on a shared machine; torch's default with CUDA)",
     )
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="(loss, seed) runs in parallel worker processes (default 1); results are identical",
-    )
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument(
         "--workers",
         type=int,
         default=None,
         help="data-loader workers (default: 0 for in-memory datasets, 4 for image folders)",
     )
-    p.add_argument("--out", default=None, help="output folder (default: results/<dataset>)")
-    p.add_argument("--no-resume", action="store_true", help="rerun (loss, seed) pairs already in results.jsonl")
+    g = p.add_argument_group("your own losses and settings")
+    g.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="NAME.PARAM=VALUE",
+        help="override one hyper-parameter (repeatable), e.g. --set rll.Tn=20 --set multi-similarity.beta=40; "
+        "the value is TOML (numbers, true/false, quoted strings); a bare word is a string",
+    )
+    g.add_argument("--config", default=None, help="TOML file adding or changing [losses.<name>] entries (README)")
+    g = p.add_argument_group("tuning (A Metric Learning Reality Check, ECCV 2020)")
+    g.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune every selected loss with the same number of TPE trials on class-disjoint folds of the training "
+        "classes, then train the best configuration on all training classes with the paired seeds and test once; "
+        "the untuned runs are made too, for the side-by-side table",
+    )
+    g.add_argument("--trials", type=int, default=10, help="trials per loss (default 10)")
+    g.add_argument(
+        "--folds", type=int, default=2, help="class-disjoint folds of the training classes (default 2; >= 2)"
+    )
+    g = p.add_argument_group("results store")
+    g.add_argument("--out", default=None, help="output folder (default: results/<dataset>)")
+    g.add_argument(
+        "--storage",
+        default=None,
+        help="SQLAlchemy database URL of the results store and the tuning studies, shared by every runner that "
+        "names it (default: sqlite:///<out>/results.db)",
+    )
+    g.add_argument(
+        "--lease",
+        type=float,
+        default=120.0,
+        help="seconds without a heartbeat after which another runner takes a claimed run over (default 120)",
+    )
+    g.add_argument(
+        "--no-resume", action="store_true", help="redo and replace the records this command would otherwise reuse"
+    )
     p.add_argument("--tensorboard", action="store_true", help="also write tensorboard event files per run")
     p.add_argument("--save-models", action="store_true", help="save the models of every epoch (PML preset)")
-    p.add_argument("--list", action="store_true", help="print the loss registry and exit")
+    p.add_argument("--list", action="store_true", help="print the loss registry (after --config/--set) and exit")
     return p
 
 
 def parse_seeds(spec: str | None, default_n: int) -> list[int]:
+    """``N`` (seeds 0..N-1) or a comma list; ValueError naming --seeds for bad, repeated or out-of-range seeds."""
     if spec is None:
         return list(range(default_n))
     spec = spec.strip()
-    if "," in spec:
-        return [int(s) for s in spec.split(",") if s.strip()]
-    return list(range(int(spec)))
+    try:
+        if "," in spec:
+            parts = [s.strip() for s in spec.split(",")]
+            seeds = [int(s) for s in parts]  # an empty part fails here too
+        else:
+            seeds = list(range(int(spec)))
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: expected a count N or a comma list of integers") from None
+    if not seeds:
+        raise ValueError(f"--seeds {spec}: the number of seeds must be >= 1")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds {spec}: seeds {repeated} repeated (each seed once)")
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise ValueError(f"--seeds {spec}: seeds {bad} outside 0..{SEED_MAX}")
+    return seeds
 
 
-def resolve_losses(spec: str) -> list[str]:
-    from .registry import REGISTRY, default_loss_names
-
-    names = default_loss_names()
+def resolve_losses(spec: str, entries: dict) -> list[str]:
     spec = spec.strip()
     if spec == "all":
+        return list(entries)
+    if spec in ("ours", "pml", "user"):
+        names = [n for n, e in entries.items() if e.family == spec]
+        if not names:
+            raise ValueError(f"--losses {spec}: no entry of family {spec!r}")
         return names
-    if spec in ("ours", "pml"):
-        return [n for n in names if REGISTRY[n].family == spec]
     chosen = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in chosen if n not in REGISTRY]
+    if not chosen:
+        raise ValueError(f"--losses {spec!r}: no loss named")
+    unknown = [n for n in chosen if n not in entries]
     if unknown:
-        raise SystemExit(f"unknown loss names {unknown}; registered: {', '.join(REGISTRY)}")
+        raise ValueError(f"--losses: unknown names {unknown}; registered: {', '.join(entries)}")
+    repeated = sorted({n for n in chosen if chosen.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--losses: {repeated} named twice")
     return chosen
 
 
-_BUNDLE_CACHE: dict = {}
+def _check_out(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: not a writable folder ({e.strerror})") from None
 
 
-def _run_job(job: dict, name: str, seed: int, pbar_position: int | None) -> dict:
-    """One (loss, seed) run; also the entry point of --jobs worker processes (the dataset is loaded once each)."""
-    import torch
-
-    from .datasets import load_dataset
-    from .pipeline import run_one
-    from .registry import REGISTRY
-
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
-    key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
-    if key not in _BUNDLE_CACHE:
-        _BUNDLE_CACHE[key] = load_dataset(
-            job["dataset"], job["data_root"], job["download"], job["image_size"], job["test_alphabets"]
-        )
-    log_dir = os.path.join(job["out_dir"], "logs", job["chash"], name, f"seed{seed}")
-    t_run = time.perf_counter()
-    rec = run_one(
-        _BUNDLE_CACHE[key],
-        REGISTRY[name],
-        seed,
-        job["cfg"],
-        torch.device(job["device"]),
-        log_dir,
-        num_workers=job["workers"],
-        tensorboard=job["tensorboard"],
-        save_models=job["save_models"],
-        pbar_position=pbar_position,
-    )
-    rec["wall_seconds"] = round(time.perf_counter() - t_run, 3)
-    return rec
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .registry import REGISTRY, describe_registry
-
-    if args.list:
-        print(describe_registry())
-        return 0
-
-    import torch
-    import tqdm
-
-    from . import report
-    from .common import environment_info, resolve_device
-    from .datasets import DatasetUnavailableError, load_dataset
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Check every option before any data is loaded; ``parser.error`` (exit 2) names the first bad one."""
+    from .common import resolve_device
+    from .config import build_registry
+    from .datasets import DATA_ENV, default_data_root
     from .pipeline import RunConfig
+    from .registry import BuildContext
 
-    device = resolve_device(args.device)
-    threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
     d = DATASET_DEFAULTS[args.dataset]
 
     def pick(name):
         v = getattr(args, name)
         return d[name] if v is None else v
 
+    def fail(msg: str):
+        parser.error(msg)
+
+    for opt, name, lo in (
+        ("--epochs", "epochs", 1),
+        ("--iterations-per-epoch", "iterations_per_epoch", 1),
+        ("--batch-size", "batch_size", 1),
+        ("--m-per-class", "m_per_class", 1),
+        ("--embedding-size", "embedding_size", 1),
+        ("--eval-batch-size", "eval_batch_size", 1),
+        ("--eval-every", "eval_every", 0),
+    ):
+        if pick(name) < lo:
+            fail(f"{opt} must be >= {lo}, got {pick(name)}")
+    for opt, v, lo in (
+        ("--jobs", args.jobs, 1),
+        ("--threads", args.threads, 0),
+        ("--trials", args.trials, 1),
+        ("--folds", args.folds, 2),
+    ):
+        if v < lo:
+            fail(f"{opt} must be >= {lo}, got {v}")
+    if args.workers is not None and args.workers < 0:
+        fail(f"--workers must be >= 0, got {args.workers}")
+    if args.image_size is not None and args.image_size < 1:
+        fail(f"--image-size must be >= 1, got {args.image_size}")
+    lr, wd = pick("lr"), pick("weight_decay")
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number, got {lr}")
+    if not (math.isfinite(wd) and wd >= 0):
+        fail(f"--weight-decay must be a number >= 0, got {wd}")
+    if not (math.isfinite(args.lease) and args.lease > 0):
+        fail(f"--lease must be > 0 seconds, got {args.lease}")
+    if pick("batch_size") % pick("m_per_class"):
+        fail(f"--batch-size {pick('batch_size')} must be a multiple of --m-per-class {pick('m_per_class')}")
+    if args.test_alphabets is not None:
+        if args.dataset != "omniglot":
+            fail("--test-alphabets applies to --dataset omniglot only")
+        if not [a for a in args.test_alphabets.split(",") if a.strip()]:
+            fail(f"--test-alphabets {args.test_alphabets!r}: no alphabet named")
+    try:
+        seeds = parse_seeds(args.seeds, d["seeds"])
+    except ValueError as e:
+        fail(str(e))
+    try:
+        registry = build_registry(args.config, args.sets)
+        loss_names = resolve_losses(args.losses, registry.entries)
+    except ValueError as e:
+        fail(str(e))
+    n_batch_classes = pick("batch_size") // pick("m_per_class")
+    ctx = BuildContext(num_classes=max(2, n_batch_classes), embedding_size=pick("embedding_size"))
+    for n in loss_names:  # a dry build: bad --set values and --config kwargs fail here, not after loading data
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                registry.entries[n].build(ctx, registry.overrides.get(n))
+        except (TypeError, ValueError, AttributeError, ImportError) as e:
+            src = "--set" if n in registry.overrides else ("--config" if args.config else "registry")
+            fail(f"{src}: loss {n!r} cannot be built with these hyper-parameters: {type(e).__name__}: {e}")
+    if args.tune:
+        untunable = [n for n in loss_names if not registry.entries[n].search_space()]
+        if untunable:
+            print(f"note: {untunable} have no search space; --tune reports them untuned", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        fail(str(e))
+    data_root = args.data_root or default_data_root(args.dataset)
+    if args.dataset in NEEDS_ROOT and not data_root:
+        fail(f"--data-root is required for {args.dataset} (or set {DATA_ENV} to a folder holding {args.dataset}/)")
+    if data_root and not args.download and not os.path.exists(data_root):
+        fail(f"--data-root {data_root}: does not exist")
+    out_dir = args.out or os.path.join("results", args.dataset)
+    try:
+        _check_out(out_dir)
+    except ValueError as e:
+        fail(str(e))
+    storage = args.storage or "sqlite:///" + os.path.join(os.path.abspath(out_dir), "results.db")
+    try:
+        import sqlalchemy
+
+        sqlalchemy.engine.make_url(storage)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad option
+        fail(f"--storage {storage!r}: not a database URL ({e})")
     cfg = RunConfig(
         dataset=args.dataset,
         trunk=pick("trunk"),
@@ -306,141 +421,266 @@ def main(argv: list[str] | None = None) -> int:
         m_per_class=pick("m_per_class"),
         epochs=pick("epochs"),
         iterations_per_epoch=pick("iterations_per_epoch"),
-        lr=pick("lr"),
-        weight_decay=pick("weight_decay"),
+        lr=lr,
+        weight_decay=wd,
         schedule=args.schedule,
         eval_every=pick("eval_every"),
         eval_batch_size=pick("eval_batch_size"),
         image_size=args.image_size,
         pretrained=not args.no_pretrained,
     )
-    if cfg.batch_size % cfg.m_per_class:
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
-    seeds = parse_seeds(args.seeds, d["seeds"])
-    loss_names = resolve_losses(args.losses)
-    out_dir = args.out or os.path.join("results", args.dataset)
-    os.makedirs(out_dir, exist_ok=True)
+    return dict(
+        cfg=cfg,
+        seeds=seeds,
+        registry=registry,
+        loss_names=loss_names,
+        device=device,
+        data_root=data_root,
+        out_dir=out_dir,
+        storage=storage,
+    )
 
+
+def _versions() -> dict:
+    import pytorch_metric_learning
+    import torch
+
+    import pml_rll
+
+    return {
+        "pml_rll": pml_rll.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        from .config import build_registry
+        from .registry import describe_registry
+
+        try:
+            reg = build_registry(args.config, args.sets)
+        except ValueError as e:
+            parser.error(str(e))
+        print(
+            describe_registry({n: e.with_changes(reg.overrides.get(n), source="--set") for n, e in reg.entries.items()})
+        )
+        return 0
+    v = validate(args, parser)
+
+    import torch
+    import tqdm
+
+    from . import report
+    from .common import environment_info
+    from .datasets import DatasetUnavailableError, class_folds, load_dataset, root_identity, split_identity
+    from .executor import WorkerPool, preload, schedule
+    from .sources import Context, RunItem, RunSource, TuneSource
+    from .store import ResultStore
+
+    cfg, seeds, registry, loss_names, device = v["cfg"], v["seeds"], v["registry"], v["loss_names"], v["device"]
+    out_dir = v["out_dir"]
+    t_start = time.time()
+    threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        test_alphabets = args.test_alphabets.split(",") if args.test_alphabets else None
+        store = ResultStore(v["storage"], lease_seconds=args.lease)
+    except Exception as e:  # noqa: BLE001 - cannot open the database: a bad option
+        parser.error(f"--storage {v['storage']}: cannot open the results store ({type(e).__name__}: {e})")
+    test_alphabets = [a.strip() for a in args.test_alphabets.split(",") if a.strip()] if args.test_alphabets else None
+    try:
         bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
     except DatasetUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n_classes_batch = cfg.batch_size // cfg.m_per_class
-    if n_classes_batch > bundle.num_train_classes:
-        raise SystemExit(
-            f"batch of {n_classes_batch} classes x {cfg.m_per_class} needs >= {n_classes_batch} train classes; "
-            f"{bundle.name} has {bundle.num_train_classes}"
-        )
+    except ValueError as e:  # e.g. unknown --test-alphabets
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folds = None
+    n_batch_classes = cfg.batch_size // cfg.m_per_class
+    need = [("the training split", bundle.num_train_classes)]
+    if args.tune:
+        try:
+            folds = class_folds(bundle, args.folds)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        need += [(f"tuning fold {k + 1} held out", bundle.num_train_classes - len(f)) for k, f in enumerate(folds)]
+    for what, n in need:
+        if n_batch_classes > n:
+            print(
+                f"error: --batch-size {cfg.batch_size} / --m-per-class {cfg.m_per_class} = {n_batch_classes} classes "
+                f"per batch, but {what} has {n} classes",
+                file=sys.stderr,
+            )
+            return 2
     workers = args.workers if args.workers is not None else (4 if bundle.input_kind == "rgb" else 0)
-
-    available: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    for n in loss_names:
-        ok, why = REGISTRY[n].available()
-        if ok:
-            available.append(n)
-        else:
-            skipped.append((n, why))
     env = environment_info(device)
-    chash = report.config_hash(cfg.key())
-    jsonl = os.path.join(out_dir, "results.jsonl")
     command = "python -m benchmarks.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    common_key = {
+        "dataset": args.dataset,
+        "split": split_identity(bundle),
+        "data": root_identity(bundle.info.get("root")) if bundle.info.get("root") else {"builtin": args.dataset},
+        "config": cfg.key(),
+        "world_size": 1,
+        "versions": _versions(),
+    }
+    # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
+    sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": TPE_STARTUP_TRIALS}
+    extras = dict(dataset=args.dataset, config=cfg.key(), environment=env, command=command)
     print(f"dataset: {bundle.description}")
-    print(f"config {chash}: {cfg.key()}")
+    print(f"config: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
-    print(f"losses ({len(available)}): {', '.join(available)}; seeds: {seeds}")
-    for n, why in skipped:
-        print(f"skipping {n}: not importable ({why})")
+    print(f"losses ({len(loss_names)}): {', '.join(loss_names)}; seeds: {seeds}; store: {v['storage']}")
+    for n, ov in registry.overrides.items():
+        if n in loss_names:
+            print(f"--set {n}: {ov}")
 
-    done = set()
-    if not args.no_resume:
-        done = {report.run_key(r) for r in report.load_jsonl(jsonl)}
-    todo = [(s, n) for s in seeds for n in available if (args.dataset, n, s, chash) not in done]
-    if len(todo) < len(seeds) * len(available):
-        print(f"resuming: {len(seeds) * len(available) - len(todo)} finished runs skipped, {len(todo)} to run")
-    t0 = time.perf_counter()
-    job_args = dict(
+    counts = {"ran": 0, "skipped": 0, "lost": 0}
+    total = len(loss_names) * len(seeds) * (2 if args.tune else 1)
+    if args.tune:
+        total += len(loss_names) * args.trials
+    outer = tqdm.tqdm(total=total, desc="runs" if not args.tune else "trials + runs", position=0, dynamic_ncols=True)
+
+    def on_record(rec: dict, how: str) -> None:
+        counts[how] += 1
+        outer.update(1)
+        if how == "skipped":
+            return
+        if rec.get("kind") == "trial":
+            val = "failed" if rec["value"] is None else f"{rec['value']:.4f}"
+            tqdm.tqdm.write(f"{rec['loss']:<22} trial {rec['slot']}: validation MAP@R {val} {rec['params']}")
+            return
+        m = rec["metrics"]
+        tqdm.tqdm.write(
+            f"{rec['loss']:<22} {rec['variant']:<8} seed {rec['seed']}: "
+            f"MAP@R {m.get('mean_average_precision_at_r', float('nan')):.4f} "
+            f"P@1 {m.get('precision_at_1', float('nan')):.4f} "
+            f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
+            + (" [claim lost: another runner's record kept]" if how == "lost" else "")
+        )
+
+    optuna_storage = None
+    if args.tune:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        kw = {"connect_args": {"timeout": 120}} if v["storage"].startswith("sqlite") else {}
+        optuna_storage = optuna.storages.RDBStorage(v["storage"], engine_kwargs=kw)
+    ctx = Context(
+        store=store,
+        out_dir=out_dir,
+        common_key=common_key,
+        extras=extras,
+        replace_before=t_start if args.no_resume else None,
+        optuna_storage=optuna_storage,
+        on_record=on_record,
+        tune_meta={"sampler": sampler_meta},
+    )
+    job = dict(
         dataset=args.dataset,
-        data_root=args.data_root,
+        data_root=args.data_root,  # None: the loaders read $PML_RLL_DATA themselves (and name it so)
         download=args.download,
         image_size=args.image_size,
         test_alphabets=test_alphabets,
         cfg=cfg,
         device=str(device),
-        out_dir=out_dir,
-        chash=chash,
         workers=workers,
         tensorboard=args.tensorboard,
         save_models=args.save_models,
         threads=threads,
+        sys_path=[os.path.dirname(os.path.abspath(args.config))] if args.config else [],
     )
-    _BUNDLE_CACHE[(args.dataset, args.data_root, args.image_size, tuple(test_alphabets or ()))] = bundle
-
-    def finish(rec):
-        rec.update(
-            dataset=args.dataset,
-            config=cfg.key(),
-            config_hash=chash,
-            environment=env,
-            command=command,
-            finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-        report.append_jsonl(jsonl, rec)
-        m = rec["metrics"]
-        tqdm.tqdm.write(
-            f"{rec['loss']:<22} seed {rec['seed']}: MAP@R {m.get('mean_average_precision_at_r', float('nan')):.4f} "
-            f"P@1 {m.get('precision_at_1', float('nan')):.4f} R@1 {m.get('recall_at_1', float('nan')):.4f} "
-            f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
-        )
-
-    with tqdm.tqdm(total=len(todo), desc="runs", position=0, dynamic_ncols=True) as outer:
-        if args.jobs <= 1:
-            for seed, name in todo:
-                outer.set_postfix_str(f"{name} seed {seed}")
-                finish(_run_job(job_args, name, seed, pbar_position=1))
-                outer.update(1)
-        else:
-            import concurrent.futures as cf
-            import multiprocessing as mp
-
-            with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_run_job, job_args, name, seed, None) for seed, name in todo]
-                for fut in cf.as_completed(futures):
-                    finish(fut.result())
-                    outer.update(1)
-    elapsed = time.perf_counter() - t0
-
-    records = [
-        r
-        for r in report.load_jsonl(jsonl)
-        if r.get("dataset") == args.dataset
-        and r.get("config_hash") == chash
-        and r["loss"] in available
-        and int(r["seed"]) in seeds
+    preload(job, bundle)
+    untuned = [
+        RunItem.make(ctx, registry.entries[n], registry.hparams(n), s, "untuned") for s in seeds for n in loss_names
     ]
+    tuners: list[TuneSource] = []
+    tuned: list[RunItem] = []
+    interrupted = False
+    pool = WorkerPool(args.jobs)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    t0 = time.perf_counter()
+    try:
+        store.start_heartbeat()
+        if args.tune:
+            bundle.test_sealed = True
+            tuners = [TuneSource(ctx, registry.entries[n], registry.hparams(n), folds, args.trials) for n in loss_names]
+            schedule(pool, job, tuners, ctx.poll_seconds)
+            bundle.test_sealed = False
+        for t in tuners:
+            best = t.best
+            hp = dict(t.hparams, **best["params"]) if best else t.hparams
+            tuned += [RunItem.make(ctx, t.entry, hp, s, "tuned") for s in seeds]
+        schedule(pool, job, [RunSource(ctx, untuned), RunSource(ctx, tuned)], ctx.poll_seconds)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pool.shutdown()
+        store.close()
+        outer.close()
+    elapsed = time.perf_counter() - t0
+    if interrupted:
+        print(
+            "\ninterrupted: finished runs are kept in the store and exported below; the same command resumes",
+            file=sys.stderr,
+        )
+
+    store = ResultStore(v["storage"], lease_seconds=args.lease)
+    records = []  # a tuned configuration equal to the defaults is one stored run, listed under both variants
+    for it in untuned + tuned:
+        rec = store.get(it.key, it.seed)
+        if rec is not None:
+            records.append(dict(rec, variant=it.variant))
+    trials = store.records([t.key for t in tuners]) if tuners else []
+    store.close()
+    order = {n: i for i, n in enumerate(loss_names)}
+    records.sort(key=lambda r: (r["variant"], order.get(r["loss"], 0), r["seed"]))
     header = (
-        f"# {args.dataset}: {len(set(r['loss'] for r in records))} losses x {len(seeds)} paired seeds\n\n"
-        f"{bundle.description}.\n\n"
-        f"Config `{chash}`: trunk {cfg.trunk}, embedding {cfg.embedding_size}, batch {cfg.batch_size} "
+        f"# {args.dataset}: {len(loss_names)} losses x {len(seeds)} paired seeds"
+        + (f", tuned with {args.trials} trials x {args.folds} folds" if args.tune else "")
+        + f"\n\n{bundle.description}.\n\n"
+        f"Trunk {cfg.trunk}, embedding {cfg.embedding_size}, batch {cfg.batch_size} "
         f"({cfg.batch_size // cfg.m_per_class} classes x {cfg.m_per_class}), {cfg.epochs} epochs x "
         f"{cfg.iterations_per_epoch} iterations, Adam lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
         f"{cfg.schedule} schedule.\n\n"
         f"Machine: {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs), torch {env['torch']}, "
-        f"PML {env['pytorch_metric_learning']}, {env['torch_threads']} torch threads.\n\n"
-        f"Command: `{command.strip()}`\n"
+        f"PML {env['pytorch_metric_learning']}, {env['torch_threads']} torch threads, {args.jobs} parallel runs.\n\n"
+        f"Command: `{command.strip()}`: {counts['ran']} runs/trials made and {counts['skipped']} reused from the "
+        f"store in {elapsed:.0f} s" + (" (interrupted)" if interrupted else "") + ".\n"
     )
-    paths = report.write_reports(records, out_dir, header)
+    tuning = None
+    if args.tune:
+        tuning = {
+            "folds": folds,
+            "trials": args.trials,
+            "sampler": sampler_meta,
+            "records": trials,
+            "defaults": {n: registry.hparams(n) for n in loss_names},
+            "spaces": {n: {k: p.space() for k, p in registry.entries[n].search_space().items()} for n in loss_names},
+        }
+    paths = report.write_reports(records, out_dir, header, tuning=tuning)
     print()
-    print(report.markdown_tables(records))
-    print(f"{len(todo)} runs in {elapsed:.1f} s; results: {jsonl}")
-    for k, v in paths.items():
-        print(f"  {k}: {v}")
-    print(f"  per-run logs (record-keeper CSV + SQLite): {os.path.join(out_dir, 'logs', chash)}")
-    return 0
+    print(report.markdown_report(records, tuning=tuning))
+    print(
+        f"{counts['ran']} runs/trials made, {counts['skipped']} reused from the store, {counts['lost']} dropped "
+        f"(claims taken over) in {elapsed:.1f} s; store: {v['storage']}"
+    )
+    for k, path in paths.items():
+        print(f"  {k}: {path}")
+    print(f"  per-run logs (record-keeper CSV + SQLite): {os.path.join(out_dir, 'logs')}")
+    return 130 if interrupted else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..registry import default as registry_default
+
+RLL_MARGIN, RLL_TN = registry_default("rll", "margin"), registry_default("rll", "Tn")  # the runner's defaults
+
 SAMPLES_PER_CLASS = 4
 
 # A step: takes (input, labels), returns the scalar loss (backward is called by the harness).
@@ -122,8 +126,8 @@ def _no_reference(name: str, workload: Workload) -> None:
 def _ours_rll(gradient: str) -> Builder:
     def build(batch_size: int, workload: Workload, device: torch.device) -> tuple[Step, list[torch.nn.Module]]:
         cls = _import_ours("RankedListLoss")
-        call = f"RankedListLoss(margin=0.4, Tn=10, gradient={gradient!r})"
-        loss = _construct(cls, call, margin=0.4, Tn=10, gradient=gradient).to(device)
+        call = f"RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN}, gradient={gradient!r})"
+        loss = _construct(cls, call, margin=RLL_MARGIN, Tn=RLL_TN, gradient=gradient).to(device)
         return _with_reference(loss, batch_size, workload, device), [loss]
 
     return build
@@ -135,7 +139,7 @@ def _pml_rll(batch_size: int, workload: Workload, device: torch.device) -> tuple
     _no_reference("PML's RankedListLoss", workload)
     with warnings.catch_warnings():  # PML warns about Tn > 5 at construction; Tn=10 is the paper's value
         warnings.simplefilter("ignore")
-        loss = RankedListLoss(margin=0.4, Tn=10).to(device)
+        loss = RankedListLoss(margin=RLL_MARGIN, Tn=RLL_TN).to(device)
     return loss, [loss]
 
 
@@ -221,16 +225,19 @@ REGISTRY: dict[str, LossSpec] = {
             "rll_paper",
             "ours RankedListLoss (paper grad)",
             _ours_rll("paper"),
-            note="pml_rll RankedListLoss(margin=0.4, Tn=10, gradient='paper')",
+            note=f"pml_rll RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN}, gradient='paper')",
         ),
         LossSpec(
             "rll_autograd",
             "ours RankedListLoss (autograd)",
             _ours_rll("autograd"),
-            note="pml_rll RankedListLoss(margin=0.4, Tn=10, gradient='autograd')",
+            note=f"pml_rll RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN}, gradient='autograd')",
         ),
         LossSpec(
-            "pml_rll", "PML RankedListLoss", _pml_rll, note="pytorch_metric_learning RankedListLoss(margin=0.4, Tn=10)"
+            "pml_rll",
+            "PML RankedListLoss",
+            _pml_rll,
+            note=f"pytorch_metric_learning RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN})",
         ),
         LossSpec(
             "multi_similarity",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -10,16 +9,12 @@ import pytest
 import torch
 
 from benchmarks import report
-from benchmarks.registry import REGISTRY, default_loss_names, namr_available
+from benchmarks.metrics import METRICS
+from benchmarks.registry import REGISTRY, default_loss_names
 from benchmarks.run import main
+from benchmarks.store import ResultStore
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OMNIGLOT_CANDIDATES = [
-    os.environ.get("PML_RLL_OMNIGLOT", ""),
-    os.path.join(REPO, "..", "shared", "data", "omniglot"),
-    "/work/shared/data/omniglot",
-]
-OMNIGLOT = next((p for p in OMNIGLOT_CANDIDATES if p and os.path.isdir(p)), None)
+OMNIGLOT = os.environ.get("PML_RLL_OMNIGLOT") or None  # a folder holding the Omniglot archives
 TINY = ["--epochs", "2", "--iterations-per-epoch", "4", "--eval-every", "1"]
 
 
@@ -35,8 +30,7 @@ def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
     assert sorted((r["loss"], r["seed"]) for r in recs) == sorted((n, s) for n in losses.split(",") for s in (0, 1))
     for r in recs:
         assert r["dataset"] == "digits" and r["iterations"] == 8
-        recalls = {f"recall_at_{k}" for k in (1, 2, 4, 8)}
-        assert set(r["metrics"]) >= {"precision_at_1", *recalls, "mean_average_precision_at_r", "r_precision", "NMI"}
+        assert set(r["metrics"]) >= set(METRICS)
         assert [p["epoch"] for p in r["curve"]] == [0, 1, 2]
         assert (
             r["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,24 +49,35 @@ def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "results.png")) > 10_000
     capsys.readouterr()
 
-    # a second run skips everything; dropping one line re-runs exactly that run
+    # a second run skips everything; deleting one run from the store re-runs exactly that run
     assert main(["--losses", losses, "--seeds", "2", "--out", out] + TINY) == 0
-    assert "6 finished runs skipped, 0 to run" in capsys.readouterr().out
-    path = os.path.join(out, "results.jsonl")
-    lines = open(path).read().splitlines()
-    kept = [l for l in lines if not (json.loads(l)["loss"] == "triplet" and json.loads(l)["seed"] == 1)]
-    open(path, "w").write("\n".join(kept) + "\n")
+    assert "0 runs/trials made, 6 reused from the store" in capsys.readouterr().out
+    store = ResultStore("sqlite:///" + os.path.join(out, "results.db"))
+    key = next(r["key"] for r in recs if r["loss"] == "triplet" and r["seed"] == 1)
+    with store.engine.begin() as conn:
+        conn.execute(store_table().delete().where(store_table().c.key == key, store_table().c.seed == 1))
+    store.close()
     assert main(["--losses", losses, "--seeds", "2", "--out", out] + TINY) == 0
-    assert "5 finished runs skipped, 1 to run" in capsys.readouterr().out
+    assert "1 runs/trials made, 5 reused from the store" in capsys.readouterr().out
     recs2 = _records(out)
     assert len(recs2) == 6
     old = {(r["loss"], r["seed"]): r["metrics"] for r in recs}
     new = {(r["loss"], r["seed"]): r["metrics"] for r in recs2}
     assert new == old  # the re-run reproduces its numbers exactly (deterministic, paired)
-    # a changed budget is a different configuration: nothing is skipped
-    budget = "--epochs 1 --iterations-per-epoch 3 --eval-every 0".split()
-    assert main(["--losses", "pml-rll", "--seeds", "1", "--out", out] + budget) == 0
-    assert "skipped" not in capsys.readouterr().out
+    # a changed budget is a different configuration: nothing is reused
+    assert (
+        main(["--losses", "pml-rll", "--seeds", "1", "--out", out, "--epochs", "1", "--iterations-per-epoch", "3"]) == 0
+    )
+    assert "1 runs/trials made, 0 reused" in capsys.readouterr().out
+    # so is a changed hyper-parameter
+    assert main(["--losses", "triplet", "--seeds", "1", "--out", out, "--set", "triplet.margin=0.3"] + TINY) == 0
+    assert "1 runs/trials made, 0 reused" in capsys.readouterr().out
+
+
+def store_table():
+    from benchmarks.store import RUNS
+
+    return RUNS
 
 
 @pytest.mark.skipif(OMNIGLOT is None, reason="Omniglot archives not found (set PML_RLL_OMNIGLOT)")
@@ -152,7 +157,7 @@ def test_trained_beats_untrained_for_our_losses(tmp_path):
 
 
 def test_registry_entries_build_with_paper_defaults():
-    from benchmarks.registry import EXCLUDED, BuildContext
+    from benchmarks.registry import EXCLUDED, BuildContext, default
 
     assert "lifted-structure" in EXCLUDED and "lifted-structure" not in REGISTRY
     names = default_loss_names()
@@ -169,17 +174,26 @@ def test_registry_entries_build_with_paper_defaults():
         "margin",
         "proxy-anchor",
     } <= set(names)
-    assert any(n.startswith("namr-") for n in names) == namr_available()
+    assert {"namr-triplet", "namr-multi-similarity", "namr-contrastive", "namr-rll"} <= set(names)
     ctx = BuildContext(num_classes=7, embedding_size=16)
     for n in names:
         e = REGISTRY[n]
-        assert e.hparams and e.source
+        assert e.params and e.source and e.search_space()  # every built-in loss can be tuned
         spec = e.build(ctx)
         assert isinstance(spec.loss, torch.nn.Module)
     assert REGISTRY["proxy-anchor"].build(ctx).loss.proxies.shape == (7, 16)
     assert REGISTRY["proxy-anchor"].build(ctx).loss_lr_multiplier == 100.0
     rll = REGISTRY["rll"].build(ctx).loss
-    assert (rll.margin, rll.Tn) == (0.4, 10.0)
+    assert (rll.margin, rll.Tn) == (default("rll", "margin"), default("rll", "Tn")) == (0.4, 10.0)
+    # the triplet miner's margin follows the loss's margin through a placeholder
+    spec = REGISTRY["triplet"].build(ctx, {"margin": 0.35})
+    assert spec.loss.margin == spec.miner.margin == 0.35
+    # NAMR wraps the base entry with its own copy of the base's hyper-parameters
+    namr = REGISTRY["namr-triplet"].build(ctx, {"loss.margin": 0.3, "structure_weight": 1.5})
+    assert namr.namr and namr.loss.loss.margin == 0.3 and namr.loss.miner.margin == 0.3
+    assert namr.loss.structure_weight == 1.5
+    with pytest.raises(ValueError, match="unknown hyper-parameter 'Tnn'"):
+        REGISTRY["rll"].build(ctx, {"Tnn": 3})
 
 
 def test_paired_differences_are_per_seed():
@@ -206,9 +220,8 @@ def test_paired_differences_are_per_seed():
     assert "+7.50 ± 3.54" in md
 
 
-def test_append_jsonl_is_whole_lines(tmp_path):
+def test_jsonl_export_is_whole_lines(tmp_path):
     path = str(tmp_path / "r.jsonl")
-    for i in range(3):
-        report.append_jsonl(path, {"i": i, "x": np.float64(0.5)})
+    report.write_jsonl(path, [{"i": i, "x": np.float64(0.5)} for i in range(3)])
     assert [r["i"] for r in report.load_jsonl(path)] == [0, 1, 2]
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]

@@ -203,5 +203,8 @@ def test_missing_image_dataset_fails_clearly(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(DatasetUnavailableError, match="could not read"):
         load_dataset("sop", str(empty))
-    assert main(["--dataset", "cub200", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # checked with the options, before anything is loaded
+        main(["--dataset", "cub200", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["--dataset", "sop", "--data-root", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "could not read" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""Where benchmark work runs: in the main process or in worker processes that end with it, fed by one scheduler.
+
+A *task* is one training run (a loss, its hyper-parameters, a seed, and either the test split or a tuning fold).
+``execute`` runs a task in any process, loading the dataset once per process. ``WorkerPool`` runs tasks inline
+(``--jobs 1``) or in spawned worker processes; a worker exits as soon as its parent process is gone (a killed
+runner leaves no workers behind). ``schedule`` keeps the workers busy with the tasks that *sources* hand out
+(a source claims its work in the results store before handing it out) and returns each result to its source.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Protocol
+
+_BUNDLES: dict[tuple[Any, ...], Any] = {}
+_FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
+
+
+def _bundle(job: dict[str, Any]) -> Any:
+    from .datasets import load_dataset
+
+    key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
+    if key not in _BUNDLES:
+        _BUNDLES[key] = load_dataset(
+            job["dataset"], job["data_root"], job["download"], job["image_size"], job["test_alphabets"]
+        )
+    return _BUNDLES[key]
+
+
+def preload(job: dict[str, Any], bundle: Any) -> None:
+    """Make the main process's already loaded bundle the one that inline tasks use."""
+    key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
+    _BUNDLES[key] = bundle
+
+
+def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """Run one task (see the module docstring) and return its result record. Starts from empty per-run logs."""
+    import torch
+
+    from .datasets import fold_bundle
+    from .pipeline import run_one
+
+    for p in job.get("sys_path", ()):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    bundle = _bundle(job)
+    cfg = job["cfg"]
+    if task.get("fold") is not None:
+        bundle.test_sealed = True  # tuning: reading the test split raises
+        fkey = (id(bundle), task["fold"], repr(task["folds"]))
+        if fkey not in _FOLD_BUNDLES:
+            _FOLD_BUNDLES[fkey] = fold_bundle(bundle, task["folds"], task["fold"])
+        data = _FOLD_BUNDLES[fkey]
+        cfg = replace(cfg, eval_every=0)  # a trial's value is the held-out fold's score after the last epoch
+    else:
+        bundle.test_sealed = False
+        data = bundle
+    shutil.rmtree(task["log_dir"], ignore_errors=True)  # a restarted run starts clean logs
+    t0 = time.perf_counter()
+    rec = run_one(
+        data,
+        task["entry"],
+        task["hparams"],
+        task["seed"],
+        cfg,
+        torch.device(job["device"]),
+        task["log_dir"],
+        num_workers=job["workers"],
+        tensorboard=job["tensorboard"] and task.get("fold") is None,
+        save_models=job["save_models"] and task.get("fold") is None,
+        pbar_position=task.get("pbar_position"),
+    )
+    rec["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: exit when the parent process is gone (Linux: also ask the kernel to kill us with it)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class WorkerPool:
+    """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``.
+
+    Args:
+        jobs: number of tasks that run at once.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self._pool: cf.ProcessPoolExecutor | None = None
+        if jobs > 1:
+            import multiprocessing as mp
+
+            self._pool = cf.ProcessPoolExecutor(
+                jobs, mp_context=mp.get_context("spawn"), initializer=_watch_parent, initargs=(os.getpid(),)
+            )
+
+    def submit(self, job: dict[str, Any], task: dict[str, Any]) -> cf.Future[Any]:
+        if self._pool is not None:
+            return self._pool.submit(execute, job, dict(task, pbar_position=None))
+        fut: cf.Future[Any] = cf.Future()
+        try:
+            fut.set_result(execute(job, dict(task, pbar_position=1)))
+        except Exception as e:  # noqa: BLE001 - handed to the task's source like a worker's exception
+            fut.set_exception(e)
+        return fut
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            procs = list(getattr(self._pool, "_processes", {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for p in procs:  # interrupted: do not wait for running tasks
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(timeout=10)
+            self._pool = None
+
+
+class Source(Protocol):
+    """Hands out tasks (claimed in the store) and receives their results."""
+
+    def next_task(self) -> dict[str, Any] | None: ...
+
+    def on_result(self, task: dict[str, Any], future: cf.Future[Any]) -> None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+def schedule(pool: WorkerPool, job: dict[str, Any], sources: list[Source], poll_seconds: float = 2.0) -> None:
+    """Run every source's tasks, ``pool.jobs`` at a time, until every source is finished.
+
+    Sources are asked in turn, so that several losses' tuning trials interleave. When no task is running and a
+    source still waits for work another runner holds, the scheduler polls every ``poll_seconds``.
+    """
+    inflight: dict[cf.Future[Any], tuple[Source, dict[str, Any]]] = {}
+    turn = 0
+    while True:
+        progressed = True
+        while len(inflight) < pool.jobs and progressed:
+            progressed = False
+            active = [s for s in sources if not s.finished]
+            for i in range(len(active)):
+                if len(inflight) >= pool.jobs:
+                    break
+                src = active[(turn + i) % len(active)]
+                task = src.next_task()
+                if task is not None:
+                    fut = pool.submit(job, task)
+                    inflight[fut] = (src, task)
+                    progressed = True
+            turn += 1
+        if not inflight:
+            if all(s.finished for s in sources):
+                return
+            time.sleep(poll_seconds)
+            continue
+        done, _ = cf.wait(list(inflight), timeout=poll_seconds, return_when=cf.FIRST_COMPLETED)
+        for fut in done:
+            src, task = inflight.pop(fut)
+            src.on_result(task, fut)
