@@ -21,7 +21,6 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
