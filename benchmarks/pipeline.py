@@ -232,7 +232,12 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
 
 
 def build_accuracy_calculator(
-    namr: bool, embedding_size: int, device, namr_candidates: int = 32, normalize_sample: bool = False
+    namr: bool,
+    embedding_size: int,
+    device,
+    namr_candidates: int = 32,
+    normalize_sample: bool = False,
+    retrieval: dict | None = None,
 ):
     if not namr:
         return RetrievalAccuracyCalculator(device=device)
@@ -244,6 +249,7 @@ def build_accuracy_calculator(
     kw = {"num_candidates": namr_candidates} if "num_candidates" in params else {}
     if "normalize_sample" in params:  # retrieval in the geometry the wrapped loss trained (NAMRLoss)
         kw["normalize_sample"] = normalize_sample
+    kw.update(retrieval or {})  # the loss entry's re-ranking options (they override --namr candidates)
     rerank = NAMRReRankKNN(embedding_size, **kw)
     plain = NAMRReRankKNN(embedding_size, mode="plain", **kw) if "mode" in params else None
     return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
@@ -261,8 +267,13 @@ def run_one(
     tensorboard: bool = False,
     save_models: bool = False,
     pbar_position: int | None = 1,
+    after_training=None,
 ) -> dict:
-    """Train one (loss, seed) and evaluate it on the test split; return the result record."""
+    """Train one (loss, seed) and evaluate it on the test split; return the result record.
+
+    ``after_training(trunk, embedder, loss_spec) -> dict``, when given, runs on the trained models (after the
+    last evaluation); its result is stored under the record's ``"after_training"`` key (extra analyses such as
+    ``benchmarks/namr_diagnose.py``)."""
     from pytorch_metric_learning.utils import logging_presets
 
     os.makedirs(log_dir, exist_ok=True)
@@ -312,6 +323,7 @@ def run_one(
         device,
         cfg.namr_candidates,
         normalize_sample=getattr(spec.loss, "structure_geometry", "scaled") == "l2",
+        retrieval=spec.retrieval,
     )
     tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
@@ -372,6 +384,7 @@ def run_one(
     wall = time.perf_counter() - t_start
     train_seconds = wall - (eval_seconds[0] - eval_before)  # evaluations inside training excluded
     final = curve[-1]
+    extra = after_training(trunk, embedder, spec) if after_training is not None else None
     metrics = {k: v for k, v in final.items() if k not in ("epoch", "iteration")}
     per_epoch_loss = [
         float(np.mean(trainer.loss_log[i : i + cfg.iterations_per_epoch]))
@@ -393,4 +406,5 @@ def run_one(
         "trunk": trunk_note,
         "paired_sample_head": paired_head,
         "log_dir": log_dir,
+        **({"after_training": extra} if extra is not None else {}),
     }

@@ -36,6 +36,7 @@ class LossSpec:
     miner: torch.nn.Module | None = None
     namr: bool = False  # needs NAMREmbedder, un-normalized tester, and the NAMR re-ranking kNN
     loss_lr_multiplier: float = 1.0  # learning rate of the loss's own parameters, relative to --lr
+    retrieval: dict | None = None  # NAMR: keyword arguments of NAMRReRankKNN (candidates, weighting, blend)
 
 
 @dataclass
@@ -155,28 +156,41 @@ def _build_rll(gradient: str) -> Callable[[BuildContext], LossSpec]:
     return build
 
 
-NAMR_HPARAMS = {
-    "structure_weight": 2.0,
-    "structure_loss": "MultiClusterRankingLoss defaults (NASA code: t=(0,3), alpha=10)",
-}
-NAMR_SOURCE = "NAMR (TCSVT 2022) / NASA (AAAI 2022) code: lambda=2.0, 2 clusters t=(0,3), alpha=10, re-rank top-32"
+NAMR_SOURCE = (
+    "NAMR (TCSVT 2022) / NASA (AAAI 2022) code; lambda, centres, alpha and re-ranking per base chosen on "
+    "validation alphabets (pml_rll.losses.namr_loss.NAMR_CONFIGS, docs/namr_ablation.md)"
+)
 
 
-def _build_namr(base_name: str) -> Callable[[BuildContext], LossSpec]:
+def _namr_hparams(base_name: str) -> dict[str, object]:
+    """The per-base NAMR configuration the entry uses (``pml_rll.losses.namr_loss.NAMR_CONFIGS``), for reports."""
+    try:
+        from pml_rll.losses.namr_loss import namr_config
+    except ImportError:  # pragma: no cover - depends on what is merged
+        return {}
+    return namr_config(base_name)
+
+
+def _build_namr(base_name: str, config: dict | None = None) -> Callable[[BuildContext], LossSpec]:
+    """Builder of "NAMR + <the registry entry base_name>" with ``config`` (a ``NAMR_CONFIGS``-style dict; default:
+    the validated configuration for that base)."""
+
     def build(ctx: BuildContext) -> LossSpec:
-        import inspect
+        from pml_rll.losses.namr_loss import make_structure_loss, namr_config
 
         NAMRLoss = _ours("NAMRLoss")
+        config_ = namr_config(base_name) if config is None else config
         base = REGISTRY[base_name].build(ctx)
-        kwargs = {"loss": base.loss, "embedding_size": ctx.embedding_size}
-        params = inspect.signature(NAMRLoss.__init__).parameters
-        if "structure_weight" in params:
-            kwargs["structure_weight"] = 2.0
-        if base.miner is not None:
-            if "miner" not in params:
-                raise TypeError("NAMRLoss has no `miner` argument; cannot wrap a mined loss")
-            kwargs["miner"] = base.miner
-        return LossSpec(NAMRLoss(**kwargs), None, namr=True, loss_lr_multiplier=base.loss_lr_multiplier)
+        loss = NAMRLoss(
+            loss=base.loss,
+            embedding_size=ctx.embedding_size,
+            structure_weight=config_["structure_weight"],
+            structure_loss=make_structure_loss(ctx.embedding_size, config_),
+            miner=base.miner,
+        )
+        return LossSpec(
+            loss, None, namr=True, loss_lr_multiplier=base.loss_lr_multiplier, retrieval=dict(config_["retrieval"])
+        )
 
     return build
 
@@ -278,7 +292,7 @@ def _entries() -> list[LossEntry]:
             LossEntry(
                 name,
                 "ours",
-                dict(NAMR_HPARAMS, base=base),
+                dict(_namr_hparams(base), base=base),
                 NAMR_SOURCE + f"; base loss = the '{base}' entry",
                 _build_namr(base),
                 namr_req + req,
