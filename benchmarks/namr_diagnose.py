@@ -46,7 +46,7 @@ from .datasets import PairedDataset, RandomShift, omniglot_alphabet_split, read_
 from .registry import REGISTRY, LossEntry, _build_namr
 
 CANDIDATES = (1, 8, 32, 128, None)  # None: all references
-BLENDS = (1.0, 0.5, 0.25)
+BLENDS = (1.0, 0.5, 0.25, 0.1)
 WEIGHTINGS = ("query", "symmetric")
 TOP1_KEYS = ("top1_changed", "top1_fixed", "top1_broken")
 
@@ -365,14 +365,84 @@ def summarize(records: list[dict]) -> str:
             "",
             "## Diagnostics (after training; training-time columns at the last traced iteration)",
             *t3,
+            "",
+            "## During training (mean over seeds)",
+            *_trace_table(by),
         ]
     )
+
+
+def _trace_table(by: dict) -> list[str]:
+    """Where D_ij sit relative to the centres, and the angle between the two terms' gradients, over training."""
+    out = [
+        "| base | variant | iteration | centres / mean D | pairs nearest the low centre: all / positive / negative | "
+        "grad cosine | ‖λ·g_structure‖ / ‖g_metric‖ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    shares = ("cluster_share", "pos_cluster_share", "neg_cluster_share")
+    for (base, variant), runs in sorted(by.items()):
+        traces = [r["trace"] for r in runs.values() if r.get("trace")]
+        if not traces:
+            continue
+        for i, row in enumerate(traces[0]):
+            if i % 2 and i != len(traces[0]) - 1:
+                continue  # every other traced iteration, and the last
+            rows = [t[i] for t in traces if len(t) > i]
+            cen = np.mean([r.get("centres_over_mean_D", [np.nan]) for r in rows], axis=0)
+            share = " / ".join(f"{np.mean([r[k][-1] for r in rows]):.2f}" for k in shares)
+            out.append(
+                f"| {base} | {variant} | {row['iteration']} | {', '.join(f'{c:.2f}' for c in cen)} | {share} | "
+                f"{np.mean([r.get('grad_cosine', np.nan) for r in rows]):+.2f} | "
+                f"{np.mean([r.get('grad_norm_ratio', np.nan) for r in rows]):.2f} |"
+            )
+    return out
+
+
+def runner_table(records: list[dict]) -> str:
+    """The final table from the runner's results.jsonl: NAMR + X (plain and re-ranked) against X, paired seeds."""
+    from .registry import NAMR_ENTRIES
+
+    by: dict = {}
+    for r in records:
+        by.setdefault(r["loss"], {})[int(r["seed"])] = r["metrics"]
+    lines = [
+        "MAP@R (%): mean ± std over seeds; paired differences: mean ± std of the per-seed differences.\n",
+        "| base X | seeds | X | NAMR + X plain | NAMR + X re-ranked | plain − X | re-ranked − X | re-ranked − plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(values: list[float]) -> str:
+        return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
+
+    def pd(values: list[float]) -> str:
+        return f"{np.mean(values):+.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
+
+    for name in NAMR_ENTRIES:
+        base = REGISTRY[name].base
+        if name not in by or base not in by:
+            continue
+        seeds = sorted(set(by[name]) & set(by[base]))
+        x = [by[base][s]["mean_average_precision_at_r"] * 100 for s in seeds]
+        plain = [by[name][s]["plain_mean_average_precision_at_r"] * 100 for s in seeds]
+        rer = [by[name][s]["mean_average_precision_at_r"] * 100 for s in seeds]
+        lines.append(
+            f"| {base} | {len(seeds)} | {ms(x)} | {ms(plain)} | {ms(rer)} | "
+            f"{pd([p - b for p, b in zip(plain, x)])} | {pd([r - b for r, b in zip(rer, x)])} | "
+            f"{pd([r - p for r, p in zip(rer, plain)])} |"
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.namr_diagnose", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", required=True, help="Omniglot folder or zips")
+    p.add_argument("--data-root", default=None, help="Omniglot folder or zips (required unless --runner-table)")
+    p.add_argument(
+        "--runner-table",
+        default=None,
+        metavar="RESULTS_JSONL",
+        help="only print the NAMR + X vs X table of a `python -m benchmarks.run` results.jsonl and exit",
+    )
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--val-alphabets", default=None, help="comma list (default: last sorted training alphabet)")
     p.add_argument("--bases", default="triplet,multi-similarity,contrastive,rll", help="registry base entries")
@@ -382,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-every", type=int, default=100, help="training diagnostics every N iterations")
     p.add_argument("--out", default="results/namr_diagnose")
     args = p.parse_args(argv)
+    if args.runner_table:
+        print(runner_table(report.load_jsonl(args.runner_table)))
+        return 0
+    if not args.data_root:
+        p.error("--data-root is required")
 
     from .datasets import load_dataset
     from .pipeline import RunConfig, run_one
