@@ -48,6 +48,7 @@ from .registry import REGISTRY, LossEntry, _build_namr
 CANDIDATES = (1, 8, 32, 128, None)  # None: all references
 BLENDS = (1.0, 0.5, 0.25, 0.1)
 WEIGHTINGS = ("query", "symmetric")
+SYMMETRIC_MARGIN = 0.05  # MAP@R points the symmetric weighting must gain to be chosen over the query weighting
 TOP1_KEYS = ("top1_changed", "top1_fixed", "top1_broken")
 
 
@@ -368,6 +369,9 @@ def summarize(records: list[dict]) -> str:
             "",
             "## During training (mean over seeds)",
             *_trace_table(by),
+            "",
+            "## Selection rule applied (validation MAP@R %)",
+            *choose(records)[2],
         ]
     )
 
@@ -396,6 +400,47 @@ def _trace_table(by: dict) -> list[str]:
                 f"{np.mean([r.get('grad_norm_ratio', np.nan) for r in rows]):.2f} |"
             )
     return out
+
+
+def choose(records: list[dict], min_seeds: int = 2) -> tuple[str, dict[str, str], list[str]]:
+    """The selection rule applied to validation records, in two steps.
+
+    1. Retrieval: the re-ranking variant (weighting, blend, K_c > 1) with the largest mean (re-ranked − plain)
+       MAP@R over every trained NAMR model; the symmetric weighting (which needs the references' s in the index)
+       must beat the query weighting by ``SYMMETRIC_MARGIN`` points to be preferred.
+    2. Training, per base: among the variants with at least ``min_seeds`` seeds (and the NASA configuration), the one
+       with the largest mean validation MAP@R under that retrieval.
+
+    Returns (retrieval key, {base: variant}, markdown lines explaining the choice)."""
+    namr = [r for r in records if r["variant"] != "base" and r.get("after_training")]
+    keys = [
+        k
+        for k, v in namr[0]["after_training"].items()
+        if isinstance(v, list) and k != "plain" and not k.startswith("control") and not k.endswith("_k1")
+    ]
+    gain = {k: np.mean([_namr_map(r, k) - _namr_map(r, "plain") for r in namr]) for k in keys}
+
+    def rank(k: str) -> float:
+        return gain[k] - (SYMMETRIC_MARGIN if k.startswith("symmetric") else 0.0)
+
+    best_key = max(keys, key=rank)
+    top = [best_key] + [k for k in sorted(keys, key=lambda k: -gain[k]) if k != best_key][:4]
+    lines = [
+        f"Re-ranking variant: `{best_key}` (mean re-ranked − plain over {len(namr)} trained models: "
+        f"{gain[best_key]:+.3f} points; next: " + ", ".join(f"`{k}` {gain[k]:+.3f}" for k in top[1:]) + ")."
+    ]
+    by: dict = {}
+    for r in namr:
+        by.setdefault(r["base"], {}).setdefault(r["variant"], []).append(_namr_map(r, best_key))
+    picks = {}
+    for base, variants in sorted(by.items()):
+        eligible = {v: np.mean(x) for v, x in variants.items() if len(x) >= min_seeds}
+        if not eligible:
+            continue
+        picks[base] = max(eligible, key=lambda v: eligible[v])
+        ranked = sorted(eligible.items(), key=lambda kv: -kv[1])
+        lines.append(f"* {base}: `{picks[base]}` (" + ", ".join(f"`{v}` {m:.2f}" for v, m in ranked) + ")")
+    return best_key, picks, lines
 
 
 def runner_table(records: list[dict]) -> str:

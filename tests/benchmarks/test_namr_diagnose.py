@@ -70,3 +70,24 @@ def test_registry_entries_use_the_validated_configuration(name):
     assert calc.rerank_knn.weighting == cfg["retrieval"]["weighting"]
     assert calc.rerank_knn.blend == cfg["retrieval"]["blend"]
     assert calc.rerank_knn.num_candidates == cfg["retrieval"]["num_candidates"]
+
+
+def _record(base, variant, seed, plain, **rerank):
+    after = {"plain": [plain, 0.0], "query_b1_k1": [plain, 0.0]}
+    after.update({k: [v, 0.0] for k, v in rerank.items()})
+    return {"base": base, "variant": variant, "seed": seed, "after_training": after}
+
+
+def test_choose_picks_retrieval_then_training_variant_and_prefers_query_weighting():
+    records = [
+        {"base": "triplet", "variant": "base", "seed": 0, "metrics": {"mean_average_precision_at_r": 0.2}},
+        _record("triplet", "nasa", 0, 0.30, query_b1_k8=0.29, symmetric_b1_k8=0.2901),
+        _record("triplet", "nasa", 1, 0.32, query_b1_k8=0.31, symmetric_b1_k8=0.3101),
+        _record("triplet", "a", 0, 0.20, query_b1_k8=0.19, symmetric_b1_k8=0.1901),
+        _record("triplet", "a", 1, 0.22, query_b1_k8=0.21, symmetric_b1_k8=0.2101),
+        _record("triplet", "single", 0, 0.90, query_b1_k8=0.89, symmetric_b1_k8=0.8901),  # one seed: not eligible
+    ]
+    key, picks, lines = nd.choose(records)
+    assert key == "query_b1_k8"  # symmetric gains 0.01 points < SYMMETRIC_MARGIN
+    assert picks == {"triplet": "nasa"}
+    assert "query_b1_k8" in lines[0]
