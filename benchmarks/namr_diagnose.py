@@ -306,8 +306,9 @@ def summarize(records: list[dict]) -> str:
     by: dict = {}
     for r in records:
         by.setdefault((r["base"], r["variant"]), {})[r["seed"]] = r
-    retrieval_keys = ["plain"] + [f"{w}_b{b:g}_k32" for w in WEIGHTINGS for b in BLENDS]
-    retrieval_keys += [f"query_b1_k{k or 'all'}" for k in CANDIDATES if k != 32]
+    retrieval_keys = ["plain"] + [f"query_b{b:g}_k{k}" for b in BLENDS for k in (8, 32)]
+    retrieval_keys += [f"symmetric_b{b:g}_k32" for b in (1.0, 0.1)]
+    retrieval_keys += [f"query_b1_k{k or 'all'}" for k in CANDIDATES if k not in (1, 8, 32)]
     retrieval_keys += ["control_mean_s_k32", "control_shuffled_s_k32"]
     t1 = [
         "MAP@R (%), mean over seeds; paired = mean ± std of the per-seed difference to the base loss alone.\n",
