@@ -39,16 +39,23 @@ def multi_cluster_loss(x, s, t_values=(0.0, 3.0), alpha=10.0, floor=0.2):
     etas = centres(x, t_values, floor)
     total = 0.0
     for i in range(n):
-        for j in range(n):
-            if i == j:
-                continue
-            dij = adaptive_distance(x, s, i, j)
-            gaps = [torch.abs(dij - eta) for eta in etas]
-            weights = [torch.exp(-alpha * g) for g in gaps]
-            z = sum(weights)
-            for m in range(len(etas)):
-                total = total + weights[m] / z * gaps[m]
+        total = total + _anchor_row_sum(x, s, i, etas, alpha)
     return total / (n * (n - 1))
+
+
+def _anchor_row_sum(x, s, i, etas, alpha):
+    """sum over j != i of sum_m softmax_m(-alpha |D_ij - eta_m|) |D_ij - eta_m| (one anchor's row)."""
+    total = 0.0
+    for j in range(x.shape[0]):
+        if i == j:
+            continue
+        dij = adaptive_distance(x, s, i, j)
+        gaps = [torch.abs(dij - eta) for eta in etas]
+        weights = [torch.exp(-alpha * g) for g in gaps]
+        z = sum(weights)
+        for m in range(len(etas)):
+            total = total + weights[m] / z * gaps[m]
+    return total
 
 
 def weighted_sq_distance(qx, qs, rx):
@@ -82,15 +89,7 @@ def per_anchor_multi_cluster_loss(x, s, t_values=(0.0, 3.0), alpha=10.0, floor=0
             eta = max(floor * mu, mu - t * sigma)
             if eta not in etas:
                 etas.append(eta)
-        for j in range(n):
-            if i == j:
-                continue
-            dij = adaptive_distance(x, s, i, j)
-            gaps = [torch.abs(dij - eta) for eta in etas]
-            weights = [torch.exp(-alpha * g) for g in gaps]
-            z = sum(weights)
-            for m in range(len(etas)):
-                total = total + weights[m] / z * gaps[m]
+        total = total + _anchor_row_sum(x, s, i, etas, alpha)
     return total / (n * (n - 1))
 
 
