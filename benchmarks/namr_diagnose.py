@@ -88,6 +88,16 @@ def load_validation_bundle(data_root: str, val_alphabets: list[str] | None = Non
 
 
 # ------------------------------------------------------------------------------------------------ variants
+def _parse_value(value: str):
+    """JSON (tuples written with parentheses allowed), None, or else the bare word as a string."""
+    if value in ("None", "none"):
+        return None
+    try:
+        return json.loads(value.replace("(", "[").replace(")", "]"))
+    except json.JSONDecodeError:
+        return value
+
+
 def parse_variant(text: str) -> dict | None:
     """``base`` -> None (no NAMR); ``nasa[+key=value...]`` or ``key=value[+...]`` -> a NAMR configuration."""
     from pml_rll.losses.namr_loss import NASA_CONFIG
@@ -99,7 +109,7 @@ def parse_variant(text: str) -> dict | None:
         if token in ("", "nasa"):
             continue
         key, _, value = token.partition("=")
-        parsed = json.loads(value.replace("(", "[").replace(")", "]")) if value not in ("None", "none") else None
+        parsed = _parse_value(value)
         if key in config["retrieval"]:
             config["retrieval"][key] = parsed
         elif key in config:

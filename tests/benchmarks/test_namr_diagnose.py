@@ -48,6 +48,7 @@ def test_parse_variant():
     assert cfg["structure_weight"] == 0.5 and cfg["center_mode"] == "per_anchor"
     assert cfg["t_values"] == (0, 1.5, 3) and cfg["retrieval"]["blend"] == 0.25
     assert NASA_CONFIG["retrieval"]["blend"] == 1.0  # not modified
+    assert nd.parse_variant("center_mode=per_anchor+neighbourhood_k=None")["center_mode"] == "per_anchor"
     with pytest.raises(SystemExit, match="unknown variant key"):
         nd.parse_variant("lambda=2")
 
