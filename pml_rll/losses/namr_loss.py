@@ -219,6 +219,8 @@ NASA_CONFIG: dict = {
 #: arguments of :class:`pml_rll.retrieval.NAMRReRankKNN`).
 #: Re-ranking: every variant tried was at or below plain retrieval on validation; the least harmful one, the query's
 #: s blended 1:9 with the plain distance over the top 8 candidates, is the default (-0.01 MAP@R points on average).
+#: ``NAMRReRankKNN`` re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours
+#: (e.g. MAP@R's k = the largest class size) gets all k re-ranked.
 _VALIDATED_RETRIEVAL = {"num_candidates": 8, "weighting": "query", "blend": 0.1}
 NAMR_CONFIGS: dict[str, dict] = {
     # NASA's structure term (lambda 2, batch centres); per-anchor centres were level with it on validation
