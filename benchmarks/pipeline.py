@@ -21,6 +21,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,17 +219,22 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
 
 
 def build_accuracy_calculator(
-    namr: bool, embedding_size: int, device, namr_candidates: int = 32, normalize_sample: bool = False
+    namr: bool,
+    embedding_size: int,
+    device,
+    namr_candidates: int = 32,
+    normalize_sample: bool = False,
+    retrieval: dict | None = None,
 ):
     if not namr:
         return RetrievalAccuracyCalculator(device=device)
     from pml_rll.retrieval import NAMRReRankKNN
 
-    # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry)
-    rerank = NAMRReRankKNN(embedding_size, num_candidates=namr_candidates, normalize_sample=normalize_sample)
-    plain = NAMRReRankKNN(
-        embedding_size, mode="plain", num_candidates=namr_candidates, normalize_sample=normalize_sample
-    )
+    # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry); the entry's re-ranking
+    # options (candidates, weighting, blend) override --namr-candidates
+    kw: dict[str, Any] = {"num_candidates": namr_candidates, "normalize_sample": normalize_sample, **(retrieval or {})}
+    rerank = NAMRReRankKNN(embedding_size, **kw)
+    plain = NAMRReRankKNN(embedding_size, mode="plain", **kw)
     return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
 
 
@@ -245,11 +251,14 @@ def run_one(
     tensorboard: bool = False,
     save_models: bool = False,
     pbar_position: int | None = 1,
+    after_training=None,
 ) -> dict:
     """Train one (loss, seed) with ``hparams`` and evaluate it on ``bundle.test``; return the result record.
 
     ``bundle`` may be a tuning fold (:func:`benchmarks.datasets.fold_bundle`), whose ``test`` is the held-out fold.
-    """
+    ``after_training(trunk, embedder, loss_spec) -> dict``, when given, runs on the trained models (after the
+    last evaluation); its result is stored under the record's ``"after_training"`` key (extra analyses such as
+    ``benchmarks/namr_diagnose.py``)."""
     from pytorch_metric_learning.utils import logging_presets
 
     os.makedirs(log_dir, exist_ok=True)
@@ -299,6 +308,7 @@ def run_one(
         device,
         cfg.namr_candidates,
         normalize_sample=spec.namr and spec.loss.structure_geometry == "l2",
+        retrieval=spec.retrieval,
     )
     tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
@@ -359,6 +369,7 @@ def run_one(
     wall = time.perf_counter() - t_start
     train_seconds = wall - (eval_seconds[0] - eval_before)  # evaluations inside training excluded
     final = curve[-1]
+    extra = after_training(trunk, embedder, spec) if after_training is not None else None
     metrics = {k: v for k, v in final.items() if k not in ("epoch", "iteration")}
     per_epoch_loss = [
         float(np.mean(trainer.loss_log[i : i + cfg.iterations_per_epoch]))
@@ -379,4 +390,5 @@ def run_one(
         "hparams": entry.hparams(hparams),
         "trunk": trunk_note,
         "log_dir": log_dir,
+        **({"after_training": extra} if extra is not None else {}),
     }

@@ -112,6 +112,7 @@ class LossSpec:
     miner: torch.nn.Module | None = None
     namr: bool = False  # needs NAMREmbedder, un-normalized tester, and the NAMR re-ranking kNN
     loss_lr_multiplier: float = 1.0  # learning rate of the loss's own parameters, relative to --lr
+    retrieval: dict | None = None  # NAMR: keyword arguments of NAMRReRankKNN (candidates, weighting, blend)
 
 
 @dataclass
@@ -213,11 +214,16 @@ class LossEntry:
                 loss_kw[k] = _resolve(v, ctx, hp, k)
         lr_mult = float(_resolve(hp.get(LR_MULTIPLIER, 1.0), ctx, hp, LR_MULTIPLIER))
         if self.wraps is not None:
-            inner = self.wraps.build(ctx, inner_kw)
-            loss = import_object(self.loss_class)(
-                loss=inner.loss, miner=inner.miner, embedding_size=ctx.embedding_size, **loss_kw
-            )
-            return LossSpec(loss, None, namr=True, loss_lr_multiplier=inner.loss_lr_multiplier)
+            config = namr_base_config(self.wraps.name)
+            config["retrieval"] = dict(config["retrieval"])
+            for k, v in loss_kw.items():
+                if k.startswith("structure."):
+                    config[k[len("structure.") :]] = v
+                elif k.startswith("retrieval."):
+                    config["retrieval"][k[len("retrieval.") :]] = v
+                else:
+                    config[k] = v
+            return namr_spec(self.wraps, ctx, config, inner_kw)
         loss = import_object(self.loss_class)(**loss_kw)
         miner = import_object(self.miner_class)(**miner_kw) if self.miner_class else None
         if miner is None and miner_kw:
@@ -268,8 +274,10 @@ RLL_PARAMS = {
     "alpha": Param(None, source="None = 1 + margin/2"),
     "Tp": Param(0.0),
 }
-NAMR_SOURCE = "NAMR (TCSVT 2022) / NASA (AAAI 2022) code: lambda=2.0, 2 clusters t=(0,3), alpha=10, re-rank top-32"
-NAMR_PARAMS = {"structure_weight": Param(2.0, 0.1, 10.0, log=True)}
+NAMR_SOURCE = (
+    "NAMR (TCSVT 2022) / NASA (AAAI 2022) code; lambda, centres and re-ranking per base chosen on validation "
+    "alphabets (pml_rll.losses.namr_loss.NAMR_CONFIGS, docs/namr_ablation.md)"
+)
 _PML = "pytorch_metric_learning.losses:"
 _PML_MINERS = "pytorch_metric_learning.miners:"
 
@@ -383,9 +391,51 @@ def _entries() -> list[LossEntry]:
     return e
 
 
+def namr_base_config(base_name: str) -> dict:
+    """The NAMR configuration of a base entry: the validated one of ``NAMR_CONFIGS`` for the four bundled bases,
+    NASA's for any other (a user's loss)."""
+    from pml_rll.losses.namr_loss import NASA_CONFIG, namr_config
+
+    try:
+        return namr_config(base_name)
+    except ValueError:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in NASA_CONFIG.items()}
+
+
+def namr_params(config: dict) -> dict[str, Param]:
+    """NAMR's own hyper-parameters of an entry: ``structure_weight`` (lambda), ``structure.<name>`` for the
+    multi-cluster ranking loss and ``retrieval.<name>`` for ``NAMRReRankKNN``; defaults from ``config``."""
+    src = "validated per base (docs/namr_ablation.md)"
+    params = {"structure_weight": Param(config["structure_weight"], 0.05, 10.0, log=True, source=src)}
+    params["structure.center_mode"] = Param(config["center_mode"], choices=("batch", "per_anchor"), source=src)
+    for k in ("t_values", "alpha", "neighbourhood_k", "detach_sample_embedding"):
+        params[f"structure.{k}"] = Param(config[k], source="NASA code")
+    for k, v in config["retrieval"].items():
+        params[f"retrieval.{k}"] = Param(v, source=src)
+    return params
+
+
+def namr_spec(base: LossEntry, ctx: BuildContext, config: dict, base_hparams: dict | None = None) -> LossSpec:
+    """NAMR + ``base``: ``NAMRLoss`` around the base entry's loss and miner with a ``NAMR_CONFIGS``-style config."""
+    from pml_rll.losses import NAMRLoss
+    from pml_rll.losses.namr_loss import make_structure_loss
+
+    inner = base.build(ctx, base_hparams)
+    loss = NAMRLoss(
+        loss=inner.loss,
+        miner=inner.miner,
+        embedding_size=ctx.embedding_size,
+        structure_weight=config["structure_weight"],
+        structure_loss=make_structure_loss(ctx.embedding_size, config),
+    )
+    retrieval = dict(config.get("retrieval") or {})
+    return LossSpec(loss, None, namr=True, loss_lr_multiplier=inner.loss_lr_multiplier, retrieval=retrieval)
+
+
 def namr_entry(name: str, base: LossEntry, family: str = "ours") -> LossEntry:
-    """The NAMR wrapper of ``base``: NAMRLoss's own parameters plus ``loss.<name>`` for each of base's."""
-    params = {**NAMR_PARAMS, **{f"loss.{k}": p for k, p in base.params.items()}}
+    """The NAMR wrapper of ``base``: NAMR's own parameters (:func:`namr_params`) plus ``loss.<name>`` for each of
+    base's."""
+    params = {**namr_params(namr_base_config(base.name)), **{f"loss.{k}": p for k, p in base.params.items()}}
     return LossEntry(
         name,
         family,

@@ -131,8 +131,41 @@ def cluster_centres(mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[fl
     values are kept."""
     t = torch.as_tensor(list(t_values), dtype=mu.dtype, device=mu.device)
     eta = torch.maximum(floor * mu, mu - t * sigma)
-    centres: torch.Tensor = torch.unique(eta.detach())
-    return centres.flip(0)
+    return torch.unique(eta.detach()).flip(0)
+
+
+def per_anchor_statistics(x: torch.Tensor, neighbourhood_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu_i, sigma_i (N each) of each anchor's own plain Euclidean distances, detached (``center_mode="per_anchor"``).
+
+    ``neighbourhood_k=None``: over the anchor's whole row (its N - 1 distances to the other batch items);
+    an integer k (2 <= k): over its k nearest only (capped at N - 1). sigma is Bessel-corrected. This is a
+    reconstruction of the "neighbourhood-adaptive" centres that NAMR's title suggests; NASA's code uses the
+    batch statistics of :func:`distance_statistics`."""
+    with torch.no_grad():
+        n = x.shape[0]
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        dist = pairwise_sq_euclidean(x.detach()).sqrt()
+        if neighbourhood_k is None or neighbourhood_k >= n - 1:
+            values = dist[~eye].view(n, n - 1)
+        else:
+            values = dist.masked_fill(eye, float("inf")).topk(neighbourhood_k, dim=1, largest=False).values
+        sigma = values.std(dim=1) if values.shape[1] > 1 else torch.zeros_like(values[:, 0])
+        return values.mean(dim=1), sigma
+
+
+def per_anchor_centres(
+    mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[float], floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """eta_im = max(floor * mu_i, mu_i - t_m * sigma_i) per anchor: (centres N x M, duplicate mask N x M).
+
+    Centres are in descending order along each row (``t_values`` ascending). A centre equal to the one before
+    it in its row (both floored, or sigma_i == 0) is flagged in the mask; the soft assignment gives it weight 0,
+    the per-anchor counterpart of the deduplication in :func:`cluster_centres`."""
+    t = torch.as_tensor(sorted(float(v) for v in t_values), dtype=mu.dtype, device=mu.device)
+    eta = torch.maximum(floor * mu[:, None], mu[:, None] - t * sigma[:, None]).detach()
+    duplicate = torch.zeros_like(eta, dtype=torch.bool)
+    duplicate[:, 1:] = eta[:, 1:] == eta[:, :-1]
+    return eta, duplicate
 
 
 def anchor_adaptive_sq_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -153,16 +186,31 @@ def anchor_adaptive_distance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return anchor_adaptive_sq_distance(x, s).sqrt()
 
 
-def soft_assignment(dist: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
-    """c_ijm = softmax_m(-alpha * |D_ij - eta_m|), shape dist.shape + (M,) (section 4.4; not detached)."""
-    gaps = (dist.unsqueeze(-1) - centres).abs()
-    return torch.softmax(-alpha * gaps, dim=-1)
+def centre_gaps(dist: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """|D_ij - eta_m|: batch centres (M,) or per-anchor centres (N x M, one row per anchor i)."""
+    if centres.ndim == 2:
+        return (dist.unsqueeze(-1) - centres.unsqueeze(1)).abs()
+    return (dist.unsqueeze(-1) - centres).abs()
 
 
-def multi_cluster_pair_loss(dist: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
+def soft_assignment(
+    dist: torch.Tensor, centres: torch.Tensor, alpha: float, duplicate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """c_ijm = softmax_m(-alpha * |D_ij - eta_m|), shape dist.shape + (M,) (section 4.4; not detached).
+
+    ``centres`` is (M,) (batch centres) or (N x M) (per-anchor centres, row i for anchor i); ``duplicate``
+    (N x M, per-anchor only) marks centres that get weight 0."""
+    logits = -alpha * centre_gaps(dist, centres)
+    if duplicate is not None:
+        logits = logits.masked_fill(duplicate.unsqueeze(1), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def multi_cluster_pair_loss(
+    dist: torch.Tensor, centres: torch.Tensor, alpha: float, duplicate: torch.Tensor | None = None
+) -> torch.Tensor:
     """l_ij = sum_m c_ijm |D_ij - eta_m| (section 4.4; with M = 2 the NASA c*a + (1-c)*b)."""
-    gaps = (dist.unsqueeze(-1) - centres).abs()
-    return (soft_assignment(dist, centres, alpha) * gaps).sum(-1)
+    return (soft_assignment(dist, centres, alpha, duplicate) * centre_gaps(dist, centres)).sum(-1)
 
 
 def multi_cluster_anchor_losses(
@@ -172,21 +220,40 @@ def multi_cluster_anchor_losses(
     alpha: float = 10.0,
     floor: float = 0.2,
     include_diagonal: bool = True,
+    center_mode: str = "batch",
+    neighbourhood_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-anchor multi-cluster ranking loss: mean over j != i of l_ij (section 4.4).
 
     The mean of the returned vector over anchors equals the NASA loss (mean over all N(N-1) ordered
-    pairs), because every anchor has N - 1 pairs. Returns (anchor_losses, adaptive distances, centres)."""
+    pairs), because every anchor has N - 1 pairs. ``center_mode="batch"``: one set of centres from the batch
+    statistics (NASA); ``"per_anchor"``: each anchor's centres from its own row of distances, or its
+    ``neighbourhood_k`` nearest (:func:`per_anchor_statistics`; ``include_diagonal`` is then unused).
+    Returns (anchor_losses, adaptive distances, centres (M,) or (N x M))."""
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"the multi-cluster ranking loss needs a batch of at least 2 embeddings, got {n}")
-    mu, sigma = distance_statistics(x, include_diagonal=include_diagonal)
-    centres = cluster_centres(mu, sigma, t_values, floor)
+    duplicate = None
+    if center_mode == "per_anchor":
+        mu, sigma = per_anchor_statistics(x, neighbourhood_k)
+        centres, duplicate = per_anchor_centres(mu, sigma, t_values, floor)
+    elif center_mode == "batch":
+        mu, sigma = distance_statistics(x, include_diagonal=include_diagonal)
+        centres = cluster_centres(mu, sigma, t_values, floor)
+    else:
+        raise ValueError(f"center_mode must be 'batch' or 'per_anchor', got {center_mode!r}")
     dist = anchor_adaptive_distance(x, s)
-    pair = multi_cluster_pair_loss(dist, centres, alpha)
+    pair = multi_cluster_pair_loss(dist, centres, alpha, duplicate)
     off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
     anchor_losses = (pair * off_diag).sum(1) / (n - 1)
     return anchor_losses, dist, centres
+
+
+def effective_weights(s: torch.Tensor, blend: float) -> torch.Tensor:
+    """w = (1 - blend) + blend * s: the blend of plain (w = 1) and structure-weighted (w = s) squared distances.
+
+    ``sum_k w_k (x_qk - x_jk)^2 = (1 - blend) |x_q - x_j|^2 + blend * sum_k s_k (x_qk - x_jk)^2``."""
+    return s if blend == 1.0 else (1.0 - blend) + blend * s
 
 
 def structure_weighted_sq_distance(query: torch.Tensor, s_query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -201,15 +268,38 @@ def structure_weighted_sq_distance(query: torch.Tensor, s_query: torch.Tensor, r
     return sq.clamp(min=0.0)
 
 
+def rerank_sq_distance(
+    query: torch.Tensor,
+    s_query: torch.Tensor,
+    ref: torch.Tensor,
+    s_ref: torch.Tensor | None = None,
+    blend: float = 1.0,
+) -> torch.Tensor:
+    """Re-ranking distance for all query/reference pairs, Q x R.
+
+    ``s_ref=None``: ``sum_k w_qk (x_qk - x_jk)^2`` (query-weighted, NASA when ``blend == 1``); with ``s_ref``:
+    the symmetric ``sum_k (w_qk + w_jk) / 2 (x_qk - x_jk)^2``; ``w = effective_weights(s, blend)``."""
+    d = structure_weighted_sq_distance(query, effective_weights(s_query, blend), ref)
+    if s_ref is None:
+        return d
+    d_ref = structure_weighted_sq_distance(ref, effective_weights(s_ref, blend), query).t()
+    return 0.5 * (d + d_ref)
+
+
 def structure_weighted_sq_distance_to_candidates(
     query: torch.Tensor,
     s_query: torch.Tensor,
     ref: torch.Tensor,
     candidates: torch.Tensor,
     chunk_elements: int = 1 << 24,
+    *,
+    s_ref: torch.Tensor | None = None,
+    blend: float = 1.0,
 ) -> torch.Tensor:
     """d_w(q, c) for each query's own candidate list (Q x K indices into ref), exact differences (section 5.1).
 
+    Weights as in :func:`rerank_sq_distance`: the query's s (NASA), or the mean of the query's and the
+    candidate's s when ``s_ref`` (R x d) is given, each blended with 1 by ``blend``.
     Processed in query chunks so the gathered (chunk x K x d) tensor stays below ``chunk_elements``."""
     q, k = candidates.shape
     d = query.shape[1]
@@ -218,5 +308,8 @@ def structure_weighted_sq_distance_to_candidates(
     for start in range(0, q, step):
         stop = min(q, start + step)
         diff = query[start:stop].unsqueeze(1) - ref[candidates[start:stop]]
-        out[start:stop] = (s_query[start:stop].unsqueeze(1) * diff * diff).sum(-1)
+        w = s_query[start:stop].unsqueeze(1)
+        if s_ref is not None:
+            w = 0.5 * (w + s_ref[candidates[start:stop]])
+        out[start:stop] = (effective_weights(w, blend) * diff * diff).sum(-1)
     return out

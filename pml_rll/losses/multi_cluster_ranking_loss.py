@@ -13,6 +13,7 @@ from ..utils.validation import (
     MAX_TEMPERATURE,
     check_batch,
     check_bool,
+    check_choice,
     check_int,
     check_number,
     check_numbers,
@@ -53,8 +54,18 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         alpha: soft-assignment sharpness in (0, 1e4] (``MAX_TEMPERATURE``: keeps alpha * |D - eta| finite in
             float32). NASA: 10.
         floor: lower bound of every centre as a fraction of mu, in [0, 1e4]. NASA: 0.2.
-        stats_include_diagonal: take mu and sigma over all N*N distances (NASA) or off-diagonal only.
-        detach_sample_embedding: stop the gradient of this loss into x (ablation; NASA: False).
+        stats_include_diagonal: take mu and sigma over all N*N distances (NASA) or off-diagonal only
+            (``center_mode="batch"`` only).
+        detach_sample_embedding: stop the gradient of this loss into x, so that only s (and, through s, the
+            trunk) learns from it and the base loss alone shapes x's geometry. A choice offered for ablation;
+            NASA: False (joint gradient).
+        center_mode: ``"batch"`` (NASA): one set of centres from the statistics of all the batch's distances.
+            ``"per_anchor"`` (a reconstruction of NAMR's "neighbourhood-adaptive" centres, not documented
+            anywhere): anchor i's centres ``max(floor * mu_i, mu_i - t_m * sigma_i)`` from the mean and std of its
+            own row of distances, or of its ``neighbourhood_k`` nearest; centres that coincide within a row are
+            given weight 0.
+        neighbourhood_k: ``center_mode="per_anchor"`` only: take mu_i, sigma_i over the anchor's k nearest
+            batch items (int >= 2) instead of its whole row (None, default).
         **kwargs: passed to ``BaseMetricLossFunction`` (reducer, collect_stats, ...). A distance object is
             not used: the loss has its own fixed distances.
 
@@ -71,6 +82,8 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         floor: float = 0.2,
         stats_include_diagonal: bool = True,
         detach_sample_embedding: bool = False,
+        center_mode: str = "batch",
+        neighbourhood_k: int | None = None,
         **kwargs,
     ):
         embedding_size = check_int("embedding_size", embedding_size)
@@ -81,7 +94,14 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         floor = check_number("floor", floor, 0.0, MAX_TEMPERATURE)
         stats_include_diagonal = check_bool("stats_include_diagonal", stats_include_diagonal)
         detach_sample_embedding = check_bool("detach_sample_embedding", detach_sample_embedding)
+        check_choice("center_mode", center_mode, ("batch", "per_anchor"))
+        if neighbourhood_k is not None:
+            neighbourhood_k = check_int("neighbourhood_k", neighbourhood_k, low=2)
+            if center_mode != "per_anchor":
+                raise ValueError("neighbourhood_k needs center_mode='per_anchor'")
         super().__init__(**kwargs)
+        self.center_mode = center_mode
+        self.neighbourhood_k = neighbourhood_k
         self.embedding_size = embedding_size
         self.t_values = tuple(sorted(t_list))
         self.alpha = float(alpha)
@@ -92,7 +112,13 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             list_of_names=["embedding_size", "alpha", "floor", "num_t_values"], is_stat=False
         )
         self.add_to_recordable_attributes(
-            list_of_names=["mean_distance", "std_distance", "num_centres", "mean_gap_to_nearest_centre"],
+            list_of_names=[
+                "mean_distance",
+                "std_distance",
+                "num_centres",
+                "mean_gap_to_nearest_centre",
+                "nearest_cluster_fraction",
+            ],
             is_stat=True,
         )
 
@@ -143,18 +169,28 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         if self.detach_sample_embedding:
             x = x.detach()
         anchor_losses, dist, centres = F_namr.multi_cluster_anchor_losses(
-            x, s, self.t_values, self.alpha, self.floor, self.stats_include_diagonal
+            x,
+            s,
+            self.t_values,
+            self.alpha,
+            self.floor,
+            self.stats_include_diagonal,
+            self.center_mode,
+            self.neighbourhood_k,
         )
         if self.collect_stats:
             with torch.no_grad():
                 mu, sigma = F_namr.distance_statistics(x, self.stats_include_diagonal)
                 n = x.shape[0]
                 off = ~torch.eye(n, dtype=torch.bool, device=x.device)
-                gaps = (dist[off].unsqueeze(-1) - centres).abs().min(-1).values
+                gaps = F_namr.centre_gaps(dist, centres)[off]
+                nearest = gaps.argmin(-1)
                 self.mean_distance = mu.item()
                 self.std_distance = sigma.item()
-                self.num_centres = int(centres.numel())
-                self.mean_gap_to_nearest_centre = gaps.mean().item()
+                self.num_centres = int(centres.shape[-1])
+                self.mean_gap_to_nearest_centre = gaps.min(-1).values.mean().item()
+                # share of ordered pairs whose nearest centre is the lowest one (the "neighbour" tier)
+                self.nearest_cluster_fraction = (nearest == centres.shape[-1] - 1).double().mean().item()
         return {
             "loss": {
                 "losses": anchor_losses,

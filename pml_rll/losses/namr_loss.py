@@ -203,11 +203,7 @@ def make_base_loss(base_name: str):
     """(base loss, miner or None) for a NAMR variant name; see :func:`make_namr_loss`."""
     from pytorch_metric_learning import distances, losses, miners, reducers
 
-    if not isinstance(base_name, str):
-        raise TypeError(f"base_name must be a string, one of {NAMR_VARIANTS}, got {type(base_name).__name__}")
-    key = _ALIASES.get(_normalise_name(base_name))
-    if key is None:
-        raise ValueError(f"unknown NAMR base loss {base_name!r}; expected one of {NAMR_VARIANTS}")
+    key = canonical_base_name(base_name)
     if key == "triplet":
         # NASA recipe (docs/namr.md, section 7): margin 0.2 on the scaled, un-normalised x, plain mean over triplets,
         # distance-weighted negatives.
@@ -224,6 +220,63 @@ def make_base_loss(base_name: str):
     return RankedListLoss(margin=0.4, Tn=10.0), None
 
 
+#: The NASA code's configuration (docs/namr.md, section 7): lambda = 2, centres mu and max(0.2 mu, mu - 3 sigma)
+#: from the batch, alpha = 10, joint gradient, re-ranking of the top 32 by the query's s alone.
+NASA_CONFIG: dict = {
+    "structure_weight": 2.0,
+    "t_values": (0.0, 3.0),
+    "alpha": 10.0,
+    "center_mode": "batch",
+    "neighbourhood_k": None,
+    "detach_sample_embedding": False,
+    "retrieval": {"num_candidates": 32, "weighting": "query", "blend": 1.0},
+}
+
+#: The configuration per base loss that :func:`make_namr_loss` and the benchmark's NAMR entries use. Chosen on
+#: validation classes carved from the Omniglot training alphabets (never the test alphabets) with the base losses
+#: of ``benchmarks/registry.py``; the ablation and the commands are in ``docs/namr_ablation.md``. Keys:
+#: ``structure_weight`` (lambda), ``t_values``, ``alpha``, ``center_mode``, ``neighbourhood_k`` and
+#: ``detach_sample_embedding`` (:class:`MultiClusterRankingLoss` arguments), and ``retrieval`` (keyword
+#: arguments of :class:`pml_rll.retrieval.NAMRReRankKNN`).
+#: Re-ranking: every variant tried was at or below plain retrieval on validation; the least harmful one, the query's
+#: s blended 1:9 with the plain distance over the top 8 candidates, is the default (-0.01 MAP@R points on average).
+#: ``NAMRReRankKNN`` re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours
+#: (e.g. MAP@R's k = the largest class size) gets all k re-ranked.
+_VALIDATED_RETRIEVAL = {"num_candidates": 8, "weighting": "query", "blend": 0.1}
+NAMR_CONFIGS: dict[str, dict] = {
+    # NASA's structure term (lambda 2, batch centres); per-anchor centres were level with it on validation
+    "triplet": dict(NASA_CONFIG, retrieval=dict(_VALIDATED_RETRIEVAL)),
+    # lambda 2 costs MultiSimilarity and RankedListLoss 4-6 MAP@R points on validation; 0.25 is the best weight tried
+    "multi_similarity": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
+    # per-anchor centres: each anchor's mu_i, sigma_i from its own row of distances
+    "contrastive": dict(NASA_CONFIG, center_mode="per_anchor", retrieval=dict(_VALIDATED_RETRIEVAL)),
+    "ranked_list": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
+}
+
+_STRUCTURE_KEYS = ("t_values", "alpha", "center_mode", "neighbourhood_k", "detach_sample_embedding")
+
+
+def canonical_base_name(base_name: str) -> str:
+    """The :data:`NAMR_VARIANTS` name of a base loss ("TripletMarginLoss", "ms", "rll", "NAMR + Triplet", ...)."""
+    if not isinstance(base_name, str):
+        raise TypeError(f"base_name must be a string, one of {NAMR_VARIANTS}, got {type(base_name).__name__}")
+    key = _ALIASES.get(_normalise_name(base_name))
+    if key is None:
+        raise ValueError(f"unknown NAMR base loss {base_name!r}; expected one of {NAMR_VARIANTS}")
+    return key
+
+
+def namr_config(base_name: str) -> dict:
+    """A copy of the configuration :data:`NAMR_CONFIGS` holds for a base loss (name as in :func:`make_namr_loss`)."""
+    cfg = NAMR_CONFIGS[canonical_base_name(base_name)]
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+
+
+def make_structure_loss(embedding_size: int, config: dict, **kwargs) -> MultiClusterRankingLoss:
+    """``MultiClusterRankingLoss`` built from the structure keys of a :data:`NAMR_CONFIGS` entry."""
+    return MultiClusterRankingLoss(embedding_size, **{k: config[k] for k in _STRUCTURE_KEYS if k in config}, **kwargs)
+
+
 def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
     """Build "NAMR + <base>" by name for benchmark runners.
 
@@ -237,8 +290,14 @@ def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
     * contrastive: PML ``ContrastiveLoss()`` defaults (L2-normalised distance, margins 0 and 1);
     * ranked_list: ``pml_rll.losses.RankedListLoss(margin=0.4, Tn=10.0)``.
 
-    ``kwargs`` go to :class:`NAMRLoss` (``structure_weight``, ``structure_loss``, ``miner``, ...).
+    The structure weight and the structure term come from :data:`NAMR_CONFIGS` for that base (see
+    :func:`namr_config`; retrieve with ``NAMRReRankKNN(d, **namr_config(base_name)["retrieval"])``).
+    ``kwargs`` go to :class:`NAMRLoss` and override it (``structure_weight``, ``structure_loss``, ``miner``, ...).
     """
     loss, miner = make_base_loss(base_name)
+    config = namr_config(base_name)
     kwargs.setdefault("miner", miner)
+    kwargs.setdefault("structure_weight", config["structure_weight"])
+    if "structure_loss" not in kwargs:
+        kwargs["structure_loss"] = make_structure_loss(embedding_size, config)
     return NAMRLoss(loss, embedding_size, **kwargs)

@@ -9,7 +9,15 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils.inference import CustomKNN
 
 from ..functional import namr as F_namr
-from ..utils.validation import check_bool, check_callable, check_choice, check_int, check_packed, check_reference
+from ..utils.validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_number,
+    check_packed,
+    check_reference,
+)
 
 try:  # faiss is optional; PML's FaissKNN needs it
     import faiss  # noqa: F401
@@ -41,6 +49,15 @@ class NAMRReRankKNN:
     references may be packed or sample-only (width d). When ``ref_includes_query`` is True the first
     ``len(query)`` references are the queries (PML's convention) and self-matches are excluded.
 
+    Re-ranking distance (``"rerank"`` and ``"exhaustive"``), with ``w = (1 - blend) + blend * s``:
+
+    * ``weighting="query"`` (default, NASA): ``sum_k w_qk (x_qk - x_jk)^2``, the query's s only; the index
+      stores only x.
+    * ``weighting="symmetric"`` (a choice; not in NASA's code): ``sum_k (w_qk + w_jk) / 2 (x_qk - x_jk)^2``, the
+      query's and the candidate's structure embeddings; references must then be packed (the index stores s too).
+    * ``blend`` in [0, 1] (a choice): 1 (default, NASA) is the structure-weighted distance alone, 0 the plain
+      squared Euclidean distance, in between ``(1 - blend) |x_q - x_j|^2 + blend * d_w``.
+
     Modes:
 
     * ``"rerank"`` (default): K_c = max(k, num_candidates) candidates (capped at the gallery size) are
@@ -70,6 +87,8 @@ class NAMRReRankKNN:
         base_knn: knn_func used for the candidate search on x; default :func:`default_base_knn` (faiss flat
             L2 when importable, else PML's ``CustomKNN(LpDistance(normalize_embeddings=False))``).
         mode: "rerank", "plain" or "exhaustive".
+        weighting: "query" (NASA) or "symmetric", see above.
+        blend: weight of the structure-weighted distance against the plain one, in [0, 1] (NASA: 1).
         normalize_sample: L2-normalise x (queries and references) before searching and re-ranking. Use it
             when x was trained by a loss on normalised embeddings (cosine geometry: MultiSimilarity, PML's
             default ``LpDistance``, RankedListLoss), so that retrieval ranks in the geometry the loss shaped;
@@ -77,6 +96,7 @@ class NAMRReRankKNN:
     """
 
     MODES = ("rerank", "plain", "exhaustive")
+    WEIGHTINGS = ("query", "symmetric")
 
     def __init__(
         self,
@@ -85,35 +105,57 @@ class NAMRReRankKNN:
         base_knn=None,
         mode: str = "rerank",
         normalize_sample: bool = False,
+        weighting: str = "query",
+        blend: float = 1.0,
     ):
         embedding_size = check_int("embedding_size", embedding_size)
         num_candidates = check_int("num_candidates", num_candidates)
         check_choice("mode", mode, self.MODES)
         check_callable("base_knn", base_knn, optional=True)
         normalize_sample = check_bool("normalize_sample", normalize_sample)
+        check_choice("weighting", weighting, self.WEIGHTINGS)
+        self.weighting = weighting
+        self.blend = check_number("blend", blend, 0.0, 1.0)
         self.embedding_size = embedding_size
         self.num_candidates = num_candidates
         self.base_knn = default_base_knn() if base_knn is None else base_knn
         self.mode = mode
         self.normalize_sample = bool(normalize_sample)
         self.reference_x: torch.Tensor | None = None
+        self.reference_s: torch.Tensor | None = None
 
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
         check_reference("embeddings", embeddings, self.embedding_size)
-        self.reference_x = self._ref_sample(embeddings).detach()
+        self.reset()
+        self.add(embeddings)
 
     def add(self, embeddings: torch.Tensor) -> None:
         check_reference("embeddings", embeddings, self.embedding_size)
         new = self._ref_sample(embeddings).detach()
-        self.reference_x = new if self.reference_x is None else torch.cat([self.reference_x, new.to(self.reference_x)])
+        new_s = self._ref_structure(embeddings)
+        if self.reference_x is not None and (new_s is None) != (self.reference_s is None):
+            raise ValueError("add(): mix of packed and sample-only reference embeddings")
+        if self.reference_x is None:
+            self.reference_x, self.reference_s = new, new_s
+        else:
+            self.reference_x = torch.cat([self.reference_x, new.to(self.reference_x)])
+            if new_s is not None:
+                self.reference_s = torch.cat([self.reference_s, new_s.to(self.reference_s)])
 
     def reset(self) -> None:
         self.reference_x = None
+        self.reference_s = None
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ref_sample(self, reference: torch.Tensor) -> torch.Tensor:
         return F_namr.sample_part(reference, self.embedding_size, "reference")
+
+    def _ref_structure(self, reference: torch.Tensor) -> torch.Tensor | None:
+        """The structure part of packed references, None for sample-only ones."""
+        if reference.shape[1] == 2 * self.embedding_size:
+            return reference[:, self.embedding_size :].detach()
+        return None
 
     @staticmethod
     def _warn_if_normalised(query: torch.Tensor) -> None:
@@ -143,8 +185,15 @@ class NAMRReRankKNN:
             if self.reference_x is None:
                 raise ValueError("reference is None and no reference was stored with train()/add()")
             rx = self.reference_x.to(qx)
+            rs = None if self.reference_s is None else self.reference_s.to(qx)
         else:
             rx = self._ref_sample(reference).to(qx)
+            rs = self._ref_structure(reference)
+            rs = None if rs is None else rs.to(qx)
+        if self.weighting == "symmetric" and self.mode != "plain" and rs is None:
+            raise ValueError("weighting='symmetric' needs packed [x || s] references (their structure embeddings)")
+        if self.weighting == "query":
+            rs = None
         if ref_includes_query and rx.shape[0] < qx.shape[0]:
             raise ValueError("ref_includes_query=True needs the queries to be the first rows of reference")
         available = rx.shape[0] - int(ref_includes_query)
@@ -158,17 +207,18 @@ class NAMRReRankKNN:
         if self.mode == "plain":
             dist, idx = self.base_knn(qx, k, rx, ref_includes_query)
             return dist, self._checked_indices(idx, rx.shape[0], "plain")
-        # exact power-of-two rescaling so that squared distances neither overflow nor underflow (see the class)
-        qx, rx, qs, unscale = _rescaled(qx, rx, qs)
+        # exact power-of-two rescaling so that squared distances neither overflow nor underflow (see the class);
+        # s is rescaled only where the distance is homogeneous in it (query weighting, no blend)
+        qx, rx, qs, unscale = _rescaled(qx, rx, qs, rescale_s=rs is None and self.blend == 0.0)
         if self.mode == "exhaustive":
-            dist, idx = self._exhaustive(qx, qs, k, rx, ref_includes_query)
+            dist, idx = self._exhaustive(qx, qs, k, rx, rs, ref_includes_query)
             return dist * unscale, idx
 
         num_c = min(max(k, self.num_candidates), available)
         _, cand = self.base_knn(qx, num_c, rx, ref_includes_query)
         cand = self._checked_indices(cand.to(qx.device).long(), rx.shape[0], "rerank")
         with torch.no_grad():
-            dw = F_namr.structure_weighted_sq_distance_to_candidates(qx, qs, rx, cand)
+            dw = F_namr.structure_weighted_sq_distance_to_candidates(qx, qs, rx, cand, s_ref=rs, blend=self.blend)
         dw_sorted, order = torch.sort(dw, dim=1, stable=True)
         return dw_sorted[:, :k] * unscale, torch.gather(cand, 1, order)[:, :k]
 
@@ -182,9 +232,9 @@ class NAMRReRankKNN:
             )
         return idx
 
-    def _exhaustive(self, qx, qs, k, rx, ref_includes_query):
+    def _exhaustive(self, qx, qs, k, rx, rs, ref_includes_query):
         with torch.no_grad():
-            dw = F_namr.structure_weighted_sq_distance(qx, qs, rx)
+            dw = F_namr.rerank_sq_distance(qx, qs, rx, rs, self.blend)
             if ref_includes_query:
                 n = qx.shape[0]
                 dw[torch.arange(n, device=dw.device), torch.arange(n, device=dw.device)] = float("inf")
@@ -199,7 +249,7 @@ def _pow2(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rescaled(
-    qx: torch.Tensor, rx: torch.Tensor, qs: torch.Tensor
+    qx: torch.Tensor, rx: torch.Tensor, qs: torch.Tensor, rescale_s: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qx, rx, qs, unscale): x divided by one power of two and each query's s by its own, when their magnitudes
     would make squared distances overflow or underflow; ``d_w * unscale`` is then the distance of the inputs.
@@ -209,9 +259,12 @@ def _rescaled(
     rather than poisoning the Gram form with inf - inf = NaN."""
     one = torch.ones((), dtype=qx.dtype, device=qx.device)
     m = torch.maximum(qx.abs().amax(), rx.abs().amax()) if qx.numel() and rx.numel() else one
-    sm = qs.amax(dim=1, keepdim=True) if qs.numel() else one
+    sm = qs.amax(dim=1, keepdim=True) if qs.numel() and rescale_s else one
     lo, hi = 2.0**-16, 2.0**16
     if bool((m >= lo) & (m <= hi)) and bool(((sm >= lo) & (sm <= hi)).all()):
         return qx, rx, qs, one
-    cx, cs = _pow2(m), _pow2(sm)
+    cx = _pow2(m)
+    if not rescale_s:
+        return qx / cx, rx / cx, qs, cx * cx
+    cs = _pow2(sm)
     return qx / cx, rx / cx, qs / cs, cx * cx * cs

@@ -1,0 +1,90 @@
+"""NAMR ablation options of the losses: per-anchor centres, detached x, and the per-base configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, make_namr_loss
+from pml_rll.losses.namr_loss import NAMR_CONFIGS, NAMR_VARIANTS, NASA_CONFIG, make_structure_loss, namr_config
+from tests.reference import namr as ref
+
+D = 3
+
+
+def _packed(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    s = 0.5 + torch.rand(n, D, generator=g, dtype=torch.float64)
+    return x, s
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_per_anchor_module_matches_loop_reference(k):
+    x, s = _packed(seed=1)
+    loss_fn = MultiClusterRankingLoss(D, center_mode="per_anchor", neighbourhood_k=k, collect_stats=True)
+    packed = torch.cat([x, s], 1).requires_grad_(True)
+    got = loss_fn(packed)
+    want = ref.per_anchor_multi_cluster_loss(x, s, (0.0, 3.0), 10.0, 0.2, k)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    got.backward()
+    assert torch.isfinite(packed.grad).all() and packed.grad.abs().sum() > 0
+    assert 0.0 <= loss_fn.nearest_cluster_fraction <= 1.0
+
+
+def test_per_anchor_differs_from_batch_centres():
+    x, s = _packed(n=8, seed=2)
+    x[:4] *= 0.2  # one dense and one sparse region: row statistics differ from the batch's
+    packed = torch.cat([x, s], 1)
+    batch = MultiClusterRankingLoss(D)(packed)
+    anchor = MultiClusterRankingLoss(D, center_mode="per_anchor")(packed)
+    assert not torch.isclose(batch, anchor)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"center_mode": "global"}, "center_mode"),
+        ({"center_mode": "per_anchor", "neighbourhood_k": 1}, "neighbourhood_k"),
+        ({"center_mode": "per_anchor", "neighbourhood_k": 2.5}, "neighbourhood_k"),
+        ({"neighbourhood_k": 4}, "per_anchor"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiClusterRankingLoss(D, **kwargs)
+
+
+def test_detached_sample_embedding_sends_gradient_to_s_only():
+    x, s = _packed(seed=3)
+    packed = torch.cat([x, s], 1).requires_grad_(True)
+    MultiClusterRankingLoss(D, detach_sample_embedding=True)(packed).backward()
+    assert packed.grad[:, :D].abs().max() == 0
+    assert packed.grad[:, D:].abs().sum() > 0
+    joint = torch.cat([x, s], 1).requires_grad_(True)
+    MultiClusterRankingLoss(D)(joint).backward()
+    torch.testing.assert_close(joint.grad[:, D:], packed.grad[:, D:])  # same value, same gradient to s
+    assert joint.grad[:, :D].abs().sum() > 0
+
+
+def test_configs_cover_every_base_and_are_valid():
+    assert set(NAMR_CONFIGS) == set(NAMR_VARIANTS)
+    for name in NAMR_VARIANTS:
+        cfg = namr_config(name)
+        assert set(cfg) == set(NASA_CONFIG)
+        assert isinstance(make_structure_loss(D, cfg), MultiClusterRankingLoss)
+        assert cfg["structure_weight"] >= 0 and set(cfg["retrieval"]) == {"num_candidates", "weighting", "blend"}
+
+
+def test_namr_config_is_a_copy_and_make_namr_loss_uses_it(monkeypatch):
+    cfg = namr_config("ms")
+    cfg["retrieval"]["blend"] = -1.0
+    cfg["structure_weight"] = 99.0
+    assert NAMR_CONFIGS["multi_similarity"]["retrieval"]["blend"] != -1.0
+    custom = dict(NASA_CONFIG, structure_weight=0.25, center_mode="per_anchor", alpha=4.0)
+    monkeypatch.setitem(NAMR_CONFIGS, "contrastive", custom)
+    loss = make_namr_loss("ContrastiveLoss", D)
+    assert isinstance(loss, NAMRLoss) and loss.structure_weight == 0.25
+    assert loss.structure_loss.center_mode == "per_anchor" and loss.structure_loss.alpha == 4.0
+    override = make_namr_loss("contrastive", D, structure_weight=1.5)  # explicit arguments win
+    assert override.structure_weight == 1.5
