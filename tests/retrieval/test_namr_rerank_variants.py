@@ -80,7 +80,12 @@ def test_symmetric_needs_packed_references_and_stores_them():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs", [{"weighting": "mean"}, {"blend": 1.5}, {"blend": -0.1}, {"blend": True}])
-def test_bad_variant_arguments_raise(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [({"weighting": "mean"}, ValueError), ({"blend": 1.5}, ValueError), ({"blend": -0.1}, ValueError)]
+    + [({"blend": True}, TypeError)],
+)
+def test_bad_variant_arguments_raise(kwargs, error):
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
         NAMRReRankKNN(D, **kwargs)
