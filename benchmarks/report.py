@@ -63,8 +63,9 @@ def load_jsonl(path: str) -> list[dict]:
     return out
 
 
-def run_key(rec: dict) -> tuple[str, str, int, str]:
-    return (rec["dataset"], rec["loss"], int(rec["seed"]), rec["config_hash"])
+def run_key(rec: dict) -> tuple[str, str, int, str, int]:
+    # DDP hook: the world size is part of the key (records written before it existed are single-process runs)
+    return (rec["dataset"], rec["loss"], int(rec["seed"]), rec["config_hash"], int(rec.get("world_size", 1)))
 
 
 # ------------------------------------------------------------------------------------------------ aggregation

@@ -3,6 +3,7 @@
 python -m benchmarks.run                      # digits, every registered loss, default seeds (CPU, minutes)
 python -m benchmarks.run --dataset omniglot   # unseen-class retrieval, alphabet split
 python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
+torchrun --nproc_per_node 2 -m benchmarks.run # data-parallel (DDP) training, see benchmarks/distributed.py
 """
 
 from __future__ import annotations
@@ -206,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="rerun (loss, seed) pairs already in results.jsonl")
     p.add_argument("--tensorboard", action="store_true", help="also write tensorboard event files per run")
     p.add_argument("--save-models", action="store_true", help="save the models of every epoch (PML preset)")
+    p.add_argument(
+        "--cross-batch-memory",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="train through a cross-batch memory of SIZE embeddings (at least one batch); under torchrun every "
+        "process fills it with the gathered global batch. Losses it cannot wrap are skipped (default 0: off)",
+    )
     p.add_argument("--list", action="store_true", help="print the loss registry and exit")
     return p
 
@@ -273,21 +282,34 @@ def _run_job(job: dict, name: str, seed: int, pbar_position: int | None) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .registry import REGISTRY, describe_registry
+    from .registry import describe_registry
 
     if args.list:
         print(describe_registry())
         return 0
 
+    from . import distributed
+
+    dctx = distributed.setup(args.device)  # DDP hook: torchrun's process group (or the single process)
+    try:
+        return _main(args, argv, dctx)
+    finally:
+        dctx.cleanup()
+
+
+def _main(args, argv, dctx) -> int:  # DDP hook: the body of main, unchanged except where marked
     import torch
     import tqdm
 
-    from . import report
-    from .common import environment_info, resolve_device
+    from . import distributed, report
+    from .common import environment_info
     from .datasets import DatasetUnavailableError, load_dataset
     from .pipeline import RunConfig
+    from .registry import REGISTRY
 
-    device = resolve_device(args.device)
+    device = dctx.device  # DDP hook (was resolve_device(args.device))
+    if args.jobs > 1 and dctx.is_distributed:  # DDP hook
+        raise SystemExit("--jobs > 1 cannot be combined with torchrun: each run already uses every process")
     threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -312,17 +334,24 @@ def main(argv: list[str] | None = None) -> int:
         eval_batch_size=pick("eval_batch_size"),
         image_size=args.image_size,
         pretrained=not args.no_pretrained,
+        cross_batch_memory=args.cross_batch_memory,  # DDP hook
     )
     if cfg.batch_size % cfg.m_per_class:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of --m-per-class {cfg.m_per_class}")
+    if cfg.batch_size % dctx.world_size:  # DDP hook
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {dctx.world_size} processes")
+    if cfg.cross_batch_memory and not cfg.batch_size <= cfg.cross_batch_memory:  # DDP hook
+        raise SystemExit(f"--cross-batch-memory {cfg.cross_batch_memory} must hold one batch ({cfg.batch_size})")
     seeds = parse_seeds(args.seeds, d["seeds"])
     loss_names = resolve_losses(args.losses)
     out_dir = args.out or os.path.join("results", args.dataset)
-    os.makedirs(out_dir, exist_ok=True)
+    if dctx.is_main:  # DDP hook
+        os.makedirs(out_dir, exist_ok=True)
 
     try:
         test_alphabets = args.test_alphabets.split(",") if args.test_alphabets else None
-        bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
+        with dctx.main_first():  # DDP hook: rank 0 downloads first
+            bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
     except DatasetUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -337,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     available, skipped = [], []
     for n in loss_names:
         ok, why = REGISTRY[n].available()
+        if ok and cfg.cross_batch_memory:  # DDP hook: losses the cross-batch memory cannot wrap are skipped
+            ok, why = distributed.cross_batch_support(REGISTRY[n], bundle.num_train_classes, cfg.embedding_size)
         (available if ok else skipped).append(n if ok else (n, why))
     env = environment_info(device)
     chash = report.config_hash(cfg.key())
@@ -348,13 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config {chash}: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
     print(f"losses ({len(available)}): {', '.join(available)}; seeds: {seeds}")
+    if dctx.is_distributed:  # DDP hook
+        print(f"distributed: {dctx.world_size} processes, backend {dctx.backend}")
     for n, why in skipped:
-        print(f"skipping {n}: not importable ({why})")
+        print(f"skipping {n}: {why}")  # DDP hook (was "not importable ({why})")
 
     done = set()
-    if not args.no_resume:
+    if not args.no_resume and dctx.is_main:  # DDP hook: rank 0 reads the results
         done = {report.run_key(r) for r in report.load_jsonl(jsonl)}
-    todo = [(s, n) for s in seeds for n in available if (args.dataset, n, s, chash) not in done]
+    todo = [(s, n) for s in seeds for n in available if (args.dataset, n, s, chash, dctx.world_size) not in done]
+    todo = dctx.broadcast_object(todo)  # DDP hook: every rank runs rank 0's list
     if len(todo) < len(seeds) * len(available):
         print(f"resuming: {len(seeds) * len(available) - len(todo)} finished runs skipped, {len(todo)} to run")
     t0 = time.perf_counter()
@@ -376,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     _BUNDLE_CACHE[(args.dataset, args.data_root, args.image_size, tuple(test_alphabets or ()))] = bundle
 
     def finish(rec):
+        if not dctx.is_main:  # DDP hook
+            return
         rec.update(
             dataset=args.dataset,
             config=cfg.key(),
@@ -392,11 +428,17 @@ def main(argv: list[str] | None = None) -> int:
             f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
         )
 
-    with tqdm.tqdm(total=len(todo), desc="runs", position=0, dynamic_ncols=True) as outer:
+    with tqdm.tqdm(
+        total=len(todo),
+        desc="runs",
+        position=0,
+        dynamic_ncols=True,
+        disable=not dctx.is_main,  # DDP hook
+    ) as outer:
         if args.jobs <= 1:
             for seed, name in todo:
                 outer.set_postfix_str(f"{name} seed {seed}")
-                finish(_run_job(job_args, name, seed, pbar_position=1))
+                finish(_run_job(job_args, name, seed, pbar_position=1 if dctx.is_main else None))  # DDP hook
                 outer.update(1)
         else:
             import concurrent.futures as cf
@@ -408,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                     finish(fut.result())
                     outer.update(1)
     elapsed = time.perf_counter() - t0
+    if not dctx.is_main:  # DDP hook: rank 0 writes the reports
+        return 0
 
     records = [
         r
@@ -416,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         and r.get("config_hash") == chash
         and r["loss"] in available
         and int(r["seed"]) in seeds
+        and int(r.get("world_size", 1)) == dctx.world_size  # DDP hook
     ]
     header = (
         f"# {args.dataset}: {len(set(r['loss'] for r in records))} losses x {len(seeds)} paired seeds\n\n"
@@ -439,4 +484,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # DDP hook: skip interpreter teardown, where gloo's threads
+        sys.stdout.flush()  # sometimes abort the process after the work is done and the group destroyed
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
