@@ -213,7 +213,8 @@ def shard_sampler(sampler, global_batch_size: int, ctx: DistributedContext | Non
 def wrap_model(module: torch.nn.Module, ctx: DistributedContext | None = None) -> torch.nn.Module:
     """``DistributedDataParallel(module)`` with several processes (``SyncBatchNorm`` first on GPUs), else ``module``.
 
-    ``broadcast_buffers=False``: the forward pass then issues no collective, so rank 0 can evaluate alone while the
+    No buffer synchronisation in forward (``forward_sync_buffers=False``, ``broadcast_buffers=False`` in older
+    torch): the forward pass then issues no collective, so rank 0 can evaluate alone while the
     other ranks wait at their next training step (BatchNorm buffers are kept equal by ``SyncBatchNorm`` on GPUs).
     """
     ctx = ctx or current()
@@ -222,7 +223,17 @@ def wrap_model(module: torch.nn.Module, ctx: DistributedContext | None = None) -
     if ctx.device.type == "cuda":
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # no collective in forward; buffers still copied from rank 0 at construction
+    name = "forward_sync_buffers" if "forward_sync_buffers" in _parameters(ddp) else "broadcast_buffers"
+    no_forward_sync = {name: False}
+    return ddp(module, device_ids=device_ids, **no_forward_sync)
+
+
+def _parameters(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

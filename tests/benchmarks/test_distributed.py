@@ -1,0 +1,180 @@
+"""Data-parallel runner (benchmarks/distributed.py): sharding, one DDP step against one process, a torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from benchmarks import distributed
+from benchmarks.pipeline import PairedMPerClassSampler
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- without processes -----------------------------------------------------------------------------------------
+
+
+def test_shards_concatenate_to_the_single_process_batches():
+    labels = np.repeat(np.arange(10), 7)
+    batch, iters = 24, 5
+
+    def sampler():
+        return PairedMPerClassSampler(labels, 4, batch, iters * batch, seed=3)
+
+    full = list(sampler())
+    assert len(full) == iters * batch
+    for world in (1, 2, 3, 4):
+        shards = [list(distributed.GlobalBatchShard(sampler(), batch, r, world)) for r in range(world)]
+        b = batch // world
+        assert all(len(s) == iters * b for s in shards)
+        lengths = [len(distributed.GlobalBatchShard(sampler(), batch, r, world)) for r in range(world)]
+        assert lengths == [iters * b] * world
+        rebuilt = [x for i in range(iters) for s in shards for x in s[i * b : (i + 1) * b]]
+        assert rebuilt == full  # same indices, same augmentation seeds, same order
+    with pytest.raises(ValueError, match="not divisible"):
+        distributed.GlobalBatchShard(sampler(), batch, 0, 5)
+    with pytest.raises(ValueError, match="rank"):
+        distributed.GlobalBatchShard(sampler(), batch, 2, 2)
+
+
+def test_single_process_context_changes_nothing():
+    ctx = distributed.setup("cpu", environ={})
+    assert not ctx.is_distributed and ctx.is_main and ctx.describe() == {"world_size": 1, "backend": None}
+    assert not distributed.launched_by_torchrun({"RANK": "0"})
+    model, loss = torch.nn.Linear(3, 2), torch.nn.MSELoss()
+    s = [1, 2, 3]
+    assert distributed.wrap_model(model) is model
+    assert distributed.wrap_loss(loss, None) == (loss, None)
+    assert distributed.shard_sampler(s, 8) == (s, 8)
+    assert ctx.broadcast_object({"a": 1}) == {"a": 1}
+    with pytest.raises(ValueError, match="mode"):
+        distributed.DistributedLoss(loss, "fast", 2)
+
+
+# ---- one training step, 2 gloo processes against one process -----------------------------------------------------
+
+LOSSES = ("triplet", "namr-rll", "proxy-anchor", "rll")  # gathered + miner, gathered NAMR, loss parameters, efficient
+
+
+def _first_step(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Build a digits run as run_one does (same seeded parts and the same distributed hooks), take one training
+    step, return the gradients of the trunk and of the loss's own parameters, and the loss's distributed mode."""
+    from benchmarks.datasets import load_dataset
+    from benchmarks.pipeline import BenchmarkTrainer, RunConfig, build_models
+    from benchmarks.registry import REGISTRY, BuildContext
+
+    bundle = load_dataset("digits")
+    cfg = RunConfig("digits", "mlp", 16, 32, 4, 1, 1, 1e-3, 0.0, "constant", 0, 256)
+    torch.manual_seed(30_011)
+    spec = REGISTRY[name].build(BuildContext(bundle.num_train_classes, cfg.embedding_size))
+    trunk, embedder, _, _ = build_models(cfg, bundle, 0, spec.namr)
+    trunk, embedder = distributed.wrap_model(trunk), distributed.wrap_model(embedder)
+    loss, miner = distributed.wrap_loss(spec.loss, spec.miner)
+    sampler = PairedMPerClassSampler(bundle.train_labels, cfg.m_per_class, cfg.batch_size, cfg.batch_size, seed=0)
+    sampler, batch_size = distributed.shard_sampler(sampler, cfg.batch_size)
+    params = [p for p in spec.loss.parameters() if p.requires_grad]
+    optimizers = {"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.0)}
+    if params:
+        optimizers["metric_loss_optimizer"] = torch.optim.SGD(params, lr=0.0)
+    torch.manual_seed(0)
+    trainer = BenchmarkTrainer(
+        models={"trunk": trunk, "embedder": embedder},
+        optimizers=optimizers,
+        batch_size=batch_size,
+        loss_funcs={"metric_loss": loss},
+        mining_funcs={"tuple_miner": miner} if miner is not None else {},
+        dataset=bundle.train,
+        sampler=sampler,
+        iterations_per_epoch=1,
+        dataloader_num_workers=0,
+    )
+    trainer.initialize_dataloader()
+    trainer.set_to_train()
+    trainer.forward_and_backward()
+    grads = {f"trunk.{k}": p.grad.clone() for k, p in distributed.unwrap(trunk).named_parameters()}
+    grads.update({f"loss.{i}": p.grad.clone() for i, p in enumerate(params)})
+    grads["loss_value"] = torch.as_tensor(trainer.losses["total_loss"]).detach().clone()
+    return grads, getattr(loss, "mode", "single")
+
+
+def _step_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    ctx = distributed.setup("cpu", environ=dict(env, MASTER_PORT=str(port)))
+    results = {name: _first_step(name) for name in LOSSES}
+    if rank == 0:  # a file, not a queue: a pipe blocks on large payloads while the parent waits in join
+        torch.save(results, out)
+    ctx.cleanup()
+    os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort the process after the work is done
+
+
+def test_first_step_gradients_equal_one_process_on_the_global_batch(one_thread, tmp_path):
+    path = str(tmp_path / "rank0.pt")
+    mp.spawn(_step_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    got = torch.load(path)
+    modes = {n: got[n][1] for n in LOSSES}
+    assert modes == {"triplet": "gather", "namr-rll": "gather", "proxy-anchor": "gather", "rll": "efficient"}
+    for name in LOSSES:
+        single, _ = _first_step(name)
+        multi = got[name][0]
+        assert multi.keys() == single.keys()
+        assert any(k.startswith("loss.") for k in single) == (name == "proxy-anchor")
+        for k in single:
+            assert single[k].abs().sum() > 0, (name, k)
+            gap = (multi[k] - single[k]).abs().max()
+            assert torch.allclose(multi[k], single[k], atol=1e-5, rtol=1e-4), (name, k, gap)
+
+
+# ---- the runner under torchrun -------------------------------------------------------------------------------------
+
+
+def _torchrun(args, out, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_port", str(_free_port()), "-m", "benchmarks.run", "--out", out] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_write_one_result_that_learns(tmp_path):
+    from benchmarks.run import main
+
+    out = str(tmp_path / "ddp")
+    args = ["--losses", "rll", "--seeds", "1", "--epochs", "2", "--iterations-per-epoch", "4", "--eval-every", "2"]
+    proc = _torchrun(args, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("rll                    seed 0: MAP@R") == 1  # rank 1 prints nothing
+    lines = open(os.path.join(out, "results.jsonl")).read().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["world_size"] == 2 and rec["backend"] == "gloo" and rec["iterations"] == 8
+    before, after = rec["untrained"]["mean_average_precision_at_r"], rec["metrics"]["mean_average_precision_at_r"]
+    assert after > before + 0.1, (before, after)  # efficient=True (rll) learns
+    assert sorted(os.listdir(out)) == ["logs", "results.csv", "results.jsonl", "results.md", "results.png"]
+
+    # the same command again: the run is found (world size 2) and nothing is duplicated
+    proc = _torchrun(args, out)
+    assert proc.returncode == 0 and "1 finished runs skipped, 0 to run" in proc.stdout
+    assert len(open(os.path.join(out, "results.jsonl")).read().splitlines()) == 1
+
+    # one process on the same global batches: a different key, and the same training up to rounding
+    assert main(args + ["--out", out]) == 0
+    recs = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+    assert sorted(r.get("world_size", 1) for r in recs) == [1, 2]
+    one = next(r for r in recs if r["world_size"] == 1)
+    assert one["untrained"] == rec["untrained"]
+    assert np.allclose(one["loss_curve"], rec["loss_curve"], rtol=1e-3)
