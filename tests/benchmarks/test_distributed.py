@@ -178,3 +178,22 @@ def test_torchrun_two_processes_write_one_result_that_learns(tmp_path):
     one = next(r for r in recs if r["world_size"] == 1)
     assert one["untrained"] == rec["untrained"]
     assert np.allclose(one["loss_curve"], rec["loss_curve"], rtol=1e-3)
+
+
+def test_torchrun_cross_batch_memory_trains_like_one_process(tmp_path):
+    from benchmarks.run import main
+
+    out = str(tmp_path / "xbm")
+    args = ["--losses", "rll,namr-rll", "--seeds", "1", "--epochs", "1", "--iterations-per-epoch", "3"]
+    args += ["--eval-every", "0", "--cross-batch-memory", "128"]
+    proc = _torchrun(args, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skipping namr-rll: NAMRLoss packs two embeddings" in proc.stdout
+    assert main(args + ["--out", out]) == 0
+    recs = {r["world_size"]: r for r in map(json.loads, open(os.path.join(out, "results.jsonl")))}
+    assert sorted(recs) == [1, 2] and {r["loss"] for r in recs.values()} == {"rll"}
+    assert recs[2]["config"]["cross_batch_memory"] == 128
+    # the same memory and the same per-query losses in both: the training matches up to rounding
+    assert np.allclose(recs[1]["loss_curve"], recs[2]["loss_curve"], rtol=1e-4)
+    m1, m2 = recs[1]["metrics"], recs[2]["metrics"]
+    assert m1["mean_average_precision_at_r"] == pytest.approx(m2["mean_average_precision_at_r"], abs=1e-3)
