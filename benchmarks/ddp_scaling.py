@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from .common import atomic_write, cpu_name
 
@@ -28,7 +29,7 @@ from .common import atomic_write, cpu_name
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _loadavg() -> str:
@@ -39,7 +40,7 @@ def _loadavg() -> str:
         return "?"
 
 
-def run_once(nproc: int, runner_args: list[str], out: str, threads: int) -> list[dict]:
+def run_once(nproc: int, runner_args: list[str], out: str, threads: int) -> list[dict[str, Any]]:
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ] + args.extra
     counts = [int(n) for n in args.processes.split(",")]
     load_before = _loadavg()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in counts:
         timings: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}

@@ -26,8 +26,9 @@ import contextlib
 import datetime
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,7 +79,7 @@ class DistributedContext:
             else:
                 dist.barrier()
 
-    def broadcast_object(self, obj):
+    def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (e.g. the list of runs still to do: only rank 0 reads the results)."""
         if not self.is_distributed:
             return obj
@@ -97,10 +98,12 @@ class DistributedContext:
             if self.is_distributed and self.is_main:
                 self.barrier()
 
-    def cleanup(self) -> None:
-        """Leave the process group (all ranks meet at a barrier first) and restore stdout."""
+    def cleanup(self, barrier: bool = True) -> None:
+        """Leave the process group (after a barrier where all ranks meet, unless ``barrier=False``: after an
+        error, when the other ranks may be elsewhere) and restore stdout."""
         if self.is_distributed and dist.is_initialized():
-            self.barrier()
+            if barrier:
+                self.barrier()
             dist.destroy_process_group()
         if self._stdout is not None:
             sys.stdout.flush()
@@ -116,7 +119,7 @@ def current() -> DistributedContext:
     return _CURRENT
 
 
-def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
+def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     return all(k in env for k in TORCHRUN_VARIABLES)
 
@@ -133,7 +136,9 @@ def _process_device(arg: str, local_rank: int) -> torch.device:
     return resolve_device(arg)
 
 
-def setup(device_arg: str = "auto", environ: dict[str, str] | None = None, timeout_minutes: float = 30.0):
+def setup(
+    device_arg: str = "auto", environ: Mapping[str, str] | None = None, timeout_minutes: float = 30.0
+) -> DistributedContext:
     """Join the process group described by torchrun's variables, or return the single-process context.
 
     Backend: nccl when this process's device is a GPU, gloo otherwise. Processes other than rank 0 get their
@@ -150,7 +155,7 @@ def setup(device_arg: str = "auto", environ: dict[str, str] | None = None, timeo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
         )
@@ -163,7 +168,7 @@ def setup(device_arg: str = "auto", environ: dict[str, str] | None = None, timeo
 
 
 # ---------------------------------------------------------------------------------------------------- data
-class GlobalBatchShard(torch.utils.data.Sampler):
+class GlobalBatchShard(torch.utils.data.Sampler[Any]):
     """Rank r's share of each global batch of a sampler: items ``[r * b, (r + 1) * b)`` of every block of
     ``global_batch_size`` items, with ``b = global_batch_size / world_size``.
 
@@ -177,7 +182,7 @@ class GlobalBatchShard(torch.utils.data.Sampler):
     incomplete last block is dropped, as the single-process loader (``drop_last=True``) drops it.
     """
 
-    def __init__(self, sampler, global_batch_size: int, rank: int, world_size: int) -> None:
+    def __init__(self, sampler: Any, global_batch_size: int, rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
         if global_batch_size % world_size:
@@ -191,16 +196,16 @@ class GlobalBatchShard(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return (len(self.sampler) // self.global_batch_size) * self.local_batch_size
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         items = list(iter(self.sampler))
         g, b = self.global_batch_size, self.local_batch_size
-        out = []
+        out: list[Any] = []
         for start in range(0, len(items) - g + 1, g):
             out.extend(items[start + self.rank * b : start + (self.rank + 1) * b])
         return iter(out)
 
 
-def shard_sampler(sampler, global_batch_size: int, ctx: DistributedContext | None = None):
+def shard_sampler(sampler: Any, global_batch_size: int, ctx: DistributedContext | None = None) -> tuple[Any, int]:
     """(sampler, per-process batch size): the sampler itself with one process, else its :class:`GlobalBatchShard`."""
     ctx = ctx or current()
     if not ctx.is_distributed:
@@ -221,19 +226,19 @@ def wrap_model(module: torch.nn.Module, ctx: DistributedContext | None = None) -
     if not ctx.is_distributed:
         return module
     if ctx.device.type == "cuda":
-        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # type: ignore[no-untyped-call]
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel
     # no collective in forward; buffers still copied from rank 0 at construction
     name = "forward_sync_buffers" if "forward_sync_buffers" in _parameters(ddp) else "broadcast_buffers"
-    no_forward_sync = {name: False}
+    no_forward_sync: dict[str, Any] = {name: False}
     return ddp(module, device_ids=device_ids, **no_forward_sync)
 
 
-def _parameters(cls) -> set[str]:
+def _parameters(cls: type) -> set[str]:
     import inspect
 
-    return set(inspect.signature(cls.__init__).parameters)
+    return set(inspect.signature(cls).parameters)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -254,7 +259,8 @@ def loss_mode(loss: torch.nn.Module) -> str:
       global batch (PML's ``efficient=False``), which gives the single-process gradient.
     * ``"local"``: a :class:`pml_rll.losses.DistributedCrossBatchMemory`, which gathers by itself.
     """
-    from pml_rll.losses import DistributedCrossBatchMemory, RankedListLoss
+    from pml_rll.losses.distributed_cross_batch_memory import DistributedCrossBatchMemory
+    from pml_rll.losses.ranked_list_loss import RankedListLoss
 
     if isinstance(loss, DistributedCrossBatchMemory):
         return "local"
@@ -264,7 +270,7 @@ def loss_mode(loss: torch.nn.Module) -> str:
     return "gather"
 
 
-class DistributedLoss(DistributedLossWrapper):
+class DistributedLoss(DistributedLossWrapper):  # type: ignore[misc]
     """PML's ``DistributedLossWrapper`` with the scaling set so that DDP's gradient averaging gives the gradient
     of one process on the global batch, and a returned value equal to the global-batch loss on every rank.
 
@@ -304,11 +310,13 @@ class DistributedLoss(DistributedLossWrapper):
         self.world_size = world_size
         if mode == "gather" and world_size > 1:
             for p in trainable:
-                p.register_hook(lambda g: g / world_size)
+                p.register_hook(lambda g: g / world_size)  # type: ignore[no-untyped-call]
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+    def forward(  # type: ignore[no-untyped-def]
+        self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None
+    ) -> torch.Tensor:
         if self.world_size == 1:
-            return self.loss(embeddings, labels, indices_tuple)
+            return self.loss(embeddings, labels, indices_tuple)  # type: ignore[no-any-return]
         if self.mode == "local":
             out = self.loss(embeddings, labels, indices_tuple)
             return _with_value(out, _rank_mean(out.detach()))
@@ -330,7 +338,9 @@ def _with_value(out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out + (value - out).detach()
 
 
-def wrap_loss(loss: torch.nn.Module, miner, ctx: DistributedContext | None = None):
+def wrap_loss(
+    loss: torch.nn.Module, miner: torch.nn.Module | None, ctx: DistributedContext | None = None
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """(loss, miner) for this process: unchanged with one process; else :class:`DistributedLoss` and, for a
     gathered loss, PML's ``DistributedMinerWrapper(efficient=False)`` (mining on the gathered batch, indices in
     the order the wrapper's loss sees)."""
@@ -346,18 +356,22 @@ def wrap_loss(loss: torch.nn.Module, miner, ctx: DistributedContext | None = Non
     return wrapped, miner
 
 
-def cross_batch_memory(loss: torch.nn.Module, miner, embedding_size: int, memory_size: int):
+def cross_batch_memory(
+    loss: torch.nn.Module, miner: torch.nn.Module | None, embedding_size: int, memory_size: int
+) -> tuple[torch.nn.Module, None]:
     """(distributed cross-batch memory around ``loss`` with ``miner`` inside it, None): ``--cross-batch-memory``."""
-    from pml_rll.losses import DistributedCrossBatchMemory
+    from pml_rll.losses.distributed_cross_batch_memory import DistributedCrossBatchMemory
 
     return DistributedCrossBatchMemory(loss, embedding_size, memory_size=memory_size, miner=miner), None
 
 
-def cross_batch_support(entry, num_classes: int, embedding_size: int, ctx: DistributedContext | None = None):
+def cross_batch_support(
+    entry: Any, num_classes: int, embedding_size: int, ctx: DistributedContext | None = None
+) -> tuple[bool, str]:
     """(ok, why not) for wrapping a registry entry's loss in ``--cross-batch-memory``."""
     from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
 
-    from pml_rll.losses import RankedListLoss
+    from pml_rll.losses.ranked_list_loss import RankedListLoss
 
     from .registry import BuildContext
 

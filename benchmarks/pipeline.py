@@ -324,7 +324,7 @@ def run_one(
         dataloader_num_workers=num_workers,
     )
     if not main:  # DDP hook: ranks other than 0 train in step with rank 0 and write nothing
-        BenchmarkTrainer(**trainer_kwargs).train(num_epochs=cfg.epochs)
+        BenchmarkTrainer(**trainer_kwargs).train(num_epochs=cfg.epochs)  # type: ignore[no-untyped-call]
         return {}
     record_keeper, _, _ = logging_presets.get_record_keeper(
         os.path.join(log_dir, "logs"), os.path.join(log_dir, "tensorboard") if tensorboard else None

@@ -13,6 +13,10 @@ import os
 import shlex
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # DDP hook
+    from . import distributed
 
 DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
@@ -292,12 +296,16 @@ def main(argv: list[str] | None = None) -> int:
 
     dctx = distributed.setup(args.device)  # DDP hook: torchrun's process group (or the single process)
     try:
-        return _main(args, argv, dctx)
-    finally:
-        dctx.cleanup()
+        rc = _main(args, argv, dctx)
+    except BaseException:
+        dctx.cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier
+        raise
+    dctx.cleanup()
+    return rc
 
 
-def _main(args, argv, dctx) -> int:  # DDP hook: the body of main, unchanged except where marked
+# DDP hook: the body of main, unchanged except where marked
+def _main(args: argparse.Namespace, argv: list[str] | None, dctx: distributed.DistributedContext) -> int:
     import torch
     import tqdm
 
@@ -366,6 +374,7 @@ def _main(args, argv, dctx) -> int:  # DDP hook: the body of main, unchanged exc
     available, skipped = [], []
     for n in loss_names:
         ok, why = REGISTRY[n].available()
+        why = why and f"not importable ({why})"  # DDP hook: the reason moved here from the print below
         if ok and cfg.cross_batch_memory:  # DDP hook: losses the cross-batch memory cannot wrap are skipped
             ok, why = distributed.cross_batch_support(REGISTRY[n], bundle.num_train_classes, cfg.embedding_size)
         (available if ok else skipped).append(n if ok else (n, why))

@@ -54,15 +54,15 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
     ``enqueue_mask`` is not supported when gathering (the queries and the enqueued rows are then the same rows).
     """
 
-    def __init__(
+    def __init__(  # type: ignore[no-untyped-def]
         self, loss, embedding_size: int, memory_size: int = 1024, miner=None, gather_distributed: bool = True, **kwargs
-    ):
+    ) -> None:
         if not isinstance(gather_distributed, bool):
             raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
         self.gather_distributed = gather_distributed
 
-    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):  # type: ignore[no-untyped-def]
         gather = self.gather_distributed and dist.is_available() and dist.is_initialized()
         if not gather or dist.get_world_size() == 1:
             return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
@@ -83,11 +83,13 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
                 f"in memory_size={self.memory_size}"
             )
         self.reset_stats()
-        self.embedding_memory = c_f.to_device(self.embedding_memory, device=embeddings.device, dtype=embeddings.dtype)
-        self.label_memory = c_f.to_device(self.label_memory, device=embeddings.device, dtype=labels.dtype)
+        memory, memory_labels = self.embedding_memory, self.label_memory  # type: ignore[has-type]
+        self.embedding_memory = c_f.to_device(memory, device=embeddings.device, dtype=embeddings.dtype)
+        self.label_memory = c_f.to_device(memory_labels, device=embeddings.device, dtype=labels.dtype)
         self.add_to_memory(all_emb, all_labels, all_emb.shape[0])
         # memory rows of this rank's queries: their own copies, removed from the pairs below
-        self.curr_batch_idx = self.curr_batch_idx[offset : offset + embeddings.shape[0]]
+        global_positions: torch.Tensor = self.curr_batch_idx  # type: ignore[has-type]  # set by add_to_memory
+        self.curr_batch_idx = global_positions[offset : offset + embeddings.shape[0]]
         if self.has_been_filled:
             E_mem, L_mem = self.embedding_memory, self.label_memory
         else:
