@@ -70,43 +70,43 @@ def test_single_process_context_changes_nothing():
 LOSSES = ("triplet", "namr-rll", "proxy-anchor", "rll")  # gathered + miner, gathered NAMR, loss parameters, efficient
 
 
-def _first_step(name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Build a digits run as run_one does (same seeded parts and the same distributed hooks), take one training
-    step, return the gradients of the trunk and of the loss's own parameters, and the loss's distributed mode."""
-    from benchmarks.datasets import load_dataset
-    from benchmarks.pipeline import BenchmarkTrainer, RunConfig, build_models
-    from benchmarks.registry import REGISTRY, BuildContext
+class _FirstStepDone(Exception):
+    """Raised by the patched trainer after its first step, carrying the trainer out of run_one."""
 
-    bundle = load_dataset("digits")
-    cfg = RunConfig("digits", "mlp", 16, 32, 4, 1, 1, 1e-3, 0.0, "constant", 0, 256)
-    torch.manual_seed(30_011)
-    spec = REGISTRY[name].build(BuildContext(bundle.num_train_classes, cfg.embedding_size))
-    trunk, embedder, _, _ = build_models(cfg, bundle, 0, spec.namr)
-    trunk, embedder = distributed.wrap_model(trunk), distributed.wrap_model(embedder)
-    loss, miner = distributed.wrap_loss(spec.loss, spec.miner)
-    sampler = PairedMPerClassSampler(bundle.train_labels, cfg.m_per_class, cfg.batch_size, cfg.batch_size, seed=0)
-    sampler, batch_size = distributed.shard_sampler(sampler, cfg.batch_size)
-    params = [p for p in spec.loss.parameters() if p.requires_grad]
-    optimizers = {"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.0)}
-    if params:
-        optimizers["metric_loss_optimizer"] = torch.optim.SGD(params, lr=0.0)
-    torch.manual_seed(0)
-    trainer = BenchmarkTrainer(
-        models={"trunk": trunk, "embedder": embedder},
-        optimizers=optimizers,
-        batch_size=batch_size,
-        loss_funcs={"metric_loss": loss},
-        mining_funcs={"tuple_miner": miner} if miner is not None else {},
-        dataset=bundle.train,
-        sampler=sampler,
-        iterations_per_epoch=1,
-        dataloader_num_workers=0,
-    )
+    def __init__(self, trainer):
+        super().__init__("first step done")
+        self.trainer = trainer
+
+
+def _one_step(trainer, *args, **kwargs):
     trainer.initialize_dataloader()
     trainer.set_to_train()
-    trainer.forward_and_backward()
-    grads = {f"trunk.{k}": p.grad.clone() for k, p in distributed.unwrap(trunk).named_parameters()}
-    grads.update({f"loss.{i}": p.grad.clone() for i, p in enumerate(params)})
+    trainer.forward_and_backward()  # the optimizers step, the gradients stay in .grad
+    raise _FirstStepDone(trainer)
+
+
+def _first_step(name: str, log_dir: str) -> tuple[dict[str, torch.Tensor], str]:
+    """run_one on digits (with whatever distributed context is current), stopped after the first training step:
+    the gradients of the trunk and of the loss's own parameters, the loss value, and the loss's distributed mode."""
+    from benchmarks import pipeline
+    from benchmarks.datasets import load_dataset
+    from benchmarks.registry import REGISTRY
+
+    cfg = pipeline.RunConfig("digits", "mlp", 16, 32, 4, 1, 1, 1e-3, 0.0, "constant", 0, 256)
+    original = pipeline.BenchmarkTrainer.train
+    pipeline.BenchmarkTrainer.train = _one_step
+    try:
+        bundle = load_dataset("digits")
+        pipeline.run_one(bundle, REGISTRY[name], 0, cfg, torch.device("cpu"), log_dir, pbar_position=None)
+        raise AssertionError("run_one finished without training")
+    except _FirstStepDone as done:
+        trainer = done.trainer
+    finally:
+        pipeline.BenchmarkTrainer.train = original
+    loss = trainer.loss_funcs["metric_loss"]
+    trunk = distributed.unwrap(trainer.models["trunk"])
+    grads = {f"trunk.{k}": p.grad.clone() for k, p in trunk.named_parameters()}
+    grads.update({f"loss.{i}": p.grad.clone() for i, p in enumerate(loss.parameters()) if p.requires_grad})
     grads["loss_value"] = torch.as_tensor(trainer.losses["total_loss"]).detach().clone()
     return grads, getattr(loss, "mode", "single")
 
@@ -116,7 +116,7 @@ def _step_worker(rank, world, port, out):
     env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     ctx = distributed.setup("cpu", environ=dict(env, MASTER_PORT=str(port)))
-    results = {name: _first_step(name) for name in LOSSES}
+    results = {name: _first_step(name, os.path.join(os.path.dirname(out), f"logs{rank}")) for name in LOSSES}
     if rank == 0:  # a file, not a queue: a pipe blocks on large payloads while the parent waits in join
         torch.save(results, out)
     ctx.cleanup()
@@ -130,7 +130,7 @@ def test_first_step_gradients_equal_one_process_on_the_global_batch(one_thread, 
     modes = {n: got[n][1] for n in LOSSES}
     assert modes == {"triplet": "gather", "namr-rll": "gather", "proxy-anchor": "gather", "rll": "efficient"}
     for name in LOSSES:
-        single, _ = _first_step(name)
+        single, _ = _first_step(name, str(tmp_path / "single"))
         multi = got[name][0]
         assert multi.keys() == single.keys()
         assert any(k.startswith("loss.") for k in single) == (name == "proxy-anchor")
