@@ -124,8 +124,13 @@ def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     return all(k in env for k in TORCHRUN_VARIABLES)
 
 
-def _process_device(arg: str, local_rank: int) -> torch.device:
+def _process_device(arg: str, local_rank: int, local_world_size: int = 1) -> torch.device:
     """``--device`` for one process: ``auto`` and ``cuda`` (no index) mean the GPU numbered LOCAL_RANK."""
+    if arg.startswith("cuda:") and local_world_size > 1:
+        raise ValueError(
+            f"--device {arg} would put all {local_world_size} processes of this node on one GPU; "
+            "pass --device cuda (or auto): each process then takes the GPU numbered by its LOCAL_RANK"
+        )
     if arg in ("auto", "cuda") and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise ValueError(
@@ -150,7 +155,7 @@ def setup(
         _CURRENT = DistributedContext(device=resolve_device(device_arg))
         return _CURRENT
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
-    device = _process_device(device_arg, local_rank)
+    device = _process_device(device_arg, local_rank, int(env.get("LOCAL_WORLD_SIZE", "1")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

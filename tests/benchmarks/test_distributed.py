@@ -63,6 +63,9 @@ def test_single_process_context_changes_nothing():
     assert ctx.broadcast_object({"a": 1}) == {"a": 1}
     with pytest.raises(ValueError, match="mode"):
         distributed.DistributedLoss(loss, "fast", 2)
+    with pytest.raises(ValueError, match="one GPU"):
+        distributed._process_device("cuda:0", 1, local_world_size=2)
+    assert distributed._process_device("cpu", 1, local_world_size=2) == torch.device("cpu")
 
 
 # ---- one training step, 2 gloo processes against one process -----------------------------------------------------
