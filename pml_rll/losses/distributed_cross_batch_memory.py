@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .cross_batch_memory import CrossBatchMemory
 
@@ -51,7 +52,10 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
         gather_distributed: ``True`` (default): fill the memory with the global batch when a process group is
             initialised. ``False``: behave like :class:`CrossBatchMemory` in each process (per-rank memories).
 
-    ``enqueue_mask`` is not supported when gathering (the queries and the enqueued rows are then the same rows).
+    Each gathering call runs the base class's ``forward`` with the concatenation ``[own rows; global batch]`` and
+    an ``enqueue_mask`` selecting the global batch, so the base class's input checks and memory handling apply;
+    ``enqueue_mask`` and ``indices_tuple`` of the caller are therefore not supported when gathering (give the
+    memory a ``miner``). The global batch must fit in ``memory_size``.
     """
 
     def __init__(  # type: ignore[no-untyped-def]
@@ -61,17 +65,17 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
             raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
         self.gather_distributed = gather_distributed
+        self._query_slice: slice | None = None  # this rank's rows in the global batch, during a gathering call
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):  # type: ignore[no-untyped-def]
         gather = self.gather_distributed and dist.is_available() and dist.is_initialized()
         if not gather or dist.get_world_size() == 1:
             return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
-        if enqueue_mask is not None:
-            raise ValueError("enqueue_mask is not supported with gather_distributed=True under torch.distributed")
+        for name, value in (("enqueue_mask", enqueue_mask), ("indices_tuple", indices_tuple)):
+            if value is not None:  # (give the memory a miner instead of an indices_tuple)
+                raise ValueError(f"{name} is not supported with gather_distributed=True under torch.distributed")
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise ValueError("embeddings must be a 2-D tensor (batch, embedding_size)")
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings have width {embeddings.shape[1]}, embedding_size is {self.embedding_size}")
         labels = c_f.to_device(labels, device=embeddings.device)
         if not isinstance(labels, torch.Tensor) or labels.shape != embeddings.shape[:1]:
             raise ValueError("labels must be a 1-D tensor with one label per embedding")
@@ -79,20 +83,32 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
         all_labels, _ = _gather_in_rank_order(labels)
         if all_emb.shape[0] > self.memory_size:
             raise ValueError(
-                f"the global batch ({all_emb.shape[0]} rows over {dist.get_world_size()} processes) does not fit "
-                f"in memory_size={self.memory_size}"
+                f"embeddings: the global batch ({all_emb.shape[0]} rows over {dist.get_world_size()} processes) "
+                f"exceeds memory_size={self.memory_size}"
             )
-        self.reset_stats()
-        memory, memory_labels = self.embedding_memory, self.label_memory  # type: ignore[has-type]
-        self.embedding_memory = c_f.to_device(memory, device=embeddings.device, dtype=embeddings.dtype)
-        self.label_memory = c_f.to_device(memory_labels, device=embeddings.device, dtype=labels.dtype)
-        self.add_to_memory(all_emb, all_labels, all_emb.shape[0])
-        # memory rows of this rank's queries: their own copies, removed from the pairs below
-        global_positions: torch.Tensor = self.curr_batch_idx  # type: ignore[has-type]  # set by add_to_memory
-        self.curr_batch_idx = global_positions[offset : offset + embeddings.shape[0]]
-        if self.has_been_filled:
-            E_mem, L_mem = self.embedding_memory, self.label_memory
-        else:
-            E_mem, L_mem = self.embedding_memory[: self.queue_idx], self.label_memory[: self.queue_idx]
-        indices_tuple = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, True)
-        return self.loss(embeddings, labels, indices_tuple, E_mem, L_mem)
+        n = embeddings.shape[0]
+        # the base class's forward: queries = this rank's rows (with gradient), enqueued = the global batch
+        enqueue = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(all_emb.shape[0], dtype=torch.bool)])
+        self._query_slice = slice(offset, offset + n)
+        try:
+            return super().forward(
+                torch.cat([embeddings, all_emb.to(embeddings.dtype)]),
+                torch.cat([labels, all_labels]),
+                None,
+                enqueue.to(embeddings.device),
+            )
+        finally:
+            self._query_slice = None
+
+    def create_indices_tuple(  # type: ignore[no-untyped-def]
+        self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons
+    ):
+        """The base class's pairs; when gathering, without the pair of each query and its own copy in the memory
+        (the base class removes them only when the queries are the enqueued rows)."""
+        indices_tuple = super().create_indices_tuple(
+            embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons
+        )
+        if self._query_slice is not None:
+            own_slots = self.curr_batch_idx[self._query_slice]  # type: ignore[has-type]  # set when enqueuing
+            indices_tuple = lmu.remove_self_comparisons(indices_tuple, own_slots, self.memory_size)
+        return indices_tuple

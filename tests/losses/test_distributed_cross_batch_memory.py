@@ -40,6 +40,14 @@ def _worker(rank, port, path):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     for loss_name in LOSSES:
         _steps(rank, loss_name, f"{path}.{loss_name}")
+    small = losses.DistributedCrossBatchMemory(losses.RankedListLoss(0.4), DIM, memory_size=WORLD * LOCAL - 1)
+    x, y = _batches()[0]
+    try:  # each rank's batch fits, the global batch does not
+        small(x[:LOCAL], y[:LOCAL])
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    torch.save((refused, int(small.queue_idx)), f"{path}.small.{rank}")
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort the process after the work is done
@@ -86,6 +94,12 @@ def test_every_rank_holds_the_memory_of_one_process_on_the_global_batch(loss_nam
             mean = sum(ranks[r][step][0] for r in range(WORLD)) / WORLD
             assert torch.allclose(mean, loss.detach(), atol=1e-6)
     assert single.has_been_filled  # the memory wrapped around during the test
+
+
+def test_a_global_batch_larger_than_the_memory_is_refused(two_ranks):
+    for r in range(WORLD):
+        refused, queue_idx = torch.load(f"{two_ranks}.small.{r}")
+        assert "exceeds memory_size" in refused and queue_idx == 0
 
 
 def test_without_process_group_it_is_the_plain_memory():
