@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from . import distributed
@@ -338,11 +338,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
     d = DATASET_DEFAULTS[args.dataset]
 
-    def pick(name):
+    def pick(name: str) -> Any:
         v = getattr(args, name)
         return d[name] if v is None else v
 
-    def fail(msg: str):
+    def fail(msg: str) -> NoReturn:
         parser.error(msg)
 
     for opt, name, lo in (
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         dctx.cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier
         raise
-    dctx.cleanup()
+    dctx.cleanup(barrier=rc == 0)  # interrupted: rank 0 sent the other ranks no end of work, so no barrier
     return rc
 
 
@@ -524,7 +524,7 @@ def _main(
     args: argparse.Namespace,
     argv: list[str] | None,
     parser: argparse.ArgumentParser,
-    v: dict,
+    v: dict[str, Any],
     dctx: distributed.DistributedContext,
 ) -> int:
     """The body of :func:`main` in every process; under torchrun only rank 0 talks to the store and writes."""
@@ -703,9 +703,8 @@ def _main(
         )
 
     store = ResultStore(v["storage"], lease_seconds=args.lease)
-    records: list[
-        dict
-    ] = []  # a tuned configuration equal to the defaults is one stored run, listed under both variants
+    # a tuned configuration equal to the defaults is one stored run, listed under both variants
+    records: list[dict[str, Any]] = []
     for it in untuned + tuned:
         rec = store.get(it.key, it.seed)
         if rec is not None:

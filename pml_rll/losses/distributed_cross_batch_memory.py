@@ -109,6 +109,6 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
             embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons
         )
         if self._query_slice is not None:
-            own_slots = self.curr_batch_idx[self._query_slice]  # type: ignore[has-type]  # set when enqueuing
+            own_slots = self.curr_batch_idx[self._query_slice]  # set when enqueuing
             indices_tuple = lmu.remove_self_comparisons(indices_tuple, own_slots, self.memory_size)
         return indices_tuple

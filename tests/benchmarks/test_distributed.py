@@ -220,7 +220,7 @@ def test_torchrun_cross_batch_memory_trains_like_one_process(tmp_path):
 def test_torchrun_tune_every_rank_trains_rank_0s_trials(tmp_path):
     out = str(tmp_path / "tune")
     args = ["--losses", "rll", "--seeds", "1", "--epochs", "1", "--iterations-per-epoch", "2", "--eval-every", "0"]
-    args += ["--tune", "--trials", "2", "--folds", "2", "--set", "rll.margin=0.5"]
+    args += ["--tune", "--trials", "2", "--folds", "2", "--batch-size", "32", "--set", "rll.margin=0.5"]
     proc = _torchrun(args, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folds, trials, runs = (_stored(out, k) for k in ("fold", "trial", "run"))
