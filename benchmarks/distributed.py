@@ -18,6 +18,9 @@ What one run does with W processes (choices of this runner, each documented in t
   gets). Miners of gathered losses are wrapped in PML's ``DistributedMinerWrapper``. With ``--cross-batch-memory``
   the loss is a :class:`pml_rll.losses.DistributedCrossBatchMemory` (every rank holds the same memory).
 * Rank 0 evaluates and writes results, logs and reports; the other ranks write nothing and print nothing.
+* Only rank 0 talks to the results store and to Optuna (claims, resume, tuning trials): every task it starts
+  (a run, or one fold of a ``--tune`` trial) is sent to the other ranks (:func:`broadcast_task`), which train it
+  in step with rank 0 (:func:`follow`) until rank 0 sends the end of the work.
 """
 
 from __future__ import annotations

@@ -55,6 +55,11 @@ def test_single_process_context_changes_nothing():
     ctx = distributed.setup("cpu", environ={})
     assert not ctx.is_distributed and ctx.is_main and ctx.describe() == {"world_size": 1, "backend": None}
     assert not distributed.launched_by_torchrun({"RANK": "0"})
+    env = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="x", MASTER_PORT="1")
+    assert distributed.launch_world_size(env) == 2 and distributed.launch_world_size({}) == 1
+    assert distributed.process_device("cpu", env) == torch.device("cpu")
+    with pytest.raises(ValueError, match="one GPU"):
+        distributed.process_device("cuda:0", env)
     model, loss = torch.nn.Linear(3, 2), torch.nn.MSELoss()
     s = [1, 2, 3]
     assert distributed.wrap_model(model) is model
