@@ -474,7 +474,6 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         out_dir=out_dir,
         storage=storage,
         skipped=skipped,
-        world_size=world,
     )
 
 
