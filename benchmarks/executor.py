@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from typing import Any, Protocol
 
+from . import distributed
+
 _BUNDLES: dict[tuple[Any, ...], Any] = {}
 _FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
 
@@ -63,7 +65,8 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     else:
         bundle.test_sealed = False
         data = bundle
-    shutil.rmtree(task["log_dir"], ignore_errors=True)  # a restarted run starts clean logs
+    if distributed.current().is_main:  # under torchrun only rank 0 writes logs (the others train in step)
+        shutil.rmtree(task["log_dir"], ignore_errors=True)  # a restarted run starts clean logs
     t0 = time.perf_counter()
     rec = run_one(
         data,
@@ -104,7 +107,8 @@ def _watch_parent(parent: int) -> None:
 
 
 class WorkerPool:
-    """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``.
+    """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``
+    (under torchrun, on rank 0, with every task sent to the other ranks first: ``benchmarks.distributed.follow``).
 
     Args:
         jobs: number of tasks that run at once.
@@ -124,6 +128,7 @@ class WorkerPool:
         if self._pool is not None:
             return self._pool.submit(execute, job, dict(task, pbar_position=None))
         fut: cf.Future[Any] = cf.Future()
+        distributed.broadcast_task(task)  # under torchrun the other ranks train the same task in step
         try:
             fut.set_result(execute(job, dict(task, pbar_position=1)))
         except Exception as e:  # noqa: BLE001 - handed to the task's source like a worker's exception

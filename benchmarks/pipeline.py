@@ -29,6 +29,7 @@ import tqdm
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from . import distributed
 from .datasets import DatasetBundle
 from .metrics import NAMRAccuracyCalculator, RetrievalAccuracyCalculator, summarize
 from .registry import BuildContext, LossEntry, LossSpec
@@ -57,9 +58,13 @@ class RunConfig:
     image_size: int | None = None
     pretrained: bool = True
     namr_candidates: int = 32
+    cross_batch_memory: int = 0  # DDP hook: memory size of --cross-batch-memory (0: off)
 
     def key(self) -> dict:
-        return asdict(self)
+        k = asdict(self)
+        if not k["cross_batch_memory"]:  # DDP hook: configurations without a memory keep their earlier hash
+            del k["cross_batch_memory"]
+        return k
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -261,7 +266,9 @@ def run_one(
     ``benchmarks/namr_diagnose.py``)."""
     from pytorch_metric_learning.utils import logging_presets
 
-    os.makedirs(log_dir, exist_ok=True)
+    main = distributed.current().is_main  # DDP hook: only rank 0 logs, evaluates and returns a record
+    if main:
+        os.makedirs(log_dir, exist_ok=True)
     if device.type == "cuda":  # same convolution algorithms for every loss (GPU runs are still not bitwise exact)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -270,6 +277,12 @@ def run_one(
     spec: LossSpec = entry.build(ctx, hparams)
     trunk, embedder, trunk_note = build_models(cfg, bundle, seed, spec.namr)
     trunk, embedder, loss = trunk.to(device), embedder.to(device), spec.loss.to(device)
+    miner = spec.miner
+    if cfg.cross_batch_memory:  # DDP hook: --cross-batch-memory
+        loss, miner = distributed.cross_batch_memory(loss, miner, cfg.embedding_size, cfg.cross_batch_memory)
+        loss = loss.to(device)
+    trunk, embedder = distributed.wrap_model(trunk), distributed.wrap_model(embedder)  # DDP hook
+    loss, miner = distributed.wrap_loss(loss, miner)  # DDP hook
     torch.manual_seed(seed)  # the global RNG that miners use starts from the same state too
 
     optimizers = {
@@ -292,6 +305,23 @@ def run_one(
     sampler = PairedMPerClassSampler(
         bundle.train_labels, cfg.m_per_class, cfg.batch_size, cfg.iterations_per_epoch * cfg.batch_size, seed
     )
+    sampler, process_batch_size = distributed.shard_sampler(sampler, cfg.batch_size)  # DDP hook
+    trainer_kwargs = dict(  # DDP hook: built here so that the other ranks can train without hooks
+        models={"trunk": trunk, "embedder": embedder},
+        optimizers=optimizers,
+        batch_size=process_batch_size,
+        loss_funcs={"metric_loss": loss},
+        mining_funcs={"tuple_miner": miner} if miner is not None else {},
+        dataset=bundle.train,
+        sampler=sampler,
+        iterations_per_epoch=cfg.iterations_per_epoch,
+        lr_schedulers=lr_schedulers,
+        data_device=device,
+        dataloader_num_workers=num_workers,
+    )
+    if not main:  # DDP hook: ranks other than 0 train in step with rank 0 and write nothing
+        BenchmarkTrainer(**trainer_kwargs).train(num_epochs=cfg.epochs)  # type: ignore[no-untyped-call]
+        return {}
     record_keeper, _, _ = logging_presets.get_record_keeper(
         os.path.join(log_dir, "logs"), os.path.join(log_dir, "tensorboard") if tensorboard else None
     )
@@ -341,17 +371,7 @@ def run_one(
 
     untrained = evaluate(0) if cfg.eval_every > 0 else None
     trainer = BenchmarkTrainer(
-        models={"trunk": trunk, "embedder": embedder},
-        optimizers=optimizers,
-        batch_size=cfg.batch_size,
-        loss_funcs={"metric_loss": loss},
-        mining_funcs={"tuple_miner": spec.miner} if spec.miner is not None else {},
-        dataset=bundle.train,
-        sampler=sampler,
-        iterations_per_epoch=cfg.iterations_per_epoch,
-        lr_schedulers=lr_schedulers,
-        data_device=device,
-        dataloader_num_workers=num_workers,
+        **trainer_kwargs,  # DDP hook: the arguments moved up
         end_of_iteration_hook=hooks.end_of_iteration_hook,
         end_of_epoch_hook=end_of_epoch,
     )
@@ -391,4 +411,5 @@ def run_one(
         "trunk": trunk_note,
         "log_dir": log_dir,
         **({"after_training": extra} if extra is not None else {}),
+        **distributed.current().describe(),  # DDP hook: world_size, backend
     }

@@ -4,6 +4,7 @@ python -m benchmarks.run                      # digits, every registered loss, d
 python -m benchmarks.run --dataset omniglot --data-root DIR   # unseen-class retrieval, alphabet split
 python -m benchmarks.run --tune --trials 8 --folds 2          # tune every loss alike, then test (Reality Check)
 python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
+torchrun --nproc_per_node 2 -m benchmarks.run # data-parallel (DDP) training, see benchmarks/distributed.py
 
 Every option is checked before any data is loaded (exit code 2 with a message naming the option). Results live in
 a database (``results.db`` in ``--out``, or ``--storage URL``); results.jsonl/csv/md/png are exports of it.
@@ -20,6 +21,10 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from . import distributed
 
 DATASET_DEFAULTS = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
@@ -255,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tensorboard", action="store_true", help="also write tensorboard event files per run")
     p.add_argument("--save-models", action="store_true", help="save the models of every epoch (PML preset)")
+    p.add_argument(
+        "--cross-batch-memory",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="train through a cross-batch memory of SIZE embeddings (at least one batch); under torchrun every "
+        "process fills it with the gathered global batch. Losses it cannot wrap are skipped (default 0: off)",
+    )
     p.add_argument("--list", action="store_true", help="print the loss registry (after --config/--set) and exit")
     return p
 
@@ -317,7 +330,7 @@ def _check_out(out_dir: str) -> None:
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """Check every option before any data is loaded; ``parser.error`` (exit 2) names the first bad one."""
-    from .common import resolve_device
+    from . import distributed
     from .config import build_registry
     from .datasets import DATA_ENV, default_data_root
     from .pipeline import RunConfig
@@ -325,11 +338,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
     d = DATASET_DEFAULTS[args.dataset]
 
-    def pick(name):
+    def pick(name: str) -> Any:
         v = getattr(args, name)
         return d[name] if v is None else v
 
-    def fail(msg: str):
+    def fail(msg: str) -> NoReturn:
         parser.error(msg)
 
     for opt, name, lo in (
@@ -364,6 +377,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         fail(f"--lease must be > 0 seconds, got {args.lease}")
     if pick("batch_size") % pick("m_per_class"):
         fail(f"--batch-size {pick('batch_size')} must be a multiple of --m-per-class {pick('m_per_class')}")
+    world = distributed.launch_world_size()
+    if world > 1 and args.jobs > 1:
+        fail("--jobs > 1 cannot be combined with torchrun: each run already uses every process")
+    if pick("batch_size") % world:
+        fail(f"--batch-size {pick('batch_size')} must be a multiple of the {world} processes started by torchrun")
+    if args.cross_batch_memory < 0:
+        fail(f"--cross-batch-memory must be >= 0, got {args.cross_batch_memory}")
+    if 0 < args.cross_batch_memory < pick("batch_size"):
+        fail(f"--cross-batch-memory {args.cross_batch_memory} must hold one batch ({pick('batch_size')})")
     if args.test_alphabets is not None:
         if args.dataset != "omniglot":
             fail("--test-alphabets applies to --dataset omniglot only")
@@ -388,12 +410,23 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         except (TypeError, ValueError, AttributeError, ImportError) as e:
             src = "--set" if n in registry.overrides else ("--config" if args.config else "registry")
             fail(f"{src}: loss {n!r} cannot be built with these hyper-parameters: {type(e).__name__}: {e}")
+    skipped = []
+    if args.cross_batch_memory:  # losses the memory cannot wrap are skipped, with the reason printed
+        for n in list(loss_names):
+            ok, why = distributed.cross_batch_support(
+                registry.entries[n], registry.overrides.get(n), ctx.num_classes, ctx.embedding_size, world
+            )
+            if not ok:
+                loss_names.remove(n)
+                skipped.append((n, why))
+        if not loss_names:
+            fail(f"--cross-batch-memory: no selected loss can be wrapped ({'; '.join(w for _, w in skipped)})")
     if args.tune:
         untunable = [n for n in loss_names if not registry.entries[n].search_space()]
         if untunable:
             print(f"note: {untunable} have no search space; --tune reports them untuned", file=sys.stderr)
     try:
-        device = resolve_device(args.device)
+        device = distributed.process_device(args.device)  # under torchrun: the GPU of LOCAL_RANK
     except ValueError as e:
         fail(str(e))
     data_root = args.data_root or default_data_root(args.dataset)
@@ -402,10 +435,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     if data_root and not args.download and not os.path.exists(data_root):
         fail(f"--data-root {data_root}: does not exist")
     out_dir = args.out or os.path.join("results", args.dataset)
-    try:
-        _check_out(out_dir)
-    except ValueError as e:
-        fail(str(e))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes (the folder may be on its node only)
+        try:
+            _check_out(out_dir)
+        except ValueError as e:
+            fail(str(e))
     storage = args.storage or "sqlite:///" + os.path.join(os.path.abspath(out_dir), "results.db")
     try:
         import sqlalchemy
@@ -428,6 +462,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         eval_batch_size=pick("eval_batch_size"),
         image_size=args.image_size,
         pretrained=not args.no_pretrained,
+        cross_batch_memory=args.cross_batch_memory,
     )
     return dict(
         cfg=cfg,
@@ -438,6 +473,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         data_root=data_root,
         out_dir=out_dir,
         storage=storage,
+        skipped=skipped,
     )
 
 
@@ -471,29 +507,52 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     v = validate(args, parser)
 
+    from . import distributed
+
+    dctx = distributed.setup(args.device)  # torchrun's process group (or the single process)
+    try:
+        rc = _main(args, argv, parser, v, dctx)
+    except BaseException:
+        dctx.cleanup(barrier=False)  # the other ranks may be inside another collective: no barrier
+        raise
+    dctx.cleanup(barrier=rc == 0)  # interrupted: rank 0 sent the other ranks no end of work, so no barrier
+    return rc
+
+
+def _main(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    v: dict[str, Any],
+    dctx: distributed.DistributedContext,
+) -> int:
+    """The body of :func:`main` in every process; under torchrun only rank 0 talks to the store and writes."""
     import torch
     import tqdm
 
-    from . import report
+    from . import distributed, report
     from .common import environment_info
     from .datasets import DatasetUnavailableError, class_folds, load_dataset, root_identity, split_identity
     from .executor import WorkerPool, preload, schedule
     from .sources import Context, RunItem, RunSource, TuneSource
     from .store import ResultStore
 
-    cfg, seeds, registry, loss_names, device = v["cfg"], v["seeds"], v["registry"], v["loss_names"], v["device"]
+    cfg, seeds, registry, loss_names, device = v["cfg"], v["seeds"], v["registry"], v["loss_names"], dctx.device
     out_dir = v["out_dir"]
     t_start = time.time()
     threads = args.threads if args.threads > 0 else (1 if device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
-    try:
-        store = ResultStore(v["storage"], lease_seconds=args.lease)
-    except Exception as e:  # noqa: BLE001 - cannot open the database: a bad option
-        parser.error(f"--storage {v['storage']}: cannot open the results store ({type(e).__name__}: {e})")
+    store = None
+    if dctx.is_main:  # under torchrun only rank 0 talks to the store (claims, resume, records)
+        try:
+            store = ResultStore(v["storage"], lease_seconds=args.lease)
+        except Exception as e:  # noqa: BLE001 - cannot open the database: a bad option
+            parser.error(f"--storage {v['storage']}: cannot open the results store ({type(e).__name__}: {e})")
     test_alphabets = [a.strip() for a in args.test_alphabets.split(",") if a.strip()] if args.test_alphabets else None
     try:
-        bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
+        with dctx.main_first():  # rank 0 downloads first
+            bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
     except DatasetUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -519,6 +578,25 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     workers = args.workers if args.workers is not None else (4 if bundle.input_kind == "rgb" else 0)
+    job = dict(
+        dataset=args.dataset,
+        data_root=args.data_root,  # None: the loaders read $PML_RLL_DATA themselves (and name it so)
+        download=args.download,
+        image_size=args.image_size,
+        test_alphabets=test_alphabets,
+        cfg=cfg,
+        device=str(device),
+        workers=workers,
+        tensorboard=args.tensorboard,
+        save_models=args.save_models,
+        threads=threads,
+        sys_path=[os.path.dirname(os.path.abspath(args.config))] if args.config else [],
+    )
+    preload(job, bundle)
+    if not dctx.is_main:  # the other ranks train rank 0's tasks in step with it, and write nothing
+        distributed.follow(job, dctx)
+        return 0
+    assert store is not None
     env = environment_info(device)
     command = "python -m benchmarks.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
@@ -528,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": split_identity(bundle),
         "data": root_identity(bundle.info.get("root")) if bundle.info.get("root") else {"builtin": args.dataset},
         "config": cfg.key(),
-        "world_size": 1,
+        "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
     }
     # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
@@ -538,6 +616,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
     print(f"losses ({len(loss_names)}): {', '.join(loss_names)}; seeds: {seeds}; store: {v['storage']}")
+    if dctx.is_distributed:
+        print(f"distributed: {dctx.world_size} processes, backend {dctx.backend}")
+    for n, why in v["skipped"]:
+        print(f"skipping {n}: {why}")
     for n, ov in registry.overrides.items():
         if n in loss_names:
             print(f"--set {n}: {ov}")
@@ -583,21 +665,6 @@ def main(argv: list[str] | None = None) -> int:
         on_record=on_record,
         tune_meta={"sampler": sampler_meta},
     )
-    job = dict(
-        dataset=args.dataset,
-        data_root=args.data_root,  # None: the loaders read $PML_RLL_DATA themselves (and name it so)
-        download=args.download,
-        image_size=args.image_size,
-        test_alphabets=test_alphabets,
-        cfg=cfg,
-        device=str(device),
-        workers=workers,
-        tensorboard=args.tensorboard,
-        save_models=args.save_models,
-        threads=threads,
-        sys_path=[os.path.dirname(os.path.abspath(args.config))] if args.config else [],
-    )
-    preload(job, bundle)
     untuned = [
         RunItem.make(ctx, registry.entries[n], registry.hparams(n), s, "untuned") for s in seeds for n in loss_names
     ]
@@ -619,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             hp = dict(t.hparams, **best["params"]) if best else t.hparams
             tuned += [RunItem.make(ctx, t.entry, hp, s, "tuned") for s in seeds]
         schedule(pool, job, [RunSource(ctx, untuned), RunSource(ctx, tuned)], ctx.poll_seconds)
+        distributed.broadcast_task(None)  # under torchrun: the other ranks leave their loop
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -634,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     store = ResultStore(v["storage"], lease_seconds=args.lease)
-    records = []  # a tuned configuration equal to the defaults is one stored run, listed under both variants
+    # a tuned configuration equal to the defaults is one stored run, listed under both variants
+    records: list[dict[str, Any]] = []
     for it in untuned + tuned:
         rec = store.get(it.key, it.seed)
         if rec is not None:
@@ -652,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.iterations_per_epoch} iterations, Adam lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
         f"{cfg.schedule} schedule.\n\n"
         f"Machine: {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs), torch {env['torch']}, "
-        f"PML {env['pytorch_metric_learning']}, {env['torch_threads']} torch threads, {args.jobs} parallel runs.\n\n"
+        f"PML {env['pytorch_metric_learning']}, {env['torch_threads']} torch threads, {args.jobs} parallel runs"
+        + (f", each trained by {dctx.world_size} DDP processes ({dctx.backend})" if dctx.is_distributed else "")
+        + ".\n\n"
         f"Command: `{command.strip()}`: {counts['ran']} runs/trials made and {counts['skipped']} reused from the "
         f"store in {elapsed:.0f} s" + (" (interrupted)" if interrupted else "") + ".\n"
     )
@@ -684,4 +755,9 @@ def _raise_interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # skip interpreter teardown, where gloo's threads
+        sys.stdout.flush()  # sometimes abort the process after the work is done and the group destroyed
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

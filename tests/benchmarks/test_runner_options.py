@@ -48,6 +48,9 @@ BAD = [
     (["--test-alphabets", "Latin"], "--test-alphabets applies to --dataset omniglot only"),
     (["--lease", "0"], "--lease must be > 0"),
     (["--storage", "not a url"], "--storage"),
+    (["--cross-batch-memory", "-1"], "--cross-batch-memory must be >= 0"),
+    (["--cross-batch-memory", "10"], "--cross-batch-memory 10 must hold one batch (64)"),
+    (["--cross-batch-memory", "128", "--losses", "namr-rll"], "--cross-batch-memory: no selected loss can be wrapped"),
 ]
 
 
@@ -87,3 +90,23 @@ def test_bad_config_files(no_data, tmp_path, capsys):
             main(["--config", str(path), "--out", str(tmp_path / "out")])
         assert exc.value.code == 2, text
         assert message in capsys.readouterr().err, text
+
+
+TORCHRUN_BAD = [
+    (["--jobs", "2"], "--jobs > 1 cannot be combined with torchrun"),
+    (["--batch-size", "24", "--m-per-class", "4"], "--batch-size 24 must be a multiple of the 5 processes"),
+    (["--device", "cuda:0"], "--device"),
+]
+
+
+@pytest.mark.parametrize("argv,message", TORCHRUN_BAD, ids=[" ".join(a) for a, _ in TORCHRUN_BAD])
+def test_bad_option_under_torchrun_exits_2_before_joining_the_group(
+    argv, message, no_data, tmp_path, capsys, monkeypatch
+):
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="5", LOCAL_WORLD_SIZE="5", MASTER_ADDR="127.0.0.1")
+    for k, v in dict(env, MASTER_PORT="1").items():  # a group joined at this port would fail, not hang
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
