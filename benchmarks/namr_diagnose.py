@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,7 +182,7 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
     structure = namr_loss.structure_loss(F_namr.pack(xg, s))
     g_metric = torch.autograd.grad(metric, x, retain_graph=True, allow_unused=True)[0]
     g_struct = torch.autograd.grad(structure, x, allow_unused=True)[0]
-    out = {"metric_loss": float(metric), "structure_loss": float(structure)}
+    out: dict[str, Any] = {"metric_loss": float(metric), "structure_loss": float(structure)}
     if g_metric is not None and g_struct is not None:
         gm, gs = g_metric.flatten(), namr_loss.structure_weight * g_struct.flatten()
         out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(gm, gs, dim=0))
@@ -275,7 +276,6 @@ def evaluate_embeddings(packed: torch.Tensor, labels: torch.Tensor, d: int, norm
     out["top1_fixed"] = float((changed & new_hit & ~old_hit).double().mean())
     out["top1_broken"] = float((changed & old_hit & ~new_hit).double().mean())
     # s against local structure
-    spread_corr, density = [], []
     classes = labels.unique()
     class_var = torch.stack([x[labels == c].var(0) for c in classes])  # C x d
     class_of = torch.searchsorted(classes, labels)
@@ -451,7 +451,7 @@ def choose(records: list[dict], min_seeds: int = 2) -> tuple[str, dict[str, str]
         for k, v in namr[0]["after_training"].items()
         if isinstance(v, list) and k != "plain" and not k.startswith("control") and not k.endswith("_k1")
     ]
-    gain = {k: np.mean([_namr_map(r, k) - _namr_map(r, "plain") for r in namr]) for k in keys}
+    gain = {k: float(np.mean([_namr_map(r, k) - _namr_map(r, "plain") for r in namr])) for k in keys}
 
     def rank(k: str) -> float:
         return gain[k] - (SYMMETRIC_MARGIN if k.startswith("symmetric") else 0.0)

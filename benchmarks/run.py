@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from . import distributed
 
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
     "digits": dict(
         trunk="mlp",
@@ -533,7 +533,7 @@ def _main(
     from . import distributed, report
     from .common import environment_info
     from .datasets import DatasetUnavailableError, class_folds, load_dataset, root_identity, split_identity
-    from .executor import WorkerPool, preload, schedule
+    from .executor import Source, WorkerPool, preload, schedule
     from .sources import Context, RunItem, RunSource, TuneSource
     from .store import ResultStore
 
@@ -604,7 +604,7 @@ def _main(
     common_key = {
         "dataset": args.dataset,
         "split": split_identity(bundle),
-        "data": root_identity(bundle.info.get("root")) if bundle.info.get("root") else {"builtin": args.dataset},
+        "data": root_identity(str(bundle.info["root"])) if bundle.info.get("root") else {"builtin": args.dataset},
         "config": cfg.key(),
         "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
@@ -678,8 +678,10 @@ def _main(
         store.start_heartbeat()
         if args.tune:
             bundle.test_sealed = True
+            assert folds is not None  # made with the tuning options above
             tuners = [TuneSource(ctx, registry.entries[n], registry.hparams(n), folds, args.trials) for n in loss_names]
-            schedule(pool, job, tuners, ctx.poll_seconds)
+            tuning_sources: list[Source] = list(tuners)
+            schedule(pool, job, tuning_sources, ctx.poll_seconds)
             bundle.test_sealed = False
         for t in tuners:
             best = t.best

@@ -131,7 +131,8 @@ def cluster_centres(mu: torch.Tensor, sigma: torch.Tensor, t_values: Sequence[fl
     values are kept."""
     t = torch.as_tensor(list(t_values), dtype=mu.dtype, device=mu.device)
     eta = torch.maximum(floor * mu, mu - t * sigma)
-    return torch.unique(eta.detach()).flip(0)
+    unique: torch.Tensor = torch.unique(eta.detach())
+    return unique.flip(0)
 
 
 def per_anchor_statistics(x: torch.Tensor, neighbourhood_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

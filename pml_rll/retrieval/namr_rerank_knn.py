@@ -140,7 +140,7 @@ class NAMRReRankKNN:
             self.reference_x, self.reference_s = new, new_s
         else:
             self.reference_x = torch.cat([self.reference_x, new.to(self.reference_x)])
-            if new_s is not None:
+            if new_s is not None and self.reference_s is not None:
                 self.reference_s = torch.cat([self.reference_s, new_s.to(self.reference_s)])
 
     def reset(self) -> None:
