@@ -26,6 +26,20 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from . import distributed
 
+# the three image benchmarks of the DML papers share one ImageNet-pretrained ResNet-50 setting
+_RESNET_DEFAULTS: dict[str, Any] = dict(
+    trunk="resnet50",
+    embedding_size=512,
+    batch_size=120,
+    m_per_class=4,
+    epochs=40,
+    iterations_per_epoch=100,
+    lr=1e-5,
+    weight_decay=1e-4,
+    seeds=3,
+    eval_every=5,
+    eval_batch_size=256,
+)
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
     "digits": dict(
@@ -67,45 +81,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         eval_every=1,
         eval_batch_size=1024,
     ),
-    "cub200": dict(
-        trunk="resnet50",
-        embedding_size=512,
-        batch_size=120,
-        m_per_class=4,
-        epochs=40,
-        iterations_per_epoch=100,
-        lr=1e-5,
-        weight_decay=1e-4,
-        seeds=3,
-        eval_every=5,
-        eval_batch_size=256,
-    ),
-    "cars196": dict(
-        trunk="resnet50",
-        embedding_size=512,
-        batch_size=120,
-        m_per_class=4,
-        epochs=40,
-        iterations_per_epoch=100,
-        lr=1e-5,
-        weight_decay=1e-4,
-        seeds=3,
-        eval_every=5,
-        eval_batch_size=256,
-    ),
-    "sop": dict(
-        trunk="resnet50",
-        embedding_size=512,
-        batch_size=120,
-        m_per_class=2,
-        epochs=40,
-        iterations_per_epoch=500,
-        lr=1e-5,
-        weight_decay=1e-4,
-        seeds=3,
-        eval_every=10,
-        eval_batch_size=256,
-    ),
+    "cub200": _RESNET_DEFAULTS,
+    "cars196": _RESNET_DEFAULTS,
+    "sop": dict(_RESNET_DEFAULTS, m_per_class=2, iterations_per_epoch=500, eval_every=10),
 }
 
 
