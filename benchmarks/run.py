@@ -26,64 +26,31 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from . import distributed
 
-# the three image benchmarks of the DML papers share one ImageNet-pretrained ResNet-50 setting
-_RESNET_DEFAULTS: dict[str, Any] = dict(
-    trunk="resnet50",
-    embedding_size=512,
-    batch_size=120,
-    m_per_class=4,
-    epochs=40,
-    iterations_per_epoch=100,
-    lr=1e-5,
-    weight_decay=1e-4,
-    seeds=3,
-    eval_every=5,
-    eval_batch_size=256,
+_DEFAULT_FIELDS = (
+    "trunk",
+    "embedding_size",
+    "batch_size",
+    "m_per_class",
+    "epochs",
+    "iterations_per_epoch",
+    "lr",
+    "weight_decay",
+    "seeds",
+    "eval_every",
+    "eval_batch_size",
 )
+# one row per dataset, in the order of _DEFAULT_FIELDS; the three image benchmarks of the DML papers share one
+# ImageNet-pretrained ResNet-50 setting (SOP: 2 images per class, longer epochs)
+_DEFAULT_ROWS: dict[str, tuple[Any, ...]] = {
+    "digits": ("mlp", 32, 64, 8, 10, 20, 1e-3, 0.0, 5, 2, 1024),
+    "omniglot": ("convnet-small", 64, 64, 4, 8, 100, 1e-3, 0.0, 5, 2, 512),
+    "fashion-mnist": ("convnet", 64, 128, 16, 5, 200, 1e-3, 0.0, 3, 1, 1024),
+    "cub200": ("resnet50", 512, 120, 4, 40, 100, 1e-5, 1e-4, 3, 5, 256),
+    "cars196": ("resnet50", 512, 120, 4, 40, 100, 1e-5, 1e-4, 3, 5, 256),
+    "sop": ("resnet50", 512, 120, 2, 40, 500, 1e-5, 1e-4, 3, 10, 256),
+}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # dataset: trunk, embedding, batch, m per class, epochs, iterations per epoch, lr, weight decay, seeds, eval every
-    "digits": dict(
-        trunk="mlp",
-        embedding_size=32,
-        batch_size=64,
-        m_per_class=8,
-        epochs=10,
-        iterations_per_epoch=20,
-        lr=1e-3,
-        weight_decay=0.0,
-        seeds=5,
-        eval_every=2,
-        eval_batch_size=1024,
-    ),
-    "omniglot": dict(
-        trunk="convnet-small",
-        embedding_size=64,
-        batch_size=64,
-        m_per_class=4,
-        epochs=8,
-        iterations_per_epoch=100,
-        lr=1e-3,
-        weight_decay=0.0,
-        seeds=5,
-        eval_every=2,
-        eval_batch_size=512,
-    ),
-    "fashion-mnist": dict(
-        trunk="convnet",
-        embedding_size=64,
-        batch_size=128,
-        m_per_class=16,
-        epochs=5,
-        iterations_per_epoch=200,
-        lr=1e-3,
-        weight_decay=0.0,
-        seeds=3,
-        eval_every=1,
-        eval_batch_size=1024,
-    ),
-    "cub200": _RESNET_DEFAULTS,
-    "cars196": _RESNET_DEFAULTS,
-    "sop": dict(_RESNET_DEFAULTS, m_per_class=2, iterations_per_epoch=500, eval_every=10),
+    name: dict(zip(_DEFAULT_FIELDS, row)) for name, row in _DEFAULT_ROWS.items()
 }
 
 
