@@ -151,21 +151,10 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        if indices_tuple is not None:
-            raise ValueError(
-                "MultiClusterRankingLoss is self-supervised over all ordered pairs; indices_tuple is not supported"
-            )
-        if ref_emb is not embeddings:
-            raise ValueError("MultiClusterRankingLoss works on the batch itself; ref_emb is not supported")
+        # every argument was checked by check_input in forward (a second pass would synchronise twice)
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
         if x.dtype in (torch.float16, torch.bfloat16):  # pairwise sums in float32, as RankedListLoss does
             x, s = x.float(), s.float()
-        if x.shape[0] < 2:
-            raise ValueError(f"MultiClusterRankingLoss needs a batch of at least 2 embeddings, got {x.shape[0]}")
-        if not bool(torch.isfinite(embeddings).all()):
-            raise ValueError("embeddings contain non-finite values (NaN or inf)")
-        if not bool((s > 0).all()):
-            raise ValueError("the structure part s of the packed embeddings must be strictly positive")
         if self.detach_sample_embedding:
             x = x.detach()
         anchor_losses, dist, centres = F_namr.multi_cluster_anchor_losses(

@@ -126,12 +126,15 @@ class NAMRReRankKNN:
 
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
-        check_reference("embeddings", embeddings, self.embedding_size)
+        check_reference("embeddings", embeddings, self.embedding_size)  # before reset: a rejected call keeps the index
         self.reset()
-        self.add(embeddings)
+        self._append(embeddings)
 
     def add(self, embeddings: torch.Tensor) -> None:
         check_reference("embeddings", embeddings, self.embedding_size)
+        self._append(embeddings)
+
+    def _append(self, embeddings: torch.Tensor) -> None:
         new = self._ref_sample(embeddings).detach()
         new_s = self._ref_structure(embeddings)
         if self.reference_x is not None and (new_s is None) != (self.reference_s is None):
