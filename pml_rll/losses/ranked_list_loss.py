@@ -143,11 +143,9 @@ class RankedListLoss(BaseMetricLossFunction):
         if B == 0 or R == 0:
             return self.zero_losses()
         if indices_tuple is not None:
-            pos, neg = pairs_to_masks(indices_tuple, labels, ref_labels, B, R, embeddings.device)
+            pos, neg = pairs_to_masks(indices_tuple, B, R, embeddings.device)  # checked in forward
             masks = dense_masks(pos, neg)
-        else:
-            if ref_labels is None:
-                raise ValueError("ref_labels is required with ref_emb when no indices_tuple is given")
+        else:  # forward required ref_labels with ref_emb (PML passes labels as ref_labels otherwise)
             masks = label_masks(labels, ref_labels.to(labels.device))
 
         params = RankedListParams(

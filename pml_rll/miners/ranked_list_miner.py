@@ -52,9 +52,7 @@ class RankedListMiner(BaseMiner):
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        check_distance(self.distance, "RankedListMiner")
-        if labels is None or ref_labels is None:
-            raise ValueError("RankedListMiner needs labels (and ref_labels with ref_emb)")
+        check_distance(self.distance, "RankedListMiner")  # labels and ref_labels were required in forward
         with torch.autocast(embeddings.device.type, enabled=False):
             d = self._distances(embeddings, ref_emb)
         matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)

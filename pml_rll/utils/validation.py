@@ -302,8 +302,7 @@ def check_indices_tuple(indices_tuple: Any, n: int, m: int) -> tuple[Tensor, Ten
     for t in indices_tuple:
         if not torch.is_tensor(t) or t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError("indices_tuple must hold 1-D integer index tensors")
-    idx = [t.long() for t in indices_tuple]
-    a1, p, a2, neg = (idx[0], idx[1], idx[0], idx[2]) if len(idx) == 3 else idx
+    a1, p, a2, neg = as_pairs(indices_tuple)
     for kind, rows, cols in (("positive", a1, p), ("negative", a2, neg)):
         if rows.shape != cols.shape:
             raise ValueError(f"indices_tuple: {kind} anchors and partners differ in length")
@@ -314,12 +313,17 @@ def check_indices_tuple(indices_tuple: Any, n: int, m: int) -> tuple[Tensor, Ten
     return a1, p, a2, neg
 
 
-def pairs_to_masks(
-    indices_tuple: Any, labels: Tensor | None, ref_labels: Tensor | None, n: int, m: int, device: Any
-) -> tuple[Tensor, Tensor]:
-    """Dense (n x m) positive / negative masks from a PML pair or triplet tuple, checked by
-    :func:`check_indices_tuple` (``labels`` and ``ref_labels`` are not needed: a tuple names its pairs)."""
-    a1, p, a2, n_idx = (t.to(device) for t in check_indices_tuple(indices_tuple, n, m))
+def as_pairs(indices_tuple: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A PML triplet ``(a, p, n)`` or pair ``(a1, p, a2, n)`` tuple as the pairs ``(a1, p, a2, n)`` (long tensors),
+    without checks (see :func:`check_indices_tuple`)."""
+    idx = [t.long() for t in indices_tuple]
+    return (idx[0], idx[1], idx[0], idx[2]) if len(idx) == 3 else (idx[0], idx[1], idx[2], idx[3])
+
+
+def pairs_to_masks(indices_tuple: Any, n: int, m: int, device: Any) -> tuple[Tensor, Tensor]:
+    """Dense (n x m) positive / negative masks from a PML pair or triplet tuple already checked by
+    :func:`check_indices_tuple` (a tuple names its pairs: no labels are needed)."""
+    a1, p, a2, n_idx = (t.to(device) for t in as_pairs(indices_tuple))
     pos = torch.zeros(n, m, dtype=torch.bool, device=device)
     neg = torch.zeros(n, m, dtype=torch.bool, device=device)
     pos[a1, p] = True
