@@ -44,8 +44,8 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         if not self._ours:
             super().check_loss_support(loss_name)
 
-    def check_input(self, embeddings, labels, indices_tuple=None, enqueue_mask=None) -> None:
-        """Raise on bad input to :meth:`forward` (nothing is changed)."""
+    def check_input(self, embeddings, labels, indices_tuple=None, enqueue_mask=None) -> int:
+        """Raise on bad input to :meth:`forward` (nothing is changed); return the number of rows to enqueue."""
         check_batch(embeddings, labels, width=self.embedding_size, labels_required=True)
         n = embeddings.shape[0]
         if indices_tuple is not None and enqueue_mask is not None:
@@ -65,10 +65,10 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         if indices_tuple is not None:  # queries: the batch; references: the memory once the batch is enqueued
             filled = self.has_been_filled or self.queue_idx + n >= self.memory_size
             check_indices_tuple(indices_tuple, embeddings.shape[0], self.memory_size if filled else self.queue_idx + n)
+        return n
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
-        self.check_input(embeddings, labels, indices_tuple, enqueue_mask)
-        n = embeddings.shape[0] if enqueue_mask is None else int(enqueue_mask.sum())
+        n = self.check_input(embeddings, labels, indices_tuple, enqueue_mask)
         slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
         saved = (
             self.queue_idx,

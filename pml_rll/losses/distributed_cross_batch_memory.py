@@ -7,6 +7,7 @@ import torch.distributed as dist
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..utils.validation import check_batch, check_bool
 from .cross_batch_memory import CrossBatchMemory
 
 
@@ -61,8 +62,7 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
     def __init__(  # type: ignore[no-untyped-def]
         self, loss, embedding_size: int, memory_size: int = 1024, miner=None, gather_distributed: bool = True, **kwargs
     ) -> None:
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        gather_distributed = check_bool("gather_distributed", gather_distributed)
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
         self.gather_distributed = gather_distributed
         self._query_slice: slice | None = None  # this rank's rows in the global batch, during a gathering call
@@ -74,11 +74,9 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
         for name, value in (("enqueue_mask", enqueue_mask), ("indices_tuple", indices_tuple)):
             if value is not None:  # (give the memory a miner instead of an indices_tuple)
                 raise ValueError(f"{name} is not supported with gather_distributed=True under torch.distributed")
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-            raise ValueError("embeddings must be a 2-D tensor (batch, embedding_size)")
+        # this rank's rows, checked before the collective (the base class checks the gathered batch again)
+        check_batch(embeddings, labels, width=self.embedding_size, labels_required=True)
         labels = c_f.to_device(labels, device=embeddings.device)
-        if not isinstance(labels, torch.Tensor) or labels.shape != embeddings.shape[:1]:
-            raise ValueError("labels must be a 1-D tensor with one label per embedding")
         all_emb, offset = _gather_in_rank_order(embeddings)
         all_labels, _ = _gather_in_rank_order(labels)
         if all_emb.shape[0] > self.memory_size:
