@@ -15,6 +15,7 @@ so nothing is spent on the (usually many) trivial ones.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Protocol
 
 import torch
@@ -41,33 +42,63 @@ NEAR_SQUARED_DISTANCE = 1e-4
 # Distances at most this many machine epsilons are 0: their direction is undefined, use 0
 # (docs/ranked_list_loss.md, pairs at distance 0).
 ZERO_DISTANCE_EPS = 64
+# A product with a matrix given by its pairs is sparse when at most this fraction of all entries is listed.
+SPARSE_DENSITY = 1 / 32
 
 
-def label_masks(labels: Tensor, ref_labels: Tensor) -> MaskFn:
-    """Candidate pairs from class labels: same label = positive, different = negative.
+class LabelMasks:
+    """Candidate pairs from class labels: same label = positive, different = negative (a :class:`MaskFn`).
 
     1/0 masks compare the labels as float32 when they are small integers (exact below 2^24; a CPU-only shortcut,
-    decided once on the host), otherwise convert the bool comparison.
+    decided once on the host), otherwise convert the bool comparison. The labels stay readable (``labels``,
+    ``ref_labels``), so that a path may list the positive pairs instead of comparing every pair.
     """
-    cache: dict[str, tuple[Tensor, Tensor] | None] = {}
 
-    def masks(
-        rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
+    def __init__(self, labels: Tensor, ref_labels: Tensor) -> None:
+        self.labels, self.ref_labels = labels, ref_labels
+        self._decided = False
+        self._as_float: tuple[Tensor, Tensor] | None = None
+
+    def __call__(
+        self, rows: slice, cols: slice, *, dtype: torch.dtype | None = None, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
+        labels, ref_labels = self.labels, self.ref_labels
         if dtype is None:
             return labels[rows, None] == ref_labels[None, cols], None
-        if "f" not in cache:
+        if not self._decided:
             both = (labels, ref_labels)
             small = all(not t.is_floating_point() and (t.numel() == 0 or bool(t.abs().max() < 2**24)) for t in both)
-            cache["f"] = (labels.float(), ref_labels.float()) if small else None
-        pair = cache["f"]
+            self._as_float = (labels.float(), ref_labels.float()) if small else None
+            self._decided = True
+        pair = self._as_float
         if pair is None:
             return (labels[rows, None] == ref_labels[None, cols]).to(dtype), None
         a, b = pair[0][rows], pair[1][cols]
         out = a.new_empty((a.shape[0], b.shape[0]), dtype=dtype) if out is None else out
         return torch.eq(a[:, None], b[None, :], out=out), None
 
-    return masks
+
+def label_masks(labels: Tensor, ref_labels: Tensor) -> LabelMasks:
+    """Candidate pairs from class labels (see :class:`LabelMasks`)."""
+    return LabelMasks(labels, ref_labels)
+
+
+def same_label_pairs(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (i, j) with ``labels[i] == ref_labels[j]``, rows ascending, found by sorting (no B x R comparison).
+
+    Returns (rows, cols, row_starts): the pairs of query i are ``rows[row_starts[i]:row_starts[i + 1]]``
+    (``row_starts`` has B + 1 entries). Reads the number of pairs on the host.
+    """
+    values, order = torch.sort(ref_labels, stable=True)
+    labels = labels.to(values.dtype)
+    low = torch.searchsorted(values, labels, right=False)
+    counts = torch.searchsorted(values, labels, right=True) - low
+    row_starts = torch.zeros(len(labels) + 1, dtype=torch.long, device=labels.device)
+    torch.cumsum(counts, 0, out=row_starts[1:])
+    total = int(row_starts[-1])
+    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts, output_size=total)
+    within = torch.arange(total, device=labels.device) - row_starts[rows]
+    return rows, order[low[rows] + within], row_starts
 
 
 def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
@@ -192,6 +223,19 @@ def non_trivial_pairs(
     pos_rows, pos_cols = torch.nonzero(pos, as_tuple=True)
     neg_rows, neg_cols = torch.nonzero(neg, as_tuple=True)
     return pos_rows, pos_cols, neg_rows, neg_cols
+
+
+def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor) -> Tensor:
+    """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
+    if values.numel() <= SPARSE_DENSITY * shape[0] * shape[1]:
+        with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        product: Tensor = torch.sparse.mm(matrix, dense)
+        return product
+    matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
+    out: Tensor = matrix @ dense
+    return out
 
 
 def squared_norms(x: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ matmuls, and lean in memory.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -17,31 +16,32 @@ from torch import Tensor
 
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
+    LabelMasks,
     ZERO_DISTANCE_EPS,
     MaskFn,
     hinge_gradients,
     negative_hinge,
     positive_hinge,
+    pair_product,
     ranked_lists,
     squared_euclidean,
     squared_norms,
 )
 from .ranked_list_dense import ranked_list_dense, sync_free_wanted
 from .ranked_list_params import RankedListParams
+from .ranked_list_split import ranked_list_split, split_supported
 
 # Elements per block of queries: large enough for an efficient matmul, small enough to stay in cache (CPU);
 # on a GPU, where every block costs a synchronisation, a whole 4096 x 4096 batch is one block.
 _BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_CUDA = 1 << 24
-# Backward uses a sparse product when at most this fraction of all pairs is non-trivial.
-_SPARSE_DENSITY = 1 / 32
 # CPU: the dense path is taken when more than this fraction of the candidate negatives of a sample of queries is
 # non-trivial (the lists would be long, and listing them costs more than the dense passes).
 _DENSE_FRACTION = 1 / 20
 # CPU: the dense path is also taken for a gallery of at least this many items (a cross-batch memory): its memory
 # stays O(tile) where the lists of a long gallery grow with it.
 _LARGE_GALLERY = 16384
-PATHS = ("auto", "list", "dense")
+PATHS = ("auto", "list", "dense", "split")
 
 
 def candidate_pairs(
@@ -102,19 +102,6 @@ def exact_distances(
         sq = sq.clone()
         sq[idx] = (query[rows[idx]] - gallery[cols[idx]]).pow(2).sum(1)
     return sq.clamp_min(0).sqrt(), near
-
-
-def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor) -> Tensor:
-    """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
-    if values.numel() <= _SPARSE_DENSITY * shape[0] * shape[1]:
-        with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
-            warnings.filterwarnings("ignore", message="Sparse invariant checks")
-            matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
-        product: Tensor = torch.sparse.mm(matrix, dense)
-        return product
-    matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
-    out: Tensor = matrix @ dense
-    return out
 
 
 class _RankedListEuclidean(torch.autograd.Function):
@@ -214,16 +201,31 @@ def ranked_list_euclidean(
 
     ``path``: ``"list"`` lists the non-trivial pairs (fastest on a CPU when they are few; the list sizes are
     decided on the host), ``"dense"`` computes every pair in tiles without any synchronisation
-    (:mod:`.ranked_list_dense`), ``"auto"`` takes the dense path on CUDA, under ``torch.compile``, and on a CPU when a
-    sample of queries shows long lists or the gallery is a large reference set; the list path otherwise. Both give
-    the same values and gradients.
+    (:mod:`.ranked_list_dense`), ``"split"`` lists the positives from the labels and computes the negatives in
+    lean blocks (:mod:`.ranked_list_split`; a CPU form for long lists and large reference sets, for labels and the
+    paper's gradient, otherwise the dense path is taken). ``"auto"`` takes the dense path on CUDA and under
+    ``torch.compile``; on a CPU the split path (or the dense one where it does not apply) when a sample of queries
+    shows long lists or the gallery is a large reference set, the list path otherwise. All give the same values
+    and gradients.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "auto":
-        R = query.shape[0] if ref is None else ref.shape[0]
-        dense = sync_free_wanted(query) or R >= _LARGE_GALLERY or dense_lists_expected(query, ref, masks, params=params)
-        path = "dense" if dense else "list"
+        if sync_free_wanted(query):
+            path = "dense"
+        else:
+            R = query.shape[0] if ref is None else ref.shape[0]
+            long_lists = R >= _LARGE_GALLERY or dense_lists_expected(query, ref, masks, params=params)
+            path = "split" if long_lists else "list"
+    if path == "split":
+        need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
+        if isinstance(masks, LabelMasks) and split_supported(
+            query, masks, params=params, paper=paper, need_grad=need_grad
+        ):
+            out = ranked_list_split(query, ref, masks, params=params, paper=paper)
+            if out is not None:
+                return out
+        path = "dense"
     if path == "dense":
         return ranked_list_dense(query, ref, masks, params=params, paper=paper)
     return ranked_list_list_path(query, ref, masks, params=params, paper=paper)

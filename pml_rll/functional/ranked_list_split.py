@@ -1,0 +1,364 @@
+"""The Ranked List Loss on Euclidean distances, split: positives listed from the labels, negatives in lean blocks.
+
+"Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5), the paper's gradient rule. A CPU form for the
+two regimes where listing every non-trivial pair is slow: many non-trivial negatives (the dense regime) and a large
+reference set (a cross-batch memory).
+
+* Positives (same label) are few per query in metric learning batches (a few samples per class). They are found by
+  sorting the labels, never by comparing every pair, and computed exactly from explicit differences: loss, weights
+  (eq. 3) and gradient, on lists.
+* Negatives (every other pair) are computed in blocks of queries x gallery items. One matmul of the augmented
+  vectors ``[2 q, -|q|^2, -1] . [g, 1, |g|^2]`` gives ``-d^2`` directly; the positive pairs of the block are set
+  to ``-inf`` (sparse); one threshold pass sends every pair outside N* (d >= alpha) to a distance so large that its
+  weight underflows to exactly 0. Then ``d``, the weight ``e = exp(-Tn d)`` (the constant shift ``Tn * alpha``,
+  valid because ``Tn * alpha`` cannot underflow a weight), the sums S = sum e and sum e d, and the paper's gradient
+  coefficients ``e / d`` are whole-block passes with no mask. The gradient is one matmul of the coefficients with
+  ``[g, 1]``, which also yields their row sums. A block with few members (a large reference set, easy inputs) is
+  listed instead and handled on its list. When the gallery is the batch, only the blocks on and above the
+  diagonal are computed: weights and coefficients are symmetric, each block serves both of its ends.
+* Near-duplicate pairs (squared Gram distance below ``NEAR_SQUARED_DISTANCE``) are recomputed from explicit
+  differences, as on the other paths, and their gradient taken from the differences.
+
+Every value is the same as on the list and dense paths (the same comparisons against the same boundaries; the
+squared boundary is the exact float image of ``d < alpha``); positive distances come from explicit differences
+instead of the Gram form, a difference of rounding only. Memory is O(block) plus the positive lists. It supports
+labels (not pair masks), the paper's gradient (or no gradient), ``Tn >= 1e-6`` with ``Tn * alpha`` below the
+constant-shift limit, and sparse positives; :func:`.ranked_list_euclidean.ranked_list_euclidean` takes the dense
+path otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ranked_list import (
+    NEAR_SQUARED_DISTANCE,
+    ZERO_DISTANCE_EPS,
+    LabelMasks,
+    MaskFn,
+    is_non_trivial,
+    pair_product,
+    positive_hinge,
+    same_label_pairs,
+    set_weights,
+    squared_norms,
+    weighted_set_loss,
+)
+from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, _Workspace, sync_free_wanted
+from .ranked_list_params import RankedListParams
+
+# Gallery = the batch: square blocks of this many queries / items (a block and its mirror share the arithmetic).
+_SAME_BLOCK = 512
+# Reference set: blocks of up to this many queries x as many items as fill _BLOCK_ELEMENTS.
+_REF_BLOCK_ROWS = 256
+_BLOCK_ELEMENTS = 1 << 18
+# A block is listed when at most this fraction of its pairs is in N* (judged on the previous block; a listed
+# block that turns out denser is processed densely).
+_LIST_FRACTION = 1 / 64
+# The positives must be sparse: at most this fraction of all pairs has the query's label.
+_MAX_POSITIVE_FRACTION = 1 / 16
+# Pairs per chunk of explicit differences (times the dimension: elements of one temporary).
+_PAIR_CHUNK_ELEMENTS = 1 << 22
+# Below this Tn the far distance given to the pairs outside N* would overflow when squared.
+_MIN_TN = 1e-6
+# Pairs outside N* get the exponent -_FAR * limit (limit: the constant-shift bound on Tn * alpha), members at
+# least -limit; weights at most exp(-_CUT * limit) are then set to exactly 0. The far exponent stays in the
+# normal range of the dtype: an exp that underflows to a subnormal or 0 runs a slow path, 50x slower on a CPU.
+_FAR, _CUT = 1.5, 1.25
+
+
+def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams, paper: bool, need_grad: bool) -> bool:
+    """Whether :func:`ranked_list_split` applies (before counting the positives): a CPU outside ``torch.compile``,
+    labels, the paper's rule or no gradient, and negative weights with a constant shift."""
+    alpha, Tn = params.negative_boundary, params.Tn
+    return (
+        isinstance(masks, LabelMasks)
+        and not sync_free_wanted(query)
+        and (paper or not need_grad)
+        and Tn >= _MIN_TN
+        and _fixed_shift(Tn, alpha, query.dtype) is not None
+        and alpha * alpha > 4 * NEAR_SQUARED_DISTANCE
+    )
+
+
+def squared_boundary(alpha: float, dtype: torch.dtype) -> float:
+    """The smallest float t of ``dtype`` with sqrt(t) >= alpha (in that dtype): ``sq < t`` iff ``sqrt(sq) < alpha``."""
+    a = torch.tensor(alpha, dtype=dtype)
+    up, down = torch.tensor(math.inf, dtype=dtype), torch.zeros((), dtype=dtype)
+    t = a * a
+    while bool(torch.sqrt(t) < a):
+        t = torch.nextafter(t, up)
+    while bool(torch.sqrt(torch.nextafter(t, down)) >= a):
+        t = torch.nextafter(t, down)
+    return float(t)
+
+
+def _positive_part(
+    query: Tensor, gallery: Tensor, rows: Tensor, cols: Tensor, sq: Tensor, params: RankedListParams
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """L_P of every query (eq. 3), the size of P*, and the paper's gradient coefficients w_ij / d_ij of the pairs:
+    (coefficients with the near-duplicates zeroed, (near pair indices, their coefficients)).
+
+    ``sq``: the squared Gram distances of the pairs (rows, cols); near-duplicates are recomputed from differences.
+    """
+    B = query.shape[0]
+    near = torch.nonzero(sq < NEAR_SQUARED_DISTANCE, as_tuple=True)[0]
+    sq = sq.index_put((near,), (query[rows[near]] - gallery[cols[near]]).pow(2).sum(1))
+    d = sq.clamp_min_(0).sqrt_()
+    hinge = positive_hinge(d, params.negative_boundary, params.margin)
+    member = is_non_trivial(hinge)
+    w = set_weights(hinge, rows, B, params.Tp, member)
+    loss_p = weighted_set_loss(w, hinge, rows, B)
+    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps  # direction undefined at distance 0: use 0
+    coef = torch.where(tiny, 0.0, w / d.masked_fill(tiny, 1.0))
+    c_near = coef[near]
+    coef[near] = 0.0  # the Gram form cancels there: the differences carry them
+    return loss_p, member.sum(), coef, (near, c_near)
+
+
+# (queries, items) -> (rows, cols) relative to their starts of the same-label pairs among them, and their indices
+PairsIn = Callable[[slice, slice], tuple[Tensor, Tensor, Tensor]]
+
+
+class _NegativeSums:
+    """Per-query running sums over N*, fed block by block: S = sum e, sum e d, the gradient's parts
+    C = sum c, N = -sum c g_j (matmuls) and E = sum c (q_i - g_j) (explicit differences), c = e / d; the size of
+    N*; the Gram values of the same-label pairs, met on the way."""
+
+    def __init__(self, query: Tensor, params: RankedListParams, need_grad: bool, pairs_in: PairsIn, n: int) -> None:
+        B, D = query.shape
+        self.pairs_in = pairs_in
+        self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
+        self.Tn, self.need_grad = params.Tn, need_grad
+        self.t = squared_boundary(params.negative_boundary, query.dtype)
+        limit = -math.log(torch.finfo(query.dtype).tiny) * _SAFE_EXPONENT_FRACTION
+        far = _FAR * limit / params.Tn
+        self.far_sq, self.cut = far * far, math.exp(-_CUT * limit)
+        self.ws = _Workspace(_BLOCK_ELEMENTS, query)
+        self.S, self.ED, self.C = query.new_zeros(B), query.new_zeros(B), query.new_zeros(B)
+        self.N: Tensor | None = None
+        if need_grad:
+            buffer = self.ws.get("N", B, D)
+            self.N = query.new_zeros(B, D) if buffer is None else buffer.zero_()
+        self.E: Tensor | None = None  # allocated at the first explicit difference
+        self.count = 0
+        self.listing = False  # how the next block is processed (from the density of the last one)
+
+    def block(self, I: slice, J: slice, mirror: int | None, qa: Tensor, ga: Tensor, sides: tuple[Tensor, Tensor]):
+        """Queries ``I`` against gallery items ``J`` (``qa``, ``ga``: their augmented vectors; ``sides``: the
+        queries and the items). ``mirror``: the gallery is the batch and the block's columns from ``mirror`` on
+        lie right of the diagonal: those pairs also count for their items as queries (weights, coefficients and
+        membership are symmetric)."""
+        b, c = qa.shape[0], ga.shape[0]
+        nsq = torch.mm(qa, ga.T, out=self.ws.get("nsq", b, c))  # -d^2 in Gram form
+        r, c_, idx = self.pairs_in(I, J)  # the same-label pairs: their values kept, then out of every N*
+        self.pair_nsq[idx] = nsq[r, c_]
+        if mirror is not None:  # the pairs (j, i) of the mirror image, found at (i, j) here
+            r_m, c_m, idx_m = self.pairs_in(slice(J.start + mirror, J.stop), I)
+            self.pair_nsq[idx_m] = nsq[c_m, r_m + mirror]
+        nsq.index_put_((r, c_), nsq.new_tensor(-math.inf))
+        if not (self.listing and self._listed(I, J, mirror, nsq, sides)):
+            self._dense(I, J, mirror, nsq, sides)
+
+    def _exact(self, I: slice, J: slice, mirror: int | None, pairs: tuple[Tensor, Tensor], coef: Tensor, diff: Tensor):
+        """Gradient terms c (q_i - g_j) of listed pairs from their explicit differences (both ends if mirrored)."""
+        rows, cols = pairs
+        if self.E is None:
+            self.E = torch.zeros_like(self.N) if self.N is not None else None
+        assert self.E is not None
+        term = coef[:, None] * diff
+        self.E.index_add_(0, rows + I.start, term)
+        if mirror is not None:  # the pair seen from the item: coefficient c_ji = c_ij, direction g_j - q_i
+            sel = cols >= mirror
+            self.E.index_add_(0, cols[sel] + J.start, term[sel], alpha=-1)
+
+    def _listed(self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor]) -> bool:
+        """The block's members listed; False (nothing done) when they are too many for a list."""
+        rows, cols = torch.nonzero(nsq > -self.t, as_tuple=True)
+        n = len(rows)
+        if n > _LIST_FRACTION * nsq.numel():
+            self.listing = False
+            return False
+        diff = sides[0][rows] - sides[1][cols]
+        sq = nsq[rows, cols].neg_()
+        d = torch.where(sq < NEAR_SQUARED_DISTANCE, diff.pow(2).sum(1), sq).sqrt_()
+        e = torch.exp(d * -self.Tn)
+        ed = e * d
+        self.S.index_add_(0, rows + I.start, e)
+        self.ED.index_add_(0, rows + I.start, ed)
+        self.count += n
+        if mirror is not None:
+            sel = cols >= mirror
+            self.S.index_add_(0, cols[sel] + J.start, e[sel])
+            self.ED.index_add_(0, cols[sel] + J.start, ed[sel])
+            self.count += int(sel.sum())
+        if self.need_grad:
+            tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
+            coef = torch.where(tiny, 0.0, e / d.masked_fill(tiny, 1.0))
+            self._exact(I, J, mirror, (rows, cols), coef, diff)
+        return True
+
+    def _dense(self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor]) -> None:
+        b, c = nsq.shape
+        near: tuple[Tensor, Tensor, Tensor] | None = None
+        if bool(nsq.max() > -NEAR_SQUARED_DISTANCE):  # rare: recompute from explicit differences
+            rows, cols = torch.nonzero(nsq > -NEAR_SQUARED_DISTANCE, as_tuple=True)
+            diff = sides[0][rows] - sides[1][cols]
+            nsq[rows, cols] = diff.pow(2).sum(1).neg_()
+            near = (rows, cols, diff)
+        # pairs outside N* (d >= alpha, positives, the query itself) move to a distance whose weight is exactly 0
+        d = F.threshold_(nsq, -self.t, -self.far_sq).neg_().sqrt_()
+        e = F.threshold_(torch.mul(d, -self.Tn, out=self.ws.get("e", b, c)).exp_(), self.cut, 0.0)
+        M = slice(J.start + (mirror or 0), J.stop)  # the items that are also queries of mirrored pairs
+        right = e[:, mirror:] if mirror is not None else None
+        self.S[I] += e.sum(1)
+        ones = torch.ceil(e, out=self.ws.get("c", b, c))  # 1 on N* (where e is in (0, 1]), 0 elsewhere
+        members = int(ones.sum())
+        if right is not None:
+            self.S[M] += right.sum(0)
+            members += int(ones[:, mirror:].sum())
+        self.count += members
+        self.listing = members <= _LIST_FRACTION * e.numel()
+        if self.N is not None:
+            coef = torch.div(e, d, out=self.ws.get("c", b, c))
+            if near is not None:
+                rows, cols, diff = near
+                d_near = d[rows, cols]
+                tiny = d_near <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
+                c_near = torch.where(tiny, 0.0, e[rows, cols] / d_near.masked_fill(tiny, 1.0))
+                coef[rows, cols] = 0.0  # their Gram form cancels: the differences carry them
+                self._exact(I, J, mirror, (rows, cols), c_near, diff)
+            self.C[I] += coef.sum(1)
+            self.N[I].addmm_(coef, sides[1], alpha=-1)
+            if mirror is not None:
+                self.C[M] += coef[:, mirror:].sum(0)
+                self.N[M].addmm_(coef[:, mirror:].T, sides[0], alpha=-1)
+        ed = d.mul_(e)
+        self.ED[I] += ed.sum(1)
+        if mirror is not None:
+            self.ED[M] += ed[:, mirror:].sum(0)
+
+    def loss(self, alpha: float) -> tuple[Tensor, Tensor]:
+        """L_N of every query (eq. 4) and the normaliser S (1 where N* is empty)."""
+        S = torch.where(self.S == 0, 1.0, self.S)
+        return torch.where(self.S == 0, 0.0, alpha - self.ED / S), S
+
+    def gradient(self, query: Tensor, S: Tensor) -> Tensor:
+        """sum_j w_ij / d_ij (q_i - g_j) over N*, normalised weights (a new tensor)."""
+        assert self.N is not None
+        grad = torch.addcmul(self.N, query, self.C[:, None])
+        if self.E is not None:
+            grad += self.E
+        return grad.div_(S[:, None])
+
+
+def _augmented(x: Tensor, x_sq: Tensor, query_side: bool, out: Tensor | None) -> Tensor:
+    """[2 x, -|x|^2, -1] (query side) or [x, 1, |x|^2]: their dot product is -||q - g||^2."""
+    ones = torch.ones_like(x_sq)[:, None]
+    parts = [2 * x, -x_sq[:, None], -ones] if query_side else [x, ones, x_sq[:, None]]
+    return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
+
+
+def _split_forward(
+    query: Tensor, ref: Tensor | None, pairs: tuple[Tensor, Tensor, Tensor], params: RankedListParams, need_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """(losses, paper gradient or None, size of P*, size of N*); ``pairs``: the same-label pairs and row starts."""
+    same = ref is None
+    gallery = query if ref is None else ref
+    (B, D), R = query.shape, gallery.shape[0]
+    rows, cols, starts = pairs
+    bounds = starts.tolist()
+
+    def pairs_in(I: slice, J: slice) -> tuple[Tensor, Tensor, Tensor]:
+        lo, hi = bounds[I.start], bounds[I.stop]
+        r, c = rows[lo:hi], cols[lo:hi]
+        keep = torch.nonzero((c >= J.start) & (c < J.stop), as_tuple=True)[0]
+        return r[keep] - I.start, c[keep] - J.start, keep + lo
+
+    sums = _NegativeSums(query, params, need_grad, pairs_in, len(rows))
+    ws = sums.ws
+    q_sq = squared_norms(query)
+    qa = _augmented(query, q_sq, True, ws.get("qa", B, D + 2))
+    if same:  # panels of rows against the batch from their diagonal on: one matmul per panel
+        ga = _augmented(query, q_sq, False, ws.get("ga", B, D + 2))
+        size = min(B, _SAME_BLOCK)
+        for i in range(0, B, size):
+            I, J = slice(i, min(B, i + size)), slice(i, B)
+            sums.block(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]))
+    else:
+        g_sq = squared_norms(gallery)
+        b = min(B, _REF_BLOCK_ROWS)
+        c = max(1, _BLOCK_ELEMENTS // b)
+        for j in range(0, R, c):  # each chunk of the reference set prepared once
+            J = slice(j, min(R, j + c))
+            ga = _augmented(gallery[J], g_sq[J], False, ws.get("ga", J.stop - j, D + 2))
+            for i in range(0, B, b):
+                I = slice(i, min(B, i + b))
+                sums.block(I, J, None, qa[I], ga, (query[I], gallery[J]))
+    lam = params.imbalance
+    loss_n, S = sums.loss(params.negative_boundary)
+    other = rows != cols if same else slice(None)  # a query is never its own positive
+    pr, pc = rows[other], cols[other]
+    loss_p, num_pos, coef, (near, c_near) = _positive_part(query, gallery, pr, pc, sums.pair_nsq[other].neg_(), params)
+    losses = (1 - lam) * loss_p + lam * loss_n
+    if not need_grad:
+        return losses, None, num_pos, sums.count
+    # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j)
+    grad = sums.gradient(query, S).mul_(-lam)
+    row_sums = torch.zeros_like(S).index_add_(0, pr, coef)
+    grad.addcmul_(query, row_sums[:, None], value=1 - lam)
+    grad.sub_(pair_product(pr, pc, coef, (B, R), gallery), alpha=1 - lam)
+    near_terms = c_near[:, None] * (query[pr[near]] - gallery[pc[near]])
+    grad.index_add_(0, pr[near], near_terms, alpha=1 - lam)
+    return losses, grad, num_pos, sums.count
+
+
+class _RankedListSplit(torch.autograd.Function):
+    """Forward: losses and the paper's gradient (weights constant, the gallery fixed). Backward: scales it."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        ref: Tensor | None,
+        pairs: tuple[Tensor, Tensor, Tensor],
+        params: RankedListParams,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        losses, grad, num_pos, num_neg = _split_forward(query, ref, pairs, params, need_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        n_pos, n_neg = num_pos.long(), torch.tensor(num_neg, dtype=torch.long)
+        ctx.mark_non_differentiable(n_pos, n_neg)
+        return losses, n_pos, n_neg
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_losses[:, None], None, None, None, None
+
+
+def ranked_list_split(
+    query: Tensor, ref: Tensor | None, labels: LabelMasks, *, params: RankedListParams, paper: bool
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per-query Ranked List Loss, split form (see the module docstring); same contract as the other paths.
+
+    The caller checks :func:`split_supported` first. Returns None, having computed nothing but the same-label
+    pairs (by sorting), when they are not sparse. ``paper=False`` is accepted only without gradient (the values
+    are the same under both rules).
+    """
+    need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
+    if need_grad and not paper:
+        raise ValueError("the split path computes the paper's gradient only; use path='dense' for gradient='autograd'")
+    B = query.shape[0]
+    R = B if ref is None else ref.shape[0]
+    pairs = same_label_pairs(labels.labels, labels.ref_labels)
+    if len(pairs[0]) > _MAX_POSITIVE_FRACTION * B * R:
+        return None
+    out: tuple[Tensor, Tensor, Tensor] = _RankedListSplit.apply(query, ref, pairs, params, need_grad)
+    return out
