@@ -1,0 +1,188 @@
+"""The split path (positives listed from the labels, negatives in lean blocks) equals the list path and the loop
+reference, in every way it processes a block, and is taken only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pml_rll.functional.ranked_list_euclidean as euclid_mod
+import pml_rll.functional.ranked_list_split as split_mod
+from pml_rll.functional.ranked_list import label_masks, same_label_pairs
+from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
+from pml_rll.functional.ranked_list_params import RankedListParams
+from pml_rll.functional.ranked_list_split import ranked_list_split, split_supported, squared_boundary
+from pml_rll.losses import RankedListLoss
+from tests.functional.test_ranked_list_dense import assert_same, clustered, run
+from tests.reference.ranked_list_loss import reference_losses, reference_paper_gradient
+
+# Tn * alpha within the constant-shift limit: the split path applies (Tp is free: positives are lists)
+PARAMS = [
+    RankedListParams(),
+    RankedListParams(margin=0.3, Tp=3.0, Tn=5.0, imbalance=0.3),
+    RankedListParams(margin=0.6, alpha=1.0, Tp=0.5, Tn=30.0, imbalance=0.8),
+]
+
+
+def many_classes(n=64, seed=0, dtype=torch.float64):
+    """Clustered, 3-4 samples per class (sparse positives), near-duplicates across classes."""
+    return clustered(n=n, classes=n // 3, seed=seed, dtype=dtype)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls of the split forward pass (so a test knows the split path really ran)."""
+    calls = []
+    real = split_mod._split_forward
+    monkeypatch.setattr(split_mod, "_split_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def small_blocks(monkeypatch, listing):
+    """Panels of 8 queries (batch) or 8 x 16 blocks (reference set); ``listing``: every block after the first
+    listed (the first is always dense)."""
+    monkeypatch.setattr(split_mod, "_SAME_BLOCK", 8)
+    monkeypatch.setattr(split_mod, "_REF_BLOCK_ROWS", 8)
+    monkeypatch.setattr(split_mod, "_BLOCK_ELEMENTS", 8 * 16)
+    monkeypatch.setattr(split_mod, "_LIST_FRACTION", 1.0 if listing else 0.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("blocks", ["one", "small", "small-listed"])
+def test_split_equals_list_path_batch_as_gallery(monkeypatch, counted, dtype, tol, params, blocks):
+    if blocks != "one":
+        small_blocks(monkeypatch, listing=blocks == "small-listed")
+    x, y = many_classes(dtype=dtype)
+    assert_same(run("split", x, y, params, True), run("list", x, y, params, True), tol)
+    assert len(counted) == 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("params", PARAMS[:2])
+@pytest.mark.parametrize("blocks", ["one", "small", "small-listed"])
+def test_split_equals_list_path_reference_set(monkeypatch, counted, dtype, tol, params, blocks):
+    if blocks != "one":
+        small_blocks(monkeypatch, listing=blocks == "small-listed")
+    x, y = many_classes(dtype=dtype)
+    ref, ref_y = clustered(n=90, classes=30, seed=3, dtype=dtype)
+    ref[5] = x[3]  # a near-duplicate between the batch and the reference set (different classes)
+    assert int(y[3]) != int(ref_y[5])
+    out = run("split", x, y, params, True, ref, ref_y)
+    assert_same(out, run("list", x, y, params, True, ref, ref_y), tol)
+    assert out[2] is None or torch.count_nonzero(out[2]) == 0  # paper's rule: the reference set is fixed
+    assert len(counted) == 1
+
+
+def test_split_equals_loop_reference_value_and_paper_gradient(counted):
+    x, y = clustered(n=40, classes=20, seed=1)  # 2 per class
+    x[4] = x[9]  # an exact duplicate in another class: a negative at distance 0
+    params = RankedListParams(Tp=2.0, Tn=10.0, imbalance=0.4)
+    n = len(y)
+    losses, grad, _, _, _ = run("split", x, y, params, True, weights=torch.full((n,), 1 / n, dtype=x.dtype))
+    ref = reference_losses(x.clone(), y.tolist(), Tp=2.0, Tn=10.0, imbalance=0.4)
+    assert torch.allclose(losses, torch.stack(ref), atol=1e-12)
+    expected = reference_paper_gradient(x, y.tolist(), Tp=2.0, Tn=10.0, imbalance=0.4)
+    assert torch.allclose(grad, expected, atol=1e-12)
+    assert len(counted) == 1
+
+
+def test_split_without_gradient_and_counts(counted):
+    x, y = many_classes(seed=2)
+    q = F.normalize(x, dim=1)
+    params = RankedListParams()
+    with torch.no_grad():
+        split = ranked_list_euclidean(q, None, label_masks(y, y), params=params, paper=False, path="split")
+        listed = ranked_list_euclidean(q, None, label_masks(y, y), params=params, paper=False, path="list")
+    assert torch.allclose(split[0], listed[0], atol=1e-12)
+    assert (int(split[1]), int(split[2])) == (int(listed[1]), int(listed[2])) and int(split[2]) > 0
+    assert len(counted) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [1.2, 1.0, 0.7, 1.3, 0.123456789])
+def test_squared_boundary_is_the_exact_image_of_d_below_alpha(dtype, alpha):
+    t = squared_boundary(alpha, dtype)
+    a = torch.tensor(alpha, dtype=dtype)
+    around = torch.tensor(t, dtype=dtype)
+    values = [around]
+    for direction in (0.0, 10.0):
+        v = around
+        for _ in range(40):
+            v = torch.nextafter(v, torch.tensor(direction, dtype=dtype))
+            values.append(v)
+    sq = torch.stack(values)
+    assert torch.equal(sq < t, torch.sqrt(sq) < a)
+    assert bool(torch.sqrt(around) >= a)
+
+
+def test_same_label_pairs_match_the_comparison():
+    g = torch.Generator().manual_seed(0)
+    labels, ref_labels = torch.randint(0, 7, (23,), generator=g), torch.randint(0, 7, (41,), generator=g)
+    rows, cols, starts = same_label_pairs(labels, ref_labels)
+    expected = torch.nonzero(labels[:, None] == ref_labels[None, :])
+    got = torch.stack([rows, cols], 1)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
+    assert torch.equal(rows, torch.sort(rows).values)
+    assert starts.tolist() == [0, *torch.cumsum(torch.bincount(rows, minlength=23), 0).tolist()]
+
+
+def test_where_split_does_not_apply(counted):
+    x, y = many_classes()
+    q = F.normalize(x, dim=1).requires_grad_(True)
+    masks = label_masks(y, y)
+    assert not split_supported(q, masks, params=RankedListParams(), paper=False, need_grad=True)  # autograd rule
+    assert not split_supported(q, masks, params=RankedListParams(Tn=0.0), paper=True, need_grad=True)
+    assert not split_supported(q, masks, params=RankedListParams(Tn=500.0), paper=True, need_grad=True)  # shift
+    with pytest.raises(ValueError, match="paper's gradient"):
+        ranked_list_split(q, None, masks, params=RankedListParams(), paper=False)
+    # few classes: the positives are not sparse, nothing computed but the pairs
+    few = torch.arange(64) % 4
+    assert ranked_list_split(q, None, label_masks(few, few), params=RankedListParams(), paper=True) is None
+    assert counted == []
+
+
+@pytest.mark.parametrize("gradient", ["paper", "autograd"])
+def test_path_split_falls_back_to_dense_with_the_same_result(counted, gradient):
+    x, y = clustered(n=48, classes=6)  # 8 per class: positives not sparse for the split path
+    params = RankedListParams()
+    paper = gradient == "paper"
+    assert_same(run("split", x, y, params, paper), run("list", x, y, params, paper), 1e-12)
+    many, many_y = many_classes()
+    assert_same(run("split", many, many_y, params, paper), run("list", many, many_y, params, paper), 1e-12)
+    assert len(counted) == (1 if paper else 0)
+
+
+def test_auto_takes_split_for_long_lists_and_large_reference_sets(monkeypatch, counted):
+    x, y = many_classes()
+    q = F.normalize(x, dim=1)
+    params = RankedListParams()
+    ranked_list_euclidean(q, None, label_masks(y, y), params=params, paper=True)
+    assert len(counted) == 1  # clustered: long lists
+    spread = F.normalize(torch.randn(64, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1)
+    ranked_list_euclidean(spread, None, label_masks(y, y), params=params, paper=True)
+    assert len(counted) == 1  # short lists: the list path
+    monkeypatch.setattr(euclid_mod, "_LARGE_GALLERY", 90)
+    ref = F.normalize(torch.randn(90, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), dim=1)
+    ranked_list_euclidean(spread, ref, label_masks(y, torch.arange(90) % 30), params=params, paper=True)
+    assert len(counted) == 2
+
+
+def test_loss_class_with_split_path_matches_list_path_and_half_precision_is_finite():
+    x, y = many_classes(n=96, seed=5, dtype=torch.float32)
+    out = {}
+    for path in ("split", "list"):
+        xp = x.clone().requires_grad_(True)
+        loss = RankedListLoss(margin=0.4, Tn=10.0, path=path, collect_stats=True)
+        value = loss(xp, y)
+        value.backward()
+        out[path] = (value.detach(), xp.grad, loss.avg_num_neg_per_query)
+    assert torch.allclose(out["split"][0], out["list"][0], atol=1e-6)
+    assert torch.allclose(out["split"][1], out["list"][1], atol=1e-7)
+    assert out["split"][2] == out["list"][2] > 0
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype).requires_grad_(True)
+        value = RankedListLoss(margin=0.4, Tn=10.0, path="split")(xh, y)
+        value.backward()
+        assert torch.isfinite(value) and bool(torch.isfinite(xh.grad).all())
