@@ -41,6 +41,9 @@ _DENSE_FRACTION = 1 / 20
 # CPU: the dense path is also taken for a gallery of at least this many items (a cross-batch memory): its memory
 # stays O(tile) where the lists of a long gallery grow with it.
 _LARGE_GALLERY = 16384
+# CPU: the split path is taken from this many pairs on (about a 2048 x 2048 batch), where its symmetric panels and
+# lean passes beat both the list and the dense paths whatever the lists' lengths (below, its fixed costs do not pay).
+_SPLIT_PAIRS = 1 << 22
 PATHS = ("auto", "list", "dense", "split")
 
 
@@ -184,6 +187,16 @@ def dense_lists_expected(query: Tensor, ref: Tensor | None, masks: MaskFn, *, pa
     return hard > _DENSE_FRACTION * max(int(neg.sum()), 1)
 
 
+def _split_if_supported(
+    query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams, paper: bool
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The split path's result, or None where it does not apply (see :mod:`.ranked_list_split`)."""
+    need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
+    if isinstance(masks, LabelMasks) and split_supported(query, masks, params=params, paper=paper, need_grad=need_grad):
+        return ranked_list_split(query, ref, masks, params=params, paper=paper)
+    return None
+
+
 def ranked_list_euclidean(
     query: Tensor,
     ref: Tensor | None,
@@ -204,27 +217,26 @@ def ranked_list_euclidean(
     (:mod:`.ranked_list_dense`), ``"split"`` lists the positives from the labels and computes the negatives in
     lean blocks (:mod:`.ranked_list_split`; a CPU form for long lists and large reference sets, for labels and the
     paper's gradient, otherwise the dense path is taken). ``"auto"`` takes the dense path on CUDA and under
-    ``torch.compile``; on a CPU the split path (or the dense one where it does not apply) when a sample of queries
-    shows long lists or the gallery is a large reference set, the list path otherwise. All give the same values
-    and gradients.
+    ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs) or a large reference set
+    where it applies, otherwise the dense path when the reference set is large or a sample of queries shows long
+    lists, the list path when they are short. All give the same values and gradients.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "auto":
-        if sync_free_wanted(query):
-            path = "dense"
-        else:
-            R = query.shape[0] if ref is None else ref.shape[0]
-            long_lists = R >= _LARGE_GALLERY or dense_lists_expected(query, ref, masks, params=params)
-            path = "split" if long_lists else "list"
-    if path == "split":
-        need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
-        if isinstance(masks, LabelMasks) and split_supported(
-            query, masks, params=params, paper=paper, need_grad=need_grad
-        ):
-            out = ranked_list_split(query, ref, masks, params=params, paper=paper)
+    if path == "auto" and sync_free_wanted(query):
+        path = "dense"
+    elif path == "auto":
+        B, R = query.shape[0], query.shape[0] if ref is None else ref.shape[0]
+        large = R >= _LARGE_GALLERY
+        if large or B * R >= _SPLIT_PAIRS:
+            out = _split_if_supported(query, ref, masks, params=params, paper=paper)
             if out is not None:
                 return out
+        path = "dense" if large or dense_lists_expected(query, ref, masks, params=params) else "list"
+    elif path == "split":
+        out = _split_if_supported(query, ref, masks, params=params, paper=paper)
+        if out is not None:
+            return out
         path = "dense"
     if path == "dense":
         return ranked_list_dense(query, ref, masks, params=params, paper=paper)

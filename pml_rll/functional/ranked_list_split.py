@@ -248,13 +248,14 @@ class _NegativeSums:
         S = torch.where(self.S == 0, 1.0, self.S)
         return torch.where(self.S == 0, 0.0, alpha - self.ED / S), S
 
-    def gradient(self, query: Tensor, S: Tensor) -> Tensor:
-        """sum_j w_ij / d_ij (q_i - g_j) over N*, normalised weights (a new tensor)."""
+    def gradient(self, query: Tensor, scale: Tensor, query_coef: Tensor) -> Tensor:
+        """A new tensor: scale_i * (sum_j c_ij (q_i - g_j) over N*) + query_coef_i * q_i."""
         assert self.N is not None
-        grad = torch.addcmul(self.N, query, self.C[:, None])
+        grad = self.N * scale[:, None]
+        grad.addcmul_(query, (scale * self.C + query_coef)[:, None])
         if self.E is not None:
-            grad += self.E
-        return grad.div_(S[:, None])
+            grad.addcmul_(self.E, scale[:, None])
+        return grad
 
 
 def _augmented(x: Tensor, x_sq: Tensor, query_side: bool, out: Tensor | None) -> Tensor:
@@ -308,10 +309,9 @@ def _split_forward(
     losses = (1 - lam) * loss_p + lam * loss_n
     if not need_grad:
         return losses, None, num_pos, sums.count
-    # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j)
-    grad = sums.gradient(query, S).mul_(-lam)
+    # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j), w the normalised weights
     row_sums = torch.zeros_like(S).index_add_(0, pr, coef)
-    grad.addcmul_(query, row_sums[:, None], value=1 - lam)
+    grad = sums.gradient(query, -lam / S, (1 - lam) * row_sums)
     grad.sub_(pair_product(pr, pc, coef, (B, R), gallery), alpha=1 - lam)
     near_terms = c_near[:, None] * (query[pr[near]] - gallery[pc[near]])
     grad.index_add_(0, pr[near], near_terms, alpha=1 - lam)

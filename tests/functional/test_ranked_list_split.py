@@ -154,19 +154,29 @@ def test_path_split_falls_back_to_dense_with_the_same_result(counted, gradient):
     assert len(counted) == (1 if paper else 0)
 
 
-def test_auto_takes_split_for_long_lists_and_large_reference_sets(monkeypatch, counted):
+def test_auto_takes_split_for_large_batches_and_large_reference_sets(monkeypatch, counted):
     x, y = many_classes()
     q = F.normalize(x, dim=1)
     params = RankedListParams()
-    ranked_list_euclidean(q, None, label_masks(y, y), params=params, paper=True)
-    assert len(counted) == 1  # clustered: long lists
     spread = F.normalize(torch.randn(64, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1)
-    ranked_list_euclidean(spread, None, label_masks(y, y), params=params, paper=True)
-    assert len(counted) == 1  # short lists: the list path
+    for emb in (q, spread):  # a small batch: the list or the dense path
+        ranked_list_euclidean(emb, None, label_masks(y, y), params=params, paper=True)
+    assert counted == []
+    monkeypatch.setattr(euclid_mod, "_SPLIT_PAIRS", 64 * 64)
+    for emb in (q, spread):  # a large batch, long lists or short
+        ranked_list_euclidean(emb, None, label_masks(y, y), params=params, paper=True)
+    assert len(counted) == 2
+    with_grad = spread.clone().requires_grad_(True)
+    ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)  # autograd rule: not split
+    assert len(counted) == 2
+    with torch.no_grad():  # no gradient: the rules do not differ, split again
+        ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)
+    assert len(counted) == 3
+    monkeypatch.setattr(euclid_mod, "_SPLIT_PAIRS", 1 << 40)
     monkeypatch.setattr(euclid_mod, "_LARGE_GALLERY", 90)
     ref = F.normalize(torch.randn(90, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), dim=1)
     ranked_list_euclidean(spread, ref, label_masks(y, torch.arange(90) % 30), params=params, paper=True)
-    assert len(counted) == 2
+    assert len(counted) == 4
 
 
 def test_loss_class_with_split_path_matches_list_path_and_half_precision_is_finite():
