@@ -16,13 +16,13 @@ from torch import Tensor
 
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
-    LabelMasks,
     ZERO_DISTANCE_EPS,
+    LabelMasks,
     MaskFn,
     hinge_gradients,
     negative_hinge,
-    positive_hinge,
     pair_product,
+    positive_hinge,
     ranked_lists,
     squared_euclidean,
     squared_norms,

@@ -33,7 +33,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .ranked_list import (
@@ -149,7 +148,9 @@ class _NegativeSums:
         self.count = 0
         self.listing = False  # how the next block is processed (from the density of the last one)
 
-    def block(self, I: slice, J: slice, mirror: int | None, qa: Tensor, ga: Tensor, sides: tuple[Tensor, Tensor]):
+    def block(
+        self, I: slice, J: slice, mirror: int | None, qa: Tensor, ga: Tensor, sides: tuple[Tensor, Tensor]
+    ) -> None:
         """Queries ``I`` against gallery items ``J`` (``qa``, ``ga``: their augmented vectors; ``sides``: the
         queries and the items). ``mirror``: the gallery is the batch and the block's columns from ``mirror`` on
         lie right of the diagonal: those pairs also count for their items as queries (weights, coefficients and
@@ -165,7 +166,9 @@ class _NegativeSums:
         if not (self.listing and self._listed(I, J, mirror, nsq, sides)):
             self._dense(I, J, mirror, nsq, sides)
 
-    def _exact(self, I: slice, J: slice, mirror: int | None, pairs: tuple[Tensor, Tensor], coef: Tensor, diff: Tensor):
+    def _exact(
+        self, I: slice, J: slice, mirror: int | None, pairs: tuple[Tensor, Tensor], coef: Tensor, diff: Tensor
+    ) -> None:
         """Gradient terms c (q_i - g_j) of listed pairs from their explicit differences (both ends if mirrored)."""
         rows, cols = pairs
         if self.E is None:
@@ -212,8 +215,8 @@ class _NegativeSums:
             nsq[rows, cols] = diff.pow(2).sum(1).neg_()
             near = (rows, cols, diff)
         # pairs outside N* (d >= alpha, positives, the query itself) move to a distance whose weight is exactly 0
-        d = F.threshold_(nsq, -self.t, -self.far_sq).neg_().sqrt_()
-        e = F.threshold_(torch.mul(d, -self.Tn, out=self.ws.get("e", b, c)).exp_(), self.cut, 0.0)
+        d = torch.threshold_(nsq, -self.t, -self.far_sq).neg_().sqrt_()
+        e = torch.threshold_(torch.mul(d, -self.Tn, out=self.ws.get("e", b, c)).exp_(), self.cut, 0.0)
         M = slice(J.start + (mirror or 0), J.stop)  # the items that are also queries of mirrored pairs
         right = e[:, mirror:] if mirror is not None else None
         self.S[I] += e.sum(1)
