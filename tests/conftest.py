@@ -59,30 +59,61 @@ def sample_and_structure(n, d, seed=0, dtype=F64, scale=1.0, offset=0.0, s_one=F
     return x, s
 
 
+def _copy_state(value):
+    """A copy of a tensor, plain value, or list/tuple/dict of them; _SKIP for anything else (not compared)."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_copy_state(v) for v in value]
+        return _SKIP if any(i is _SKIP for i in items) else (type(value).__name__, items)
+    if isinstance(value, dict):
+        items = {k: _copy_state(v) for k, v in value.items()}
+        return _SKIP if any(i is _SKIP for i in items.values()) else ("dict", items)
+    return _SKIP
+
+
+_SKIP = object()
+
+
 def _snapshot(obj) -> dict:
-    """Every tensor (cloned) and plain value held by obj and, for a module, its submodules and state_dict."""
+    """Every tensor (cloned), plain value and list/tuple/dict of them held by obj and, for a module, its submodules
+    and state_dict."""
     mods = obj.named_modules() if isinstance(obj, torch.nn.Module) else [("", obj)]
     out = {}
     for prefix, m in mods:
         for key, value in vars(m).items():
-            if torch.is_tensor(value):
-                out[f"{prefix}.{key}"] = value.detach().clone()
-            elif isinstance(value, (bool, int, float, str, type(None))):
-                out[f"{prefix}.{key}"] = value
+            copied = _copy_state(value)
+            if copied is not _SKIP:
+                out[f"{prefix}.{key}"] = copied
     if isinstance(obj, torch.nn.Module):
         out.update({k: v.detach().clone() for k, v in obj.state_dict().items()})
     return out
 
 
+def _same(a, b) -> bool:
+    """Exactly equal: tensors of the same dtype, shape and values (NaN where the other has NaN)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        both_nan = torch.isnan(a) & torch.isnan(b) if a.is_floating_point() else torch.zeros_like(a, dtype=torch.bool)
+        return bool(((a == b) | both_nan).all())
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2 and isinstance(a[0], str):
+        if a[0] != b[0]:
+            return False
+        if a[0] == "dict":
+            return a[1].keys() == b[1].keys() and all(_same(a[1][k], b[1][k]) for k in a[1])
+        return len(a[1]) == len(b[1]) and all(_same(x, y) for x, y in zip(a[1], b[1]))
+    if isinstance(a, float) and isinstance(b, float) and a != a:
+        return b != b
+    return type(a) is type(b) and a == b
+
+
 def _assert_same_state(before: dict, after: dict) -> None:
     assert before.keys() == after.keys()
     for key, value in before.items():
-        if torch.is_tensor(value):
-            assert torch.equal(value, after[key]) or (
-                value.shape == after[key].shape and bool(torch.isclose(value, after[key], equal_nan=True).all())
-            ), key
-        else:
-            assert value == after[key] or (value != value and after[key] != after[key]), key
+        assert _same(value, after[key]), key
 
 
 @pytest.fixture

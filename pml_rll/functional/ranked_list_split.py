@@ -1,30 +1,30 @@
-"""The Ranked List Loss on Euclidean distances, split: positives listed from the labels, negatives in lean blocks.
+"""The Ranked List Loss on Euclidean distances, split: positives listed from the labels, negatives in lean panels.
 
 "Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5), the paper's gradient rule. A CPU form for the
-two regimes where listing every non-trivial pair is slow: many non-trivial negatives (the dense regime) and a large
-reference set (a cross-batch memory).
+regimes where listing every non-trivial pair is slow: large batches, many non-trivial negatives (the dense regime)
+and a large reference set (a cross-batch memory). docs/ranked_list_loss.md, section 3.6, describes it step by step.
 
 * Positives (same label) are few per query in metric learning batches (a few samples per class). They are found by
-  sorting the labels, never by comparing every pair, and computed exactly from explicit differences: loss, weights
-  (eq. 3) and gradient, on lists.
-* Negatives (every other pair) are computed in blocks of queries x gallery items. One matmul of the augmented
-  vectors ``[2 q, -|q|^2, -1] . [g, 1, |g|^2]`` gives ``-d^2`` directly; the positive pairs of the block are set
-  to ``-inf`` (sparse); one threshold pass sends every pair outside N* (d >= alpha) to a distance so large that its
-  weight underflows to exactly 0. Then ``d``, the weight ``e = exp(-Tn d)`` (the constant shift ``Tn * alpha``,
-  valid because ``Tn * alpha`` cannot underflow a weight), the sums S = sum e and sum e d, and the paper's gradient
-  coefficients ``e / d`` are whole-block passes with no mask. The gradient is one matmul of the coefficients with
-  ``[g, 1]``, which also yields their row sums. A block with few members (a large reference set, easy inputs) is
-  listed instead and handled on its list. When the gallery is the batch, only the blocks on and above the
-  diagonal are computed: weights and coefficients are symmetric, each block serves both of its ends.
+  sorting the labels, never by comparing every pair; their Gram distances are read from the panels on the way
+  (near-duplicates recomputed from differences), then the loss, weights (eq. 3) and gradient are computed on lists.
+* Negatives (every other pair) are computed in panels of queries x gallery items. One matmul of the augmented
+  vectors ``[2 q, -|q|^2, -1] . [g, 1, |g|^2]`` gives ``-d^2`` directly; the same-label pairs of the panel are set
+  to ``-inf`` (sparse); one threshold pass sends every pair outside N* (d >= alpha) to a distance so large that
+  its weight is cut to exactly 0. Then ``d``, the weight ``e = exp(-Tn d)`` (the constant shift ``Tn * alpha``,
+  valid because ``Tn * alpha`` cannot underflow a member's weight), the sums S = sum e and sum e d, and the paper's
+  gradient coefficients ``c = e / d`` are whole-panel passes with no mask; the gradient is one matmul of the
+  coefficients with the gallery. A panel with few members (a large reference set, easy inputs) is listed instead.
+  When the gallery is the batch, only the panels from the diagonal on are computed: weights, coefficients and
+  membership are symmetric, so each pair right of the diagonal also counts for its item as a query (half the
+  distance matmul and half the elementwise work).
 * Near-duplicate pairs (squared Gram distance below ``NEAR_SQUARED_DISTANCE``) are recomputed from explicit
   differences, as on the other paths, and their gradient taken from the differences.
 
-Every value is the same as on the list and dense paths (the same comparisons against the same boundaries; the
-squared boundary is the exact float image of ``d < alpha``); positive distances come from explicit differences
-instead of the Gram form, a difference of rounding only. Memory is O(block) plus the positive lists. It supports
-labels (not pair masks), the paper's gradient (or no gradient), ``Tn >= 1e-6`` with ``Tn * alpha`` below the
-constant-shift limit, and sparse positives; :func:`.ranked_list_euclidean.ranked_list_euclidean` takes the dense
-path otherwise.
+The values are those of the list and dense paths (the same Gram distances compared with the same boundaries; the
+squared boundary is the exact float image of ``d < alpha``), up to the order of floating-point sums. Memory is
+O(panel) plus the positive lists. It supports labels (not pair masks), the paper's gradient (or no gradient),
+``Tn >= 1e-6`` with ``Tn * alpha`` below the constant-shift limit, and sparse positives;
+:func:`.ranked_list_euclidean.ranked_list_euclidean` takes another path otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from .ranked_list import (
 from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, _Workspace, sync_free_wanted
 from .ranked_list_params import RankedListParams
 
-# Gallery = the batch: square blocks of this many queries / items (a block and its mirror share the arithmetic).
+# Gallery = the batch: panels of this many queries against the batch from their diagonal on.
 _SAME_BLOCK = 512
 # Reference set: blocks of up to this many queries x as many items as fill _BLOCK_ELEMENTS.
 _REF_BLOCK_ROWS = 256
@@ -61,8 +61,6 @@ _BLOCK_ELEMENTS = 1 << 18
 _LIST_FRACTION = 1 / 64
 # The positives must be sparse: at most this fraction of all pairs has the query's label.
 _MAX_POSITIVE_FRACTION = 1 / 16
-# Pairs per chunk of explicit differences (times the dimension: elements of one temporary).
-_PAIR_CHUNK_ELEMENTS = 1 << 22
 # Below this Tn the far distance given to the pairs outside N* would overflow when squared.
 _MIN_TN = 1e-6
 # Pairs outside N* get the exponent -_FAR * limit (limit: the constant-shift bound on Tn * alpha), members at
@@ -125,7 +123,7 @@ PairsIn = Callable[[slice, slice], tuple[Tensor, Tensor, Tensor]]
 
 
 class _NegativeSums:
-    """Per-query running sums over N*, fed block by block: S = sum e, sum e d, the gradient's parts
+    """Per-query running sums over N*, fed panel by panel: S = sum e, sum e d, the gradient's parts
     C = sum c, N = -sum c g_j (matmuls) and E = sum c (q_i - g_j) (explicit differences), c = e / d; the size of
     N*; the Gram values of the same-label pairs, met on the way."""
 
@@ -315,7 +313,8 @@ def _split_forward(
     # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j), w the normalised weights
     row_sums = torch.zeros_like(S).index_add_(0, pr, coef)
     grad = sums.gradient(query, -lam / S, (1 - lam) * row_sums)
-    grad.sub_(pair_product(pr, pc, coef, (B, R), gallery), alpha=1 - lam)
+    if len(pr):
+        grad.sub_(pair_product(pr, pc, coef, (B, R), gallery), alpha=1 - lam)
     near_terms = c_near[:, None] * (query[pr[near]] - gallery[pc[near]])
     grad.index_add_(0, pr[near], near_terms, alpha=1 - lam)
     return losses, grad, num_pos, sums.count
