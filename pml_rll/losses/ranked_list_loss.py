@@ -8,6 +8,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
+from ..functional.normalize import l2_normalize
 from ..functional.ranked_list import (
     MaskFn,
     dense_masks,
@@ -180,7 +181,7 @@ class RankedListLoss(BaseMetricLossFunction):
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()  # accumulate half precision in float32
             if self.distance.normalize_embeddings:
-                x = torch.nn.functional.normalize(x, p=2, dim=1)
+                x = l2_normalize(x)  # F.normalize's values and gradient, fewer passes
             return x
 
         query = prepare(embeddings)

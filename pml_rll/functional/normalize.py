@@ -1,0 +1,43 @@
+"""L2 normalisation of rows with a hand-written backward pass.
+
+The same values as ``torch.nn.functional.normalize(x, p=2, dim=1)`` (``x / max(||x||, eps)``, eps = 1e-12) and the
+same gradient, the Jacobian of the projection applied in closed form: ``(g - q (q . g)) / ||x||`` for a row with
+``||x|| > eps`` (``g / eps`` otherwise, where the clamp is constant). Autograd differentiates the same function
+through the division, the clamp and the norm, with about twice as many passes over the batch; on a CPU that is
+about a tenth of the Ranked List Loss's time at B = 2048 (benchmarks/loss_speed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+class _L2Normalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        denom = norm.clamp_min(EPS)
+        q: Tensor = x / denom
+        ctx.save_for_backward(q, denom, norm > EPS)
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        q, denom, projected = ctx.saved_tensors
+        radial = torch.linalg.vecdot(q, g, dim=1)[:, None] * projected  # 0 where the clamp is active
+        return torch.addcmul(g, q, radial, value=-1).div_(denom)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Rows of ``x`` divided by their L2 norm (at least 1e-12), as ``F.normalize(x, dim=1)``; a fused backward
+    outside ``torch.compile`` (which fuses autograd's own)."""
+    if torch.compiler.is_compiling():
+        return F.normalize(x, p=2, dim=1)
+    out: Tensor = _L2Normalize.apply(x)
+    return out

@@ -1,0 +1,37 @@
+"""l2_normalize: F.normalize's values and gradient, with a hand-written backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pml_rll.functional.normalize import l2_normalize
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
+def test_same_values_and_gradient_as_f_normalize(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 9, generator=g, dtype=dtype) * 3
+    x[3] = 0.0  # the clamp: x / 1e-12
+    x[4] = 1e-14
+    x[5] = 1e-6
+    upstream = torch.randn(40, 9, generator=g, dtype=dtype)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    qa, qb = l2_normalize(a), F.normalize(b, p=2, dim=1)
+    assert torch.equal(qa, qb)
+    (qa * upstream).sum().backward()
+    (qb * upstream).sum().backward()
+    scale = b.grad.abs().amax(1, keepdim=True).clamp_min(1.0)  # the clamped rows' gradients are about 1e12
+    assert torch.allclose(a.grad / scale, b.grad / scale, atol=tol, rtol=0)
+
+
+def test_gradcheck_and_second_use_of_the_output():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(l2_normalize, (x,))
+    q = l2_normalize(x)
+    (q.sum() + (q * q).sum()).backward()  # the output used twice: the gradients add up
+    y = x.detach().clone().requires_grad_(True)
+    r = F.normalize(y, dim=1)
+    (r.sum() + (r * r).sum()).backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-14)
