@@ -118,18 +118,13 @@ def _positive_part(
     return loss_p, member.sum(), coef, (near, c_near)
 
 
-# (queries, items) -> (rows, cols) relative to their starts of the same-label pairs among them, and their indices
-PairsIn = Callable[[slice, slice], tuple[Tensor, Tensor, Tensor]]
-
-
 class _NegativeSums:
     """Per-query running sums over N*, fed panel by panel: S = sum e, sum e d, the gradient's parts
     C = sum c, N = -sum c g_j (matmuls) and E = sum c (q_i - g_j) (explicit differences), c = e / d; the size of
     N*; the Gram values of the same-label pairs, met on the way."""
 
-    def __init__(self, query: Tensor, params: RankedListParams, need_grad: bool, pairs_in: PairsIn, n: int) -> None:
+    def __init__(self, query: Tensor, params: RankedListParams, need_grad: bool, n: int) -> None:
         B, D = query.shape
-        self.pairs_in = pairs_in
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
         self.Tn, self.need_grad = params.Tn, need_grad
         self.t = squared_boundary(params.negative_boundary, query.dtype)
@@ -147,19 +142,24 @@ class _NegativeSums:
         self.listing = False  # how the next block is processed (from the density of the last one)
 
     def block(
-        self, I: slice, J: slice, mirror: int | None, qa: Tensor, ga: Tensor, sides: tuple[Tensor, Tensor]
+        self,
+        I: slice,
+        J: slice,
+        mirror: int | None,
+        qa: Tensor,
+        ga: Tensor,
+        sides: tuple[Tensor, Tensor],
+        pairs: tuple[Tensor, Tensor, Tensor],
     ) -> None:
         """Queries ``I`` against gallery items ``J`` (``qa``, ``ga``: their augmented vectors; ``sides``: the
         queries and the items). ``mirror``: the gallery is the batch and the block's columns from ``mirror`` on
         lie right of the diagonal: those pairs also count for their items as queries (weights, coefficients and
-        membership are symmetric)."""
+        membership are symmetric). ``pairs``: (rows, cols) in the block of the same-label pairs found there and
+        their indices in the pair list."""
         b, c = qa.shape[0], ga.shape[0]
         nsq = torch.mm(qa, ga.T, out=self.ws.get("nsq", b, c))  # -d^2 in Gram form
-        r, c_, idx = self.pairs_in(I, J)  # the same-label pairs: their values kept, then out of every N*
+        r, c_, idx = pairs  # the same-label pairs: their values kept, then out of every N*
         self.pair_nsq[idx] = nsq[r, c_]
-        if mirror is not None:  # the pairs (j, i) of the mirror image, found at (i, j) here
-            r_m, c_m, idx_m = self.pairs_in(slice(J.start + mirror, J.stop), I)
-            self.pair_nsq[idx_m] = nsq[c_m, r_m + mirror]
         nsq.index_put_((r, c_), nsq.new_tensor(-math.inf))
         if not (self.listing and self._listed(I, J, mirror, nsq, sides)):
             self._dense(I, J, mirror, nsq, sides)
@@ -260,48 +260,83 @@ class _NegativeSums:
 
 
 def _augmented(x: Tensor, x_sq: Tensor, query_side: bool, out: Tensor | None) -> Tensor:
-    """[2 x, -|x|^2, -1] (query side) or [x, 1, |x|^2]: their dot product is -||q - g||^2."""
-    ones = torch.ones_like(x_sq)[:, None]
-    parts = [2 * x, -x_sq[:, None], -ones] if query_side else [x, ones, x_sq[:, None]]
-    return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
+    """[2 x, -|x|^2, -1] (query side) or [x, 1, |x|^2]: their dot product is -||q - g||^2 (written into ``out``)."""
+    D = x.shape[1]
+    out = x.new_empty(x.shape[0], D + 2) if out is None else out
+    if query_side:
+        torch.mul(x, 2, out=out[:, :D])
+        torch.neg(x_sq, out=out[:, D])
+        out[:, D + 1] = -1.0
+    else:
+        out[:, :D] = x
+        out[:, D] = 1.0
+        out[:, D + 1] = x_sq
+    return out
+
+
+def _pairs_by_block(
+    rows: Tensor, cols: Tensor, *, same: bool, rows_per_block: int, cols_per_block: int, row_blocks: int
+) -> Callable[[int], tuple[Tensor, Tensor, Tensor]]:
+    """Where each same-label pair lies in the blocks, in the order the blocks are computed: a function of the
+    block number returning (rows, cols) in that block and the pairs' indices.
+
+    Gallery = batch (panels of ``rows_per_block`` queries from their diagonal on): a pair left of its query's
+    panel is found, mirrored, in the panel of its item. Reference set: blocks of ``rows_per_block`` queries x
+    ``cols_per_block`` items, the gallery chunks outermost (``row_blocks`` blocks per chunk).
+    """
+    if same:
+        direct = cols >= rows - rows % rows_per_block
+        a, b = torch.where(direct, rows, cols), torch.where(direct, cols, rows)  # (query, item) in the panel
+        block = a // rows_per_block
+        start = block * rows_per_block
+        a, b = a - start, b - start
+    else:
+        block = (cols // cols_per_block) * row_blocks + rows // rows_per_block
+        a, b = rows % rows_per_block, cols % cols_per_block
+    order = torch.sort(block, stable=True).indices
+    a, b = a[order], b[order]
+    bounds = [0, *torch.cumsum(torch.bincount(block), 0).tolist()] if len(block) else [0]
+
+    def found(k: int) -> tuple[Tensor, Tensor, Tensor]:
+        lo, hi = bounds[min(k, len(bounds) - 1)], bounds[min(k + 1, len(bounds) - 1)]
+        return a[lo:hi], b[lo:hi], order[lo:hi]
+
+    return found
 
 
 def _split_forward(
     query: Tensor, ref: Tensor | None, pairs: tuple[Tensor, Tensor, Tensor], params: RankedListParams, need_grad: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, int]:
-    """(losses, paper gradient or None, size of P*, size of N*); ``pairs``: the same-label pairs and row starts."""
+    """(losses, paper gradient or None, size of P*, size of N*); ``pairs``: the same-label pairs (rows, cols, _)."""
     same = ref is None
     gallery = query if ref is None else ref
     (B, D), R = query.shape, gallery.shape[0]
-    rows, cols, starts = pairs
-    bounds = starts.tolist()
-
-    def pairs_in(I: slice, J: slice) -> tuple[Tensor, Tensor, Tensor]:
-        lo, hi = bounds[I.start], bounds[I.stop]
-        r, c = rows[lo:hi], cols[lo:hi]
-        keep = torch.nonzero((c >= J.start) & (c < J.stop), as_tuple=True)[0]
-        return r[keep] - I.start, c[keep] - J.start, keep + lo
-
-    sums = _NegativeSums(query, params, need_grad, pairs_in, len(rows))
+    rows, cols, _ = pairs
+    sums = _NegativeSums(query, params, need_grad, len(rows))
     ws = sums.ws
     q_sq = squared_norms(query)
     qa = _augmented(query, q_sq, True, ws.get("qa", B, D + 2))
     if same:  # panels of rows against the batch from their diagonal on: one matmul per panel
         ga = _augmented(query, q_sq, False, ws.get("ga", B, D + 2))
         size = min(B, _SAME_BLOCK)
-        for i in range(0, B, size):
+        found = _pairs_by_block(rows, cols, same=True, rows_per_block=size, cols_per_block=B, row_blocks=0)
+        for k, i in enumerate(range(0, B, size)):
             I, J = slice(i, min(B, i + size)), slice(i, B)
-            sums.block(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]))
+            sums.block(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]), found(k))
     else:
         g_sq = squared_norms(gallery)
         b = min(B, _REF_BLOCK_ROWS)
         c = max(1, _BLOCK_ELEMENTS // b)
+        row_blocks = -(-B // b)
+        found = _pairs_by_block(rows, cols, same=False, rows_per_block=b, cols_per_block=c, row_blocks=row_blocks)
+        k = 0
         for j in range(0, R, c):  # each chunk of the reference set prepared once
             J = slice(j, min(R, j + c))
             ga = _augmented(gallery[J], g_sq[J], False, ws.get("ga", J.stop - j, D + 2))
             for i in range(0, B, b):
                 I = slice(i, min(B, i + b))
-                sums.block(I, J, None, qa[I], ga, (query[I], gallery[J]))
+                sums.block(I, J, None, qa[I], ga, (query[I], gallery[J]), found(k))
+                k += 1
     lam = params.imbalance
     loss_n, S = sums.loss(params.negative_boundary)
     other = rows != cols if same else slice(None)  # a query is never its own positive
