@@ -61,6 +61,8 @@ _BLOCK_ELEMENTS = 1 << 18
 _LIST_FRACTION = 1 / 64
 # The positives must be sparse: at most this fraction of all pairs has the query's label.
 _MAX_POSITIVE_FRACTION = 1 / 16
+# Rows of a panel whose members decide whether the next panel is listed, when N* is not counted.
+_COUNT_SAMPLE_ROWS = 16
 # Below this Tn the far distance given to the pairs outside N* would overflow when squared.
 _MIN_TN = 1e-6
 # Pairs outside N* get the exponent -_FAR * limit (limit: the constant-shift bound on Tn * alpha), members at
@@ -123,8 +125,9 @@ class _NegativeSums:
     C = sum c, N = -sum c g_j (matmuls) and E = sum c (q_i - g_j) (explicit differences), c = e / d; the size of
     N*; the Gram values of the same-label pairs, met on the way."""
 
-    def __init__(self, query: Tensor, params: RankedListParams, need_grad: bool, n: int) -> None:
+    def __init__(self, query: Tensor, params: RankedListParams, need_grad: bool, n: int, counting: bool) -> None:
         B, D = query.shape
+        self.counting = counting  # the exact size of N* (without it, a sample of rows guides the listing)
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
         self.Tn, self.need_grad = params.Tn, need_grad
         self.t = squared_boundary(params.negative_boundary, query.dtype)
@@ -218,13 +221,17 @@ class _NegativeSums:
         M = slice(J.start + (mirror or 0), J.stop)  # the items that are also queries of mirrored pairs
         right = e[:, mirror:] if mirror is not None else None
         self.S[I] += e.sum(1)
-        ones = torch.ceil(e, out=self.ws.get("c", b, c))  # 1 on N* (where e is in (0, 1]), 0 elsewhere
-        members = int(ones.sum())
         if right is not None:
             self.S[M] += right.sum(0)
-            members += int(ones[:, mirror:].sum())
-        self.count += members
-        self.listing = members <= _LIST_FRACTION * e.numel()
+        # ceil(e): 1 on N* (where e is in (0, 1]), 0 elsewhere
+        if self.counting:
+            ones = torch.ceil(e, out=self.ws.get("c", b, c))
+            members = int(ones.sum())
+            self.count += members + (int(ones[:, mirror:].sum()) if mirror is not None else 0)
+            self.listing = members <= _LIST_FRACTION * e.numel()
+        else:
+            sample = e[:_COUNT_SAMPLE_ROWS]
+            self.listing = int(torch.ceil(sample).sum()) <= _LIST_FRACTION * sample.numel()
         if self.N is not None:
             coef = torch.div(e, d, out=self.ws.get("c", b, c))
             if near is not None:
@@ -305,14 +312,19 @@ def _pairs_by_block(
 
 
 def _split_forward(
-    query: Tensor, ref: Tensor | None, pairs: tuple[Tensor, Tensor, Tensor], params: RankedListParams, need_grad: bool
+    query: Tensor,
+    ref: Tensor | None,
+    pairs: tuple[Tensor, Tensor, Tensor],
+    params: RankedListParams,
+    need_grad: bool,
+    counting: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor, int]:
     """(losses, paper gradient or None, size of P*, size of N*); ``pairs``: the same-label pairs (rows, cols, _)."""
     same = ref is None
     gallery = query if ref is None else ref
     (B, D), R = query.shape, gallery.shape[0]
     rows, cols, _ = pairs
-    sums = _NegativeSums(query, params, need_grad, len(rows))
+    sums = _NegativeSums(query, params, need_grad, len(rows), counting)
     ws = sums.ws
     q_sq = squared_norms(query)
     qa = _augmented(query, q_sq, True, ws.get("qa", B, D + 2))
@@ -366,28 +378,36 @@ class _RankedListSplit(torch.autograd.Function):
         pairs: tuple[Tensor, Tensor, Tensor],
         params: RankedListParams,
         need_grad: bool,
+        counting: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        losses, grad, num_pos, num_neg = _split_forward(query, ref, pairs, params, need_grad)
+        losses, grad, num_pos, num_neg = _split_forward(query, ref, pairs, params, need_grad, counting)
         if grad is not None:
             ctx.save_for_backward(grad)
-        n_pos, n_neg = num_pos.long(), torch.tensor(num_neg, dtype=torch.long)
+        n_pos, n_neg = num_pos.long(), torch.tensor(num_neg if counting else -1, dtype=torch.long)
         ctx.mark_non_differentiable(n_pos, n_neg)
         return losses, n_pos, n_neg
 
     @staticmethod
     def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None], None, None, None, None
+        return grad * grad_losses[:, None], None, None, None, None, None
 
 
 def ranked_list_split(
-    query: Tensor, ref: Tensor | None, labels: LabelMasks, *, params: RankedListParams, paper: bool
-) -> tuple[Tensor, Tensor, Tensor] | None:
+    query: Tensor,
+    ref: Tensor | None,
+    labels: LabelMasks,
+    *,
+    params: RankedListParams,
+    paper: bool,
+    count_negatives: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Per-query Ranked List Loss, split form (see the module docstring); same contract as the other paths.
 
     The caller checks :func:`split_supported` first. Returns None, having computed nothing but the same-label
     pairs (by sorting), when they are not sparse. ``paper=False`` is accepted only without gradient (the values
-    are the same under both rules).
+    are the same under both rules). ``count_negatives=False``: the size of N* is not computed (None; a few
+    percent of the time).
     """
     need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
     if need_grad and not paper:
@@ -397,5 +417,5 @@ def ranked_list_split(
     pairs = same_label_pairs(labels.labels, labels.ref_labels)
     if len(pairs[0]) > _MAX_POSITIVE_FRACTION * B * R:
         return None
-    out: tuple[Tensor, Tensor, Tensor] = _RankedListSplit.apply(query, ref, pairs, params, need_grad)
-    return out
+    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, pairs, params, need_grad, count_negatives)
+    return losses, n_pos, n_neg if count_negatives else None

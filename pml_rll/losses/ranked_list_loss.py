@@ -160,6 +160,7 @@ class RankedListLoss(BaseMetricLossFunction):
         else:
             losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
         if self.collect_stats:
+            assert n_neg is not None  # counted whenever statistics are collected
             self.avg_num_pos_per_query = float(n_pos) / B
             self.avg_num_neg_per_query = float(n_neg) / B
         return {
@@ -176,7 +177,9 @@ class RankedListLoss(BaseMetricLossFunction):
 
     def _euclidean_losses(
         self, embeddings: Tensor, ref_emb: Tensor, same: bool, masks: MaskFn, *, params: RankedListParams, paper: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The fast path; the number of non-trivial negatives is counted only when statistics are collected."""
+
         def prepare(x: Tensor) -> Tensor:
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()  # accumulate half precision in float32
@@ -186,7 +189,9 @@ class RankedListLoss(BaseMetricLossFunction):
 
         query = prepare(embeddings)
         gallery = None if same else prepare(ref_emb).to(query.dtype)
-        return ranked_list_euclidean(query, gallery, masks, params=params, paper=paper, path=self.path)
+        return ranked_list_euclidean(
+            query, gallery, masks, params=params, paper=paper, path=self.path, count_negatives=self.collect_stats
+        )
 
     def _generic_losses(
         self, embeddings: Tensor, ref_emb: Tensor, same: bool, masks: MaskFn, *, params: RankedListParams, paper: bool

@@ -196,3 +196,23 @@ def test_loss_class_with_split_path_matches_list_path_and_half_precision_is_fini
         value = RankedListLoss(margin=0.4, Tn=10.0, path="split")(xh, y)
         value.backward()
         assert torch.isfinite(value) and bool(torch.isfinite(xh.grad).all())
+
+
+@pytest.mark.parametrize("listing", [False, True])
+def test_without_counting_same_losses_and_gradient(monkeypatch, counted, listing):
+    small_blocks(monkeypatch, listing=listing)  # the listing decision then comes from a sample of rows
+    x, y = many_classes(seed=6)
+    params = RankedListParams(Tp=1.0)
+    out = {}
+    for count in (True, False):
+        xp = x.clone().requires_grad_(True)
+        q = F.normalize(xp, dim=1)
+        losses, n_pos, n_neg = ranked_list_euclidean(
+            q, None, label_masks(y, y), params=params, paper=True, path="split", count_negatives=count
+        )
+        losses.sum().backward()
+        out[count] = (losses.detach(), xp.grad, int(n_pos), n_neg)
+    assert out[False][3] is None and int(out[True][3]) > 0
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert out[True][2] == out[False][2]
+    assert len(counted) == 2
