@@ -213,6 +213,7 @@ def test_without_counting_same_losses_and_gradient(monkeypatch, counted, listing
         losses.sum().backward()
         out[count] = (losses.detach(), xp.grad, int(n_pos), n_neg)
     assert out[False][3] is None and int(out[True][3]) > 0
-    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    for a, b in zip(out[True][:2], out[False][:2]):  # the listing may differ: the order of sums only
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
     assert out[True][2] == out[False][2]
     assert len(counted) == 2
