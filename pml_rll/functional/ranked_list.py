@@ -238,6 +238,16 @@ def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, i
     return out
 
 
+def sorted_pair_product(rows: Tensor, cols: Tensor, values: Tensor, num_rows: int, dense: Tensor) -> Tensor:
+    """(matrix given by pairs, ``rows`` ascending) @ dense, as one fused weighted gather-and-sum per row (an
+    embedding bag): several times faster than a sparse matrix product on a CPU, no temporary of the pairs' size."""
+    counts = torch.bincount(rows, minlength=num_rows)
+    offsets = torch.zeros(num_rows, dtype=torch.long, device=rows.device)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    out: Tensor = torch.nn.functional.embedding_bag(cols, dense, offsets, mode="sum", per_sample_weights=values)
+    return out
+
+
 def squared_norms(x: Tensor) -> Tensor:
     # ||x_i||^2 of every row, as a reduction (no temporary of the size of x)
     norms: Tensor = torch.linalg.vector_norm(x, dim=1)

@@ -41,10 +41,10 @@ from .ranked_list import (
     LabelMasks,
     MaskFn,
     is_non_trivial,
-    pair_product,
     positive_hinge,
     same_label_pairs,
     set_weights,
+    sorted_pair_product,
     squared_norms,
     weighted_set_loss,
 )
@@ -361,7 +361,7 @@ def _split_forward(
     row_sums = torch.zeros_like(S).index_add_(0, pr, coef)
     grad = sums.gradient(query, -lam / S, (1 - lam) * row_sums)
     if len(pr):
-        grad.sub_(pair_product(pr, pc, coef, (B, R), gallery), alpha=1 - lam)
+        grad.sub_(sorted_pair_product(pr, pc, coef, B, gallery), alpha=1 - lam)  # pr ascending
     near_terms = c_near[:, None] * (query[pr[near]] - gallery[pc[near]])
     grad.index_add_(0, pr[near], near_terms, alpha=1 - lam)
     return losses, grad, num_pos, sums.count

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import pml_rll.functional.ranked_list_euclidean as euclid_mod
 import pml_rll.functional.ranked_list_split as split_mod
-from pml_rll.functional.ranked_list import label_masks, same_label_pairs
+from pml_rll.functional.ranked_list import label_masks, same_label_pairs, sorted_pair_product
 from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
 from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.functional.ranked_list_split import ranked_list_split, split_supported, squared_boundary
@@ -217,3 +217,12 @@ def test_without_counting_same_losses_and_gradient(monkeypatch, counted, listing
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
     assert out[True][2] == out[False][2]
     assert len(counted) == 2
+
+
+def test_sorted_pair_product_equals_the_dense_product():
+    g = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rows, cols = torch.tensor([0, 0, 2, 2, 2, 6]), torch.tensor([1, 3, 0, 6, 6, 2])  # a repeated pair adds up
+    values = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.75, 3.0], dtype=torch.float64)
+    matrix = torch.zeros(7, 7, dtype=torch.float64).index_put_((rows, cols), values, accumulate=True)
+    assert torch.allclose(sorted_pair_product(rows, cols, values, 7, g), matrix @ g, atol=1e-15)
+    assert torch.equal(sorted_pair_product(rows[:0], cols[:0], values[:0], 7, g), torch.zeros(7, 3, dtype=g.dtype))
