@@ -71,16 +71,22 @@ def reference_loss(*args, **kwargs):
     return sum(q) / len(q)
 
 
-def reference_paper_gradient(x, labels, margin=0.4, alpha=None, Tp=0.0, Tn=10.0, imbalance=0.5):
+def reference_paper_gradient(
+    x, labels, margin=0.4, alpha=None, Tp=0.0, Tn=10.0, imbalance=0.5, ref=None, ref_labels=None
+):
     """The paper's gradient of the mean loss (docs/ranked_list_loss.md, section 2.1): constant weights, query-only,
-    unit directions, then the L2-normalisation Jacobian. Written out by hand, no autograd."""
+    unit directions, then the L2-normalisation Jacobian. Written out by hand, no autograd. With ``ref`` the
+    gallery is the (fixed) reference set."""
     alpha = 1 + margin / 2 if alpha is None else alpha
     x = x.detach().to(torch.float64)
     e = _normalise(x)
+    same = ref is None
+    g = e if same else _normalise(ref.detach().to(torch.float64))
+    ref_labels = labels if same else ref_labels
     B = len(e)
     grads = []
     for i in range(B):
-        P, N = _lists(e, e, labels, labels, i, margin, alpha, True, None, None)
+        P, N = _lists(e, g, labels, ref_labels, i, margin, alpha, same, None, None)
         ge = torch.zeros_like(e[i])
         for group, T, sign, lam in ((P, Tp, 1.0, 1 - imbalance), (N, Tn, -1.0, imbalance)):
             if not group:
@@ -91,7 +97,7 @@ def reference_paper_gradient(x, labels, margin=0.4, alpha=None, Tp=0.0, Tn=10.0,
             s = sum(w)
             for (j, d), wj in zip(group, w):
                 if float(d) > 1e-12:  # the direction at d = 0 is undefined: zero (docs/ranked_list_loss.md, case 5)
-                    ge += sign * lam * (wj / s) * (e[i] - e[j]) / d
+                    ge += sign * lam * (wj / s) * (e[i] - g[j]) / d
         ge = ge / B
         norm = torch.sqrt((x[i] ** 2).sum())
         grads.append((ge - e[i] * (e[i] @ ge)) / norm)
