@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -28,6 +29,7 @@ class _L2Normalize(torch.autograd.Function):
         return q
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of treating the saved norms as constants
     def backward(ctx: Any, g: Tensor) -> Tensor:
         q, denom, projected = ctx.saved_tensors
         radial = torch.linalg.vecdot(q, g, dim=1)[:, None] * projected  # 0 where the clamp is active
@@ -36,7 +38,11 @@ class _L2Normalize(torch.autograd.Function):
 
 def l2_normalize(x: Tensor) -> Tensor:
     """Rows of ``x`` divided by their L2 norm (at least 1e-12), as ``F.normalize(x, dim=1)``; a fused backward
-    outside ``torch.compile`` (which fuses autograd's own)."""
+    outside ``torch.compile`` (which fuses autograd's own).
+
+    The backward pass uses the output: modifying it in place before ``backward`` raises autograd's error, and
+    it is differentiable once (``create_graph=True`` through it raises); use ``F.normalize`` for either.
+    """
     if torch.compiler.is_compiling():
         return F.normalize(x, p=2, dim=1)
     out: Tensor = _L2Normalize.apply(x)

@@ -83,19 +83,25 @@ def label_masks(labels: Tensor, ref_labels: Tensor) -> LabelMasks:
     return LabelMasks(labels, ref_labels)
 
 
-def same_label_pairs(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def same_label_pairs(
+    labels: Tensor, ref_labels: Tensor, max_pairs: int | None = None
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """Every (i, j) with ``labels[i] == ref_labels[j]``, rows ascending, found by sorting (no B x R comparison).
 
-    Returns (rows, cols, row_starts): the pairs of query i are ``rows[row_starts[i]:row_starts[i + 1]]``
-    (``row_starts`` has B + 1 entries). Reads the number of pairs on the host.
+    The labels are compared in their promoted dtype, as ``==`` compares them. Returns (rows, cols, row_starts):
+    the pairs of query i are ``rows[row_starts[i]:row_starts[i + 1]]`` (``row_starts`` has B + 1 entries); None,
+    before listing them, when there are more than ``max_pairs``. Reads the number of pairs on the host.
     """
-    values, order = torch.sort(ref_labels, stable=True)
-    labels = labels.to(values.dtype)
+    common = torch.promote_types(labels.dtype, ref_labels.dtype)
+    values, order = torch.sort(ref_labels.to(common), stable=True)
+    labels = labels.to(common)
     low = torch.searchsorted(values, labels, right=False)
     counts = torch.searchsorted(values, labels, right=True) - low
     row_starts = torch.zeros(len(labels) + 1, dtype=torch.long, device=labels.device)
     torch.cumsum(counts, 0, out=row_starts[1:])
     total = int(row_starts[-1])
+    if max_pairs is not None and total > max_pairs:
+        return None
     rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts, output_size=total)
     within = torch.arange(total, device=labels.device) - row_starts[rows]
     return rows, order[low[rows] + within], row_starts

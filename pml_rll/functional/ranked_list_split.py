@@ -20,10 +20,16 @@ and a large reference set (a cross-batch memory). docs/ranked_list_loss.md, sect
 * Near-duplicate pairs (squared Gram distance below ``NEAR_SQUARED_DISTANCE``) are recomputed from explicit
   differences, as on the other paths, and their gradient taken from the differences.
 
-The values are those of the list and dense paths (the same Gram distances compared with the same boundaries; the
-squared boundary is the exact float image of ``d < alpha``), up to the order of floating-point sums. Memory is
-O(panel) plus the positive lists. It supports labels (not pair masks), the paper's gradient (or no gradient),
-``Tn >= 1e-6`` with ``Tn * alpha`` below the constant-shift limit, and sparse positives;
+The values are those of the list and dense paths up to floating-point rounding: the boundaries are compared on
+Gram distances (the squared boundary is the exact float image of ``d < alpha``), but the augmented matmul rounds
+them differently from the other paths' matmul, so a pair within rounding of a boundary may fall on the other side
+(as between the list and dense paths). Memory is O(panel), plus the positive lists and, for a listed panel, at
+most 1/64 of its pairs times the dimension; near-duplicates beyond 4 per query (collapsed embeddings) keep their
+Gram values, as on the list path.
+
+It applies to: labels (not pair masks), float32 or float64, the paper's gradient (or no gradient),
+``1e-6 <= Tn`` with ``Tn * alpha`` at most half of ``-log`` of the dtype's smallest normal number (43.7 in
+float32, 354 in float64), ``alpha > 0.02``, and positives (same-label pairs) at most 1/16 of all pairs;
 :func:`.ranked_list_euclidean.ranked_list_euclidean` takes another path otherwise.
 """
 
@@ -61,6 +67,9 @@ _BLOCK_ELEMENTS = 1 << 18
 _LIST_FRACTION = 1 / 64
 # The positives must be sparse: at most this fraction of all pairs has the query's label.
 _MAX_POSITIVE_FRACTION = 1 / 16
+# Near-duplicates recomputed from explicit differences, per query of a panel (or of the batch, for the positives);
+# beyond that many (collapsed embeddings) the Gram values stand, as on the list path: memory stays O(panel).
+_NEAR_PER_QUERY = 4
 # Rows of a panel whose members decide whether the next panel is listed, when N* is not counted.
 _COUNT_SAMPLE_ROWS = 16
 # Below this Tn the far distance given to the pairs outside N* would overflow when squared.
@@ -77,6 +86,7 @@ def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams, p
     alpha, Tn = params.negative_boundary, params.Tn
     return (
         isinstance(masks, LabelMasks)
+        and query.dtype in (torch.float32, torch.float64)  # (the loss computes half precision in float32)
         and not sync_free_wanted(query)
         and (paper or not need_grad)
         and Tn >= _MIN_TN
@@ -107,6 +117,8 @@ def _positive_part(
     """
     B = query.shape[0]
     near = torch.nonzero(sq < NEAR_SQUARED_DISTANCE, as_tuple=True)[0]
+    if len(near) > _NEAR_PER_QUERY * B:  # collapsed embeddings: the Gram values stand
+        near = near[:0]
     sq = sq.index_put((near,), (query[rows[near]] - gallery[cols[near]]).pow(2).sum(1))
     d = sq.clamp_min_(0).sqrt_()
     hinge = positive_hinge(d, params.negative_boundary, params.margin)
@@ -210,11 +222,17 @@ class _NegativeSums:
     def _dense(self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor]) -> None:
         b, c = nsq.shape
         near: tuple[Tensor, Tensor, Tensor] | None = None
+        collapsed = False  # more near-duplicates than the budget: their Gram values stand
         if bool(nsq.max() > -NEAR_SQUARED_DISTANCE):  # rare: recompute from explicit differences
-            rows, cols = torch.nonzero(nsq > -NEAR_SQUARED_DISTANCE, as_tuple=True)
-            diff = sides[0][rows] - sides[1][cols]
-            nsq[rows, cols] = diff.pow(2).sum(1).neg_()
-            near = (rows, cols, diff)
+            is_near = nsq > -NEAR_SQUARED_DISTANCE
+            collapsed = int(is_near.sum()) > _NEAR_PER_QUERY * b
+            if collapsed:
+                nsq.clamp_max_(0.0)  # a Gram distance below 0 is 0
+            else:
+                rows, cols = torch.nonzero(is_near, as_tuple=True)
+                diff = sides[0][rows] - sides[1][cols]
+                nsq[rows, cols] = diff.pow(2).sum(1).neg_()
+                near = (rows, cols, diff)
         # pairs outside N* (d >= alpha, positives, the query itself) move to a distance whose weight is exactly 0
         d = torch.threshold_(nsq, -self.t, -self.far_sq).neg_().sqrt_()
         e = torch.threshold_(torch.mul(d, -self.Tn, out=self.ws.get("e", b, c)).exp_(), self.cut, 0.0)
@@ -234,6 +252,8 @@ class _NegativeSums:
             self.listing = int(torch.ceil(sample).sum()) <= _LIST_FRACTION * sample.numel()
         if self.N is not None:
             coef = torch.div(e, d, out=self.ws.get("c", b, c))
+            if collapsed:  # distances within rounding of 0 remain: their direction is 0
+                coef.masked_fill_(d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, 0.0)
             if near is not None:
                 rows, cols, diff = near
                 d_near = d[rows, cols]
@@ -414,8 +434,8 @@ def ranked_list_split(
         raise ValueError("the split path computes the paper's gradient only; use path='dense' for gradient='autograd'")
     B = query.shape[0]
     R = B if ref is None else ref.shape[0]
-    pairs = same_label_pairs(labels.labels, labels.ref_labels)
-    if len(pairs[0]) > _MAX_POSITIVE_FRACTION * B * R:
+    pairs = same_label_pairs(labels.labels, labels.ref_labels, max_pairs=int(_MAX_POSITIVE_FRACTION * B * R))
+    if pairs is None:
         return None
     losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, pairs, params, need_grad, count_negatives)
     return losses, n_pos, n_neg if count_negatives else None

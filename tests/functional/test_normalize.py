@@ -35,3 +35,14 @@ def test_gradcheck_and_second_use_of_the_output():
     r = F.normalize(y, dim=1)
     (r.sum() + (r * r).sum()).backward()
     assert torch.allclose(x.grad, y.grad, atol=1e-14)
+
+
+def test_second_derivative_and_in_place_use_raise():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(l2_normalize(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()  # once differentiable: an error, never a silently wrong second derivative
+    y = l2_normalize(x)
+    y.mul_(2)
+    with pytest.raises(RuntimeError):
+        y.sum().backward()

@@ -226,3 +226,38 @@ def test_sorted_pair_product_equals_the_dense_product():
     matrix = torch.zeros(7, 7, dtype=torch.float64).index_put_((rows, cols), values, accumulate=True)
     assert torch.allclose(sorted_pair_product(rows, cols, values, 7, g), matrix @ g, atol=1e-15)
     assert torch.equal(sorted_pair_product(rows[:0], cols[:0], values[:0], 7, g), torch.zeros(7, 3, dtype=g.dtype))
+
+
+def test_labels_of_different_dtypes_are_compared_as_equality_compares_them(counted):
+    x, _ = many_classes(n=40, seed=7)
+    ref, _ = clustered(n=60, classes=20, seed=8)
+    for y, ref_y in (
+        (torch.arange(40) % 20 + 2**32, (torch.arange(60) % 20).to(torch.int32)),  # no label in common
+        (-(torch.arange(40) % 20) - 1, (255 - torch.arange(60) % 20).to(torch.uint8)),
+        (torch.arange(40) % 20, (torch.arange(60) % 20).to(torch.int16)),  # the same labels
+    ):
+        split = run("split", x, y, RankedListParams(), True, ref, ref_y)
+        assert_same(split, run("list", x, y, RankedListParams(), True, ref, ref_y), 1e-12)
+    assert len(counted) == 3
+    assert same_label_pairs(torch.arange(8) % 2, torch.arange(8) % 2, max_pairs=31) is None  # 32 pairs
+
+
+@pytest.mark.parametrize("jitter", [0.0, 1e-4])
+def test_collapsed_embeddings_keep_their_gram_values(counted, jitter):
+    """More near-duplicates than the budget (4 per query): Gram values stand, as on the list path."""
+    x = torch.zeros(64, 16)
+    x[:, 0] = 1.0
+    x += jitter * torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 16
+    split, listed = run("split", x, y, RankedListParams(), True), run("list", x, y, RankedListParams(), True)
+    assert split[3:] == listed[3:]
+    assert torch.allclose(split[0], listed[0], atol=1e-6) and torch.allclose(split[1], listed[1], atol=1e-5)
+    assert bool(torch.isfinite(split[1]).all())
+    assert len(counted) == 1
+
+
+def test_half_precision_in_the_functional_api_takes_another_path(counted):
+    x, y = many_classes(dtype=torch.float32)
+    q = F.normalize(x, dim=1).half()
+    out = ranked_list_euclidean(q, None, label_masks(y, y), params=RankedListParams(Tn=0.01), paper=True, path="split")
+    assert bool(torch.isfinite(out[0]).all()) and counted == []
