@@ -191,8 +191,7 @@ def _split_if_supported(
     query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams, paper: bool, count: bool
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """The split path's result, or None where it does not apply (see :mod:`.ranked_list_split`)."""
-    need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
-    if isinstance(masks, LabelMasks) and split_supported(query, masks, params=params, paper=paper, need_grad=need_grad):
+    if isinstance(masks, LabelMasks) and split_supported(query, masks, params=params):
         return ranked_list_split(query, ref, masks, params=params, paper=paper, count_negatives=count)
     return None
 

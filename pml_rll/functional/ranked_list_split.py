@@ -1,6 +1,6 @@
 """The Ranked List Loss on Euclidean distances, split: positives listed from the labels, negatives in lean panels.
 
-"Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5), the paper's gradient rule. A CPU form for the
+"Ranked List Loss for Deep Metric Learning", CVPR 2019 (eqs. 2-5), both gradient rules. A CPU form for the
 regimes where listing every non-trivial pair is slow: large batches, many non-trivial negatives (the dense regime)
 and a large reference set (a cross-batch memory). docs/ranked_list_loss.md, section 3.6, describes it step by step.
 
@@ -27,7 +27,11 @@ them differently from the other paths' matmul, so a pair within rounding of a bo
 most 1/64 of its pairs times the dimension; near-duplicates beyond 4 per query (collapsed embeddings) keep their
 Gram values, as on the list path.
 
-It applies to: labels (not pair masks), float32 or float64, the paper's gradient (or no gradient),
+With the paper's rule the gradient is complete at the end of the forward pass; with the autograd rule (weights
+differentiated, both ends of every pair moved) the backward pass goes over the panels once more, every query's
+normaliser and loss being known by then.
+
+It applies to: labels (not pair masks), float32 or float64,
 ``1e-6 <= Tn`` with ``Tn * alpha`` at most half of ``-log`` of the dtype's smallest normal number (43.7 in
 float32, 354 in float64), ``alpha > 0.02``, and positives (same-label pairs) at most 1/16 of all pairs;
 :func:`.ranked_list_euclidean.ranked_list_euclidean` takes another path otherwise.
@@ -36,10 +40,11 @@ float32, 354 in float64), ``alpha > 0.02``, and positives (same-label pairs) at 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
@@ -80,15 +85,14 @@ _MIN_TN = 1e-6
 _FAR, _CUT = 1.5, 1.25
 
 
-def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams, paper: bool, need_grad: bool) -> bool:
+def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams) -> bool:
     """Whether :func:`ranked_list_split` applies (before counting the positives): a CPU outside ``torch.compile``,
-    labels, the paper's rule or no gradient, and negative weights with a constant shift."""
+    labels, float32/float64, and negative weights with a constant shift."""
     alpha, Tn = params.negative_boundary, params.Tn
     return (
         isinstance(masks, LabelMasks)
         and query.dtype in (torch.float32, torch.float64)  # (the loss computes half precision in float32)
         and not sync_free_wanted(query)
-        and (paper or not need_grad)
         and Tn >= _MIN_TN
         and _fixed_shift(Tn, alpha, query.dtype) is not None
         and alpha * alpha > 4 * NEAR_SQUARED_DISTANCE
@@ -107,14 +111,22 @@ def squared_boundary(alpha: float, dtype: torch.dtype) -> float:
     return float(t)
 
 
+class _PositivePart(NamedTuple):
+    """P* of every query from its list of same-label pairs (rows ascending)."""
+
+    loss: Tensor  # (B,) L_P, eq. 3
+    size: Tensor  # size of P*
+    d: Tensor  # distance of each pair
+    w: Tensor  # normalised weight of each pair (0 outside P*)
+    hinge: Tensor  # d - (alpha - m)
+    near: Tensor  # indices of the pairs recomputed from explicit differences
+
+
 def _positive_part(
     query: Tensor, gallery: Tensor, rows: Tensor, cols: Tensor, sq: Tensor, params: RankedListParams
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """L_P of every query (eq. 3), the size of P*, and the paper's gradient coefficients w_ij / d_ij of the pairs:
-    (coefficients with the near-duplicates zeroed, (near pair indices, their coefficients)).
-
-    ``sq``: the squared Gram distances of the pairs (rows, cols); near-duplicates are recomputed from differences.
-    """
+) -> _PositivePart:
+    """L_P of every query (eq. 3) from the pairs' squared Gram distances ``sq``; near-duplicates are recomputed
+    from differences (at most 4 per query: beyond, for collapsed embeddings, the Gram values stand)."""
     B = query.shape[0]
     near = torch.nonzero(sq < NEAR_SQUARED_DISTANCE, as_tuple=True)[0]
     if len(near) > _NEAR_PER_QUERY * B:  # collapsed embeddings: the Gram values stand
@@ -124,12 +136,79 @@ def _positive_part(
     hinge = positive_hinge(d, params.negative_boundary, params.margin)
     member = is_non_trivial(hinge)
     w = set_weights(hinge, rows, B, params.Tp, member)
-    loss_p = weighted_set_loss(w, hinge, rows, B)
-    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps  # direction undefined at distance 0: use 0
-    coef = torch.where(tiny, 0.0, w / d.masked_fill(tiny, 1.0))
+    return _PositivePart(weighted_set_loss(w, hinge, rows, B), member.sum(), d, w, hinge, near)
+
+
+def _pair_terms(
+    grad: Tensor, rows: Tensor, cols: Tensor, coef: Tensor, near: Tensor, sides: tuple[Tensor, Tensor]
+) -> None:
+    """Adds sum_j coef_ij (a_i - b_j) to ``grad`` (``rows`` ascending; ``sides`` = (a, b)): the Gram form, the
+    near-duplicate pairs ``near`` from explicit differences; coefficients at distance ~0 must already be 0."""
+    a, b = sides
     c_near = coef[near]
-    coef[near] = 0.0  # the Gram form cancels there: the differences carry them
-    return loss_p, member.sum(), coef, (near, c_near)
+    coef = coef.index_fill(0, near, 0.0)  # the Gram form cancels there: the differences carry them
+    grad.addcmul_(a, torch.zeros(a.shape[0], dtype=coef.dtype, device=coef.device).index_add_(0, rows, coef)[:, None])
+    if len(rows):
+        grad.sub_(sorted_pair_product(rows, cols, coef, a.shape[0], b))
+    grad.index_add_(0, rows[near], c_near[:, None] * (a[rows[near]] - b[cols[near]]))
+
+
+def _unit_coefficients(k: Tensor, d: Tensor) -> Tensor:
+    """k / d per pair, 0 where d is within rounding of 0 (the direction is undefined there)."""
+    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
+    return torch.where(tiny, 0.0, k / d.masked_fill(tiny, 1.0))
+
+
+class _NegativeRule(NamedTuple):
+    """How a panel's pairs become weights: squared boundary t, the far squared distance and the weight cut."""
+
+    Tn: float
+    t: float
+    far_sq: float
+    cut: float
+
+    @staticmethod
+    def of(params: RankedListParams, dtype: torch.dtype) -> _NegativeRule:
+        limit = -math.log(torch.finfo(dtype).tiny) * _SAFE_EXPONENT_FRACTION
+        far = _FAR * limit / params.Tn
+        return _NegativeRule(
+            params.Tn, squared_boundary(params.negative_boundary, dtype), far * far, math.exp(-_CUT * limit)
+        )
+
+
+def _panel_weights(
+    nsq: Tensor, sides: tuple[Tensor, Tensor], rule: _NegativeRule, ws: _Workspace
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, bool]:
+    """A panel's -d^2 (same-label pairs already at -inf) -> (d, weights e = exp(-Tn d) on N* and exactly 0
+    elsewhere, near-duplicates (rows, cols, differences) or None, collapsed). ``nsq`` is overwritten with d.
+
+    Near-duplicates are recomputed from explicit differences; beyond 4 per query (collapsed) the Gram values stand.
+    """
+    b, c = nsq.shape
+    near: tuple[Tensor, Tensor, Tensor] | None = None
+    collapsed = False
+    if bool(nsq.max() > -NEAR_SQUARED_DISTANCE):  # rare: recompute from explicit differences
+        is_near = nsq > -NEAR_SQUARED_DISTANCE
+        collapsed = int(is_near.sum()) > _NEAR_PER_QUERY * b
+        if collapsed:
+            nsq.clamp_max_(0.0)  # a Gram distance below 0 is 0
+        else:
+            rows, cols = torch.nonzero(is_near, as_tuple=True)
+            diff = sides[0][rows] - sides[1][cols]
+            nsq[rows, cols] = diff.pow(2).sum(1).neg_()
+            near = (rows, cols, diff)
+    # pairs outside N* (d >= alpha, positives, the query itself) move to a distance whose weight is exactly 0
+    d = torch.threshold_(nsq, -rule.t, -rule.far_sq).neg_().sqrt_()
+    e = torch.threshold_(torch.mul(d, -rule.Tn, out=ws.get("e", b, c)).exp_(), rule.cut, 0.0)
+    return d, e, near, collapsed
+
+
+def _panel_coefficients(d: Tensor, e: Tensor, collapsed: bool, ws: _Workspace) -> Tensor:
+    """e / d, 0 where d is within rounding of 0 (only possible when the panel is collapsed)."""
+    coef = torch.div(e, d, out=ws.get("c", *d.shape))
+    if collapsed:  # distances within rounding of 0 remain: their direction is 0
+        coef.masked_fill_(d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, 0.0)
+    return coef
 
 
 class _NegativeSums:
@@ -142,10 +221,8 @@ class _NegativeSums:
         self.counting = counting  # the exact size of N* (without it, a sample of rows guides the listing)
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
         self.Tn, self.need_grad = params.Tn, need_grad
-        self.t = squared_boundary(params.negative_boundary, query.dtype)
-        limit = -math.log(torch.finfo(query.dtype).tiny) * _SAFE_EXPONENT_FRACTION
-        far = _FAR * limit / params.Tn
-        self.far_sq, self.cut = far * far, math.exp(-_CUT * limit)
+        self.rule = _NegativeRule.of(params, query.dtype)
+        self.t = self.rule.t
         self.ws = _Workspace(_BLOCK_ELEMENTS, query)
         self.S, self.ED, self.C = query.new_zeros(B), query.new_zeros(B), query.new_zeros(B)
         self.N: Tensor | None = None
@@ -221,21 +298,7 @@ class _NegativeSums:
 
     def _dense(self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor]) -> None:
         b, c = nsq.shape
-        near: tuple[Tensor, Tensor, Tensor] | None = None
-        collapsed = False  # more near-duplicates than the budget: their Gram values stand
-        if bool(nsq.max() > -NEAR_SQUARED_DISTANCE):  # rare: recompute from explicit differences
-            is_near = nsq > -NEAR_SQUARED_DISTANCE
-            collapsed = int(is_near.sum()) > _NEAR_PER_QUERY * b
-            if collapsed:
-                nsq.clamp_max_(0.0)  # a Gram distance below 0 is 0
-            else:
-                rows, cols = torch.nonzero(is_near, as_tuple=True)
-                diff = sides[0][rows] - sides[1][cols]
-                nsq[rows, cols] = diff.pow(2).sum(1).neg_()
-                near = (rows, cols, diff)
-        # pairs outside N* (d >= alpha, positives, the query itself) move to a distance whose weight is exactly 0
-        d = torch.threshold_(nsq, -self.t, -self.far_sq).neg_().sqrt_()
-        e = torch.threshold_(torch.mul(d, -self.Tn, out=self.ws.get("e", b, c)).exp_(), self.cut, 0.0)
+        d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
         M = slice(J.start + (mirror or 0), J.stop)  # the items that are also queries of mirrored pairs
         right = e[:, mirror:] if mirror is not None else None
         self.S[I] += e.sum(1)
@@ -251,14 +314,10 @@ class _NegativeSums:
             sample = e[:_COUNT_SAMPLE_ROWS]
             self.listing = int(torch.ceil(sample).sum()) <= _LIST_FRACTION * sample.numel()
         if self.N is not None:
-            coef = torch.div(e, d, out=self.ws.get("c", b, c))
-            if collapsed:  # distances within rounding of 0 remain: their direction is 0
-                coef.masked_fill_(d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, 0.0)
+            coef = _panel_coefficients(d, e, collapsed, self.ws)
             if near is not None:
                 rows, cols, diff = near
-                d_near = d[rows, cols]
-                tiny = d_near <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
-                c_near = torch.where(tiny, 0.0, e[rows, cols] / d_near.masked_fill(tiny, 1.0))
+                c_near = _unit_coefficients(e[rows, cols], d[rows, cols])
                 coef[rows, cols] = 0.0  # their Gram form cancels: the differences carry them
                 self._exact(I, J, mirror, (rows, cols), c_near, diff)
             self.C[I] += coef.sum(1)
@@ -331,6 +390,63 @@ def _pairs_by_block(
     return found
 
 
+class _Panels(NamedTuple):
+    """The panel layout of one call: which blocks, in which order, with their augmented vectors."""
+
+    same: bool
+    qa: Tensor
+    query: Tensor
+    gallery: Tensor
+    rows: Tensor  # the same-label pairs, rows ascending
+    cols: Tensor
+
+    def run(self, visit: Callable[..., None], ws: _Workspace) -> None:
+        """Calls ``visit(I, J, mirror, qa, ga, sides, pairs)`` for every block, in order."""
+        query, gallery, qa = self.query, self.gallery, self.qa
+        (B, D), R = query.shape, gallery.shape[0]
+        if self.same:  # panels of rows against the batch from their diagonal on: one matmul per panel
+            ga = _augmented(query, squared_norms(query), False, ws.get("ga", B, D + 2))
+            size = min(B, _SAME_BLOCK)
+            found = _pairs_by_block(
+                self.rows, self.cols, same=True, rows_per_block=size, cols_per_block=B, row_blocks=0
+            )
+            for k, i in enumerate(range(0, B, size)):
+                I, J = slice(i, min(B, i + size)), slice(i, B)
+                visit(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]), found(k))
+            return
+        g_sq = squared_norms(gallery)
+        b = min(B, _REF_BLOCK_ROWS)
+        c = max(1, _BLOCK_ELEMENTS // b)
+        row_blocks = -(-B // b)
+        found = _pairs_by_block(
+            self.rows, self.cols, same=False, rows_per_block=b, cols_per_block=c, row_blocks=row_blocks
+        )
+        k = 0
+        for j in range(0, R, c):  # each chunk of the reference set prepared once
+            J = slice(j, min(R, j + c))
+            ga = _augmented(gallery[J], g_sq[J], False, ws.get("ga", J.stop - j, D + 2))
+            for i in range(0, B, b):
+                I = slice(i, min(B, i + b))
+                visit(I, J, None, qa[I], ga, (query[I], gallery[J]), found(k))
+                k += 1
+
+    @staticmethod
+    def of(query: Tensor, ref: Tensor | None, rows: Tensor, cols: Tensor, ws: _Workspace) -> _Panels:
+        B, D = query.shape
+        qa = _augmented(query, squared_norms(query), True, ws.get("qa", B, D + 2))
+        return _Panels(ref is None, qa, query, query if ref is None else ref, rows, cols)
+
+
+class _SplitState(NamedTuple):
+    """What the autograd rule's backward pass needs from the forward pass."""
+
+    S: Tensor  # (B,) normaliser of N* (1 where empty)
+    loss_n: Tensor  # (B,) L_N
+    rows: Tensor  # positive pairs (the query itself excluded), rows ascending
+    cols: Tensor
+    positives: _PositivePart
+
+
 def _split_forward(
     query: Tensor,
     ref: Tensor | None,
@@ -338,57 +454,117 @@ def _split_forward(
     params: RankedListParams,
     need_grad: bool,
     counting: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor, int]:
-    """(losses, paper gradient or None, size of P*, size of N*); ``pairs``: the same-label pairs (rows, cols, _)."""
+) -> tuple[Tensor, Tensor | None, Tensor, int, _SplitState]:
+    """(losses, paper gradient or None, size of P*, size of N*, state); ``pairs``: the same-label pairs."""
     same = ref is None
     gallery = query if ref is None else ref
-    (B, D), R = query.shape, gallery.shape[0]
     rows, cols, _ = pairs
     sums = _NegativeSums(query, params, need_grad, len(rows), counting)
-    ws = sums.ws
-    q_sq = squared_norms(query)
-    qa = _augmented(query, q_sq, True, ws.get("qa", B, D + 2))
-    if same:  # panels of rows against the batch from their diagonal on: one matmul per panel
-        ga = _augmented(query, q_sq, False, ws.get("ga", B, D + 2))
-        size = min(B, _SAME_BLOCK)
-        found = _pairs_by_block(rows, cols, same=True, rows_per_block=size, cols_per_block=B, row_blocks=0)
-        for k, i in enumerate(range(0, B, size)):
-            I, J = slice(i, min(B, i + size)), slice(i, B)
-            sums.block(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]), found(k))
-    else:
-        g_sq = squared_norms(gallery)
-        b = min(B, _REF_BLOCK_ROWS)
-        c = max(1, _BLOCK_ELEMENTS // b)
-        row_blocks = -(-B // b)
-        found = _pairs_by_block(rows, cols, same=False, rows_per_block=b, cols_per_block=c, row_blocks=row_blocks)
-        k = 0
-        for j in range(0, R, c):  # each chunk of the reference set prepared once
-            J = slice(j, min(R, j + c))
-            ga = _augmented(gallery[J], g_sq[J], False, ws.get("ga", J.stop - j, D + 2))
-            for i in range(0, B, b):
-                I = slice(i, min(B, i + b))
-                sums.block(I, J, None, qa[I], ga, (query[I], gallery[J]), found(k))
-                k += 1
+    _Panels.of(query, ref, rows, cols, sums.ws).run(sums.block, sums.ws)
     lam = params.imbalance
     loss_n, S = sums.loss(params.negative_boundary)
     other = rows != cols if same else slice(None)  # a query is never its own positive
     pr, pc = rows[other], cols[other]
-    loss_p, num_pos, coef, (near, c_near) = _positive_part(query, gallery, pr, pc, sums.pair_nsq[other].neg_(), params)
-    losses = (1 - lam) * loss_p + lam * loss_n
+    pos = _positive_part(query, gallery, pr, pc, sums.pair_nsq[other].neg_(), params)
+    losses = (1 - lam) * pos.loss + lam * loss_n
+    state = _SplitState(S, loss_n, pr, pc, pos)
     if not need_grad:
-        return losses, None, num_pos, sums.count
+        return losses, None, pos.size, sums.count, state
     # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j), w the normalised weights
-    row_sums = torch.zeros_like(S).index_add_(0, pr, coef)
-    grad = sums.gradient(query, -lam / S, (1 - lam) * row_sums)
-    if len(pr):
-        grad.sub_(sorted_pair_product(pr, pc, coef, B, gallery), alpha=1 - lam)  # pr ascending
-    near_terms = c_near[:, None] * (query[pr[near]] - gallery[pc[near]])
-    grad.index_add_(0, pr[near], near_terms, alpha=1 - lam)
-    return losses, grad, num_pos, sums.count
+    grad = sums.gradient(query, -lam / S, torch.zeros_like(S))
+    _pair_terms(grad, pr, pc, _unit_coefficients(pos.w, pos.d).mul_(1 - lam), pos.near, (query, gallery))
+    return losses, grad, pos.size, sums.count, state
+
+
+class _AutogradPass:
+    """The plain derivative of the losses (``gradient="autograd"``): a second pass over the panels, once every
+    query's loss and normaliser are known. Weights are differentiated and both ends of every pair move.
+
+    d loss_i / d d_ij = -lambda e_ij / S_i (1 + Tn (alpha - d_ij - L_N,i)) on N* (docs/ranked_list_loss.md, 2.2),
+    times the upstream gradient of loss_i. With the batch as gallery a pair moves its two ends for two losses, and
+    the combined coefficient of (i, j) is symmetric: each panel serves both of its ends, as in the forward pass.
+    """
+
+    def __init__(
+        self,
+        query: Tensor,
+        gallery: Tensor,
+        same: bool,
+        ref_grad: bool,
+        params: RankedListParams,
+        state: _SplitState,
+        grad_losses: Tensor,
+    ) -> None:
+        lam, alpha = params.imbalance, params.negative_boundary
+        self.rule = _NegativeRule.of(params, query.dtype)
+        self.A = -lam * grad_losses / state.S  # per query: the constant factor of its coefficients
+        self.u = self.A * (1 + params.Tn * (alpha - state.loss_n))
+        self.same = same
+        self.grad_q = torch.zeros_like(query)
+        self.grad_g = torch.zeros_like(gallery) if not same and ref_grad else None
+        self.ws = _Workspace(_BLOCK_ELEMENTS, query)
+
+    def block(
+        self,
+        I: slice,
+        J: slice,
+        mirror: int | None,
+        qa: Tensor,
+        ga: Tensor,
+        sides: tuple[Tensor, Tensor],
+        pairs: tuple[Tensor, Tensor, Tensor],
+    ) -> None:
+        b, c = qa.shape[0], ga.shape[0]
+        nsq = torch.mm(qa, ga.T, out=self.ws.get("nsq", b, c))
+        r, c_, _ = pairs
+        nsq.index_put_((r, c_), nsq.new_tensor(-math.inf))
+        d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
+        coef = _panel_coefficients(d, e, collapsed, self.ws)
+        Tn = self.rule.Tn
+        # k_ij / d_ij = u_i e / d - Tn A_i e (+ the same for j when the pair also moves j's loss)
+        k = torch.mul(coef, self.u[I][:, None], out=self.ws.get("k", b, c))
+        k.addcmul_(e, self.A[I][:, None], value=-Tn)
+        if self.same:
+            k.addcmul_(coef, self.u[J][None, :]).addcmul_(e, self.A[J][None, :], value=-Tn)
+        q, g = sides
+        if near is not None:  # the Gram form cancels there: explicit differences
+            rows, cols, diff = near
+            tiny = d[rows, cols] <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps  # direction undefined: 0
+            term = torch.where(tiny, 0.0, k[rows, cols])[:, None] * diff
+            k[rows, cols] = 0.0
+            self.grad_q.index_add_(0, rows + I.start, term)
+            if self.same:
+                keep = cols >= (mirror if mirror is not None else 0)
+                self.grad_q.index_add_(0, cols[keep] + J.start, term[keep], alpha=-1)
+            elif self.grad_g is not None:
+                self.grad_g.index_add_(0, cols + J.start, term, alpha=-1)
+        self.grad_q[I].addcmul_(q, k.sum(1)[:, None]).addmm_(k, g, alpha=-1)
+        if self.same and mirror is not None:
+            M, right = slice(J.start + mirror, J.stop), k[:, mirror:]
+            self.grad_q[M].addcmul_(g[mirror:], right.sum(0)[:, None]).addmm_(right.T, q, alpha=-1)
+        elif self.grad_g is not None:
+            self.grad_g[J].addcmul_(g, k.sum(0)[:, None]).addmm_(k.T, q, alpha=-1)
+
+    def positives(
+        self, query: Tensor, gallery: Tensor, params: RankedListParams, state: _SplitState, grad_losses: Tensor
+    ) -> None:
+        """The positive pairs' terms: w_ij (1 + Tp (hinge_ij - L_P,i)), both ends."""
+        pos, pr, pc = state.positives, state.rows, state.cols
+        k = pos.w * (1 + params.Tp * (pos.hinge - pos.loss[pr])) * ((1 - params.imbalance) * grad_losses[pr])
+        coef = _unit_coefficients(k, pos.d)
+        _pair_terms(self.grad_q, pr, pc, coef, pos.near, (query, gallery))
+        target = self.grad_q if self.same else self.grad_g
+        if target is not None:  # the item's end: sum_i coef_ij (g_j - q_i), the pairs grouped by item
+            order = torch.sort(pc, stable=True).indices
+            near = torch.zeros_like(pr, dtype=torch.bool).index_fill_(0, pos.near, True)[order]
+            _pair_terms(
+                target, pc[order], pr[order], coef[order], torch.nonzero(near, as_tuple=True)[0], (gallery, query)
+            )
 
 
 class _RankedListSplit(torch.autograd.Function):
-    """Forward: losses and the paper's gradient (weights constant, the gallery fixed). Backward: scales it."""
+    """Forward: losses, and the paper's gradient (weights constant, the gallery fixed), computed on the way.
+    Backward: scales it; for the autograd rule, a second pass over the panels (:class:`_AutogradPass`)."""
 
     @staticmethod
     def forward(
@@ -397,20 +573,34 @@ class _RankedListSplit(torch.autograd.Function):
         ref: Tensor | None,
         pairs: tuple[Tensor, Tensor, Tensor],
         params: RankedListParams,
+        paper: bool,
         need_grad: bool,
         counting: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        losses, grad, num_pos, num_neg = _split_forward(query, ref, pairs, params, need_grad, counting)
+        paper_grad = need_grad and paper
+        losses, grad, num_pos, num_neg, state = _split_forward(query, ref, pairs, params, paper_grad, counting)
+        ctx.paper = paper
         if grad is not None:
             ctx.save_for_backward(grad)
+        elif need_grad:  # the autograd rule: what its second pass needs
+            ctx.save_for_backward(query, query if ref is None else ref)
+            ctx.rest = (ref is None, pairs, params, state)
         n_pos, n_neg = num_pos.long(), torch.tensor(num_neg if counting else -1, dtype=torch.long)
         ctx.mark_non_differentiable(n_pos, n_neg)
         return losses, n_pos, n_neg
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None], None, None, None, None, None
+        if ctx.paper:
+            (grad,) = ctx.saved_tensors
+            return grad * grad_losses[:, None], None, None, None, None, None, None
+        query, gallery = ctx.saved_tensors
+        same, pairs, params, state = ctx.rest
+        second = _AutogradPass(query, gallery, same, ctx.needs_input_grad[1], params, state, grad_losses)
+        _Panels.of(query, None if same else gallery, pairs[0], pairs[1], second.ws).run(second.block, second.ws)
+        second.positives(query, gallery, params, state, grad_losses)
+        return second.grad_q, second.grad_g, None, None, None, None, None
 
 
 def ranked_list_split(
@@ -425,17 +615,16 @@ def ranked_list_split(
     """Per-query Ranked List Loss, split form (see the module docstring); same contract as the other paths.
 
     The caller checks :func:`split_supported` first. Returns None, having computed nothing but the same-label
-    pairs (by sorting), when they are not sparse. ``paper=False`` is accepted only without gradient (the values
-    are the same under both rules). ``count_negatives=False``: the size of N* is not computed (None; a few
+    pairs (by sorting), when they are not sparse. ``paper=True``: the paper's gradient, complete at the end of the
+    forward pass; ``paper=False``: the exact derivative, from a second pass over the panels in the backward pass.
+    ``count_negatives=False``: the size of N* is not computed (None; a few
     percent of the time).
     """
     need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
-    if need_grad and not paper:
-        raise ValueError("the split path computes the paper's gradient only; use path='dense' for gradient='autograd'")
     B = query.shape[0]
     R = B if ref is None else ref.shape[0]
     pairs = same_label_pairs(labels.labels, labels.ref_labels, max_pairs=int(_MAX_POSITIVE_FRACTION * B * R))
     if pairs is None:
         return None
-    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, pairs, params, need_grad, count_negatives)
+    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, pairs, params, paper, need_grad, count_negatives)
     return losses, n_pos, n_neg if count_negatives else None

@@ -65,8 +65,8 @@ class RankedListLoss(BaseMetricLossFunction):
             Tn > 0 it can pull a moderately hard negative towards its query.
         path: how the Euclidean fast path computes (same values and gradients): ``"list"`` lists the non-trivial
             pairs (host-side sizes), ``"dense"`` computes all pairs in tiles without synchronising the device,
-            ``"split"`` (CPU, labels, paper gradient; the dense path elsewhere) lists the positives from the labels
-            and computes the negatives in lean symmetric panels, ``"auto"`` (default) takes the dense path on CUDA
+            ``"split"`` (CPU, labels; the dense path elsewhere) lists the positives from the labels and computes
+            the negatives in lean symmetric panels, ``"auto"`` (default) takes the dense path on CUDA
             and under ``torch.compile``, and on a CPU the split path for large batches and reference sets, the
             dense or list path otherwise (docs/ranked_list_loss.md, section 3.6). On CUDA and under
             ``torch.compile`` the embeddings are not checked for NaN (that check would synchronise).

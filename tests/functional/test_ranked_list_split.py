@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import pml_rll.functional.ranked_list_euclidean as euclid_mod
 import pml_rll.functional.ranked_list_split as split_mod
-from pml_rll.functional.ranked_list import label_masks, same_label_pairs, sorted_pair_product
+from pml_rll.functional.ranked_list import dense_masks, label_masks, same_label_pairs, sorted_pair_product
 from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
 from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.functional.ranked_list_split import ranked_list_split, split_supported, squared_boundary
@@ -132,12 +132,11 @@ def test_where_split_does_not_apply(counted):
     x, y = many_classes()
     q = F.normalize(x, dim=1).requires_grad_(True)
     masks = label_masks(y, y)
-    assert not split_supported(q, masks, params=RankedListParams(), paper=False, need_grad=True)  # autograd rule
-    assert not split_supported(q, masks, params=RankedListParams(Tn=0.0), paper=True, need_grad=True)
-    assert not split_supported(q, masks, params=RankedListParams(Tn=500.0), paper=True, need_grad=True)  # shift
-    with pytest.raises(ValueError, match="paper's gradient"):
-        ranked_list_split(q, None, masks, params=RankedListParams(), paper=False)
-    # few classes: the positives are not sparse, nothing computed but the pairs
+    assert split_supported(q, masks, params=RankedListParams())
+    assert not split_supported(q, masks, params=RankedListParams(Tn=0.0))
+    assert not split_supported(q, masks, params=RankedListParams(Tn=500.0))  # no constant shift
+    assert not split_supported(q.half(), masks, params=RankedListParams())
+    # few classes: the positives are not sparse, nothing computed but the pair count
     few = torch.arange(64) % 4
     assert ranked_list_split(q, None, label_masks(few, few), params=RankedListParams(), paper=True) is None
     assert counted == []
@@ -151,7 +150,7 @@ def test_path_split_falls_back_to_dense_with_the_same_result(counted, gradient):
     assert_same(run("split", x, y, params, paper), run("list", x, y, params, paper), 1e-12)
     many, many_y = many_classes()
     assert_same(run("split", many, many_y, params, paper), run("list", many, many_y, params, paper), 1e-12)
-    assert len(counted) == (1 if paper else 0)
+    assert len(counted) == 1
 
 
 def test_auto_takes_split_for_large_batches_and_large_reference_sets(monkeypatch, counted):
@@ -167,10 +166,10 @@ def test_auto_takes_split_for_large_batches_and_large_reference_sets(monkeypatch
         ranked_list_euclidean(emb, None, label_masks(y, y), params=params, paper=True)
     assert len(counted) == 2
     with_grad = spread.clone().requires_grad_(True)
-    ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)  # autograd rule: not split
-    assert len(counted) == 2
-    with torch.no_grad():  # no gradient: the rules do not differ, split again
-        ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)
+    ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)  # the autograd rule too
+    assert len(counted) == 3
+    none = torch.zeros(64, 64, dtype=torch.bool)
+    ranked_list_euclidean(spread, None, dense_masks(none, ~none), params=params, paper=True)  # pair masks: not split
     assert len(counted) == 3
     monkeypatch.setattr(euclid_mod, "_SPLIT_PAIRS", 1 << 40)
     monkeypatch.setattr(euclid_mod, "_LARGE_GALLERY", 90)
@@ -261,3 +260,32 @@ def test_half_precision_in_the_functional_api_takes_another_path(counted):
     q = F.normalize(x, dim=1).half()
     out = ranked_list_euclidean(q, None, label_masks(y, y), params=RankedListParams(Tn=0.01), paper=True, path="split")
     assert bool(torch.isfinite(out[0]).all()) and counted == []
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("blocks", ["one", "small"])
+def test_autograd_rule_equals_list_path(monkeypatch, counted, dtype, tol, params, blocks):
+    """gradient="autograd": the second pass over the panels gives the list path's exact derivative, both ends of
+    every pair moved (with a reference set that requires grad, the reference set's gradient too)."""
+    if blocks == "small":
+        small_blocks(monkeypatch, listing=False)
+    x, y = many_classes(dtype=dtype)
+    assert_same(run("split", x, y, params, False), run("list", x, y, params, False), tol)
+    ref, ref_y = clustered(n=90, classes=30, seed=3, dtype=dtype)
+    ref[5] = x[3]  # a near-duplicate between the batch and the reference set
+    out = run("split", x, y, params, False, ref, ref_y)
+    assert_same(out, run("list", x, y, params, False, ref, ref_y), tol)
+    assert torch.count_nonzero(out[2]) > 0  # the reference set moves
+    assert len(counted) == 2
+
+
+def test_autograd_rule_equals_loop_reference():
+    x, y = clustered(n=40, classes=20, seed=9, duplicates=False)  # autograd's derivative of sqrt at 0 is NaN
+    params = RankedListParams(Tp=2.0, Tn=10.0, imbalance=0.4)
+    losses, grad, _, _, _ = run("split", x, y, params, False, weights=torch.full((40,), 1 / 40, dtype=x.dtype))
+    xr = x.clone().requires_grad_(True)
+    ref = reference_losses(xr, y.tolist(), Tp=2.0, Tn=10.0, imbalance=0.4)
+    assert torch.allclose(losses, torch.stack(ref).detach(), atol=1e-12)
+    (expected,) = torch.autograd.grad(sum(ref) / 40, xr)
+    assert torch.allclose(grad, expected, atol=1e-12)
