@@ -165,8 +165,10 @@ def test_auto_takes_split_for_large_batches_and_large_reference_sets(monkeypatch
     for emb in (q, spread):  # a large batch, long lists or short
         ranked_list_euclidean(emb, None, label_masks(y, y), params=params, paper=True)
     assert len(counted) == 2
-    with_grad = spread.clone().requires_grad_(True)
-    ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)  # the autograd rule too
+    with_grad = spread.clone().requires_grad_(True)  # the autograd rule: split only for long lists
+    ranked_list_euclidean(with_grad, None, label_masks(y, y), params=params, paper=False)
+    assert len(counted) == 2
+    ranked_list_euclidean(q.clone().requires_grad_(True), None, label_masks(y, y), params=params, paper=False)
     assert len(counted) == 3
     none = torch.zeros(64, 64, dtype=torch.bool)
     ranked_list_euclidean(spread, None, dense_masks(none, ~none), params=params, paper=True)  # pair masks: not split
