@@ -159,6 +159,32 @@ def _unit_coefficients(k: Tensor, d: Tensor) -> Tensor:
     return torch.where(tiny, 0.0, k / d.masked_fill(tiny, 1.0))
 
 
+class _Block(NamedTuple):
+    """Queries ``I`` against gallery items ``J``: their augmented vectors ``qa``, ``ga``; ``sides``: the queries
+    and the items; ``pairs``: (rows, cols) in the block of the same-label pairs found there and their indices in
+    the pair list. ``mirror``: the gallery is the batch and the block's columns from ``mirror`` on lie right of the
+    diagonal: those pairs also count for their items as queries (weights, coefficients and membership are
+    symmetric)."""
+
+    I: slice
+    J: slice
+    mirror: int | None
+    qa: Tensor
+    ga: Tensor
+    sides: tuple[Tensor, Tensor]
+    pairs: tuple[Tensor, Tensor, Tensor]
+
+
+def _negative_squares(blk: _Block, ws: _Workspace, keep: Tensor | None) -> Tensor:
+    """-d^2 of a block in Gram form (one matmul of the augmented vectors), the same-label pairs at -inf (out of
+    every N*); their values are first written into ``keep`` at their pair indices, when given."""
+    nsq = torch.mm(blk.qa, blk.ga.T, out=ws.get("nsq", blk.qa.shape[0], blk.ga.shape[0]))
+    rows, cols, index = blk.pairs
+    if keep is not None:
+        keep[index] = nsq[rows, cols]
+    return nsq.index_put_((rows, cols), nsq.new_tensor(-math.inf))
+
+
 class _NegativeRule(NamedTuple):
     """How a panel's pairs become weights: squared boundary t, the far squared distance and the weight cut."""
 
@@ -233,26 +259,10 @@ class _NegativeSums:
         self.count = 0
         self.listing = False  # how the next block is processed (from the density of the last one)
 
-    def block(
-        self,
-        I: slice,
-        J: slice,
-        mirror: int | None,
-        qa: Tensor,
-        ga: Tensor,
-        sides: tuple[Tensor, Tensor],
-        pairs: tuple[Tensor, Tensor, Tensor],
-    ) -> None:
-        """Queries ``I`` against gallery items ``J`` (``qa``, ``ga``: their augmented vectors; ``sides``: the
-        queries and the items). ``mirror``: the gallery is the batch and the block's columns from ``mirror`` on
-        lie right of the diagonal: those pairs also count for their items as queries (weights, coefficients and
-        membership are symmetric). ``pairs``: (rows, cols) in the block of the same-label pairs found there and
-        their indices in the pair list."""
-        b, c = qa.shape[0], ga.shape[0]
-        nsq = torch.mm(qa, ga.T, out=self.ws.get("nsq", b, c))  # -d^2 in Gram form
-        r, c_, idx = pairs  # the same-label pairs: their values kept, then out of every N*
-        self.pair_nsq[idx] = nsq[r, c_]
-        nsq.index_put_((r, c_), nsq.new_tensor(-math.inf))
+    def block(self, blk: _Block) -> None:
+        """One block: the same-label pairs' Gram values kept, N*'s sums added (listed or whole-block passes)."""
+        I, J, mirror, sides = blk.I, blk.J, blk.mirror, blk.sides
+        nsq = _negative_squares(blk, self.ws, self.pair_nsq)
         if not (self.listing and self._listed(I, J, mirror, nsq, sides)):
             self._dense(I, J, mirror, nsq, sides)
 
@@ -400,8 +410,8 @@ class _Panels(NamedTuple):
     rows: Tensor  # the same-label pairs, rows ascending
     cols: Tensor
 
-    def run(self, visit: Callable[..., None], ws: _Workspace) -> None:
-        """Calls ``visit(I, J, mirror, qa, ga, sides, pairs)`` for every block, in order."""
+    def run(self, visit: Callable[[_Block], None], ws: _Workspace) -> None:
+        """Calls ``visit`` on every block, in order."""
         query, gallery, qa = self.query, self.gallery, self.qa
         (B, D), R = query.shape, gallery.shape[0]
         if self.same:  # panels of rows against the batch from their diagonal on: one matmul per panel
@@ -412,7 +422,7 @@ class _Panels(NamedTuple):
             )
             for k, i in enumerate(range(0, B, size)):
                 I, J = slice(i, min(B, i + size)), slice(i, B)
-                visit(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]), found(k))
+                visit(_Block(I, J, I.stop - i, qa[I], ga[J], (query[I], query[J]), found(k)))
             return
         g_sq = squared_norms(gallery)
         b = min(B, _REF_BLOCK_ROWS)
@@ -427,7 +437,7 @@ class _Panels(NamedTuple):
             ga = _augmented(gallery[J], g_sq[J], False, ws.get("ga", J.stop - j, D + 2))
             for i in range(0, B, b):
                 I = slice(i, min(B, i + b))
-                visit(I, J, None, qa[I], ga, (query[I], gallery[J]), found(k))
+                visit(_Block(I, J, None, qa[I], ga, (query[I], gallery[J]), found(k)))
                 k += 1
 
     @staticmethod
@@ -504,20 +514,11 @@ class _AutogradPass:
         self.grad_g = torch.zeros_like(gallery) if not same and ref_grad else None
         self.ws = _Workspace(_BLOCK_ELEMENTS, query)
 
-    def block(
-        self,
-        I: slice,
-        J: slice,
-        mirror: int | None,
-        qa: Tensor,
-        ga: Tensor,
-        sides: tuple[Tensor, Tensor],
-        pairs: tuple[Tensor, Tensor, Tensor],
-    ) -> None:
-        b, c = qa.shape[0], ga.shape[0]
-        nsq = torch.mm(qa, ga.T, out=self.ws.get("nsq", b, c))
-        r, c_, _ = pairs
-        nsq.index_put_((r, c_), nsq.new_tensor(-math.inf))
+    def block(self, blk: _Block) -> None:
+        """One block's terms of the derivative, every pair of it computed again."""
+        I, J, mirror, sides = blk.I, blk.J, blk.mirror, blk.sides
+        b, c = blk.qa.shape[0], blk.ga.shape[0]
+        nsq = _negative_squares(blk, self.ws, None)
         d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
         coef = _panel_coefficients(d, e, collapsed, self.ws)
         Tn = self.rule.Tn
