@@ -218,10 +218,9 @@ def ranked_list_euclidean(
     (:mod:`.ranked_list_dense`), ``"split"`` lists the positives from the labels and computes the negatives in
     lean blocks (:mod:`.ranked_list_split`; a CPU form for long lists and large reference sets, for labels and the
     paper's gradient, otherwise the dense path is taken). ``"auto"`` takes the dense path on CUDA and under
-    ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs; with the autograd rule
-    only when a sample of queries shows long lists) or a large reference set where it applies, otherwise the
-    dense path when the reference set is large or the lists are long, the list path when they are short. All give
-    the same values and gradients.
+    ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs) or a large reference set
+    where it applies, otherwise the dense path when the reference set is large or a sample of queries shows long
+    lists, the list path when they are short. All give the same values and gradients.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -237,9 +236,7 @@ def ranked_list_euclidean(
                 long_lists.append(dense_lists_expected(query, ref, masks, params=params))
             return long_lists[0]
 
-        need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
-        # the autograd rule's second pass computes every pair again: with short lists the list path is faster
-        if (large or B * R >= _SPLIT_PAIRS) and (paper or not need_grad or large or lists_are_long()):
+        if large or B * R >= _SPLIT_PAIRS:
             out = _split_if_supported(query, ref, masks, params=params, paper=paper, count=count_negatives)
             if out is not None:
                 return out

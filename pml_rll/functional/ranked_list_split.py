@@ -242,8 +242,14 @@ class _NegativeSums:
     C = sum c, N = -sum c g_j (matmuls) and E = sum c (q_i - g_j) (explicit differences), c = e / d; the size of
     N*; the Gram values of the same-label pairs, met on the way."""
 
-    def __init__(self, query: Tensor, params: RankedListParams, need_grad: bool, n: int, counting: bool) -> None:
+    def __init__(
+        self, query: Tensor, params: RankedListParams, need_grad: bool, n: int, counting: bool, keep_lists: bool
+    ) -> None:
         B, D = query.shape
+        # the autograd rule's second pass reuses the listed blocks' members (block number -> rows, cols, d, e)
+        self.keep_lists = keep_lists
+        self.listed: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.block_no = -1
         self.counting = counting  # the exact size of N* (without it, a sample of rows guides the listing)
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
         self.Tn, self.need_grad = params.Tn, need_grad
@@ -262,6 +268,7 @@ class _NegativeSums:
     def block(self, blk: _Block) -> None:
         """One block: the same-label pairs' Gram values kept, N*'s sums added (listed or whole-block passes)."""
         I, J, mirror, sides = blk.I, blk.J, blk.mirror, blk.sides
+        self.block_no += 1
         nsq = _negative_squares(blk, self.ws, self.pair_nsq)
         if not (self.listing and self._listed(I, J, mirror, nsq, sides)):
             self._dense(I, J, mirror, nsq, sides)
@@ -292,6 +299,8 @@ class _NegativeSums:
         d = torch.where(sq < NEAR_SQUARED_DISTANCE, diff.pow(2).sum(1), sq).sqrt_()
         e = torch.exp(d * -self.Tn)
         ed = e * d
+        if self.keep_lists:
+            self.listed[self.block_no] = (rows, cols, d, e)
         self.S.index_add_(0, rows + I.start, e)
         self.ED.index_add_(0, rows + I.start, ed)
         self.count += n
@@ -455,6 +464,7 @@ class _SplitState(NamedTuple):
     rows: Tensor  # positive pairs (the query itself excluded), rows ascending
     cols: Tensor
     positives: _PositivePart
+    listed: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]  # the listed blocks' members: rows, cols, d, e
 
 
 def _split_forward(
@@ -464,12 +474,13 @@ def _split_forward(
     params: RankedListParams,
     need_grad: bool,
     counting: bool = True,
+    keep_lists: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor, int, _SplitState]:
     """(losses, paper gradient or None, size of P*, size of N*, state); ``pairs``: the same-label pairs."""
     same = ref is None
     gallery = query if ref is None else ref
     rows, cols, _ = pairs
-    sums = _NegativeSums(query, params, need_grad, len(rows), counting)
+    sums = _NegativeSums(query, params, need_grad, len(rows), counting, keep_lists)
     _Panels.of(query, ref, rows, cols, sums.ws).run(sums.block, sums.ws)
     lam = params.imbalance
     loss_n, S = sums.loss(params.negative_boundary)
@@ -477,7 +488,7 @@ def _split_forward(
     pr, pc = rows[other], cols[other]
     pos = _positive_part(query, gallery, pr, pc, sums.pair_nsq[other].neg_(), params)
     losses = (1 - lam) * pos.loss + lam * loss_n
-    state = _SplitState(S, loss_n, pr, pc, pos)
+    state = _SplitState(S, loss_n, pr, pc, pos, sums.listed)
     if not need_grad:
         return losses, None, pos.size, sums.count, state
     # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j), w the normalised weights
@@ -513,10 +524,15 @@ class _AutogradPass:
         self.grad_q = torch.zeros_like(query)
         self.grad_g = torch.zeros_like(gallery) if not same and ref_grad else None
         self.ws = _Workspace(_BLOCK_ELEMENTS, query)
+        self.listed, self.block_no = state.listed, -1
 
     def block(self, blk: _Block) -> None:
-        """One block's terms of the derivative, every pair of it computed again."""
+        """One block's terms of the derivative: its listed members, or every pair of it computed again."""
         I, J, mirror, sides = blk.I, blk.J, blk.mirror, blk.sides
+        self.block_no += 1
+        if self.block_no in self.listed:
+            self._listed(blk, *self.listed[self.block_no])
+            return
         b, c = blk.qa.shape[0], blk.ga.shape[0]
         nsq = _negative_squares(blk, self.ws, None)
         d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
@@ -545,6 +561,23 @@ class _AutogradPass:
             self.grad_q[M].addcmul_(g[mirror:], right.sum(0)[:, None]).addmm_(right.T, q, alpha=-1)
         elif self.grad_g is not None:
             self.grad_g[J].addcmul_(g, k.sum(0)[:, None]).addmm_(k.T, q, alpha=-1)
+
+    def _listed(self, blk: _Block, rows: Tensor, cols: Tensor, d: Tensor, e: Tensor) -> None:
+        """A block whose members the forward pass listed: their terms from explicit differences."""
+        I, J, mirror = blk.I, blk.J, blk.mirror
+        r, c = rows + I.start, cols + J.start
+        u, A = self.u[r], self.A[r]
+        if self.same:
+            u, A = u + self.u[c], A + self.A[c]
+        k = _unit_coefficients(e * u, d) - self.rule.Tn * e * A
+        k = torch.where(d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, 0.0, k)  # direction undefined: 0
+        term = k[:, None] * (blk.sides[0][rows] - blk.sides[1][cols])
+        self.grad_q.index_add_(0, r, term)
+        if self.same and mirror is not None:
+            keep = cols >= mirror  # right of the diagonal block: the item's own entry is in no block
+            self.grad_q.index_add_(0, c[keep], term[keep], alpha=-1)
+        elif self.grad_g is not None:
+            self.grad_g.index_add_(0, c, term, alpha=-1)
 
     def positives(
         self, query: Tensor, gallery: Tensor, params: RankedListParams, state: _SplitState, grad_losses: Tensor
@@ -579,7 +612,8 @@ class _RankedListSplit(torch.autograd.Function):
         counting: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         paper_grad = need_grad and paper
-        losses, grad, num_pos, num_neg, state = _split_forward(query, ref, pairs, params, paper_grad, counting)
+        keep = need_grad and not paper
+        losses, grad, num_pos, num_neg, state = _split_forward(query, ref, pairs, params, paper_grad, counting, keep)
         ctx.paper = paper
         if grad is not None:
             ctx.save_for_backward(grad)
