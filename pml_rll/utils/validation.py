@@ -131,10 +131,13 @@ def check_distance(distance: BaseDistance, owner: str) -> None:
 
 # -- tensors -------------------------------------------------------------------------------------------------------
 def all_finite(t: Tensor) -> bool:
-    """Whether every value is finite: the extremes are finite exactly when every value is (NaN propagates); two
-    reductions without a temporary of the tensor's size."""
+    """Whether every value is finite: the extremes are finite exactly when every value is (NaN propagates); one
+    reduction pass, no temporary of the tensor's size."""
     t = t.detach()
-    return t.numel() == 0 or (bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin())))
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def check_finite(name: str, t: Tensor) -> None:
