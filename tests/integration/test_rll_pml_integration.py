@@ -63,3 +63,9 @@ def test_distributed_loss_wrapper_two_processes(gradient):
         if not efficient:  # gradients equal the single-process full batch
             assert torch.allclose(gw, model.weight.grad, atol=1e-12)
             assert torch.allclose(gb, model.bias.grad, atol=1e-12)
+        elif gradient == "paper":
+            # efficient mode: each rank's queries against every rank's embeddings, the loss of its half of the
+            # queries times the world size (PML's convention); with the paper's rule the gallery end gets no
+            # gradient, so the averaged gradient is exactly the world size times the full batch's
+            assert torch.allclose(gw, 2 * model.weight.grad, atol=1e-12)
+            assert torch.allclose(gb, 2 * model.bias.grad, atol=1e-12)
