@@ -41,8 +41,15 @@ def l2_normalize(x: Tensor) -> Tensor:
     outside ``torch.compile`` (which fuses autograd's own).
 
     The backward pass uses the output: modifying it in place before ``backward`` raises autograd's error, and
-    it is differentiable once (``create_graph=True`` through it raises); use ``F.normalize`` for either.
+    it is differentiable once (``create_graph=True`` through it raises); use ``F.normalize`` for either. Values
+    are not checked for NaN (they propagate, as through ``F.normalize``; the losses check their inputs).
     """
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
     if torch.compiler.is_compiling():
         return F.normalize(x, p=2, dim=1)
     out: Tensor = _L2Normalize.apply(x)

@@ -46,3 +46,17 @@ def test_second_derivative_and_in_place_use_raise():
     y.mul_(2)
     with pytest.raises(RuntimeError):
         y.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        ([[1.0, 2.0]], TypeError, "torch.Tensor"),
+        (torch.ones(3, 2, dtype=torch.long), TypeError, "floating-point"),
+        (torch.ones(3), ValueError, r"shape \(N, D\)"),
+        (torch.ones(2, 3, 4), ValueError, r"shape \(N, D\)"),
+    ],
+)
+def test_bad_input_names_the_argument(bad, exc, match):
+    with pytest.raises(exc, match=f"x must .*{match}"):
+        l2_normalize(bad)
