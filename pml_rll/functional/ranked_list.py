@@ -244,6 +244,13 @@ def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, i
     return out
 
 
+def unit_coefficients(k: Tensor, d: Tensor) -> Tensor:
+    """k / d per pair (a derivative along d turned into one along the difference vector), 0 where d is within
+    rounding of 0: the direction is undefined there (docs/ranked_list_loss.md, pairs at distance 0)."""
+    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
+    return torch.where(tiny, 0.0, k / d.masked_fill(tiny, 1.0))
+
+
 def sorted_pair_product(rows: Tensor, cols: Tensor, values: Tensor, num_rows: int, dense: Tensor) -> Tensor:
     """(matrix given by pairs, ``rows`` ascending) @ dense, as one fused weighted gather-and-sum per row (an
     embedding bag): several times faster than a sparse matrix product on a CPU, no temporary of the pairs' size."""

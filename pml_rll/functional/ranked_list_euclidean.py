@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
-    ZERO_DISTANCE_EPS,
     LabelMasks,
     MaskFn,
     hinge_gradients,
@@ -26,6 +25,7 @@ from .ranked_list import (
     ranked_lists,
     squared_euclidean,
     squared_norms,
+    unit_coefficients,
 )
 from .ranked_list_dense import ranked_list_dense, sync_free_wanted
 from .ranked_list_params import RankedListParams
@@ -126,8 +126,7 @@ class _RankedListEuclidean(torch.autograd.Function):
         r = ranked_lists(h_p, pr, h_n, nr, B, params=params, detach_weights=True, pos_member=in_p, neg_member=in_n)
         g_p, g_n = hinge_gradients(r, h_p, pr, h_n, nr, params=params, detach_weights=paper)
         # d d_ij / d q_i = (q_i - r_j) / d_ij; d hinge_pos / d d = +1, d hinge_neg / d d = -1
-        tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
-        k = torch.cat([g_p, -g_n]).div_(d.masked_fill(tiny, 1.0)).masked_fill_(tiny, 0.0)
+        k = unit_coefficients(torch.cat([g_p, -g_n]), d)
         ctx.paper, ctx.same = paper, same
         ctx.save_for_backward(query, gallery, rows, cols, k, near)
         num_pos, num_neg = in_p.sum(), in_n.sum()
@@ -229,18 +228,11 @@ def ranked_list_euclidean(
     elif path == "auto":
         B, R = query.shape[0], query.shape[0] if ref is None else ref.shape[0]
         large = R >= _LARGE_GALLERY
-        long_lists: list[bool] = []  # the sample's verdict, taken at most once
-
-        def lists_are_long() -> bool:
-            if not long_lists:
-                long_lists.append(dense_lists_expected(query, ref, masks, params=params))
-            return long_lists[0]
-
         if large or B * R >= _SPLIT_PAIRS:
             out = _split_if_supported(query, ref, masks, params=params, paper=paper, count=count_negatives)
             if out is not None:
                 return out
-        path = "dense" if large or lists_are_long() else "list"
+        path = "dense" if large or dense_lists_expected(query, ref, masks, params=params) else "list"
     elif path == "split":
         out = _split_if_supported(query, ref, masks, params=params, paper=paper, count=count_negatives)
         if out is not None:

@@ -57,6 +57,7 @@ from .ranked_list import (
     set_weights,
     sorted_pair_product,
     squared_norms,
+    unit_coefficients,
     weighted_set_loss,
 )
 from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, _Workspace, sync_free_wanted
@@ -153,12 +154,6 @@ def _pair_terms(
     grad.index_add_(0, rows[near], c_near[:, None] * (a[rows[near]] - b[cols[near]]))
 
 
-def _unit_coefficients(k: Tensor, d: Tensor) -> Tensor:
-    """k / d per pair, 0 where d is within rounding of 0 (the direction is undefined there)."""
-    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
-    return torch.where(tiny, 0.0, k / d.masked_fill(tiny, 1.0))
-
-
 class _Block(NamedTuple):
     """Queries ``I`` against gallery items ``J``: their augmented vectors ``qa``, ``ga``; ``sides``: the queries
     and the items; ``pairs``: (rows, cols) in the block of the same-label pairs found there and their indices in
@@ -252,9 +247,8 @@ class _NegativeSums:
         self.block_no = -1
         self.counting = counting  # the exact size of N* (without it, a sample of rows guides the listing)
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
-        self.Tn, self.need_grad = params.Tn, need_grad
+        self.need_grad = need_grad
         self.rule = _NegativeRule.of(params, query.dtype)
-        self.t = self.rule.t
         self.ws = _Workspace(_BLOCK_ELEMENTS, query)
         self.S, self.ED, self.C = query.new_zeros(B), query.new_zeros(B), query.new_zeros(B)
         self.N: Tensor | None = None
@@ -289,7 +283,7 @@ class _NegativeSums:
 
     def _listed(self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor]) -> bool:
         """The block's members listed; False (nothing done) when they are too many for a list."""
-        rows, cols = torch.nonzero(nsq > -self.t, as_tuple=True)
+        rows, cols = torch.nonzero(nsq > -self.rule.t, as_tuple=True)
         n = len(rows)
         if n > _LIST_FRACTION * nsq.numel():
             self.listing = False
@@ -297,7 +291,7 @@ class _NegativeSums:
         diff = sides[0][rows] - sides[1][cols]
         sq = nsq[rows, cols].neg_()
         d = torch.where(sq < NEAR_SQUARED_DISTANCE, diff.pow(2).sum(1), sq).sqrt_()
-        e = torch.exp(d * -self.Tn)
+        e = torch.exp(d * -self.rule.Tn)
         ed = e * d
         if self.keep_lists:
             self.listed[self.block_no] = (rows, cols, d, e)
@@ -336,7 +330,7 @@ class _NegativeSums:
             coef = _panel_coefficients(d, e, collapsed, self.ws)
             if near is not None:
                 rows, cols, diff = near
-                c_near = _unit_coefficients(e[rows, cols], d[rows, cols])
+                c_near = unit_coefficients(e[rows, cols], d[rows, cols])
                 coef[rows, cols] = 0.0  # their Gram form cancels: the differences carry them
                 self._exact(I, J, mirror, (rows, cols), c_near, diff)
             self.C[I] += coef.sum(1)
@@ -354,11 +348,11 @@ class _NegativeSums:
         S = torch.where(self.S == 0, 1.0, self.S)
         return torch.where(self.S == 0, 0.0, alpha - self.ED / S), S
 
-    def gradient(self, query: Tensor, scale: Tensor, query_coef: Tensor) -> Tensor:
-        """A new tensor: scale_i * (sum_j c_ij (q_i - g_j) over N*) + query_coef_i * q_i."""
+    def gradient(self, query: Tensor, scale: Tensor) -> Tensor:
+        """A new tensor: scale_i * sum_j c_ij (q_i - g_j) over N*."""
         assert self.N is not None
         grad = self.N * scale[:, None]
-        grad.addcmul_(query, (scale * self.C + query_coef)[:, None])
+        grad.addcmul_(query, (scale * self.C)[:, None])
         if self.E is not None:
             grad.addcmul_(self.E, scale[:, None])
         return grad
@@ -414,6 +408,7 @@ class _Panels(NamedTuple):
 
     same: bool
     qa: Tensor
+    q_sq: Tensor  # squared norms of the queries
     query: Tensor
     gallery: Tensor
     rows: Tensor  # the same-label pairs, rows ascending
@@ -424,7 +419,7 @@ class _Panels(NamedTuple):
         query, gallery, qa = self.query, self.gallery, self.qa
         (B, D), R = query.shape, gallery.shape[0]
         if self.same:  # panels of rows against the batch from their diagonal on: one matmul per panel
-            ga = _augmented(query, squared_norms(query), False, ws.get("ga", B, D + 2))
+            ga = _augmented(query, self.q_sq, False, ws.get("ga", B, D + 2))
             size = min(B, _SAME_BLOCK)
             found = _pairs_by_block(
                 self.rows, self.cols, same=True, rows_per_block=size, cols_per_block=B, row_blocks=0
@@ -452,8 +447,9 @@ class _Panels(NamedTuple):
     @staticmethod
     def of(query: Tensor, ref: Tensor | None, rows: Tensor, cols: Tensor, ws: _Workspace) -> _Panels:
         B, D = query.shape
-        qa = _augmented(query, squared_norms(query), True, ws.get("qa", B, D + 2))
-        return _Panels(ref is None, qa, query, query if ref is None else ref, rows, cols)
+        q_sq = squared_norms(query)
+        qa = _augmented(query, q_sq, True, ws.get("qa", B, D + 2))
+        return _Panels(ref is None, qa, q_sq, query, query if ref is None else ref, rows, cols)
 
 
 class _SplitState(NamedTuple):
@@ -492,8 +488,8 @@ def _split_forward(
     if not need_grad:
         return losses, None, pos.size, sums.count, state
     # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j), w the normalised weights
-    grad = sums.gradient(query, -lam / S, torch.zeros_like(S))
-    _pair_terms(grad, pr, pc, _unit_coefficients(pos.w, pos.d).mul_(1 - lam), pos.near, (query, gallery))
+    grad = sums.gradient(query, -lam / S)
+    _pair_terms(grad, pr, pc, unit_coefficients(pos.w, pos.d).mul_(1 - lam), pos.near, (query, gallery))
     return losses, grad, pos.size, sums.count, state
 
 
@@ -569,7 +565,7 @@ class _AutogradPass:
         u, A = self.u[r], self.A[r]
         if self.same:
             u, A = u + self.u[c], A + self.A[c]
-        k = _unit_coefficients(e * u, d) - self.rule.Tn * e * A
+        k = unit_coefficients(e * u, d) - self.rule.Tn * e * A
         k = torch.where(d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, 0.0, k)  # direction undefined: 0
         term = k[:, None] * (blk.sides[0][rows] - blk.sides[1][cols])
         self.grad_q.index_add_(0, r, term)
@@ -585,7 +581,7 @@ class _AutogradPass:
         """The positive pairs' terms: w_ij (1 + Tp (hinge_ij - L_P,i)), both ends."""
         pos, pr, pc = state.positives, state.rows, state.cols
         k = pos.w * (1 + params.Tp * (pos.hinge - pos.loss[pr])) * ((1 - params.imbalance) * grad_losses[pr])
-        coef = _unit_coefficients(k, pos.d)
+        coef = unit_coefficients(k, pos.d)
         _pair_terms(self.grad_q, pr, pc, coef, pos.near, (query, gallery))
         target = self.grad_q if self.same else self.grad_g
         if target is not None:  # the item's end: sum_i coef_ij (g_j - q_i), the pairs grouped by item
