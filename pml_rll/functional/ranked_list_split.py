@@ -39,6 +39,7 @@ float32, 354 in float64), ``alpha > 0.02``, and positives (same-label pairs) at 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -51,11 +52,11 @@ from .ranked_list import (
     ZERO_DISTANCE_EPS,
     LabelMasks,
     MaskFn,
+    add_pair_product,
     is_non_trivial,
     positive_hinge,
     same_label_pairs,
     set_weights,
-    sorted_pair_product,
     squared_norms,
     unit_coefficients,
     weighted_set_loss,
@@ -100,6 +101,7 @@ def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams) -
     )
 
 
+@functools.lru_cache(maxsize=64)
 def squared_boundary(alpha: float, dtype: torch.dtype) -> float:
     """The smallest float t of ``dtype`` with sqrt(t) >= alpha (in that dtype): ``sq < t`` iff ``sqrt(sq) < alpha``."""
     a = torch.tensor(alpha, dtype=dtype)
@@ -150,7 +152,7 @@ def _pair_terms(
     coef = coef.index_fill(0, near, 0.0)  # the Gram form cancels there: the differences carry them
     grad.addcmul_(a, torch.zeros(a.shape[0], dtype=coef.dtype, device=coef.device).index_add_(0, rows, coef)[:, None])
     if len(rows):
-        grad.sub_(sorted_pair_product(rows, cols, coef, a.shape[0], b))
+        add_pair_product(grad, rows, cols, coef, b, alpha=-1)
     grad.index_add_(0, rows[near], c_near[:, None] * (a[rows[near]] - b[cols[near]]))
 
 
@@ -252,9 +254,8 @@ class _NegativeSums:
         self.ws = _Workspace(_BLOCK_ELEMENTS, query)
         self.S, self.ED, self.C = query.new_zeros(B), query.new_zeros(B), query.new_zeros(B)
         self.N: Tensor | None = None
-        if need_grad:
-            buffer = self.ws.get("N", B, D)
-            self.N = query.new_zeros(B, D) if buffer is None else buffer.zero_()
+        if need_grad:  # (a new tensor: the gradient is assembled in it)
+            self.N = query.new_zeros(B, D)
         self.E: Tensor | None = None  # allocated at the first explicit difference
         self.count = 0
         self.listing = False  # how the next block is processed (from the density of the last one)
@@ -349,9 +350,9 @@ class _NegativeSums:
         return torch.where(self.S == 0, 0.0, alpha - self.ED / S), S
 
     def gradient(self, query: Tensor, scale: Tensor) -> Tensor:
-        """A new tensor: scale_i * sum_j c_ij (q_i - g_j) over N*."""
+        """scale_i * sum_j c_ij (q_i - g_j) over N*, assembled in place of N (returned; the sums end there)."""
         assert self.N is not None
-        grad = self.N * scale[:, None]
+        grad = self.N.mul_(scale[:, None])
         grad.addcmul_(query, (scale * self.C)[:, None])
         if self.E is not None:
             grad.addcmul_(self.E, scale[:, None])

@@ -3,13 +3,15 @@ reference, in every way it processes a block, and is taken only where it applies
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pml_rll.functional.ranked_list_euclidean as euclid_mod
 import pml_rll.functional.ranked_list_split as split_mod
-from pml_rll.functional.ranked_list import dense_masks, label_masks, same_label_pairs, sorted_pair_product
+from pml_rll.functional.ranked_list import add_pair_product, dense_masks, label_masks, same_label_pairs
 from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
 from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.functional.ranked_list_split import ranked_list_split, split_supported, squared_boundary
@@ -218,13 +220,21 @@ def test_without_counting_same_losses_and_gradient(monkeypatch, counted, listing
     assert len(counted) == 2
 
 
-def test_sorted_pair_product_equals_the_dense_product():
-    g = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    rows, cols = torch.tensor([0, 0, 2, 2, 2, 6]), torch.tensor([1, 3, 0, 6, 6, 2])  # a repeated pair adds up
-    values = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.75, 3.0], dtype=torch.float64)
-    matrix = torch.zeros(7, 7, dtype=torch.float64).index_put_((rows, cols), values, accumulate=True)
-    assert torch.allclose(sorted_pair_product(rows, cols, values, 7, g), matrix @ g, atol=1e-15)
-    assert torch.equal(sorted_pair_product(rows[:0], cols[:0], values[:0], 7, g), torch.zeros(7, 3, dtype=g.dtype))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_pair_product_adds_the_dense_product_in_place_without_a_warning(dtype):
+    g = torch.randn(5, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    rows, cols = torch.tensor([0, 0, 2, 2, 2, 6]), torch.tensor([1, 3, 0, 4, 4, 2])  # a repeated pair adds up
+    values = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.75, 3.0], dtype=dtype)
+    matrix = torch.zeros(7, 5, dtype=dtype).index_put_((rows, cols), values, accumulate=True)
+    start = torch.randn(7, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    out = start.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_pair_product(out, rows, cols, values, g, alpha=-2.0)
+        add_pair_product(out, rows[:0], cols[:0], values[:0], g)  # no pairs: nothing added
+    assert not caught
+    tol = 1e-15 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(out, start - 2 * (matrix @ g), atol=tol, rtol=0)
 
 
 def test_labels_of_different_dtypes_are_compared_as_equality_compares_them(counted):
