@@ -251,16 +251,16 @@ def unit_coefficients(k: Tensor, d: Tensor) -> Tensor:
     return torch.where(tiny, 0.0, k / d.masked_fill(tiny, 1.0))
 
 
-def add_pair_product(out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor, alpha: float = 1.0) -> None:
+def add_pair_product(
+    out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor, alpha: float = 1.0
+) -> None:
     """``out += alpha * M @ dense`` in place, ``M`` (``out.shape[0]`` x ``dense.shape[0]``) given by its pairs
     (``rows`` ascending): a compressed-row sparse product, no temporary of the pairs' size nor of ``out``'s."""
     crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(torch.bincount(rows, minlength=out.shape[0]), 0, out=crow[1:])
     with warnings.catch_warnings():  # (the compressed-row layout's "beta" notice, not meant for our users)
         warnings.simplefilter("ignore")
-        matrix = torch.sparse_csr_tensor(
-            crow, cols, values, (out.shape[0], dense.shape[0]), check_invariants=False
-        )
+        matrix = torch.sparse_csr_tensor(crow, cols, values, (out.shape[0], dense.shape[0]), check_invariants=False)
     out.addmm_(matrix, dense, alpha=alpha)
 
 
