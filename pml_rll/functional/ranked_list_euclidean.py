@@ -44,6 +44,11 @@ _LARGE_GALLERY = 16384
 # CPU: the split path is taken from this many pairs on (about a 2048 x 2048 batch), where its symmetric panels and
 # lean passes beat both the list and the dense paths whatever the lists' lengths (below, its fixed costs do not pay).
 _SPLIT_PAIRS = 1 << 22
+# CPU, long lists (see _DENSE_FRACTION): the split path from this many pairs on (about 724 x 724; below, the dense
+# path or the list path wins). Without the split path, the autograd rule lists the pairs below _LIST_AUTOGRAD_PAIRS
+# (the dense path's second pass over every pair costs more than long lists there) and takes the dense path above.
+_SPLIT_PAIRS_LONG = 1 << 19
+_LIST_AUTOGRAD_PAIRS = 1 << 20
 PATHS = ("auto", "list", "dense", "split")
 
 
@@ -195,6 +200,29 @@ def _split_if_supported(
     return None
 
 
+def _auto_path(
+    query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams, paper: bool, split: bool = True
+) -> str:
+    """CPU: the path ``"auto"`` takes; ``split``: whether the split path applies (:func:`.split_supported`).
+
+    The split path for a large batch or reference set, and for long lists from a medium batch on; below that, long
+    lists take the dense path with the paper's rule and the list path with the autograd rule (whose dense second
+    pass costs more than the lists); short lists take the list path. Measured on 2 CPU threads
+    (``python -m benchmarks.loss_speed --inputs hard`` and ``--inputs random``).
+    """
+    B, R = query.shape[0], query.shape[0] if ref is None else ref.shape[0]
+    large = R >= _LARGE_GALLERY
+    if split and (large or B * R >= _SPLIT_PAIRS):
+        return "split"
+    if large:
+        return "dense"
+    if not dense_lists_expected(query, ref, masks, params=params):
+        return "list"
+    if split and B * R >= _SPLIT_PAIRS_LONG:
+        return "split"
+    return "dense" if paper or B * R >= _LIST_AUTOGRAD_PAIRS else "list"
+
+
 def ranked_list_euclidean(
     query: Tensor,
     ref: Tensor | None,
@@ -217,22 +245,25 @@ def ranked_list_euclidean(
     (:mod:`.ranked_list_dense`), ``"split"`` lists the positives from the labels and computes the negatives in
     lean blocks (:mod:`.ranked_list_split`; a CPU form for long lists and large reference sets, for labels and the
     paper's gradient, otherwise the dense path is taken). ``"auto"`` takes the dense path on CUDA and under
-    ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs) or a large reference set
-    where it applies, otherwise the dense path when the reference set is large or a sample of queries shows long
-    lists, the list path when they are short. All give the same values and gradients.
+    ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs), a large reference set or
+    long lists (a sample of queries shows them) from a medium batch on, where it applies; otherwise the dense path
+    for a large reference set or long lists (the list path for long lists of a small batch with the autograd
+    rule), the list path for short lists. All give the same values and gradients.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "auto" and sync_free_wanted(query):
         path = "dense"
     elif path == "auto":
-        B, R = query.shape[0], query.shape[0] if ref is None else ref.shape[0]
-        large = R >= _LARGE_GALLERY
-        if large or B * R >= _SPLIT_PAIRS:
-            out = _split_if_supported(query, ref, masks, params=params, paper=paper, count=count_negatives)
+        supported = isinstance(masks, LabelMasks) and split_supported(query, masks, params=params)
+        path = _auto_path(query, ref, masks, params=params, paper=paper, split=supported)
+        if path == "split":
+            assert isinstance(masks, LabelMasks)
+            out = ranked_list_split(query, ref, masks, params=params, paper=paper, count_negatives=count_negatives)
             if out is not None:
                 return out
-        path = "dense" if large or dense_lists_expected(query, ref, masks, params=params) else "list"
+            # (the positives are not sparse: rare, the choice is made again without the split path)
+            path = _auto_path(query, ref, masks, params=params, paper=paper, split=False)
     elif path == "split":
         out = _split_if_supported(query, ref, masks, params=params, paper=paper, count=count_negatives)
         if out is not None:

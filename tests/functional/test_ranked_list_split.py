@@ -180,6 +180,39 @@ def test_auto_takes_split_for_large_batches_and_large_reference_sets(monkeypatch
     assert len(counted) == 4
 
 
+def test_auto_for_long_lists_depends_on_the_batch_and_the_gradient_rule(monkeypatch, counted):
+    """Long lists: the split path from a medium batch on; below, the dense path with the paper's rule and the list
+    path with the autograd rule. Short lists: the list path."""
+    taken = []
+    for name in ("ranked_list_dense", "ranked_list_list_path"):
+        real = getattr(euclid_mod, name)
+        monkeypatch.setattr(euclid_mod, name, lambda *a, _n=name, _r=real, **k: taken.append(_n) or _r(*a, **k))
+    x, y = many_classes()
+    long = F.normalize(x, dim=1).requires_grad_(True)
+    short = F.normalize(torch.randn(64, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1)
+    short.requires_grad_(True)
+    params, masks = RankedListParams(), label_masks(y, y)
+    assert euclid_mod.dense_lists_expected(long, None, masks, params=params)
+    assert not euclid_mod.dense_lists_expected(short, None, masks, params=params)
+
+    def path(emb, paper):
+        taken.clear()
+        before = len(counted)
+        ranked_list_euclidean(emb, None, masks, params=params, paper=paper)
+        return "split" if len(counted) > before else taken[0]
+
+    assert (path(long, True), path(long, False)) == ("ranked_list_dense", "ranked_list_list_path")
+    assert (path(short, True), path(short, False)) == ("ranked_list_list_path", "ranked_list_list_path")
+    monkeypatch.setattr(euclid_mod, "_SPLIT_PAIRS_LONG", 64 * 64)  # a medium batch
+    assert (path(long, True), path(long, False)) == ("split", "split")
+    assert path(short, True) == "ranked_list_list_path"
+    monkeypatch.setattr(euclid_mod, "_LIST_AUTOGRAD_PAIRS", 64 * 64)  # without the split path, above that size
+    pairs = dense_masks(y[:, None] == y[None, :], y[:, None] != y[None, :])  # pair masks: no split path
+    taken.clear()
+    ranked_list_euclidean(long, None, pairs, params=params, paper=False)
+    assert taken == ["ranked_list_dense"]
+
+
 def test_loss_class_with_split_path_matches_list_path_and_half_precision_is_finite():
     x, y = many_classes(n=96, seed=5, dtype=torch.float32)
     out = {}
