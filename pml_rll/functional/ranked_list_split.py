@@ -29,7 +29,9 @@ Gram values, as on the list path.
 
 With the paper's rule the gradient is complete at the end of the forward pass; with the autograd rule (weights
 differentiated, both ends of every pair moved) the backward pass goes over the panels once more, every query's
-normaliser and loss being known by then.
+normaliser and loss being known by then. For that pass the forward pass keeps the dense panels' distances, up to
+``_KEEP_ELEMENTS`` elements in all (64 MiB in float32; the panels beyond are computed again): the autograd rule's
+memory is O(min(B x R, that budget)).
 
 It applies to: labels (not pair masks), float32 or float64,
 ``1e-6 <= Tn`` with ``Tn * alpha`` at most half of ``-log`` of the dtype's smallest normal number (43.7 in
@@ -77,6 +79,9 @@ _MAX_POSITIVE_FRACTION = 1 / 16
 # Near-duplicates recomputed from explicit differences, per query of a panel (or of the batch, for the positives);
 # beyond that many (collapsed embeddings) the Gram values stand, as on the list path: memory stays O(panel).
 _NEAR_PER_QUERY = 4
+# The autograd rule keeps the dense panels' distances for its second pass up to this many elements in all (64 MiB
+# in float32): that pass then skips their matmul and the distance passes; beyond, it computes them again.
+_KEEP_ELEMENTS = 1 << 24
 # Rows of a panel whose members decide whether the next panel is listed, when N* is not counted.
 _COUNT_SAMPLE_ROWS = 16
 # Below this Tn the far distance given to the pairs outside N* would overflow when squared.
@@ -172,10 +177,12 @@ class _Block(NamedTuple):
     pairs: tuple[Tensor, Tensor, Tensor]
 
 
-def _negative_squares(blk: _Block, ws: _Workspace, keep: Tensor | None) -> Tensor:
-    """-d^2 of a block in Gram form (one matmul of the augmented vectors), the same-label pairs at -inf (out of
-    every N*); their values are first written into ``keep`` at their pair indices, when given."""
-    nsq = torch.mm(blk.qa, blk.ga.T, out=ws.get("nsq", blk.qa.shape[0], blk.ga.shape[0]))
+def _negative_squares(blk: _Block, ws: _Workspace, keep: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """-d^2 of a block in Gram form (one matmul of the augmented vectors, into ``out`` or a workspace buffer), the
+    same-label pairs at -inf (out of every N*); their values are first written into ``keep`` at their pair
+    indices, when given."""
+    out = ws.get("nsq", blk.qa.shape[0], blk.ga.shape[0]) if out is None else out
+    nsq = torch.mm(blk.qa, blk.ga.T, out=out)
     rows, cols, index = blk.pairs
     if keep is not None:
         keep[index] = nsq[rows, cols]
@@ -222,8 +229,12 @@ def _panel_weights(
             near = (rows, cols, diff)
     # pairs outside N* (d >= alpha, positives, the query itself) move to a distance whose weight is exactly 0
     d = torch.threshold_(nsq, -rule.t, -rule.far_sq).neg_().sqrt_()
-    e = torch.threshold_(torch.mul(d, -rule.Tn, out=ws.get("e", b, c)).exp_(), rule.cut, 0.0)
-    return d, e, near, collapsed
+    return d, _weights(d, rule, ws), near, collapsed
+
+
+def _weights(d: Tensor, rule: _NegativeRule, ws: _Workspace) -> Tensor:
+    """e = exp(-Tn d) on N*, exactly 0 on the pairs moved to the far distance (a workspace buffer)."""
+    return torch.threshold_(torch.mul(d, -rule.Tn, out=ws.get("e", *d.shape)).exp_(), rule.cut, 0.0)
 
 
 def _panel_coefficients(d: Tensor, e: Tensor, collapsed: bool, ws: _Workspace) -> Tensor:
@@ -232,6 +243,14 @@ def _panel_coefficients(d: Tensor, e: Tensor, collapsed: bool, ws: _Workspace) -
     if collapsed:  # distances within rounding of 0 remain: their direction is 0
         coef.masked_fill_(d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps, 0.0)
     return coef
+
+
+class _KeptPanel(NamedTuple):
+    """A dense panel's distances (pairs outside N* at the far distance), kept for the autograd rule's second pass."""
+
+    d: Tensor
+    near: tuple[Tensor, Tensor, Tensor] | None  # near-duplicates: rows, cols, differences
+    collapsed: bool
 
 
 class _NegativeSums:
@@ -243,9 +262,12 @@ class _NegativeSums:
         self, query: Tensor, params: RankedListParams, need_grad: bool, n: int, counting: bool, keep_lists: bool
     ) -> None:
         B, D = query.shape
-        # the autograd rule's second pass reuses the listed blocks' members (block number -> rows, cols, d, e)
+        # the autograd rule's second pass reuses the listed blocks' members (block number -> rows, cols, d, e) and,
+        # within _KEEP_ELEMENTS, the dense panels' distances (block number -> d, near-duplicates, collapsed)
         self.keep_lists = keep_lists
         self.listed: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.kept: dict[int, _KeptPanel] = {}
+        self.kept_elements = 0
         self.block_no = -1
         self.counting = counting  # the exact size of N* (without it, a sample of rows guides the listing)
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
@@ -264,9 +286,13 @@ class _NegativeSums:
         """One block: the same-label pairs' Gram values kept, N*'s sums added (listed or whole-block passes)."""
         I, J, mirror, sides = blk.I, blk.J, blk.mirror, blk.sides
         self.block_no += 1
-        nsq = _negative_squares(blk, self.ws, self.pair_nsq)
+        size = blk.qa.shape[0] * blk.ga.shape[0]
+        keep = self.keep_lists and not self.listing and self.kept_elements + size <= _KEEP_ELEMENTS
+        nsq = _negative_squares(
+            blk, self.ws, self.pair_nsq, blk.qa.new_empty(size).view(-1, blk.ga.shape[0]) if keep else None
+        )
         if not (self.listing and self._listed(I, J, mirror, nsq, sides)):
-            self._dense(I, J, mirror, nsq, sides)
+            self._dense(I, J, mirror, nsq, sides, keep)
 
     def _exact(
         self, I: slice, J: slice, mirror: int | None, pairs: tuple[Tensor, Tensor], coef: Tensor, diff: Tensor
@@ -310,9 +336,14 @@ class _NegativeSums:
             self._exact(I, J, mirror, (rows, cols), coef, diff)
         return True
 
-    def _dense(self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor]) -> None:
+    def _dense(
+        self, I: slice, J: slice, mirror: int | None, nsq: Tensor, sides: tuple[Tensor, Tensor], keep: bool
+    ) -> None:
         b, c = nsq.shape
         d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
+        if keep:  # (d is then a new tensor, not a workspace buffer)
+            self.kept[self.block_no] = _KeptPanel(d, near, collapsed)
+            self.kept_elements += d.numel()
         M = slice(J.start + (mirror or 0), J.stop)  # the items that are also queries of mirrored pairs
         right = e[:, mirror:] if mirror is not None else None
         self.S[I] += e.sum(1)
@@ -339,7 +370,7 @@ class _NegativeSums:
             if mirror is not None:
                 self.C[M] += coef[:, mirror:].sum(0)
                 self.N[M].addmm_(coef[:, mirror:].T, sides[0], alpha=-1)
-        ed = d.mul_(e)
+        ed = torch.mul(d, e, out=self.ws.get("c", b, c)) if keep else d.mul_(e)
         self.ED[I] += ed.sum(1)
         if mirror is not None:
             self.ED[M] += ed[:, mirror:].sum(0)
@@ -462,6 +493,7 @@ class _SplitState(NamedTuple):
     cols: Tensor
     positives: _PositivePart
     listed: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]  # the listed blocks' members: rows, cols, d, e
+    kept: dict[int, _KeptPanel]  # dense panels' distances (taken out by the second pass as it uses them)
 
 
 def _split_forward(
@@ -485,7 +517,7 @@ def _split_forward(
     pr, pc = rows[other], cols[other]
     pos = _positive_part(query, gallery, pr, pc, sums.pair_nsq[other].neg_(), params)
     losses = (1 - lam) * pos.loss + lam * loss_n
-    state = _SplitState(S, loss_n, pr, pc, pos, sums.listed)
+    state = _SplitState(S, loss_n, pr, pc, pos, sums.listed, sums.kept)
     if not need_grad:
         return losses, None, pos.size, sums.count, state
     # (1 - lambda) sum_P w / d (q_i - g_j) - lambda sum_N w / d (q_i - g_j), w the normalised weights
@@ -521,7 +553,7 @@ class _AutogradPass:
         self.grad_q = torch.zeros_like(query)
         self.grad_g = torch.zeros_like(gallery) if not same and ref_grad else None
         self.ws = _Workspace(_BLOCK_ELEMENTS, query)
-        self.listed, self.block_no = state.listed, -1
+        self.listed, self.kept, self.block_no = state.listed, state.kept, -1
 
     def block(self, blk: _Block) -> None:
         """One block's terms of the derivative: its listed members, or every pair of it computed again."""
@@ -531,8 +563,13 @@ class _AutogradPass:
             self._listed(blk, *self.listed[self.block_no])
             return
         b, c = blk.qa.shape[0], blk.ga.shape[0]
-        nsq = _negative_squares(blk, self.ws, None)
-        d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
+        kept = self.kept.pop(self.block_no, None)  # (a second backward pass computes it again)
+        if kept is not None:
+            d, near, collapsed = kept
+            e = _weights(d, self.rule, self.ws)
+        else:
+            nsq = _negative_squares(blk, self.ws, None)
+            d, e, near, collapsed = _panel_weights(nsq, sides, self.rule, self.ws)
         coef = _panel_coefficients(d, e, collapsed, self.ws)
         Tn = self.rule.Tn
         # k_ij / d_ij = u_i e / d - Tn A_i e (+ the same for j when the pair also moves j's loss)

@@ -308,12 +308,15 @@ def test_half_precision_in_the_functional_api_takes_another_path(counted):
 # float32: listed blocks take explicit differences where the list path's backward takes the Gram form
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])
 @pytest.mark.parametrize("params", PARAMS)
-@pytest.mark.parametrize("blocks", ["one", "small", "small-listed"])
+@pytest.mark.parametrize("blocks", ["one", "small", "small-listed", "small-some-kept", "one-none-kept"])
 def test_autograd_rule_equals_list_path(monkeypatch, counted, dtype, tol, params, blocks):
     """gradient="autograd": the second pass over the panels gives the list path's exact derivative, both ends of
-    every pair moved (with a reference set that requires grad, the reference set's gradient too)."""
-    if blocks != "one":  # listed: the second pass reuses the members the first listed
+    every pair moved (with a reference set that requires grad, the reference set's gradient too), whether it
+    reuses the panels' distances kept by the first pass or computes them again."""
+    if blocks.startswith("small"):  # listed: the second pass reuses the members the first listed
         small_blocks(monkeypatch, listing=blocks == "small-listed")
+    if blocks.endswith("kept"):  # the distances of the first few panels kept, or of none
+        monkeypatch.setattr(split_mod, "_KEEP_ELEMENTS", 5 * 8 * 16 if blocks == "small-some-kept" else 0)
     x, y = many_classes(dtype=dtype)
     assert_same(run("split", x, y, params, False), run("list", x, y, params, False), tol)
     ref, ref_y = clustered(n=90, classes=30, seed=3, dtype=dtype)
