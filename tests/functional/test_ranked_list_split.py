@@ -336,3 +336,14 @@ def test_autograd_rule_equals_loop_reference():
     assert torch.allclose(losses, torch.stack(ref).detach(), atol=1e-12)
     (expected,) = torch.autograd.grad(sum(ref) / 40, xr)
     assert torch.allclose(grad, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_a_second_backward_pass_through_the_graph_gives_the_same_gradient(paper):
+    """retain_graph: the autograd rule's second pass has used the kept distances; the next computes them again."""
+    x, y = many_classes()
+    q = x.clone().requires_grad_(True)
+    losses, _, _ = ranked_list_split(q, None, label_masks(y, y), params=RankedListParams(), paper=paper)
+    (first,) = torch.autograd.grad(losses.sum(), q, retain_graph=True)
+    (second,) = torch.autograd.grad(losses.sum(), q)
+    assert torch.count_nonzero(first) > 0 and torch.equal(first, second)
