@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from ..utils.autograd import closed_form_backward
 
 EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -29,7 +30,7 @@ class _L2Normalize(torch.autograd.Function):
         return q
 
     @staticmethod
-    @once_differentiable  # a second derivative raises instead of treating the saved norms as constants
+    @closed_form_backward("l2_normalize")
     def backward(ctx: Any, g: Tensor) -> Tensor:
         q, denom, projected = ctx.saved_tensors
         radial = torch.linalg.vecdot(q, g, dim=1)[:, None] * projected  # 0 where the clamp is active

@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ..utils.autograd import closed_form_backward
 from .ranked_list import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, MaskFn, squared_norms
 from .ranked_list_params import RankedListParams
 
@@ -404,6 +405,7 @@ class _RankedListDense(torch.autograd.Function):
         return torch.cat(losses), count_p, count_n
 
     @staticmethod
+    @closed_form_backward("the Ranked List Loss (dense path)")
     def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         if ctx.paper:
             (grad,) = ctx.saved_tensors

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..utils.autograd import closed_form_backward
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
     LabelMasks,
@@ -139,6 +140,7 @@ class _RankedListEuclidean(torch.autograd.Function):
         return r.losses, num_pos, num_neg
 
     @staticmethod
+    @closed_form_backward("the Ranked List Loss (list path)")
     def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         query, gallery, rows, cols, k, near = ctx.saved_tensors
         B, R = query.shape[0], gallery.shape[0]

@@ -47,8 +47,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..utils.autograd import closed_form_backward
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
     ZERO_DISTANCE_EPS,
@@ -659,7 +659,7 @@ class _RankedListSplit(torch.autograd.Function):
         return losses, n_pos, n_neg
 
     @staticmethod
-    @once_differentiable
+    @closed_form_backward("the Ranked List Loss (split path)")
     def backward(ctx: Any, grad_losses: Tensor, _gp: Tensor | None, _gn: Tensor | None) -> tuple[Tensor | None, ...]:
         if ctx.paper:
             (grad,) = ctx.saved_tensors

@@ -62,7 +62,8 @@ class RankedListLoss(BaseMetricLossFunction):
             the gallery held fixed, as the authors state; every non-trivial negative is pushed away and every
             non-trivial positive pulled in. ``"autograd"``: the plain derivative of the loss value (what PML's
             class computes), which also differentiates the weights and moves the gallery end of each pair; with
-            Tn > 0 it can pull a moderately hard negative towards its query.
+            Tn > 0 it can pull a moderately hard negative towards its query. Either rule's backward pass is a
+            closed form: differentiable once (``create_graph=True`` through the loss raises a RuntimeError).
         path: how the Euclidean fast path computes (same values and gradients): ``"list"`` lists the non-trivial
             pairs (host-side sizes), ``"dense"`` computes all pairs in tiles without synchronising the device,
             ``"split"`` (CPU, labels; the dense path elsewhere) lists the positives from the labels and computes

@@ -143,3 +143,18 @@ def test_compile_fullgraph_no_graph_break(gradient):
     assert lc.item() == pytest.approx(le.item(), abs=1e-6)
     assert torch.allclose(xc.grad, xe.grad, atol=1e-6)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["list", "dense", "split"])
+@pytest.mark.parametrize("paper", [True, False])
+def test_a_second_derivative_raises_instead_of_being_silently_wrong(path, paper):
+    """The backward passes are closed forms, not differentiable themselves: create_graph=True raises, naming the
+    path, even where the upstream gradient is a constant (a plain backward would return a gradient whose own
+    derivative silently treats the closed form as constant)."""
+    x, y = clustered(classes=16, duplicates=False)  # 3 per class: sparse positives, the split path applies
+    x.requires_grad_(True)
+    losses, _, _ = ranked_list_euclidean(x, None, label_masks(y, y), params=RankedListParams(), paper=paper, path=path)
+    with pytest.raises(RuntimeError, match=f"{path} path.*create_graph=True"):
+        torch.autograd.grad(losses.sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(losses.sum(), x)  # the graph is intact: a plain gradient still works
+    assert torch.count_nonzero(grad) > 0
