@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from pytorch_metric_learning.utils import distributed as pml_dist
 
 from pml_rll import losses
+from tests.reference.ranked_list_loss import reference_loss
 
 F64 = torch.float64
 
@@ -69,3 +70,21 @@ def test_distributed_loss_wrapper_two_processes(gradient):
             # gradient, so the averaged gradient is exactly the world size times the full batch's
             assert torch.allclose(gw, 2 * model.weight.grad, atol=1e-12)
             assert torch.allclose(gb, 2 * model.bias.grad, atol=1e-12)
+        else:
+            # autograd rule, efficient mode: rank r's loss is 2 x the mean loss of its queries against every
+            # embedding, only its own part of the gallery carrying gradient; DDP averages the ranks' gradients.
+            # The same by the loop reference, in one process.
+            ref_model = torch.nn.Linear(10, 8).double()
+            ref_model.load_state_dict(init)
+            emb = ref_model(x)
+            total = torch.zeros((), dtype=F64)
+            for r in range(2):
+                local = slice(16 * r, 16 * (r + 1))
+                gallery = torch.cat(
+                    [emb[:16] if r == 0 else emb[:16].detach(), emb[16:] if r == 1 else emb[16:].detach()]
+                )
+                total = total + reference_loss(emb[local], y[local], Tn=10, ref=gallery, ref_labels=y)  # 2 x ... / 2
+            total.backward()
+            assert not torch.allclose(ref_model.weight.grad, 2 * model.weight.grad, atol=1e-6)  # not 2 x the full batch
+            assert torch.allclose(gw, ref_model.weight.grad, atol=1e-10)
+            assert torch.allclose(gb, ref_model.bias.grad, atol=1e-10)
