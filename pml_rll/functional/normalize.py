@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
+from .ranked_list_dense import _Workspace
 
 EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -33,7 +34,10 @@ class _L2Normalize(torch.autograd.Function):
     @closed_form_backward("l2_normalize")
     def backward(ctx: Any, g: Tensor) -> Tensor:
         q, denom, projected = ctx.saved_tensors
-        radial = torch.linalg.vecdot(q, g, dim=1)[:, None] * projected  # 0 where the clamp is active
+        # q . g per row; on a CPU through a reused buffer (a new one of the batch's size costs more than the pass)
+        buffer = _Workspace(0, q).get("l2_normalize", *q.shape) if q.is_contiguous() and g.dtype == q.dtype else None
+        dots = torch.linalg.vecdot(q, g, dim=1) if buffer is None else torch.mul(q, g, out=buffer).sum(1)
+        radial = dots[:, None] * projected  # 0 where the clamp is active
         return torch.addcmul(g, q, radial, value=-1).div_(denom)
 
 
