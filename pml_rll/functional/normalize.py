@@ -35,7 +35,8 @@ class _L2Normalize(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> Tensor:
         q, denom, projected = ctx.saved_tensors
         # q . g per row; on a CPU through a reused buffer (a new one of the batch's size costs more than the pass)
-        buffer = _Workspace(0, q).get("l2_normalize", *q.shape) if q.is_contiguous() and g.dtype == q.dtype else None
+        reuse = q.is_contiguous() and g.dtype == q.dtype and g.device == q.device
+        buffer = _Workspace(0, q).get("l2_normalize", *q.shape) if reuse else None  # None off the CPU
         dots = torch.linalg.vecdot(q, g, dim=1) if buffer is None else torch.mul(q, g, out=buffer).sum(1)
         radial = dots[:, None] * projected  # 0 where the clamp is active
         return torch.addcmul(g, q, radial, value=-1).div_(denom)

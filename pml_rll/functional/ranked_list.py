@@ -16,7 +16,7 @@ so nothing is spent on the (usually many) trivial ones.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -231,12 +231,32 @@ def non_trivial_pairs(
     return pos_rows, pos_cols, neg_rows, neg_cols
 
 
+# torch's notices about sparse layouts (the beta state of compressed rows; with some versions, unchecked indices):
+# they address torch's own users of those layouts, not ours. torch gives each once per process.
+_SPARSE_NOTICES = ("Sparse CSR tensor support is in beta", "Sparse invariant checks")
+_SPARSE_BUILT: set[str] = set()
+
+
+def _sparse_quietly(layout: str, build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, the first time per process and ``layout`` with torch's sparse notices silenced. Later calls
+    leave the warning filters alone: each change of them makes Python show again every warning it has already
+    shown once."""
+    if layout in _SPARSE_BUILT:
+        return build()
+    with warnings.catch_warnings():
+        for message in _SPARSE_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+        matrix = build()
+    _SPARSE_BUILT.add(layout)
+    return matrix
+
+
 def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor) -> Tensor:
     """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
     if values.numel() <= SPARSE_DENSITY * shape[0] * shape[1]:
-        with warnings.catch_warnings():  # some torch versions warn that the (valid) indices are not checked
-            warnings.filterwarnings("ignore", message="Sparse invariant checks")
-            matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        matrix = _sparse_quietly(
+            "coo", lambda: torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        )
         product: Tensor = torch.sparse.mm(matrix, dense)
         return product
     matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
@@ -258,9 +278,8 @@ def add_pair_product(
     (``rows`` ascending): a compressed-row sparse product, no temporary of the pairs' size nor of ``out``'s."""
     crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(torch.bincount(rows, minlength=out.shape[0]), 0, out=crow[1:])
-    with warnings.catch_warnings():  # (the compressed-row layout's "beta" notice, not meant for our users)
-        warnings.simplefilter("ignore")
-        matrix = torch.sparse_csr_tensor(crow, cols, values, (out.shape[0], dense.shape[0]), check_invariants=False)
+    shape = (out.shape[0], dense.shape[0])
+    matrix = _sparse_quietly("csr", lambda: torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False))
     out.addmm_(matrix, dense, alpha=alpha)
 
 

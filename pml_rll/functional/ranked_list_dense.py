@@ -119,7 +119,8 @@ class _Workspace:
 
     def __init__(self, elements: int, like: Tensor) -> None:
         self.elements, self.like = elements, like
-        self.enabled = not like.is_cuda and not torch.compiler.is_compiling()
+        # (CPU only: the buffers are keyed by name and dtype, one set per thread)
+        self.enabled = like.device.type == "cpu" and not torch.compiler.is_compiling()
         if self.enabled and not hasattr(_SCRATCH, "buffers"):
             _SCRATCH.buffers = {}
 

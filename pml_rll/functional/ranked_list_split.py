@@ -31,7 +31,9 @@ With the paper's rule the gradient is complete at the end of the forward pass; w
 differentiated, both ends of every pair moved) the backward pass goes over the panels once more, every query's
 normaliser and loss being known by then. For that pass the forward pass keeps the dense panels' distances, up to
 ``_KEEP_ELEMENTS`` elements in all (64 MiB in float32; the panels beyond are computed again): the autograd rule's
-memory is O(min(B x R, that budget)).
+memory is O(min(B x R, that budget)) per call until its backward pass. The kept distances and listed members are
+held by the autograd context, not saved with ``save_for_backward``: saved-tensor hooks (offloading, activation
+checkpointing) do not see them.
 
 It applies to: labels (not pair masks), float32 or float64,
 ``1e-6 <= Tn`` with ``Tn * alpha`` at most half of ``-log`` of the dtype's smallest normal number (43.7 in

@@ -60,3 +60,15 @@ def test_second_derivative_and_in_place_use_raise():
 def test_bad_input_names_the_argument(bad, exc, match):
     with pytest.raises(exc, match=f"x must .*{match}"):
         l2_normalize(bad)
+
+
+def test_backward_on_another_device_type_does_not_share_the_cpus_buffer():
+    """The reused buffer of the backward pass is the CPU's: a backward on another device type (here "meta", which
+    every build has) neither takes it nor leaves a buffer of its own for the next CPU backward."""
+    other = torch.randn(64, 8, device="meta", requires_grad=True)
+    l2_normalize(other).sum().backward()
+    x = torch.randn(64, 8, dtype=torch.float32, requires_grad=True)
+    l2_normalize(x).pow(3).sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    F.normalize(xr, dim=1).pow(3).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-6)

@@ -3,7 +3,9 @@ reference, in every way it processes a block, and is taken only where it applies
 
 from __future__ import annotations
 
-import warnings
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -254,20 +256,49 @@ def test_without_counting_same_losses_and_gradient(monkeypatch, counted, listing
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_add_pair_product_adds_the_dense_product_in_place_without_a_warning(dtype):
+def test_add_pair_product_adds_the_dense_product_in_place(dtype):
     g = torch.randn(5, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
     rows, cols = torch.tensor([0, 0, 2, 2, 2, 6]), torch.tensor([1, 3, 0, 4, 4, 2])  # a repeated pair adds up
     values = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.75, 3.0], dtype=dtype)
     matrix = torch.zeros(7, 5, dtype=dtype).index_put_((rows, cols), values, accumulate=True)
     start = torch.randn(7, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
     out = start.clone()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        add_pair_product(out, rows, cols, values, g, alpha=-2.0)
-        add_pair_product(out, rows[:0], cols[:0], values[:0], g)  # no pairs: nothing added
-    assert not caught
+    add_pair_product(out, rows, cols, values, g, alpha=-2.0)
+    add_pair_product(out, rows[:0], cols[:0], values[:0], g)  # no pairs: nothing added
     tol = 1e-15 if dtype == torch.float64 else 1e-6
     assert torch.allclose(out, start - 2 * (matrix @ g), atol=tol, rtol=0)
+
+
+_WARNINGS_SCRIPT = """
+import warnings
+import torch
+from pml_rll.functional.ranked_list import add_pair_product, pair_product
+
+g = torch.randn(64, 3)
+rows, cols, values = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([1.0, 2.0])
+
+def products():
+    add_pair_product(torch.zeros(64, 3), rows, cols, values, g)  # compressed rows
+    pair_product(rows, cols, values, (64, 64), g)  # coordinates (2 pairs of 4096: sparse)
+
+def mine():
+    warnings.warn("a warning of the user's, shown once", UserWarning)
+
+products()  # the first products: torch's one-time notices about sparse layouts are silenced
+for _ in range(3):
+    mine()
+    products()  # later products leave the filters alone: the user's warning is not shown again
+"""
+
+
+def test_sparse_products_show_no_notice_and_leave_the_users_warnings_alone():
+    """In a fresh process (torch gives its sparse notices once per process): no notice reaches the user, and the
+    warning filters are touched only at the first product (touching them makes Python repeat shown warnings)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-c", _WARNINGS_SCRIPT], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("a warning of the user's") == 1, done.stderr
+    assert "Sparse" not in done.stderr, done.stderr
 
 
 def test_labels_of_different_dtypes_are_compared_as_equality_compares_them(counted):
