@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
-from .ranked_list_dense import _Workspace
+from ..utils.workspace import Workspace
 
 EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -36,7 +36,7 @@ class _L2Normalize(torch.autograd.Function):
         q, denom, projected = ctx.saved_tensors
         # q . g per row; on a CPU through a reused buffer (a new one of the batch's size costs more than the pass)
         reuse = q.is_contiguous() and g.dtype == q.dtype and g.device == q.device
-        buffer = _Workspace(0, q).get("l2_normalize", *q.shape) if reuse else None  # None off the CPU
+        buffer = Workspace(0, q).get("l2_normalize", *q.shape) if reuse else None  # None off the CPU
         dots = torch.linalg.vecdot(q, g, dim=1) if buffer is None else torch.mul(q, g, out=buffer).sum(1)
         radial = dots[:, None] * projected  # 0 where the clamp is active
         return torch.addcmul(g, q, radial, value=-1).div_(denom)

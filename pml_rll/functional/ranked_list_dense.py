@@ -22,13 +22,13 @@ differences, as on the list path, for the ``NEAR_PER_QUERY`` nearest gallery ite
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
+from ..utils.workspace import Workspace
 from .ranked_list import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, MaskFn, squared_norms
 from .ranked_list_params import RankedListParams
 
@@ -105,35 +105,6 @@ def _near_duplicates(sq: Tensor, q: Tensor, g: Tensor, sync_free: bool, diag: in
     return _Near(rows, cols, torch.ones_like(rows, dtype=torch.bool), diff)
 
 
-# Tile buffers kept between calls, per thread (a CPU allocator returns large blocks to the system, and a fresh
-# block costs a page fault per 4 KiB on first touch: as much as the arithmetic of the tile). Scratch only: every
-# buffer is written before it is read.
-_SCRATCH = threading.local()
-
-
-class _Workspace:
-    """Tile buffers reused from tile to tile and from call to call, on a CPU. Disabled elsewhere: on a GPU the
-    caching allocator makes a fresh temporary cheap and frees it early (buffers held for a whole tile raise the
-    peak), and under ``torch.compile`` the compiler plans memory; ``get`` then returns None and each operation
-    allocates its result."""
-
-    def __init__(self, elements: int, like: Tensor) -> None:
-        self.elements, self.like = elements, like
-        # (CPU only: the buffers are keyed by name and dtype, one set per thread)
-        self.enabled = like.device.type == "cpu" and not torch.compiler.is_compiling()
-        if self.enabled and not hasattr(_SCRATCH, "buffers"):
-            _SCRATCH.buffers = {}
-
-    def get(self, name: str, b: int, c: int) -> Tensor | None:
-        if not self.enabled:
-            return None
-        buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.buffers
-        key = (name, self.like.dtype)
-        if key not in buffers or buffers[key].numel() < max(self.elements, b * c):
-            buffers[key] = self.like.new_empty(max(self.elements, b * c))
-        return buffers[key][: b * c].view(b, c)
-
-
 class _SymmetricGram:
     """CPU, gallery = the batch, whole rows per tile: each Gram block is computed once; a block left of the
     diagonal is the transpose of one computed for an earlier block of queries (half the forward matmul)."""
@@ -172,7 +143,7 @@ class _Problem(NamedTuple):
 
 
 def _tile(
-    q: Tensor, q_sq: Tensor, rows: slice, cols: slice, pb: _Problem, ws: _Workspace, gram: _SymmetricGram | None
+    q: Tensor, q_sq: Tensor, rows: slice, cols: slice, pb: _Problem, ws: Workspace, gram: _SymmetricGram | None
 ) -> _Tile:
     """Distances and members of the tile ``rows`` x ``cols`` (``q``, ``q_sq``: its queries and their norms)."""
     g, params, sync_free = pb.gallery[cols], pb.params, pb.sync_free
@@ -325,7 +296,7 @@ def _forward_block(
     params, sync_free = pb.params, pb.sync_free
     lam = params.imbalance
     single = chunk >= R
-    ws = _Workspace(b * min(chunk, R), q)
+    ws = Workspace(b * min(chunk, R), q)
     p, n = _set_states(b, q, params, None if single or not paper_grad else q.shape[1])
     count_p = torch.zeros((), dtype=q.dtype, device=q.device)
     count_n = torch.zeros((), dtype=q.dtype, device=q.device)
@@ -437,7 +408,7 @@ def _autograd_backward(
         q, q_sq, gl = query[rows], q_sq_all[rows], grad_losses[rows]
         p, n = _set_states(q.shape[0], q, params, None)
         p.shift, n.shift = shift_p[rows], shift_n[rows]
-        ws = _Workspace(q.shape[0] * min(chunk, R), q)
+        ws = Workspace(q.shape[0] * min(chunk, R), q)
         coefs = (
             (p, L_p[rows], gl * (1 - lam) / torch.where(S_p[rows] == 0, 1.0, S_p[rows])),
             (n, L_n[rows], gl * lam / torch.where(S_n[rows] == 0, 1.0, S_n[rows])),

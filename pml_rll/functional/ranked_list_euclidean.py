@@ -193,15 +193,6 @@ def dense_lists_expected(query: Tensor, ref: Tensor | None, masks: MaskFn, *, pa
     return hard > _DENSE_FRACTION * max(int(neg.sum()), 1)
 
 
-def _split_if_supported(
-    query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams, paper: bool, count: bool
-) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """The split path's result, or None where it does not apply (see :mod:`.ranked_list_split`)."""
-    if isinstance(masks, LabelMasks) and split_supported(query, masks, params=params):
-        return ranked_list_split(query, ref, masks, params=params, paper=paper, count_negatives=count)
-    return None
-
-
 def _auto_path(
     query: Tensor, ref: Tensor | None, masks: MaskFn, *, params: RankedListParams, paper: bool, split: bool = True
 ) -> str:
@@ -245,32 +236,31 @@ def ranked_list_euclidean(
     ``path``: ``"list"`` lists the non-trivial pairs (fastest on a CPU when they are few; the list sizes are
     decided on the host), ``"dense"`` computes every pair in tiles without any synchronisation
     (:mod:`.ranked_list_dense`), ``"split"`` lists the positives from the labels and computes the negatives in
-    lean blocks (:mod:`.ranked_list_split`; a CPU form for long lists and large reference sets, for labels and the
-    paper's gradient, otherwise the dense path is taken). ``"auto"`` takes the dense path on CUDA and under
-    ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs), a large reference set or
-    long lists (a sample of queries shows them) from a medium batch on, where it applies; otherwise the dense path
-    for a large reference set or long lists (the list path for long lists of a small batch with the autograd
-    rule), the list path for short lists. All give the same values and gradients.
+    lean blocks (:mod:`.ranked_list_split`; a CPU form for long lists and large reference sets, with labels and
+    both gradient rules; where it does not apply the dense path is taken). ``"auto"`` takes the dense path on
+    CUDA and under ``torch.compile``; on a CPU the split path for a large batch (``_SPLIT_PAIRS`` pairs), a large
+    reference set or long lists (a sample of queries shows them) from a medium batch on, where it applies;
+    otherwise the dense path for a large reference set or long lists (the list path for long lists of a small
+    batch with the autograd rule), the list path for short lists. All give the same values and gradients.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "auto" and sync_free_wanted(query):
         path = "dense"
-    elif path == "auto":
+    elif path in ("auto", "split"):
         supported = isinstance(masks, LabelMasks) and split_supported(query, masks, params=params)
-        path = _auto_path(query, ref, masks, params=params, paper=paper, split=supported)
-        if path == "split":
+        asked = path
+        if asked == "auto":
+            path = _auto_path(query, ref, masks, params=params, paper=paper, split=supported)
+        if path == "split" and supported:
             assert isinstance(masks, LabelMasks)
             out = ranked_list_split(query, ref, masks, params=params, paper=paper, count_negatives=count_negatives)
             if out is not None:
                 return out
-            # (the positives are not sparse: rare, the choice is made again without the split path)
+        if path == "split" and asked == "split":  # it does not apply (or the positives are not sparse)
+            path = "dense"
+        elif path == "split":  # the positives are not sparse (rare): auto chooses again without it
             path = _auto_path(query, ref, masks, params=params, paper=paper, split=False)
-    elif path == "split":
-        out = _split_if_supported(query, ref, masks, params=params, paper=paper, count=count_negatives)
-        if out is not None:
-            return out
-        path = "dense"
     if path == "dense":
         losses, n_pos, n_neg = ranked_list_dense(query, ref, masks, params=params, paper=paper)
     else:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
+from ..utils.workspace import Workspace
 from .ranked_list import (
     NEAR_SQUARED_DISTANCE,
     ZERO_DISTANCE_EPS,
@@ -65,7 +66,7 @@ from .ranked_list import (
     unit_coefficients,
     weighted_set_loss,
 )
-from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, _Workspace, sync_free_wanted
+from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, sync_free_wanted
 from .ranked_list_params import RankedListParams
 
 # Gallery = the batch: panels of this many queries against the batch from their diagonal on.
@@ -179,7 +180,7 @@ class _Block(NamedTuple):
     pairs: tuple[Tensor, Tensor, Tensor]
 
 
-def _negative_squares(blk: _Block, ws: _Workspace, keep: Tensor | None, out: Tensor | None = None) -> Tensor:
+def _negative_squares(blk: _Block, ws: Workspace, keep: Tensor | None, out: Tensor | None = None) -> Tensor:
     """-d^2 of a block in Gram form (one matmul of the augmented vectors, into ``out`` or a workspace buffer), the
     same-label pairs at -inf (out of every N*); their values are first written into ``keep`` at their pair
     indices, when given."""
@@ -209,7 +210,7 @@ class _NegativeRule(NamedTuple):
 
 
 def _panel_weights(
-    nsq: Tensor, sides: tuple[Tensor, Tensor], rule: _NegativeRule, ws: _Workspace
+    nsq: Tensor, sides: tuple[Tensor, Tensor], rule: _NegativeRule, ws: Workspace
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, bool]:
     """A panel's -d^2 (same-label pairs already at -inf) -> (d, weights e = exp(-Tn d) on N* and exactly 0
     elsewhere, near-duplicates (rows, cols, differences) or None, collapsed). ``nsq`` is overwritten with d.
@@ -234,12 +235,12 @@ def _panel_weights(
     return d, _weights(d, rule, ws), near, collapsed
 
 
-def _weights(d: Tensor, rule: _NegativeRule, ws: _Workspace) -> Tensor:
+def _weights(d: Tensor, rule: _NegativeRule, ws: Workspace) -> Tensor:
     """e = exp(-Tn d) on N*, exactly 0 on the pairs moved to the far distance (a workspace buffer)."""
     return torch.threshold_(torch.mul(d, -rule.Tn, out=ws.get("e", *d.shape)).exp_(), rule.cut, 0.0)
 
 
-def _panel_coefficients(d: Tensor, e: Tensor, collapsed: bool, ws: _Workspace) -> Tensor:
+def _panel_coefficients(d: Tensor, e: Tensor, collapsed: bool, ws: Workspace) -> Tensor:
     """e / d, 0 where d is within rounding of 0 (only possible when the panel is collapsed)."""
     coef = torch.div(e, d, out=ws.get("c", *d.shape))
     if collapsed:  # distances within rounding of 0 remain: their direction is 0
@@ -261,12 +262,12 @@ class _NegativeSums:
     N*; the Gram values of the same-label pairs, met on the way."""
 
     def __init__(
-        self, query: Tensor, params: RankedListParams, need_grad: bool, n: int, counting: bool, keep_lists: bool
+        self, query: Tensor, params: RankedListParams, need_grad: bool, n: int, counting: bool, keep_for_backward: bool
     ) -> None:
         B, D = query.shape
         # the autograd rule's second pass reuses the listed blocks' members (block number -> rows, cols, d, e) and,
         # within _KEEP_ELEMENTS, the dense panels' distances (block number -> d, near-duplicates, collapsed)
-        self.keep_lists = keep_lists
+        self.keep_for_backward = keep_for_backward
         self.listed: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self.kept: dict[int, _KeptPanel] = {}
         self.kept_elements = 0
@@ -275,7 +276,7 @@ class _NegativeSums:
         self.pair_nsq = query.new_empty(n)  # -d^2 (Gram form) of every same-label pair
         self.need_grad = need_grad
         self.rule = _NegativeRule.of(params, query.dtype)
-        self.ws = _Workspace(_BLOCK_ELEMENTS, query)
+        self.ws = Workspace(_BLOCK_ELEMENTS, query)
         self.S, self.ED, self.C = query.new_zeros(B), query.new_zeros(B), query.new_zeros(B)
         self.N: Tensor | None = None
         if need_grad:  # (a new tensor: the gradient is assembled in it)
@@ -289,7 +290,7 @@ class _NegativeSums:
         I, J, mirror, sides = blk.I, blk.J, blk.mirror, blk.sides
         self.block_no += 1
         size = blk.qa.shape[0] * blk.ga.shape[0]
-        keep = self.keep_lists and not self.listing and self.kept_elements + size <= _KEEP_ELEMENTS
+        keep = self.keep_for_backward and not self.listing and self.kept_elements + size <= _KEEP_ELEMENTS
         nsq = _negative_squares(
             blk, self.ws, self.pair_nsq, blk.qa.new_empty(size).view(-1, blk.ga.shape[0]) if keep else None
         )
@@ -322,7 +323,7 @@ class _NegativeSums:
         d = torch.where(sq < NEAR_SQUARED_DISTANCE, diff.pow(2).sum(1), sq).sqrt_()
         e = torch.exp(d * -self.rule.Tn)
         ed = e * d
-        if self.keep_lists:
+        if self.keep_for_backward:
             self.listed[self.block_no] = (rows, cols, d, e)
         self.S.index_add_(0, rows + I.start, e)
         self.ED.index_add_(0, rows + I.start, ed)
@@ -448,7 +449,7 @@ class _Panels(NamedTuple):
     rows: Tensor  # the same-label pairs, rows ascending
     cols: Tensor
 
-    def run(self, visit: Callable[[_Block], None], ws: _Workspace) -> None:
+    def run(self, visit: Callable[[_Block], None], ws: Workspace) -> None:
         """Calls ``visit`` on every block, in order."""
         query, gallery, qa = self.query, self.gallery, self.qa
         (B, D), R = query.shape, gallery.shape[0]
@@ -479,7 +480,7 @@ class _Panels(NamedTuple):
                 k += 1
 
     @staticmethod
-    def of(query: Tensor, ref: Tensor | None, rows: Tensor, cols: Tensor, ws: _Workspace) -> _Panels:
+    def of(query: Tensor, ref: Tensor | None, rows: Tensor, cols: Tensor, ws: Workspace) -> _Panels:
         B, D = query.shape
         q_sq = squared_norms(query)
         qa = _augmented(query, q_sq, True, ws.get("qa", B, D + 2))
@@ -505,13 +506,13 @@ def _split_forward(
     params: RankedListParams,
     need_grad: bool,
     counting: bool = True,
-    keep_lists: bool = False,
+    keep_for_backward: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor, int, _SplitState]:
     """(losses, paper gradient or None, size of P*, size of N*, state); ``pairs``: the same-label pairs."""
     same = ref is None
     gallery = query if ref is None else ref
     rows, cols, _ = pairs
-    sums = _NegativeSums(query, params, need_grad, len(rows), counting, keep_lists)
+    sums = _NegativeSums(query, params, need_grad, len(rows), counting, keep_for_backward)
     _Panels.of(query, ref, rows, cols, sums.ws).run(sums.block, sums.ws)
     lam = params.imbalance
     loss_n, S = sums.loss(params.negative_boundary)
@@ -554,7 +555,7 @@ class _AutogradPass:
         self.same = same
         self.grad_q = torch.zeros_like(query)
         self.grad_g = torch.zeros_like(gallery) if not same and ref_grad else None
-        self.ws = _Workspace(_BLOCK_ELEMENTS, query)
+        self.ws = Workspace(_BLOCK_ELEMENTS, query)
         self.listed, self.kept, self.block_no = state.listed, state.kept, -1
 
     def block(self, blk: _Block) -> None:

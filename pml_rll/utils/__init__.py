@@ -1,4 +1,6 @@
-"""Utilities shared by every part of the package: :mod:`pml_rll.utils.validation`, the argument checks."""
+"""Utilities shared by every part of the package: :mod:`pml_rll.utils.validation`, the argument checks;
+:mod:`pml_rll.utils.autograd`, the guard of the closed-form backward passes; :mod:`pml_rll.utils.workspace`, the
+CPU scratch buffers."""
 
 from __future__ import annotations
 
