@@ -14,6 +14,7 @@ Protocols (the first two run with no download):
   in several archives are read once. Images are resized to ``image_size`` (28 by default) for CPU budgets.
 * ``fashion-mnist``: the standard 60k/10k split, same 10 classes (read from IDX files, gzipped or not).
 * ``cub200``, ``cars196``, ``sop``: PML's dataset classes, standard half/half class splits.
+* ``folder``, ``csv``: your own images, an image folder or a CSV file (see :mod:`benchmarks.own_data`).
 
 Augmentations are drawn from a seed passed in with every index (see :class:`PairedDataset`), never from the
 state the losses or miners consume, so that every loss sees the same augmented images at a given seed.
@@ -62,8 +63,9 @@ class DatasetBundle:
     ``train`` and ``test`` are :class:`PairedDataset` objects. ``input_kind`` is ``"vector"`` (flat features),
     ``"gray"`` (1 x H x W tensors) or ``"rgb"`` (PIL images turned into 3 x 224 x 224 tensors). ``groups``
     (optional) gives, per training sample, the group its class belongs to (Omniglot: its alphabet), so that tuning
-    folds keep whole groups together. While ``test_sealed`` is set, reading ``test`` raises
-    :class:`TestSplitSealedError`.
+    folds keep whole groups together. ``gallery`` (optional) turns the test split into query-vs-gallery
+    evaluation: ``test`` holds the queries, searched against ``gallery`` only. While ``test_sealed`` is set, reading
+    ``test`` or ``gallery`` raises :class:`TestSplitSealedError`.
     """
 
     name: str
@@ -75,12 +77,19 @@ class DatasetBundle:
     info: dict[str, object] = field(default_factory=dict)
     groups: np.ndarray | None = None
     test_sealed: bool = False
+    _gallery: PairedDataset | None = None
 
     @property
     def test(self) -> PairedDataset:
         if self.test_sealed:
             raise TestSplitSealedError(f"{self.name}: the test split was read while it is sealed (tuning)")
         return self._test
+
+    @property
+    def gallery(self) -> PairedDataset | None:
+        if self.test_sealed:
+            raise TestSplitSealedError(f"{self.name}: the test gallery was read while it is sealed (tuning)")
+        return self._gallery
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -484,7 +493,7 @@ def load_pml_bundle(name: str, data_root: str | None, download: bool = False, im
     )
 
 
-DATASETS = ("digits", "omniglot", "fashion-mnist", "cub200", "cars196", "sop")
+DATASETS = ("digits", "omniglot", "fashion-mnist", "cub200", "cars196", "sop", "folder", "csv")
 
 
 def load_dataset(
@@ -493,8 +502,18 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     test_alphabets: Sequence[str] | None = None,
+    test_classes: str | None = None,
 ) -> DatasetBundle:
-    """Load one benchmark protocol by name (see the module docstring)."""
+    """Load one benchmark protocol by name (see the module docstring). ``test_classes``: ``folder`` only, a file
+    naming the test classes."""
+    if name in ("folder", "csv"):
+        from .own_data import load_csv_bundle, load_folder_bundle
+
+        if not data_root:
+            raise DatasetUnavailableError(f"{name} needs --data-root")
+        if name == "folder":
+            return load_folder_bundle(data_root, image_size=image_size or 224, test_classes_file=test_classes)
+        return load_csv_bundle(data_root, image_size=image_size or 224)
     if name == "digits":
         return load_digits_bundle()
     if name == "omniglot":
@@ -533,6 +552,14 @@ def root_identity(root: str | None) -> dict[str, object]:
     return {"root": real, "files": n, "files_sha1": h.hexdigest()}
 
 
+def data_identity(bundle: DatasetBundle) -> dict[str, object]:
+    """The data part of the store key: a CSV dataset's file and image hashes, a folder's :func:`root_identity`, or
+    the built-in dataset's name."""
+    if "identity" in bundle.info:
+        return dict(bundle.info["identity"])  # type: ignore[call-overload]
+    return root_identity(str(bundle.info["root"])) if bundle.info.get("root") else {"builtin": bundle.name}
+
+
 def split_identity(bundle: DatasetBundle) -> dict[str, object]:
     """The actual split of a bundle: class lists where the protocol has names (Omniglot alphabets), sizes, and a
     hash of the label arrays. The test split is read only for its labels' hash, before any training."""
@@ -543,16 +570,21 @@ def split_identity(bundle: DatasetBundle) -> dict[str, object]:
         test = bundle.test
         h = hashlib.sha1(np.ascontiguousarray(bundle.train.labels).tobytes())
         h.update(b"|" + np.ascontiguousarray(test.labels).tobytes())
-        out = {
+        gallery = bundle.gallery
+        if gallery is not None:
+            h.update(b"|gallery|" + np.ascontiguousarray(gallery.labels).tobytes())
+        out: dict[str, object] = {
             "train_items": len(bundle.train),
             "test_items": len(test),
             "train_classes": bundle.num_train_classes,
             "test_classes": int(len(np.unique(test.labels))),
             "labels_sha1": h.hexdigest(),
         }
+        if gallery is not None:
+            out["gallery_items"] = len(gallery)
     finally:
         bundle.test_sealed = sealed
-    for k in ("train_alphabets", "test_alphabets", "split_rule"):
+    for k in ("train_alphabets", "test_alphabets", "split_rule", "classes_sha1", "query_gallery"):
         if k in bundle.info:
             out[k] = bundle.info[k]
     return out

@@ -28,9 +28,15 @@ def _bundle(job: dict[str, Any]) -> Any:
     from .datasets import load_dataset
 
     key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
+    key += (job.get("test_classes"),)
     if key not in _BUNDLES:
         _BUNDLES[key] = load_dataset(
-            job["dataset"], job["data_root"], job["download"], job["image_size"], job["test_alphabets"]
+            job["dataset"],
+            job["data_root"],
+            job["download"],
+            job["image_size"],
+            job["test_alphabets"],
+            job.get("test_classes"),
         )
     return _BUNDLES[key]
 
@@ -38,7 +44,7 @@ def _bundle(job: dict[str, Any]) -> Any:
 def preload(job: dict[str, Any], bundle: Any) -> None:
     """Make the main process's already loaded bundle the one that inline tasks use."""
     key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
-    _BUNDLES[key] = bundle
+    _BUNDLES[key + (job.get("test_classes"),)] = bundle
 
 
 def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:

@@ -349,16 +349,23 @@ def run_one(
         end_of_testing_hook=hooks.end_of_testing_hook,
     )
     dataset_dict = {"test": bundle.test}
+    splits_to_eval = None
+    gallery = bundle.gallery
+    if gallery is not None:  # query-vs-gallery (CSV is_query/is_gallery): queries searched in the gallery only
+        dataset_dict["gallery"] = gallery
+        splits_to_eval = [("test", ["gallery"])]
     curve: list[dict] = []
     eval_seconds = [0.0]
-    inner_hook = hooks.end_of_epoch_hook(tester, dataset_dict, os.path.join(log_dir, "models"), test_interval=1)
+    inner_hook = hooks.end_of_epoch_hook(
+        tester, dataset_dict, os.path.join(log_dir, "models"), test_interval=1, splits_to_eval=splits_to_eval
+    )
 
     def evaluate(epoch: int, trainer=None) -> dict:
         t0 = time.perf_counter()
         if trainer is not None:
             inner_hook(trainer)  # PML's preset: test, record, (optionally) save; its "best" is never used
         else:
-            tester.test(dataset_dict, epoch, trunk, embedder)
+            tester.test(dataset_dict, epoch, trunk, embedder, splits_to_eval=splits_to_eval)
         acc = summarize(tester.all_accuracies["test"])
         eval_seconds[0] += time.perf_counter() - t0
         curve.append({"epoch": epoch, "iteration": epoch * cfg.iterations_per_epoch, **acc})

@@ -48,6 +48,8 @@ _DEFAULT_ROWS: dict[str, tuple[Any, ...]] = {
     "cub200": ("resnet50", 512, 120, 4, 40, 100, 1e-5, 1e-4, 3, 5, 256),
     "cars196": ("resnet50", 512, 120, 4, 40, 100, 1e-5, 1e-4, 3, 5, 256),
     "sop": ("resnet50", 512, 120, 2, 40, 500, 1e-5, 1e-4, 3, 10, 256),
+    "folder": ("resnet50", 512, 120, 4, 40, 100, 1e-5, 1e-4, 3, 5, 256),
+    "csv": ("resnet50", 512, 120, 4, 40, 100, 1e-5, 1e-4, 3, 5, 256),
 }
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     name: dict(zip(_DEFAULT_FIELDS, row)) for name, row in _DEFAULT_ROWS.items()
@@ -68,7 +70,7 @@ def _defaults_help() -> str:
 
 SEED_MAX = 2**31 - 1 - 40_000  # the pipeline derives seeds up to seed + 30_011
 TRUNKS = ("mlp", "convnet", "convnet-small", "resnet18", "resnet50")
-NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop")
+NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop", "folder", "csv")
 TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the defaults) and 3 random draws
 
 
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "                 torchvision FashionMNIST root via --data-root\n"
         "  cub200, cars196, sop   PML's dataset classes under --data-root (--download fetches them); ResNet-50 with\n"
         "                 ImageNet weights when loadable, RandomResizedCrop(224) + flip\n"
+        "  folder         your images, --data-root DIR laid out DIR/<class>/<image>; class-disjoint split: the sorted\n"
+        "                 classes halved (first half train), or --test-classes FILE; RGB transforms (--image-size)\n"
+        "  csv            your images, --data-root FILE.csv with columns path,label,split[,is_query,is_gallery]\n"
+        "                 (docs/own_data.md); is_query/is_gallery: queries searched in the gallery only\n"
         "\nloss registry (defaults, search spaces ~ for --tune, sources):\n" + describe_registry(),
     )
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=None, help="tester batch size")
     p.add_argument("--image-size", type=int, default=None, help="omniglot: side in pixels (28); RGB: crop size (224)")
     p.add_argument("--test-alphabets", default=None, help="omniglot: comma list of test alphabets (default: auto)")
+    p.add_argument(
+        "--test-classes",
+        default=None,
+        metavar="FILE",
+        help="folder: a file naming the test classes, one per line (default: the second half of the sorted classes)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--threads",
@@ -336,6 +348,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             fail("--test-alphabets applies to --dataset omniglot only")
         if not [a for a in args.test_alphabets.split(",") if a.strip()]:
             fail(f"--test-alphabets {args.test_alphabets!r}: no alphabet named")
+    if args.test_classes is not None:
+        if args.dataset != "folder":
+            fail("--test-classes applies to --dataset folder only")
+        if not os.path.isfile(args.test_classes):
+            fail(f"--test-classes {args.test_classes}: not a file")
     try:
         seeds = parse_seeds(args.seeds, d["seeds"])
     except ValueError as e:
@@ -374,11 +391,19 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         device = distributed.process_device(args.device)  # under torchrun: the GPU of LOCAL_RANK
     except ValueError as e:
         fail(str(e))
-    data_root = args.data_root or default_data_root(args.dataset)
+    own = args.dataset in ("folder", "csv")  # your own data: never looked for under $PML_RLL_DATA
+    data_root = args.data_root or (None if own else default_data_root(args.dataset))
+    if own and not data_root:
+        what = "a folder <class>/<image>" if args.dataset == "folder" else "a CSV file"
+        fail(f"--data-root is required for {args.dataset} ({what})")
     if args.dataset in NEEDS_ROOT and not data_root:
         fail(f"--data-root is required for {args.dataset} (or set {DATA_ENV} to a folder holding {args.dataset}/)")
     if data_root and not args.download and not os.path.exists(data_root):
         fail(f"--data-root {data_root}: does not exist")
+    if args.dataset == "folder" and not os.path.isdir(str(data_root)):
+        fail(f"--data-root {data_root}: --dataset folder needs a folder laid out <class>/<image>")
+    if args.dataset == "csv" and not os.path.isfile(str(data_root)):
+        fail(f"--data-root {data_root}: --dataset csv needs a CSV file (path,label,split[,is_query,is_gallery])")
     out_dir = args.out or os.path.join("results", args.dataset)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes (the folder may be on its node only)
         try:
@@ -477,7 +502,7 @@ def _main(
 
     from . import distributed, report
     from .common import environment_info
-    from .datasets import DatasetUnavailableError, class_folds, load_dataset, root_identity, split_identity
+    from .datasets import DatasetUnavailableError, class_folds, data_identity, load_dataset, split_identity
     from .executor import Source, WorkerPool, preload, schedule
     from .sources import Context, RunItem, RunSource, TuneSource
     from .store import ResultStore
@@ -497,7 +522,9 @@ def _main(
     test_alphabets = [a.strip() for a in args.test_alphabets.split(",") if a.strip()] if args.test_alphabets else None
     try:
         with dctx.main_first():  # rank 0 downloads first
-            bundle = load_dataset(args.dataset, args.data_root, args.download, args.image_size, test_alphabets)
+            bundle = load_dataset(
+                args.dataset, args.data_root, args.download, args.image_size, test_alphabets, args.test_classes
+            )
     except DatasetUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -529,6 +556,7 @@ def _main(
         download=args.download,
         image_size=args.image_size,
         test_alphabets=test_alphabets,
+        test_classes=args.test_classes,
         cfg=cfg,
         device=str(device),
         workers=workers,
@@ -549,7 +577,7 @@ def _main(
     common_key = {
         "dataset": args.dataset,
         "split": split_identity(bundle),
-        "data": root_identity(str(bundle.info["root"])) if bundle.info.get("root") else {"builtin": args.dataset},
+        "data": data_identity(bundle),  # a changed folder, CSV file or image is new data
         "config": cfg.key(),
         "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
