@@ -27,8 +27,13 @@ _FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
 def _bundle(job: dict[str, Any]) -> Any:
     from .datasets import load_dataset
 
-    key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
-    key += (job.get("test_classes"),)
+    key = (
+        job["dataset"],
+        job["data_root"],
+        job["image_size"],
+        tuple(job["test_alphabets"] or ()),
+        job.get("test_classes"),
+    )
     if key not in _BUNDLES:
         _BUNDLES[key] = load_dataset(
             job["dataset"],
