@@ -1,0 +1,225 @@
+"""Evaluation at scale: time, peak memory and accuracy of the runner's kNN evaluation on synthetic embeddings.
+
+    python -m benchmarks.eval_scale                                  # 10k, 100k, 300k and 1M items (tens of minutes)
+    python -m benchmarks.eval_scale --sizes 10000,100000 --out /tmp/scale.md
+
+The embeddings are clustered and 128-d: classes of 5 to 20 items (uniform), class centres drawn on the unit
+sphere, each item its centre plus Gaussian noise (``--noise``), L2-normalised, all drawn from a fixed seed. Every
+item is a query against all the others (itself excluded), the protocol of the runner's test split.
+
+Each (size, method) runs in a fresh process, so that its peak resident memory (``ru_maxrss``) is its own; the
+table gives it, and what it adds to the embeddings held before the evaluation starts. Methods:
+
+* ``pml-default``: PML's ``AccuracyCalculator()`` with every default (k = the whole reference set, faiss flat
+  search, every metric including the clustering ones). Run where its n x n neighbour tables fit in memory; above
+  that the table says what they would need.
+* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.knn.ScalableKNN` plus the chunked
+  metrics of :func:`benchmarks.knn.retrieval_metrics` (k as the metrics need). Up to ``--full-exact`` items the
+  exact methods search every query; above it they search a fixed random sample of ``--sample`` queries (against
+  every reference), which is where the approximate indexes are compared with exact search (paired: the same
+  queries). The approximate indexes always search every query.
+
+The figures depend on the machine (the table says which) and, on a shared machine, on its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+DIM = 128
+METHODS = ("pml-default", "exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+PML_DEFAULT_MAX_BYTES = 4 << 30  # run PML's defaults only where its n x n tables stay below this
+
+
+def synthetic(n: int, noise: float, seed: int = 0, dim: int = DIM) -> tuple[torch.Tensor, np.ndarray]:
+    """(n x dim float32 unit-norm embeddings, int64 labels): classes of 5-20 items around random centres."""
+    rng = np.random.RandomState(seed)
+    sizes: list[int] = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.randint(5, 21)))
+    sizes[-1] -= sum(sizes) - n
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(len(sizes), dim, generator=g), dim=1)
+    x = torch.empty(n, dim)
+    step = 1 << 16
+    for s in range(0, n, step):
+        lab = torch.from_numpy(labels[s : s + step])
+        chunk = centres[lab] + noise / dim**0.5 * torch.randn(len(lab), dim, generator=g)
+        x[s : s + step] = torch.nn.functional.normalize(chunk, dim=1)
+    return x, labels
+
+
+def sample_rows(n: int, m: int, seed: int = 1) -> np.ndarray:
+    return np.sort(np.random.RandomState(seed).choice(n, min(n, m), replace=False))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def pml_default_bytes(n: int) -> int:
+    """What PML's default k (the whole reference set) needs at least: the n x n distance (float32) and index (int64)
+    tables, and the n x n label table it makes from them (float32)."""
+    return n * n * (4 + 8 + 4)
+
+
+def worker(spec: dict) -> dict:
+    """One (size, method) measurement in this process; returns the row's figures."""
+    from benchmarks.knn import ScalableKNN, evaluate_embeddings, summarize_per_query
+
+    torch.set_num_threads(spec["threads"])
+    n, method = spec["n"], spec["method"]
+    x, labels = synthetic(n, spec["noise"])
+    sample = sample_rows(n, spec["sample"])
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    out: dict = {"n": n, "method": method, "classes": int(labels.max()) + 1}
+    if method == "pml-default":
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        acc = AccuracyCalculator(device=torch.device("cpu")).get_accuracy(x, torch.from_numpy(labels))
+        out.update(queries=n, metrics={k: float(v) for k, v in acc.items()}, index="FaissKNN (IndexFlatL2), k = n")
+    else:
+        knn = ScalableKNN(method)
+        if method in ("exact", "faiss-flat") and n > spec["full_exact"]:
+            rest = np.setdiff1d(np.arange(n), sample)
+            order = torch.from_numpy(np.concatenate([sample, rest]))
+            xs, ls = x[order], labels[order.numpy()]
+            del x
+            per_query, _ = evaluate_embeddings(xs, ls, knn, queries=len(sample))
+            out.update(
+                queries=len(sample), metrics=summarize_per_query(per_query), sample=summarize_per_query(per_query)
+            )
+        else:
+            per_query, _ = evaluate_embeddings(x, labels, knn)
+            out.update(queries=n, metrics=summarize_per_query(per_query), sample=summarize_per_query(per_query, sample))
+        out["index"] = knn.last_index
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["peak_rss_mb"] = round(_rss_mb(), 1)
+    out["before_mb"] = round(base, 1)
+    return out
+
+
+def run_one(spec: dict) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.eval_scale", "--worker", json.dumps(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"n": spec["n"], "method": spec["method"], "error": f"exit {p.returncode}: {tail[0]}"}
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "| items | classes | method | queries | time (s) | peak RSS (MiB) | added (MiB) | MAP@R | R@1 | "
+        "MAP@R on sample | R@1 on sample | Δ MAP@R vs exact | Δ R@1 vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    exact: dict[int, dict] = {}  # the paired reference: an exact search of the same sample queries
+    for r in rows:
+        if r["method"] in ("faiss-flat", "exact") and "sample" in r:
+            exact.setdefault(r["n"], r)
+    for r in rows:
+        if "error" in r or "skipped" in r:
+            why = r.get("error") or r["skipped"]
+            lines.append(f"| {r['n']:,} | | {r['method']} | | not run: {why} | | | | | | | | |")
+            continue
+        m, s = r["metrics"], r.get("sample", {})
+        ex = exact.get(r["n"], {}).get("sample")
+        dm = dr = ""
+        if ex and s and r["method"] not in ("exact", "faiss-flat"):
+            dm = f"{100 * (s['mean_average_precision_at_r'] - ex['mean_average_precision_at_r']):+.2f}"
+            dr = f"{100 * (s['recall_at_1'] - ex['recall_at_1']):+.2f}"
+        r1 = m.get("recall_at_1", m.get("precision_at_1"))
+        lines.append(
+            f"| {r['n']:,} | {r['classes']:,} | {r['method']} | {r['queries']:,} | {r['seconds']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['before_mb']:.0f} | "
+            f"{_pct(m.get('mean_average_precision_at_r'))} | {_pct(r1)} | "
+            f"{_pct(s.get('mean_average_precision_at_r'))} | {_pct(s.get('recall_at_1'))} | {dm} | {dr} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.eval_scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--sizes", default="10000,100000,300000,1000000", help="comma list of item counts")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--noise", type=float, default=1.2, help="noise norm relative to the class centre (1.2)")
+    p.add_argument("--sample", type=int, default=10000, help="queries of the exact searches above --full-exact")
+    p.add_argument("--full-exact", type=int, default=10000, help="largest size searched exactly for every query")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="markdown table to write (default: print only)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return 0
+    try:
+        sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--sizes {a.sizes!r}: expected a comma list of integers")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        p.error(f"--methods: unknown {bad}; choose from {METHODS}")
+    if any(s < 100 for s in sizes) or a.sample < 1 or a.noise <= 0:
+        p.error("--sizes must be >= 100 each, --sample >= 1, --noise > 0")
+    threads = a.threads or torch.get_num_threads()
+    from tqdm import tqdm
+
+    from benchmarks.common import cpu_name
+
+    meta = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {threads} threads",
+        "python": platform.python_version(),
+        "noise": a.noise,
+        "sample": a.sample,
+        "full_exact": a.full_exact,
+        "command": "python -m benchmarks.eval_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    rows: list[dict] = []
+    jobs = [(n, m) for n in sizes for m in methods]
+    for n, m in tqdm(jobs, desc="evaluations", file=sys.stderr):
+        if m == "pml-default" and pml_default_bytes(n) > PML_DEFAULT_MAX_BYTES:
+            gib = pml_default_bytes(n) / 2**30
+            rows.append({"n": n, "method": m, "skipped": f"k = n needs n x n tables, >= {gib:,.0f} GiB"})
+        else:
+            spec = dict(n=n, method=m, noise=a.noise, sample=a.sample, full_exact=a.full_exact, threads=threads)
+            rows.append(run_one(spec))
+        tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
+        text = markdown(rows, meta)
+        if a.out:
+            from benchmarks.common import atomic_write
+
+            atomic_write(a.out, text)
+        if a.json:
+            from benchmarks.common import atomic_write
+
+            atomic_write(a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"Machine: {meta['machine']}.\n")
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
