@@ -16,6 +16,7 @@ evaluations at earlier epochs only draw the learning curves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -59,11 +60,32 @@ class RunConfig:
     pretrained: bool = True
     namr_candidates: int = 32
     cross_batch_memory: int = 0  # DDP hook: memory size of --cross-batch-memory (0: off)
+    amp: str = "off"  # --amp: off, bf16 or fp16 (autocast of trunk and embedder; fp16 with a GradScaler)
+    trunk_weights: str | None = None  # --trunk-weights: a local checkpoint's path ...
+    trunk_weights_sha1: str | None = None  # ... and its content hash (a changed file is a new configuration)
+    freeze_bn: bool = False  # --freeze-bn: the trunk's BatchNorm layers in eval mode while training
+    knn: str = "exact"  # --knn: the tester's neighbour search (benchmarks.knn.KNN_METHODS)
+    eval_precision: str = "float32"  # --eval-precision: dtype the evaluation embeddings are kept in
+
+    #: options added later, left out of the key at their defaults so that earlier configurations keep their hash
+    _KEY_DEFAULTS = (
+        ("amp", "off"),
+        ("trunk_weights", None),
+        ("trunk_weights_sha1", None),
+        ("freeze_bn", False),
+        ("knn", "exact"),
+        ("eval_precision", "float32"),
+    )
 
     def key(self) -> dict:
         k = asdict(self)
         if not k["cross_batch_memory"]:  # DDP hook: configurations without a memory keep their earlier hash
             del k["cross_batch_memory"]
+        for name, default in self._KEY_DEFAULTS:
+            if k[name] == default:
+                del k[name]
+        if k.get("trunk_weights") is not None:  # the content decides, not where the file lies
+            del k["trunk_weights"]
         return k
 
 
@@ -104,8 +126,37 @@ class MLP(torch.nn.Module):
         return self.net(x)
 
 
-def build_trunk(name: str, input_shape: tuple[int, ...], pretrained: bool = True) -> tuple[torch.nn.Module, int, str]:
-    """Return (trunk, output width, note). ResNets load ImageNet weights when they can (cached or downloadable)."""
+def build_trunk(
+    name: str, input_shape: tuple[int, ...], pretrained: bool = True, weights: str | None = None
+) -> tuple[torch.nn.Module, int, str]:
+    """Return (trunk, output width, note). ResNets load ImageNet weights when they can (cached or downloadable);
+    ``timm:<name>`` and torchvision model names are built by :mod:`benchmarks.trunks`; ``weights``, a local
+    checkpoint, replaces any pretrained weights (no download)."""
+    if weights is not None:
+        from .trunks import load_trunk_weights
+
+        trunk, width, note, heads = _build_trunk(name, input_shape, pretrained=False)
+        load_trunk_weights(trunk, weights, heads)
+        return trunk, width, note.replace("(random init)", "").strip() + f" (weights {os.path.basename(weights)})"
+    trunk, width, note, _ = _build_trunk(name, input_shape, pretrained)
+    return trunk, width, note
+
+
+def _build_trunk(
+    name: str, input_shape: tuple[int, ...], pretrained: bool
+) -> tuple[torch.nn.Module, int, str, list[str]]:
+    """(trunk, output width, note, key prefixes of a removed classifier)."""
+    if name not in ("mlp", "convnet", "convnet-small", "resnet18", "resnet50"):
+        from .trunks import build_named_trunk
+
+        return build_named_trunk(name, input_shape, pretrained)
+    trunk, width, note = _build_builtin_trunk(name, input_shape, pretrained)
+    return trunk, width, note, ["fc"] if name.startswith("resnet") else []
+
+
+def _build_builtin_trunk(
+    name: str, input_shape: tuple[int, ...], pretrained: bool = True
+) -> tuple[torch.nn.Module, int, str]:
     if name == "mlp":
         t = MLP(int(np.prod(input_shape)))
         return t, t.out_features, "MLP(in->128->128)"
@@ -141,7 +192,7 @@ def build_models(cfg: RunConfig, bundle: DatasetBundle, seed: int, namr: bool):
     from pml_rll.modules import NAMREmbedder
 
     torch.manual_seed(seed)
-    trunk, width, note = build_trunk(cfg.trunk, bundle.input_shape, cfg.pretrained)
+    trunk, width, note = build_trunk(cfg.trunk, bundle.input_shape, cfg.pretrained, cfg.trunk_weights)
     torch.manual_seed(seed + 10_007)
     embedder: torch.nn.Module = torch.nn.Linear(width, cfg.embedding_size)
     if namr:
@@ -181,9 +232,53 @@ class PairedMPerClassSampler(samplers.MPerClassSampler):
 
 
 # ---------------------------------------------------------------------------------------------------- trainer / tester
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``--amp bf16|fp16`` on the device's type; a no-op for ``off``."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
 class BenchmarkTrainer(trainers.MetricLossOnly):
     """``MetricLossOnly`` with one tqdm bar per run (PML's bar restarts every epoch) and a per-iteration log of the
-    total loss; training logic unchanged."""
+    total loss; training logic unchanged.
+
+    ``amp`` (``"off"``, ``"bf16"``, ``"fp16"``): the trunk and the embedder run under ``torch.autocast``; the miner
+    and the loss run outside it, on autocast's embeddings cast to float32, the same for every loss (pml_rll's
+    losses compute half precision in float32 anyway; several of PML's distances have no bfloat16 kernel on the
+    CPU). ``fp16`` scales the loss with a ``GradScaler`` (steps skipped when gradients overflow), the loss's own
+    parameters and a cross-batch memory included.
+    """
+
+    def __init__(self, *args: Any, amp: str = "off", **kwargs: Any) -> None:
+        if amp not in ("off", *AMP_DTYPES):
+            raise ValueError(f"amp must be off, bf16 or fp16, got {amp!r}")
+        self.amp = amp
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler(torch.device(self.data_device).type) if amp == "fp16" else None
+
+    def compute_embeddings(self, data):
+        if self.amp == "off":
+            return super().compute_embeddings(data)
+        with autocast(self.data_device, self.amp):
+            embeddings = super().compute_embeddings(data)
+        return embeddings.float()
+
+    def backward(self):
+        if self.scaler is None:
+            return super().backward()
+        self.scaler.scale(self.losses["total_loss"]).backward()
+
+    def step_optimizers(self):
+        if self.scaler is None:
+            return super().step_optimizers()
+        for k, v in self.optimizers.items():
+            if c_f.regex_replace("_optimizer$", "", k) not in self.freeze_these:
+                self.scaler.step(v)
+        self.scaler.update()
 
     def train(self, start_epoch=1, num_epochs=1, pbar=None):
         self.initialize_dataloader()
@@ -207,7 +302,26 @@ class BenchmarkTrainer(trainers.MetricLossOnly):
 
 
 class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
-    """``GlobalEmbeddingSpaceTester`` without its per-evaluation progress bar (one bar per run is enough)."""
+    """``GlobalEmbeddingSpaceTester`` without its per-evaluation progress bar (one bar per run is enough).
+
+    ``amp``: the trunk and embedder run under autocast, as in training; the embeddings are then cast to float32
+    before normalisation. ``eval_precision="float16"`` keeps the batches' embeddings in float16 until the accuracy
+    calculator reads them (half the memory of the embedding table).
+    """
+
+    def __init__(self, *args: Any, amp: str = "off", eval_precision: str = "float32", **kwargs: Any) -> None:
+        if eval_precision not in ("float32", "float16"):
+            raise ValueError(f"eval_precision must be float32 or float16, got {eval_precision!r}")
+        self.amp = amp
+        self.eval_dtype = torch.float16 if eval_precision == "float16" else None
+        super().__init__(*args, **kwargs)
+
+    def get_embeddings_for_eval(self, trunk_model, embedder_model, input_imgs):
+        if self.amp == "off":
+            return super().get_embeddings_for_eval(trunk_model, embedder_model, input_imgs)
+        with autocast(self.data_device, self.amp):
+            out = super().get_embeddings_for_eval(trunk_model, embedder_model, input_imgs)
+        return out.float()
 
     def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
         embs, labs = [], []
@@ -216,6 +330,8 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
                 img, label = self.data_and_label_getter(data)
                 label = c_f.process_label(label, "all", self.label_mapper)
                 q = self.get_embeddings_for_eval(trunk_model, embedder_model, img)
+                if self.eval_dtype is not None:
+                    q = self.maybe_normalize(q.float()).to(self.eval_dtype)  # normalised in float32, kept in half
                 if label.dim() == 1:
                     label = label.unsqueeze(1)
                 embs.append(q)
@@ -230,14 +346,22 @@ def build_accuracy_calculator(
     namr_candidates: int = 32,
     normalize_sample: bool = False,
     retrieval: dict | None = None,
+    knn: str = "exact",
 ):
-    if not namr:
-        return RetrievalAccuracyCalculator(device=device)
+    """The tester's accuracy calculator. ``knn`` (``--knn``): the neighbour search, exact or a faiss index
+    (:class:`benchmarks.knn.ScalableKNN`); for NAMR it finds the candidates that the structure embedding re-ranks."""
+    from .knn import ScalableKNN
+
+    knn_func = ScalableKNN(knn)
+    if not namr:  # exact: PML's CustomKNN as before, its query batch bounded for large reference sets
+        return RetrievalAccuracyCalculator(device=device, knn_func=knn_func)
     from pml_rll.retrieval import NAMRReRankKNN
 
     # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry); the entry's re-ranking
     # options (candidates, weighting, blend) override --namr-candidates
     kw: dict[str, Any] = {"num_candidates": namr_candidates, "normalize_sample": normalize_sample, **(retrieval or {})}
+    if knn != "exact":  # candidates from the approximate index, re-ranked by the structure embedding
+        kw["base_knn"] = knn_func
     rerank = NAMRReRankKNN(embedding_size, **kw)
     plain = NAMRReRankKNN(embedding_size, mode="plain", **kw)
     return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
@@ -318,6 +442,8 @@ def run_one(
         lr_schedulers=lr_schedulers,
         data_device=device,
         dataloader_num_workers=num_workers,
+        freeze_trunk_batchnorm=cfg.freeze_bn,  # PML's option: the trunk's BatchNorm layers stay in eval mode
+        amp=cfg.amp,
     )
     if not main:  # DDP hook: ranks other than 0 train in step with rank 0 and write nothing
         BenchmarkTrainer(**trainer_kwargs).train(num_epochs=cfg.epochs)  # type: ignore[no-untyped-call]
@@ -339,8 +465,11 @@ def run_one(
         cfg.namr_candidates,
         normalize_sample=spec.namr and spec.loss.structure_geometry == "l2",
         retrieval=spec.retrieval,
+        knn=cfg.knn,
     )
     tester = BenchmarkTester(
+        amp=cfg.amp,
+        eval_precision=cfg.eval_precision,
         normalize_embeddings=not spec.namr,
         batch_size=cfg.eval_batch_size,
         dataloader_num_workers=num_workers,
@@ -416,6 +545,8 @@ def run_one(
         "seconds_per_iteration": train_seconds / max(1, len(trainer.loss_log)),
         "hparams": entry.hparams(hparams),
         "trunk": trunk_note,
+        "precision": {"off": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast + GradScaler"}[cfg.amp],
+        "knn": cfg.knn,
         "log_dir": log_dir,
         **({"after_training": extra} if extra is not None else {}),
         **distributed.current().describe(),  # DDP hook: world_size, backend

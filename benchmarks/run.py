@@ -76,6 +76,7 @@ TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the def
 
 def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATA_ENV, DATASETS
+    from .knn import KNN_METHODS
     from .registry import describe_registry
 
     p = argparse.ArgumentParser(
@@ -134,8 +135,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per class in a batch, MPerClassSampler's m (default: per dataset)",
     )
     p.add_argument("--embedding-size", type=int, default=None, help="embedding width (default: per dataset)")
-    p.add_argument("--trunk", default=None, choices=TRUNKS, help="trunk network (default: per dataset)")
-    p.add_argument("--no-pretrained", action="store_true", help="ResNet trunks: do not try ImageNet weights")
+    p.add_argument(
+        "--trunk",
+        default=None,
+        help=f"trunk network: {', '.join(TRUNKS)}, a torchvision model name (resnet34, efficientnet_b0, ...) or "
+        "timm:<model> (the timm extra; never downloads); the embedder's input width is read from it "
+        "(default: per dataset)",
+    )
+    p.add_argument(
+        "--no-pretrained", action="store_true", help="ResNet and torchvision trunks: do not try ImageNet weights"
+    )
+    p.add_argument(
+        "--trunk-weights",
+        default=None,
+        metavar="FILE",
+        help="a local checkpoint (state_dict) for the trunk, instead of any pretrained weights; its content is part "
+        "of the result key",
+    )
+    p.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="keep the trunk's BatchNorm layers in eval mode while training (running statistics frozen)",
+    )
+    p.add_argument(
+        "--amp",
+        default="off",
+        choices=["off", "bf16", "fp16"],
+        help="mixed precision: autocast of trunk and embedder in bfloat16 (CPU or GPU) or float16 (CUDA, with a "
+        "GradScaler); the losses run on what autocast gives them (default: off)",
+    )
+    p.add_argument(
+        "--knn",
+        default="exact",
+        choices=list(KNN_METHODS),
+        help="the tester's neighbour search: exact (PML's CustomKNN, memory-bounded batches), faiss-flat (exact, "
+        "faiss), faiss-ivf or faiss-hnsw (approximate, for large test sets; docs/eval_scale.md). k is what the "
+        "metrics need. NAMR entries re-rank the index's candidates (default: exact)",
+    )
+    p.add_argument(
+        "--eval-precision",
+        default="float32",
+        choices=["float32", "float16"],
+        help="keep the evaluation embeddings in float16 to halve their memory (default: float32)",
+    )
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for trunk and embedder")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay")
     p.add_argument(
@@ -348,6 +390,21 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             fail("--test-alphabets applies to --dataset omniglot only")
         if not [a for a in args.test_alphabets.split(",") if a.strip()]:
             fail(f"--test-alphabets {args.test_alphabets!r}: no alphabet named")
+    from .trunks import check_trunk_name, file_sha1
+
+    why = check_trunk_name(pick("trunk"))
+    if why:
+        fail(why)
+    weights_sha1 = None
+    if args.trunk_weights is not None:
+        if not os.path.isfile(args.trunk_weights):
+            fail(f"--trunk-weights {args.trunk_weights}: not a file")
+        weights_sha1 = file_sha1(args.trunk_weights)
+    if args.knn.startswith("faiss"):
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            fail(f"--knn {args.knn} needs faiss (the cpu or gpu extra)")
     if args.test_classes is not None:
         if args.dataset != "folder":
             fail("--test-classes applies to --dataset folder only")
@@ -391,6 +448,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         device = distributed.process_device(args.device)  # under torchrun: the GPU of LOCAL_RANK
     except ValueError as e:
         fail(str(e))
+    if args.amp == "fp16" and device.type != "cuda":
+        fail(f"--amp fp16 needs a CUDA device (--device is {device}); use --amp bf16 on the CPU")
     own = args.dataset in ("folder", "csv")  # your own data: never looked for under $PML_RLL_DATA
     data_root = args.data_root or (None if own else default_data_root(args.dataset))
     if own and not data_root:
@@ -433,6 +492,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         image_size=args.image_size,
         pretrained=not args.no_pretrained,
         cross_batch_memory=args.cross_batch_memory,
+        amp=args.amp,
+        trunk_weights=os.path.abspath(args.trunk_weights) if args.trunk_weights else None,
+        trunk_weights_sha1=weights_sha1,
+        freeze_bn=args.freeze_bn,
+        knn=args.knn,
+        eval_precision=args.eval_precision,
     )
     return dict(
         cfg=cfg,
@@ -549,6 +614,15 @@ def _main(
                 file=sys.stderr,
             )
             return 2
+    if cfg.trunk_weights or cfg.trunk not in TRUNKS:  # the trunk fits the data and the checkpoint, before training
+        from .pipeline import build_trunk
+        from .trunks import TrunkError
+
+        try:
+            build_trunk(cfg.trunk, bundle.input_shape, pretrained=False, weights=cfg.trunk_weights)
+        except TrunkError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     workers = args.workers if args.workers is not None else (4 if bundle.input_kind == "rgb" else 0)
     job = dict(
         dataset=args.dataset,
@@ -584,7 +658,7 @@ def _main(
     }
     # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
     sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": TPE_STARTUP_TRIALS}
-    extras = dict(dataset=args.dataset, config=cfg.key(), environment=env, command=command)
+    extras = dict(dataset=args.dataset, data=common_key["data"], config=cfg.key(), environment=env, command=command)
     print(f"dataset: {bundle.description}")
     print(f"config: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")

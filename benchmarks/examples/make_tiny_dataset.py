@@ -4,8 +4,9 @@
 
 writes ``OUT/images/<class>/<n>.png`` (for ``--dataset folder --data-root OUT/images``) and ``OUT/data.csv`` (for
 ``--dataset csv --data-root OUT/data.csv``): the first half of the classes train, the second half test, and in the
-CSV every other test image of a class is a query, the rest its gallery. Each class is a colour with a stripe
-pattern, drawn with noise; every fourth image is saved in grayscale, to show that both kinds are read.
+CSV every other test image of a class is a query, the rest its gallery. Each class is a texture (stripes or a
+checkerboard of its own period) in random colours, with noise; every fourth image is saved in grayscale, to show
+that both kinds are read.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import numpy as np
 
 
 def class_image(c: int, n_classes: int, size: int, rng: np.random.RandomState) -> np.ndarray:
-    """One H x W x 3 uint8 image of class ``c``: its hue, its stripe period, noise and a random offset."""
-    r, g, b = colorsys.hsv_to_rgb(c / n_classes, 0.8, 0.9)
+    """One H x W x 3 uint8 image of class ``c``: a texture (horizontal stripes, vertical stripes or a checkerboard)
+    of a period that the class fixes, at a random phase, in a random colour, with noise. The colour says nothing
+    about the class: a network has to learn to look at the texture."""
+    kind, period = c % 3, (3, 5, 8, 13, 21)[(c // 3) % 5]
     yy, xx = np.mgrid[0:size, 0:size]
-    period = 4 + (c % 4) * 3
-    stripes = ((xx + rng.randint(period)) // (period // 2 + 1)) % 2 if c % 2 else ((yy + rng.randint(period)) // 3) % 2
-    img = np.stack([np.full((size, size), v) for v in (r, g, b)], -1) * (0.6 + 0.4 * stripes[..., None])
-    img = img + rng.normal(0, 0.08, img.shape)
+    dy, dx = rng.randint(period, size=2)
+    h = ((yy + dy) // max(1, period // 2)) % 2
+    v = ((xx + dx) // max(1, period // 2)) % 2
+    pattern = (h, v, h ^ v)[kind]
+    fg = np.array(colorsys.hsv_to_rgb(rng.rand(), 0.8, 0.9))
+    bg = np.array(colorsys.hsv_to_rgb(rng.rand(), 0.5, 0.3))
+    img = np.where(pattern[..., None] == 1, fg, bg) + rng.normal(0, 0.08, (size, size, 3))
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
