@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,logging,vision,bench,test,lint,postgres
+EXTRAS ?= cpu,logging,vision,timm,bench,test,lint,postgres
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint benchmark clean-venv

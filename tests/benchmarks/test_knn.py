@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -155,3 +156,20 @@ def test_synthetic_classes_and_scale_script(tmp_path):
     assert all(r["peak_rss_mb"] >= r["before_mb"] > 0 and r["seconds"] > 0 for r in rows)
     table = open(out).read()
     assert table.count("\n| 400 | 35 |") == 2 and "+0.00 | +0.00 |" in table  # HNSW finds these neighbours exactly
+
+
+def test_runner_knn_and_half_precision_embeddings(tmp_path, capsys):
+    from benchmarks import report
+    from benchmarks.run import main
+
+    store = "sqlite:///" + str(tmp_path / "results.db")  # one store, two exports
+    tiny = ["--losses", "triplet", "--seeds", "1", "--epochs", "1", "--iterations-per-epoch", "3", "--storage", store]
+    assert main(tiny + ["--out", str(tmp_path / "a")]) == 0
+    assert main(tiny + ["--out", str(tmp_path / "b"), "--knn", "faiss-hnsw", "--eval-precision", "float16"]) == 0
+    assert "1 runs/trials made, 0 reused" in capsys.readouterr().out  # another evaluation: another key
+    recs = {r["knn"]: r for d in "ab" for r in report.load_jsonl(os.path.join(str(tmp_path / d), "results.jsonl"))}
+    assert set(recs) == {"exact", "faiss-hnsw"}
+    assert recs["faiss-hnsw"]["config"]["eval_precision"] == "float16"
+    assert "knn" not in recs["exact"]["config"]  # the default keeps the earlier key
+    for m in ("mean_average_precision_at_r", "precision_at_1"):  # same training, near-identical evaluation
+        assert abs(recs["faiss-hnsw"]["metrics"][m] - recs["exact"]["metrics"][m]) < 0.01, m
