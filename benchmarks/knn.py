@@ -191,7 +191,9 @@ def retrieval_metrics(
     pos_ok = (pos < len(values)) & (values[np.minimum(pos, len(values) - 1)] == qlab)
     r = np.where(pos_ok, counts[np.minimum(pos, len(values) - 1)], 0) - int(ref_includes_query)
     n, k = idx.shape
-    out = {name: np.zeros(n) for name in ("precision_at_1", "mean_average_precision_at_r", "r_precision")}
+    out: dict[str, np.ndarray] = {
+        name: np.zeros(n) for name in ("precision_at_1", "mean_average_precision_at_r", "r_precision")
+    }
     out.update({f"recall_at_{j}": np.zeros(n) for j in RECALL_KS})
     ranks = np.arange(1, k + 1)
     for s in range(0, n, chunk):

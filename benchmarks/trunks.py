@@ -102,12 +102,14 @@ def build_named_trunk(
     """(trunk, output width, note, prefixes of the removed classifier's keys) for timm and torchvision names."""
     if len(input_shape) != 3:
         raise TrunkError(f"--trunk {name} needs image inputs (C x H x W); this dataset gives {tuple(input_shape)}")
+    model: torch.nn.Module | None
     if name.startswith(TIMM_PREFIX):
         import timm
 
         model_name = name[len(TIMM_PREFIX) :]
         model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=input_shape[0])
-        head = model.pretrained_cfg.get("classifier", "") if getattr(model, "pretrained_cfg", None) else ""
+        cfg: Any = getattr(model, "pretrained_cfg", None) or {}
+        head = cfg.get("classifier", "")
         heads = [head] if isinstance(head, str) else list(head)
         note = f"timm {model_name} (random init)"
     else:
@@ -131,6 +133,7 @@ def build_named_trunk(
             raise TrunkError(f"--trunk {name}: no Linear classifier to remove (not a classification model?)")
         _set_module(model, last, torch.nn.Identity())
         heads = [last]
+    assert model is not None
     width = output_width(model, input_shape, name)
     return model, width, note, [h for h in heads if h]
 
