@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="off",
         choices=["off", "bf16", "fp16"],
         help="mixed precision: autocast of trunk and embedder in bfloat16 (CPU or GPU) or float16 (CUDA, with a "
-        "GradScaler); the losses run on what autocast gives them (default: off)",
+        "GradScaler); every loss gets the embeddings in float32 (default: off)",
     )
     p.add_argument(
         "--knn",
