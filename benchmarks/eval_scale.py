@@ -169,10 +169,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="markdown table to write (default: print only)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="print (and --out) one table of the rows of these --json files, in size and method order; no run",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
+        return 0
+    if a.from_json:
+        rows, metas = [], []
+        for path in a.from_json:
+            with open(path) as f:
+                data = json.load(f)
+            rows += data["rows"]
+            metas.append(data["meta"])
+        rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
+        text = markdown(rows, metas[0])
+        if a.out:
+            from benchmarks.common import atomic_write
+
+            atomic_write(a.out, text)
+        for m in metas:
+            print(f"{m['command']}: {m['machine']}")
+        print(text)
         return 0
     try:
         sizes = [int(s) for s in a.sizes.split(",") if s.strip()]

@@ -232,3 +232,15 @@ def test_freeze_bn_keeps_the_trunks_batchnorm_statistics(tiny, tmp_path, one_thr
                 pbar_position=None, after_training=after)  # fmt: skip
         moved = any(bool(m.abs().sum() > 0) for m in stats["mean"])
         assert moved is (not freeze)
+
+
+def test_namr_entry_on_query_gallery_csv_with_timm_bf16_and_an_approximate_index(tiny, tmp_path):
+    out = str(tmp_path / "namr")
+    argv = ["--dataset", "csv", "--data-root", tiny["csv"], "--out", out, "--knn", "faiss-hnsw", "--freeze-bn"]
+    argv += RUN[2:] + ["--losses", "namr-rll", "--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0"]
+    assert main(argv) == 0
+    (rec,) = _records(out)
+    assert rec["loss"] == "namr-rll" and rec["knn"] == "faiss-hnsw" and rec["precision"] == "bfloat16 autocast"
+    assert rec["config"]["freeze_bn"] is True
+    for m in ("mean_average_precision_at_r", "plain_mean_average_precision_at_r", "recall_at_1"):
+        assert 0 < rec["metrics"][m] <= 1, m  # re-ranked and plain retrieval of 12 queries in a gallery of 12
