@@ -184,6 +184,48 @@ def verdict_budget(results: list[Convergence]) -> int | None:
     return max(p for p in points if p is not None)
 
 
+def timing(records: list[dict]) -> str:
+    """Where a run's time goes, per loss, from the records' own clocks: training (the trainer's loop: data
+    loading, forward, backward, optimizer, per-iteration logging), evaluations (the learning curve's and the final
+    one), and the rest of the run (building models and loss, record-keeper setup: ``wall_seconds`` minus both)."""
+    rows = [r for r in records if r.get("train_seconds") is not None and r.get("wall_seconds")]
+    if not rows:
+        return "No timed runs.\n"
+    lines = [
+        "| loss | runs | iterations | ms/iteration | training s | evaluation s | other s | run wall s | "
+        "evaluation + other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["loss"], []).append(r)
+    for loss, rs in by.items():
+        tr = float(np.mean([r["train_seconds"] for r in rs]))
+        ev = float(np.mean([r["eval_seconds"] for r in rs]))
+        wall = float(np.mean([r["wall_seconds"] for r in rs]))
+        its = int(np.mean([r["iterations"] for r in rs]))
+        lines.append(
+            f"| {loss} | {len(rs)} | {its} | {tr / max(1, its) * 1000:.1f} | {tr:.1f} | {ev:.1f} | "
+            f"{wall - tr - ev:.1f} | {wall:.1f} | {(wall - tr) / wall * 100:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def study_estimate(run_seconds: float, losses: int, trials: int, folds: int, seeds: int, jobs: int) -> dict:
+    """Runs and wall time of a ``--tune`` study: every loss gets ``trials x folds`` fold runs and ``2 x seeds`` test
+    runs (tuned and untuned; fewer when the tuned configuration is the defaults), ``jobs`` at a time, each taking
+    ``run_seconds`` (fold runs train as many iterations as test runs)."""
+    for name, v in (("losses", losses), ("trials", trials), ("folds", folds), ("seeds", seeds), ("jobs", jobs)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    fold_runs, test_runs = losses * trials * folds, losses * 2 * seeds
+    return {
+        "fold_runs": fold_runs,
+        "test_runs": test_runs,
+        "hours": (fold_runs + test_runs) * run_seconds / jobs / 3600,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.convergence",
@@ -195,6 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.3, help="flat = within this many MAP@R points (0.3)")
     p.add_argument("--window", type=float, default=0.25, help="the last fraction of the budget examined (0.25)")
     p.add_argument("--curves", action="store_true", help="also print each mean curve")
+    p.add_argument(
+        "--timing",
+        action="store_true",
+        help="print where the store's runs spent their time instead (training, evaluation, the rest), and the "
+        "wall time of a --tune study at the mean run time (--study-losses, --trials, --folds, --seeds, --jobs)",
+    )
+    g = p.add_argument_group("the study that --timing estimates (default: the verdict study)")
+    g.add_argument("--study-losses", type=int, default=None, help="losses (default: every registry entry)")
+    g.add_argument("--trials", type=int, default=12)
+    g.add_argument("--folds", type=int, default=2)
+    g.add_argument("--seeds", type=int, default=5)
+    g.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
     if args.storage is None and args.out is None:
         p.error("give the output folder OUT or --storage URL")
@@ -212,9 +266,27 @@ def main(argv: list[str] | None = None) -> int:
 
     store = ResultStore(url)
     try:
-        records = store.records(kind="fold")
+        records = store.records(kind=None if args.timing else "fold")
     finally:
         store.close()
+    if args.timing:
+        from .registry import REGISTRY
+
+        print(timing(records))
+        walls = [r["wall_seconds"] for r in records if r.get("wall_seconds") and r.get("train_seconds") is not None]
+        if not walls:
+            return 1
+        n = args.study_losses if args.study_losses is not None else len(REGISTRY)
+        try:
+            est = study_estimate(float(np.mean(walls)), n, args.trials, args.folds, args.seeds, args.jobs)
+        except ValueError as e:
+            p.error(str(e))
+        print(
+            f"A study of {n} losses x {args.trials} trials x {args.folds} folds, then {args.seeds} seeds tuned and "
+            f"untuned: {est['fold_runs']} fold runs + at most {est['test_runs']} test runs; at {np.mean(walls):.0f} s "
+            f"per run (the mean above) and {args.jobs} runs at a time: about {est['hours']:.1f} hours."
+        )
+        return 0
     losses = [s.strip() for s in args.losses.split(",") if s.strip()] if args.losses else None
     results = analyse(records, args.tolerance / 100, args.window, losses)
     print(report(results, args.tolerance / 100, args.window))

@@ -88,5 +88,25 @@ def test_runner_curves_end_to_end(tmp_path, capsys):
     assert "| rll | defaults | 2 | 12 |" in text and "| contrastive | defaults | 2 | 12 |" in text
     assert "flattened by" in text and "rll (defaults): 0: " in text
     assert convergence.main([out, "--losses", "nothing"]) == 1
+    assert convergence.main([out, "--timing", "--study-losses", "2", "--trials", "1", "--seeds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "| rll | 3 | 12 |" in text and "A study of 2 losses x 1 trials x 2 folds" in text  # 2 folds + 1 test run
     with pytest.raises(SystemExit):
         convergence.main([str(tmp_path / "none")])
+
+
+def test_timing_and_study_estimate_by_hand():
+    recs = [
+        {"loss": "a", "iterations": 1000, "train_seconds": 90.0, "eval_seconds": 8.0, "wall_seconds": 100.0},
+        {"loss": "a", "iterations": 1000, "train_seconds": 110.0, "eval_seconds": 12.0, "wall_seconds": 124.0},
+        {"loss": "trial without clocks", "value": 0.5},
+    ]
+    text = convergence.timing(recs)
+    # means: training 100 s (100 ms per iteration), evaluation 10 s, wall 112 s, other 2 s; (112 - 100) / 112
+    assert "| a | 2 | 1000 | 100.0 | 100.0 | 10.0 | 2.0 | 112.0 | 10.7% |" in text
+    assert "trial without clocks" not in text
+    est = convergence.study_estimate(100.0, 18, 12, 2, 5, 2)
+    # 18 x 12 x 2 = 432 fold runs, 18 x 2 x 5 = 180 test runs; 612 x 100 s / 2 jobs = 30,600 s = 8.5 h
+    assert est == {"fold_runs": 432, "test_runs": 180, "hours": pytest.approx(8.5)}
+    with pytest.raises(ValueError, match="jobs"):
+        convergence.study_estimate(100.0, 18, 12, 2, 5, 0)
