@@ -225,7 +225,8 @@ def markdown(records: list[dict], confidence: float = CONFIDENCE) -> str:
         groups.setdefault((r.kind, r.variant), []).append(r)
     heads = " | ".join(f"Δ {SHORT[m]} [{pct}] | verdict" for m in METRICS)
     for (kind, variant), rs in groups.items():
-        buf.write(f"\n### {_TITLES[kind]} ({variant})\n\n| a | b | seeds | {heads} |\n")
+        suffix = "" if kind == "tuned-untuned" else f" ({variant})"
+        buf.write(f"\n### {_TITLES[kind]}{suffix}\n\n| a | b | seeds | {heads} |\n")
         buf.write("|" + "---|" * (3 + 2 * len(METRICS)) + "\n")
         for r in rs:
             cells = []
@@ -265,7 +266,7 @@ def write_figure(records: list[dict], path: str, title: str = "", confidence: fl
     names = _losses(records)
     fam = {r["loss"]: r.get("family", "user") for r in records}
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 5.0))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * len(names) + 2), 5.0))
     shades = {"untuned": 0.45, "tuned": 0.95}
     for j, variant in enumerate(variants):
         recs = _variant(records, variant)
@@ -290,9 +291,10 @@ def write_figure(records: list[dict], path: str, title: str = "", confidence: fl
     ax.set_ylabel(f"test {SHORT[metric]} (%)")
     ax.set_title(
         (title + "\n" if title else "")
-        + f"mean over seeds with {confidence * 100:g}% t intervals; red = ours, blue = PML; "
+        + f"mean over seeds with {confidence * 100:g}% t intervals\nred = ours, blue = PML; "
         + ("pale = untuned, dark = tuned" if len(variants) == 2 else variants[0]),
-        fontsize=9,
+        fontsize=8,
+        wrap=True,
     )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -190,4 +190,4 @@ def test_tiny_tune_searches_the_gradient_rule(tmp_path):
             assert 256 <= params["memory_size"] <= 4096 and "start_iteration" in params
     assert {json.loads(t["params"])["gradient"] for t in trials if t["loss"] == "rll" and t["slot"] == "0"} == {"paper"}
     md = open(os.path.join(out, "results.md")).read()
-    assert "### tuned − untuned, same loss (tuned - untuned)" in md
+    assert "### tuned − untuned, same loss\n" in md
