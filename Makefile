@@ -19,7 +19,7 @@ VERDICT_JOBS ?= 2
 VERDICT_SEGMENT ?= 0
 VERDICT_DOCS ?= docs/results/omniglot_verdict
 VERDICT_ARGS = --dataset omniglot --data-root $(VERDICT_DATA) --losses all --tune --trials 12 --folds 2 --seeds 5 \
-	--epochs $(VERDICT_EPOCHS) --iterations-per-epoch 100 --eval-every 5 --jobs $(VERDICT_JOBS) --out $(VERDICT_OUT)
+	--epochs $(VERDICT_EPOCHS) --iterations-per-epoch 100 --eval-every 10 --jobs $(VERDICT_JOBS) --out $(VERDICT_OUT)
 CONVERGENCE_OUT ?= results/omniglot_convergence
 CONVERGENCE_LOSSES ?= rll,rll-autograd,pml-rll,multi-similarity,circle,margin,ntxent
 CONVERGENCE_EPOCHS ?= 60
