@@ -410,7 +410,7 @@ XBM_SOURCE = (
     "embeddings, the memory used only after a warm-up while the embeddings drift fast; memory size and warm-up "
     "chosen for this benchmark's small training sets and budgets"
 )
-#: the entries trained through a memory as well: ours and the two PML losses the XBM paper pairs with a memory
+#: the entries also trained through a memory: ours and two of PML's pair losses
 MEMORY_BASES = ("rll", "contrastive", "multi-similarity")
 MEMORY_CLASS = "benchmarks.warmup_cross_batch_memory:WarmupCrossBatchMemory"
 
