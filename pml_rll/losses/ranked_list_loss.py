@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -23,15 +26,24 @@ from ..functional.ranked_list_euclidean import PATHS, ranked_list_euclidean
 from ..functional.ranked_list_params import RankedListParams
 from ..utils.validation import (
     MAX_MAGNITUDE,
+    HyperParameterError,
     check_batch,
     check_choice,
     check_distance,
+    check_not_meta,
     check_number,
     check_temperature,
     pairs_to_masks,
 )
 
 GRADIENT_MODES = ("paper", "autograd")
+
+
+def autocast_disabled(like: Tensor) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on ``like``'s device type (nothing on the meta device, which has none)."""
+    if like.is_meta:
+        return contextlib.nullcontext()
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class RankedListLoss(BaseMetricLossFunction):
@@ -112,7 +124,7 @@ class RankedListLoss(BaseMetricLossFunction):
         self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
+            raise HyperParameterError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         self.path = check_choice("path", path, PATHS)
         check_distance(self.distance, "RankedListLoss")
@@ -136,9 +148,14 @@ class RankedListLoss(BaseMetricLossFunction):
         )
         if labels is None and indices_tuple is None:
             raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
-        # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if not self._is_fast_distance():
+            why = f"with distance={type(self.distance).__name__} the non-trivial pairs are listed from the values"
+            check_not_meta("embeddings", embeddings, "RankedListLoss", why)
+        # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast) and is returned
+        # in the embeddings' dtype, as PML's losses return it
+        with autocast_disabled(embeddings):
+            loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         check_distance(self.distance, "RankedListLoss")  # the distance may have been replaced after construction
@@ -162,8 +179,10 @@ class RankedListLoss(BaseMetricLossFunction):
             losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
         if self.collect_stats:
             assert n_neg is not None  # counted whenever statistics are collected
-            self.avg_num_pos_per_query = float(n_pos) / B
-            self.avg_num_neg_per_query = float(n_neg) / B
+            # on the meta device the counts have no values: the statistics are NaN (unknown), never a stale number
+            meta = embeddings.is_meta
+            self.avg_num_pos_per_query = math.nan if meta else float(n_pos) / B
+            self.avg_num_neg_per_query = math.nan if meta else float(n_neg) / B
         return {
             "loss": {
                 "losses": losses,
@@ -190,8 +209,10 @@ class RankedListLoss(BaseMetricLossFunction):
 
         query = prepare(embeddings)
         gallery = None if same else prepare(ref_emb).to(query.dtype)
+        # on the meta device there are no values to list pairs from: the dense path, which never reads any
+        path = "dense" if query.is_meta else self.path
         return ranked_list_euclidean(
-            query, gallery, masks, params=params, paper=paper, path=self.path, count_negatives=self.collect_stats
+            query, gallery, masks, params=params, paper=paper, path=path, count_negatives=self.collect_stats
         )
 
     def _generic_losses(

@@ -10,7 +10,14 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
 from ..functional.ranked_list_params import RankedListParams
-from ..utils.validation import MAX_MAGNITUDE, check_batch, check_distance, check_number
+from ..utils.validation import (
+    MAX_MAGNITUDE,
+    HyperParameterError,
+    check_batch,
+    check_distance,
+    check_not_meta,
+    check_number,
+)
 
 
 class RankedListMiner(BaseMiner):
@@ -39,7 +46,7 @@ class RankedListMiner(BaseMiner):
         self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+            raise HyperParameterError(f"alpha must be positive, got {self.alpha}")
         check_distance(self.distance, "RankedListMiner")
         self.add_to_recordable_attributes(list_of_names=["margin", "alpha"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -49,6 +56,7 @@ class RankedListMiner(BaseMiner):
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
         check_batch(embeddings, labels, ref_emb, ref_labels, labels_required=True)
+        check_not_meta("embeddings", embeddings, "RankedListMiner", "the number of mined pairs depends on them")
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):

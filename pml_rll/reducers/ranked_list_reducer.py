@@ -9,7 +9,14 @@ from torch import Tensor
 from ..functional.ranked_list import is_non_trivial, ranked_lists
 from ..functional.ranked_list_params import RankedListParams
 from ..losses.ranked_list_loss import GRADIENT_MODES
-from ..utils.validation import check_choice, check_embeddings, check_finite, check_number, check_temperature
+from ..utils.validation import (
+    check_choice,
+    check_embeddings,
+    check_finite,
+    check_not_meta,
+    check_number,
+    check_temperature,
+)
 
 
 class RankedListReducer(MultipleReducers):
@@ -58,6 +65,7 @@ class RankedListReducer(MultipleReducers):
         if not isinstance(loss_dict, dict):
             raise TypeError(f"loss_dict must be a dict of PML loss entries, got {type(loss_dict).__name__}")
         check_embeddings("embeddings", embeddings, check_values=False)
+        check_not_meta("embeddings", embeddings, "RankedListReducer", "the non-trivial pairs are chosen by value")
         for name, info in loss_dict.items():
             if not isinstance(info, dict) or "reduction_type" not in info or "losses" not in info:
                 raise TypeError(f"loss_dict[{name!r}] must be a dict with 'losses', 'indices' and 'reduction_type'")
@@ -80,7 +88,8 @@ class RankedListReducer(MultipleReducers):
         if pairs["pos_pair"] is None and pairs["neg_pair"] is None:
             if others and all(info["reduction_type"] == "already_reduced" for _, info in others):
                 # what a PML pair loss returns when it has no pairs at all (e.g. an empty miner output)
-                return sum(self.default_reducer({n: i}, embeddings, labels) for n, i in others)
+                out = sum(self.default_reducer({n: i}, embeddings, labels) for n, i in others)
+                return out.to(embeddings.dtype) if torch.is_tensor(out) else out
             raise ValueError("RankedListReducer needs pos_pair and/or neg_pair losses (a pair loss)")
         n = embeddings.shape[0]
         pos_loss, pos_query = self._non_trivial(pairs["pos_pair"], embeddings)
@@ -95,7 +104,8 @@ class RankedListReducer(MultipleReducers):
         total = r.losses.mean()
         for name, info in others:
             total = total + self.default_reducer({name: info}, embeddings, labels)
-        return total
+        # half-precision pair losses are reduced in float32; the result has the embeddings' dtype, as PML's reducers
+        return total.to(embeddings.dtype)
 
     @staticmethod
     def _non_trivial(info: dict | None, embeddings: Tensor) -> tuple[Tensor, Tensor]:
