@@ -91,6 +91,11 @@ class RankedListLoss(BaseMetricLossFunction):
     ``ref_emb``/``ref_labels`` (cross-batch memory, ``DistributedLossWrapper(efficient=True)``) and pairs without
     labels (multi-label data) are supported.
 
+    As PML's losses, the loss is returned in the embeddings' dtype (float16/bfloat16: the float32 result rounded
+    once), and so is the gradient; ``ref_emb`` of another floating dtype is cast to the embeddings' dtype. On the
+    meta device (shapes without values) the default distance gives the loss's shape and dtype and its backward the
+    gradient's, the statistics are NaN (unknown); another distance raises a ``ValueError`` there.
+
     Choices: with ``indices_tuple``, the given pairs are the candidate lists (their labels are not re-checked);
     when ``ref_emb`` is given, the query is excluded from its own positives only if ``ref_emb`` is the batch itself
     (as in PML), so pass an ``indices_tuple`` when the reference set contains the batch. The default distance
@@ -100,7 +105,9 @@ class RankedListLoss(BaseMetricLossFunction):
     Bad input (see :mod:`pml_rll.utils.validation`): every argument is checked before anything is computed or
     recorded, and a rejected call raises a ``TypeError``/``ValueError`` naming the argument: embeddings and
     ``ref_emb`` 2-D floating point of one width and finite, labels 1-D integer tensors of the batch's length,
-    ``ref_labels`` with ``ref_emb`` (unless pairs are given), labels or an ``indices_tuple``.
+    ``ref_labels`` with ``ref_emb`` (unless pairs are given), labels or an ``indices_tuple``. An out-of-range
+    hyper-parameter raises :class:`~pml_rll.utils.validation.HyperParameterError`, both a ``ValueError`` and an
+    ``AssertionError`` (what PML's class raises for ``imbalance``), so either ``except`` clause catches it.
 
     Recorded for record-keeper: margin, alpha, Tp, Tn, imbalance; statistics ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query`` (non-trivial pairs per query, when ``collect_stats`` is on).

@@ -34,8 +34,10 @@ class RankedListMiner(BaseMiner):
             the loss computes it), ``collect_stats``.
 
     Bad input: embeddings and ``ref_emb`` must be 2-D floating-point tensors of one width with finite values (a NaN
-    row raises a ``ValueError`` instead of being silently dropped), labels (and ``ref_labels`` with ``ref_emb``)
-    1-D integer tensors of matching length; see :mod:`pml_rll.utils.validation`.
+    row raises a ``ValueError`` instead of being silently dropped), not on the meta device (the number of pairs
+    depends on the values), labels (and ``ref_labels`` with ``ref_emb``) 1-D integer tensors of matching length; see
+    :mod:`pml_rll.utils.validation`. An out-of-range ``margin``, ``alpha`` or a similarity as ``distance`` raises
+    :class:`~pml_rll.utils.validation.HyperParameterError`, both a ``ValueError`` and an ``AssertionError``.
 
     Recorded: margin, alpha; statistics num_pos_pairs, num_neg_pairs (PML's), ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query``.

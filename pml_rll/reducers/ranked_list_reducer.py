@@ -40,9 +40,13 @@ class RankedListReducer(MultipleReducers):
         imbalance: lambda in [0, 1].
         gradient: ``"paper"`` (constant weights) or ``"autograd"`` (weights differentiated).
 
-    Temperatures lie in [0, 1e4] as in ``RankedListLoss`` (:data:`pml_rll.utils.validation.MAX_TEMPERATURE`). Each
-    call checks, before recording anything, that ``loss_dict`` is a PML loss dict with finite losses and that
-    ``embeddings`` is a 2-D floating-point tensor; otherwise a ``TypeError``/``ValueError`` names the argument.
+    Temperatures lie in [0, 1e4] as in ``RankedListLoss`` (:data:`pml_rll.utils.validation.MAX_TEMPERATURE`); an
+    out-of-range hyper-parameter raises :class:`~pml_rll.utils.validation.HyperParameterError` (a ``ValueError`` and
+    an ``AssertionError``). Each call checks, before recording anything, that ``loss_dict`` is a PML loss dict with
+    finite losses and that ``embeddings`` is a 2-D floating-point tensor, not on the meta device (which of the pairs
+    count depends on their values); otherwise a ``TypeError``/``ValueError`` names the argument.
+
+    The result has the embeddings' dtype, as with PML's reducers; half-precision pair losses are reduced in float32.
 
     Other sub-losses in the loss dict (e.g. regularisers) are reduced with ``MeanReducer`` and added, as PML's
     ``MultipleReducers`` does.

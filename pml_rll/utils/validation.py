@@ -16,7 +16,8 @@ message names the argument at fault. The conventions:
 * Embeddings: 2-D floating-point ``torch.Tensor`` of shape (N, D), D >= 1, every value finite. An empty batch
   (N = 0) is accepted where the class defines its result. Reference embeddings (``ref_emb``, a gallery) of another
   floating dtype are cast to the embeddings' dtype, as PML's CrossBatchMemory casts its memory; on another device
-  they are rejected.
+  they are rejected. Meta tensors (shapes without values) pass the value checks, which have nothing to read;
+  a class whose result's size depends on the values rejects them with :func:`check_not_meta`.
 * Labels: 1-D ``torch.Tensor`` of integer class labels with one entry per embedding. Lists and numpy arrays are
   rejected with a ``TypeError`` (convert with ``torch.as_tensor``) rather than converted, as PML itself expects
   tensors: one rule for every class, and no silent copy to the wrong device. Labels on another device than the
