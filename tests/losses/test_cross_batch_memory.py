@@ -68,6 +68,13 @@ def test_empty_batch_gives_a_zero_loss_and_leaves_the_memory(inner, unchanged):
     assert torch.equal(xbm.embedding_memory, fresh.embedding_memory) and xbm.queue_idx == fresh.queue_idx
 
 
+def test_pml_cross_batch_memory_fails_on_an_empty_batch():
+    # what the README's table says of PML's class (the reason for the zero loss above)
+    xbm = pml_losses.CrossBatchMemory(pml_losses.ContrastiveLoss(), 6, memory_size=48)
+    with pytest.raises(IndexError):
+        xbm(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+
+
 def test_enqueue_mask_without_rows_enqueues_nothing():
     loss = losses.RankedListLoss(0.4, Tn=10)
     xbm = losses.CrossBatchMemory(loss, 6, memory_size=48)

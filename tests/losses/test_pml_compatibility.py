@@ -269,3 +269,24 @@ def test_deviation_bfloat16_runs_where_pml_cannot():
     assert ours.dtype == grad.dtype == torch.bfloat16 and grad.shape == x.shape
     torch.testing.assert_close(ours.float(), theirs, **TOL[torch.bfloat16])
     torch.testing.assert_close(grad.float(), g_theirs, **TOL[torch.bfloat16])
+
+
+def test_deviation_margin_and_tn_have_defaults():
+    # PML requires margin and Tn; ours defaults them to 0.4 and 10, and accepts PML's calls unchanged
+    with pytest.raises(TypeError, match="margin"):
+        pml_losses.RankedListLoss()
+    loss = losses.RankedListLoss()
+    assert (loss.margin, loss.Tn, loss.imbalance, loss.alpha, loss.Tp) == (0.4, 10.0, 0.5, 1.2, 0.0)
+    theirs = pml_rll(margin=0.4, Tn=10.0)
+    assert (theirs.imbalance, theirs.alpha, theirs.Tp) == (loss.imbalance, loss.alpha, loss.Tp)
+
+
+def test_deviation_meta_device_gives_shapes_where_pml_fails():
+    x, y = batch(seed=20, dtype=torch.float16)
+    x, y = x.to("meta").requires_grad_(True), y.to("meta")
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        pml_rll(**KWARGS)(x, y)
+    ours = losses.RankedListLoss(**KWARGS)(x, y)
+    (grad,) = torch.autograd.grad(ours, x)
+    assert ours.is_meta and (ours.shape, ours.dtype) == ((), torch.float16)
+    assert grad.is_meta and (grad.shape, grad.dtype) == (x.shape, torch.float16)
