@@ -92,7 +92,8 @@ class RankedListLoss(BaseMetricLossFunction):
     labels (multi-label data) are supported.
 
     As PML's losses, the loss is returned in the embeddings' dtype (float16/bfloat16: the float32 result rounded
-    once), and so is the gradient; ``ref_emb`` of another floating dtype is cast to the embeddings' dtype. On the
+    once; only unnormalised float16 embeddings tens of thousands apart give a loss beyond float16's range, returned
+    as inf), and so is the gradient; ``ref_emb`` of another floating dtype is cast to the embeddings' dtype. On the
     meta device (shapes without values) the default distance gives the loss's shape and dtype and its backward the
     gradient's, the statistics are NaN (unknown); another distance raises a ``ValueError`` there.
 
