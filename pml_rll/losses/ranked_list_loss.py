@@ -168,6 +168,7 @@ class RankedListLoss(BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         check_distance(self.distance, "RankedListLoss")  # the distance may have been replaced after construction
         same = ref_emb is embeddings  # every argument was checked in forward
+        ref_emb = ref_emb.to(embeddings.dtype)  # as PML's CrossBatchMemory casts its memory (no copy if equal)
         B, R = embeddings.shape[0], ref_emb.shape[0]
         if B == 0 or R == 0:
             return self.zero_losses()
@@ -216,7 +217,7 @@ class RankedListLoss(BaseMetricLossFunction):
             return x
 
         query = prepare(embeddings)
-        gallery = None if same else prepare(ref_emb).to(query.dtype)
+        gallery = None if same else prepare(ref_emb)
         # on the meta device there are no values to list pairs from: the dense path, which never reads any
         path = "dense" if query.is_meta else self.path
         return ranked_list_euclidean(

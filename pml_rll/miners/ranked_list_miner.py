@@ -33,6 +33,9 @@ class RankedListMiner(BaseMiner):
         **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
             the loss computes it), ``collect_stats``.
 
+    Half-precision embeddings are compared in float32 (as the loss computes them), any distance; a ``ref_emb`` of
+    another floating dtype is cast to the embeddings' dtype first.
+
     Bad input: embeddings and ``ref_emb`` must be 2-D floating-point tensors of one width with finite values (a NaN
     row raises a ``ValueError`` instead of being silently dropped), not on the meta device (the number of pairs
     depends on the values), labels (and ``ref_labels`` with ``ref_emb``) 1-D integer tensors of matching length; see
@@ -63,6 +66,7 @@ class RankedListMiner(BaseMiner):
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         check_distance(self.distance, "RankedListMiner")  # labels and ref_labels were required in forward
+        ref_emb = ref_emb.to(embeddings.dtype)  # a reference set of another dtype is cast, as in RankedListLoss
         with torch.autocast(embeddings.device.type, enabled=False):
             d = self._distances(embeddings, ref_emb)
         matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
@@ -76,14 +80,17 @@ class RankedListMiner(BaseMiner):
 
     def _distances(self, embeddings, ref_emb):
         dist = self.distance
+        same = ref_emb is embeddings
+        if embeddings.dtype in (torch.float16, torch.bfloat16):  # half precision computed in float32, as in the loss
+            embeddings = embeddings.float()
+            ref_emb = embeddings if same else ref_emb.float()
         if type(dist) is LpDistance and dist.p == 2 and dist.power == 1:
 
             def prepare(x):
-                x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
                 return torch.nn.functional.normalize(x, dim=1) if dist.normalize_embeddings else x
 
             query = prepare(embeddings)
-            gallery = query if ref_emb is embeddings else prepare(ref_emb).to(query.dtype)
+            gallery = query if same else prepare(ref_emb)
             return euclidean_distances(query, gallery)
         return dist(embeddings, ref_emb)
 

@@ -15,7 +15,7 @@ from functools import partial
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_rll import losses, miners, reducers
 from pml_rll.utils.validation import HyperParameterError
@@ -96,18 +96,24 @@ def test_half_precision_is_computed_in_float32():
     assert ours.item() == in_float32.half().item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("ref_dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_reference_of_another_dtype_gives_the_embeddings_dtype(dtype, ref_dtype):
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("ref_dtype", ALL_DTYPES)
+@pytest.mark.parametrize("distance", [None, LpDistance(power=2)], ids=["fast path", "generic path"])
+def test_reference_of_another_dtype_is_cast_to_the_embeddings_dtype(dtype, ref_dtype, distance):
     # as PML's CrossBatchMemory casts its memory: the reference set is cast to the embeddings' dtype
     x, y = batch(seed=15, dtype=dtype)
     r, ry = batch(seed=16, dtype=torch.float64)
-    loss = losses.RankedListLoss(**KWARGS)
+    loss = losses.RankedListLoss(**KWARGS, distance=distance)
     got, grad = value_and_grad(loss, x, y, None, r.to(ref_dtype), ry)
-    cast, _ = value_and_grad(loss, x, y, None, r.to(ref_dtype).to(dtype), ry)
-    assert got.dtype == cast.dtype == grad.dtype == dtype
-    tol = TOL[dtype] if dtype.itemsize <= ref_dtype.itemsize else TOL[ref_dtype]
-    torch.testing.assert_close(got, cast, **tol)
+    cast, cast_grad = value_and_grad(loss, x, y, None, r.to(ref_dtype).to(dtype), ry)
+    assert got.dtype == grad.dtype == dtype
+    assert torch.equal(got, cast) and torch.equal(grad, cast_grad)
+    mined = miners.RankedListMiner(margin=KWARGS["margin"], alpha=KWARGS["alpha"], distance=distance)
+    for a, b in zip(mined(x, y, r.to(ref_dtype), ry), mined(x, y, r.to(ref_dtype).to(dtype), ry)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", PML_CPU_DTYPES)
