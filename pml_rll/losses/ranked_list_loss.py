@@ -39,7 +39,7 @@ from ..utils.validation import (
 GRADIENT_MODES = ("paper", "autograd")
 
 
-def autocast_disabled(like: Tensor) -> contextlib.AbstractContextManager:
+def _autocast_disabled(like: Tensor) -> contextlib.AbstractContextManager:
     """A context that turns autocast off on ``like``'s device type (nothing on the meta device, which has none)."""
     if like.is_meta:
         return contextlib.nullcontext()
@@ -161,7 +161,7 @@ class RankedListLoss(BaseMetricLossFunction):
             check_not_meta("embeddings", embeddings, "RankedListLoss", why)
         # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast) and is returned
         # in the embeddings' dtype, as PML's losses return it
-        with autocast_disabled(embeddings):
+        with _autocast_disabled(embeddings):
             loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
