@@ -7,10 +7,11 @@ message names the argument at fault. The conventions:
   where a number is needed, a bool where a number is needed or a number where a bool is needed);
   ``ValueError`` for a value of the right kind that is out of range (wrong shape or width, NaN or infinity,
   a negative temperature, an unknown choice).
-* Scalar arguments (hyper-parameters, sizes, choices, the distance) out of range raise :class:`HyperParameterError`,
-  a ``ValueError`` that is also an ``AssertionError``: PML checks its hyper-parameters with ``assert`` (e.g.
-  ``RankedListLoss``'s ``imbalance``), so code written for PML's classes, ``except AssertionError``, catches ours
-  too, and ``except ValueError`` works as well.
+* The scalar checks below (numbers, temperatures, sizes, choices, the distance) raise :class:`HyperParameterError`
+  for a value out of range, a ``ValueError`` that is also an ``AssertionError``: PML checks its hyper-parameters
+  with ``assert`` (e.g. ``RankedListLoss``'s ``imbalance``), so code written for PML's classes,
+  ``except AssertionError``, catches ours too, and ``except ValueError`` works as well. Every out-of-range
+  hyper-parameter of ``RankedListLoss``, ``RankedListReducer`` and ``RankedListMiner`` raises it.
 * Numbers: Python and numpy scalars alike (``np.float32(0.4)``, ``np.int64(10)``); bools are never numbers.
   Sizes are integers (Python or numpy), never floats, even integral ones.
 * Embeddings: 2-D floating-point ``torch.Tensor`` of shape (N, D), D >= 1, every value finite. An empty batch
