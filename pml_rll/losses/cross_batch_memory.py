@@ -41,6 +41,7 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def check_loss_support(self, loss_name):  # type: ignore[override]
+        """Accept every loss PML accepts, and :class:`pml_rll.losses.RankedListLoss`."""
         if not self._ours:
             super().check_loss_support(loss_name)
 
@@ -68,6 +69,18 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         return n
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        """PML's ``CrossBatchMemory.forward``: enqueue the batch, then compute the loss of the batch against the memory.
+
+        Args:
+            embeddings: (N, embedding_size) float tensor.
+            labels: (N,) integer labels (required).
+            indices_tuple: optional pairs or triplets between the batch and the memory (mutually exclusive with
+                ``enqueue_mask``).
+            enqueue_mask: optional (N,) bool tensor: only these rows are enqueued.
+
+        Returns:
+            The loss, a scalar tensor. A rejected call raises before the memory changes.
+        """
         n = self.check_input(embeddings, labels, indices_tuple, enqueue_mask)
         slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
         saved = (
