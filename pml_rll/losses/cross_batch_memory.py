@@ -44,6 +44,7 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def check_loss_support(self, loss_name):  # type: ignore[override]
+        """Accept every loss PML accepts, and :class:`pml_rll.losses.RankedListLoss`."""
         if not self._ours:
             super().check_loss_support(loss_name)
 
@@ -72,12 +73,26 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         return n
 
     def add_to_memory(self, embeddings, labels, batch_size):
+        """PML's update of the memory; with ``batch_size == 0`` nothing is enqueued and nothing else changes."""
         if batch_size == 0:  # nothing to enqueue (PML's update would mark the memory as filled)
             self.curr_batch_idx = torch.arange(self.queue_idx, self.queue_idx, device=labels.device)
             return
         super().add_to_memory(embeddings, labels, batch_size)
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        """PML's ``CrossBatchMemory.forward``: enqueue the batch, then compute the loss of the batch against the memory.
+
+        Args:
+            embeddings: (N, embedding_size) float tensor.
+            labels: (N,) integer labels (required).
+            indices_tuple: optional pairs or triplets between the batch and the memory (mutually exclusive with
+                ``enqueue_mask``).
+            enqueue_mask: optional (N,) bool tensor: only these rows are enqueued.
+
+        Returns:
+            The loss, a scalar tensor; for an empty batch a zero loss, the memory unchanged. A rejected call raises
+            before the memory changes.
+        """
         n = self.check_input(embeddings, labels, indices_tuple, enqueue_mask)
         if embeddings.shape[0] == 0:  # no queries and nothing to enqueue: a zero loss, the memory as it was
             return torch.sum(embeddings * 0)

@@ -142,6 +142,22 @@ class RankedListLoss(BaseMetricLossFunction):
         )
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's call signature: ``loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)``.
+
+        Args:
+            embeddings: (N, D) float tensor (float16/bfloat16 are computed in float32; meta tensors give the
+                result's shape and dtype).
+            labels: (N,) integer labels, or ``None`` when ``indices_tuple`` gives the pairs.
+            indices_tuple: optional mined pairs (a1, p, a2, n) or triplets (a, p, n): each query's lists are
+                restricted to them.
+            ref_emb: optional (M, D) gallery (a reference set, cross-batch memory), cast to the embeddings' dtype;
+                the batch itself by default.
+            ref_labels: (M,) labels of ``ref_emb``.
+
+        Returns:
+            The loss, a scalar tensor of the embeddings' dtype, reduced over the queries by the reducer. Every
+            argument is checked before any state changes.
+        """
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
         need_ref_labels = labels is not None and indices_tuple is None
         check_batch(
@@ -166,6 +182,7 @@ class RankedListLoss(BaseMetricLossFunction):
         return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the per-query losses as a PML loss dictionary (arguments already checked by :meth:`forward`)."""
         check_distance(self.distance, "RankedListLoss")  # the distance may have been replaced after construction
         same = ref_emb is embeddings  # every argument was checked in forward
         ref_emb = ref_emb.to(embeddings.dtype)  # as PML's CrossBatchMemory casts its memory (no copy if equal)
@@ -248,4 +265,5 @@ class RankedListLoss(BaseMetricLossFunction):
         return r.losses, len(pr), len(nr)
 
     def get_default_distance(self):
+        """``LpDistance(p=2, power=1, normalize_embeddings=True)``: Euclidean distance on L2-normalised embeddings."""
         return LpDistance(p=2, power=1, normalize_embeddings=True)

@@ -59,12 +59,21 @@ class RankedListMiner(BaseMiner):
         )
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """Mine the non-trivial pairs of each query: ``(a1, p, a2, n)`` as PML's pair miners return them.
+
+        Args:
+            embeddings: (N, D) float tensor.
+            labels: (N,) integer labels (required).
+            ref_emb: optional (M, D) gallery; the batch itself by default.
+            ref_labels: (M,) labels of ``ref_emb``.
+        """
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
         check_batch(embeddings, labels, ref_emb, ref_labels, labels_required=True)
         check_not_meta("embeddings", embeddings, "RankedListMiner", "the number of mined pairs depends on them")
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        """PML's hook: the non-trivial positive and negative pairs (arguments already checked by :meth:`forward`)."""
         check_distance(self.distance, "RankedListMiner")  # labels and ref_labels were required in forward
         ref_emb = ref_emb.to(embeddings.dtype)  # a reference set of another dtype is cast, as in RankedListLoss
         with torch.autocast(embeddings.device.type, enabled=False):
@@ -95,4 +104,5 @@ class RankedListMiner(BaseMiner):
         return dist(embeddings, ref_emb)
 
     def get_default_distance(self):
+        """``LpDistance(p=2, power=1, normalize_embeddings=True)``, as :class:`pml_rll.losses.RankedListLoss`."""
         return LpDistance(p=2, power=1, normalize_embeddings=True)

@@ -77,6 +77,16 @@ class RankedListReducer(MultipleReducers):
                 check_finite(f"loss_dict[{name!r}]['losses']", info["losses"].reshape(-1))
 
     def forward(self, loss_dict, embeddings, labels):
+        """PML's reducer call: reduce a pair loss's dictionary with the Ranked List weighting of each query's lists.
+
+        Args:
+            loss_dict: PML's loss dictionary (``"pos_pair"`` and ``"neg_pair"`` entries with per-pair losses).
+            embeddings: (N, D) the batch, for the number of queries and the device.
+            labels: (N,) labels, or ``None``.
+
+        Returns:
+            The reduced loss, a scalar tensor of the embeddings' dtype.
+        """
         self.check_input(loss_dict, embeddings, labels)
         self.reset_stats()
         pairs = {"pos_pair": None, "neg_pair": None}

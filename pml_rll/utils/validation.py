@@ -219,6 +219,7 @@ def check_not_meta(name: str, t: Tensor, owner: str, why: str) -> None:
 
 
 def check_same_device(name: str, t: Tensor, like: Tensor, like_name: str = "embeddings") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``t`` is on the device of ``like``."""
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device}, {like_name} on {like.device}; put both on one device")
 
@@ -240,10 +241,12 @@ def check_features(features: Any, module: torch.nn.Module) -> None:
 
 
 def packed_width(embedding_size: int) -> str:
+    """The expected width of a packed embedding, for error messages."""
     return f"2 * embedding_size = {2 * embedding_size} (packed [x || s])"
 
 
 def reference_width(embedding_size: int) -> str:
+    """The accepted widths of a reference embedding (packed or sample part), for error messages."""
     return f"2 * embedding_size = {2 * embedding_size} (packed) or embedding_size = {embedding_size} (sample part)"
 
 
