@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(a.worker))))
         return 0
     if a.from_json:
-        rows, metas = [], []
+        rows: list[dict] = []
+        metas = []
         for path in a.from_json:
             with open(path) as f:
                 data = json.load(f)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_exact": a.full_exact,
         "command": "python -m benchmarks.eval_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    rows: list[dict] = []
+    rows = []
     jobs = [(n, m) for n in sizes for m in methods]
     for n, m in tqdm(jobs, desc="evaluations", file=sys.stderr):
         if m == "pml-default" and pml_default_bytes(n) > PML_DEFAULT_MAX_BYTES:
