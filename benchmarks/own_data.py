@@ -30,9 +30,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable
 
-import numpy as np
 import tqdm
 
 from .datasets import DatasetBundle, PairedDataset, remap_labels, rgb_transforms
@@ -87,11 +85,6 @@ def _sha1_json(obj: object) -> str:
 def _transforms(image_size: int, augment: bool):
     train_tf, test_tf = rgb_transforms(image_size, resize=max(image_size, round(image_size * 256 / 224)))
     return (train_tf if augment else test_tf), test_tf
-
-
-def _single_image_classes(labels: Iterable[str]) -> list[str]:
-    values, counts = np.unique(np.asarray(list(labels), dtype=object).astype(str), return_counts=True)
-    return [str(v) for v, c in zip(values, counts) if c < 2]
 
 
 # ---------------------------------------------------------------------------------------------------- image folder
