@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
 from ..utils.workspace import Workspace
-from .ranked_list import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, MaskFn, squared_norms
+from .numerics import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, fixed_shift, squared_norms
+from .ranked_list import MaskFn
 from .ranked_list_params import RankedListParams
 
 # Near-duplicates recomputed exactly per query without synchronising (the query itself comes on top when the
@@ -44,9 +45,6 @@ _TILE_ELEMENTS_CUDA = 1 << 24
 _SPARSE_PRODUCT = 1 / 64
 # At least this many queries per tile (a wider gallery is then cut into chunks): an efficient matmul.
 _MIN_TILE_ROWS = 128
-# A constant shift T * max(hinge) is used when it cannot underflow a weight: T * span below this fraction of
-# -log(smallest normal number) of the dtype. Otherwise the running maximum of each set is the shift.
-_SAFE_EXPONENT_FRACTION = 0.5
 # CPU, gallery = batch: compute each Gram block once and reuse its transpose (switch kept for measurements).
 _SYMMETRIC = True
 
@@ -171,19 +169,6 @@ def _tile(
     return _Tile(d, member_p, member_n, near, diag)
 
 
-def _fixed_shift(T: float, span: float | None, dtype: torch.dtype) -> float | None:
-    """A constant shift of ``T * hinge`` that cannot underflow, or None when the running maximum is needed.
-
-    ``span``: an upper bound of the hinge (None: unbounded). T = 0 needs no shift (a plain mean).
-    """
-    if T == 0:
-        return 0.0
-    if T < 0 or span is None:
-        return None
-    limit = -math.log(torch.finfo(dtype).tiny) * _SAFE_EXPONENT_FRACTION
-    return T * span if T * span <= limit else None
-
-
 class _SetState:
     """Running per-query sums of one set (P* or N*): shift, normaliser S, weighted hinge H, gradient G.
 
@@ -280,8 +265,8 @@ def _tiling(B: int, R: int, x: Tensor) -> tuple[int, int]:
 
 def _set_states(b: int, like: Tensor, params: RankedListParams, dim: int | None) -> tuple[_SetState, _SetState]:
     low, alpha = params.positive_boundary, params.negative_boundary
-    p = _SetState(b, like, params.Tp, 1.0, -low, _fixed_shift(params.Tp, None, like.dtype), dim)
-    n = _SetState(b, like, params.Tn, -1.0, alpha, _fixed_shift(params.Tn, alpha, like.dtype), dim)
+    p = _SetState(b, like, params.Tp, 1.0, -low, fixed_shift(params.Tp, None, like.dtype), dim)
+    n = _SetState(b, like, params.Tn, -1.0, alpha, fixed_shift(params.Tn, alpha, like.dtype), dim)
     return p, n
 
 

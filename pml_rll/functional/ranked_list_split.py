@@ -52,21 +52,25 @@ from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
 from ..utils.workspace import Workspace
-from .ranked_list import (
+from .numerics import (
     NEAR_SQUARED_DISTANCE,
     ZERO_DISTANCE_EPS,
+    add_pair_product,
+    fixed_shift,
+    safe_exponent_limit,
+    squared_norms,
+    unit_coefficients,
+)
+from .ranked_list import (
     LabelMasks,
     MaskFn,
-    add_pair_product,
     is_non_trivial,
     positive_hinge,
     same_label_pairs,
     set_weights,
-    squared_norms,
-    unit_coefficients,
     weighted_set_loss,
 )
-from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, sync_free_wanted
+from .ranked_list_dense import sync_free_wanted
 from .ranked_list_params import RankedListParams
 
 # Gallery = the batch: panels of this many queries against the batch from their diagonal on.
@@ -104,7 +108,7 @@ def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams) -
         and query.dtype in (torch.float32, torch.float64)  # (the loss computes half precision in float32)
         and not sync_free_wanted(query)
         and Tn >= _MIN_TN
-        and _fixed_shift(Tn, alpha, query.dtype) is not None
+        and fixed_shift(Tn, alpha, query.dtype) is not None
         and alpha * alpha > 4 * NEAR_SQUARED_DISTANCE
     )
 
@@ -202,7 +206,7 @@ class _NegativeRule(NamedTuple):
 
     @staticmethod
     def of(params: RankedListParams, dtype: torch.dtype) -> _NegativeRule:
-        limit = -math.log(torch.finfo(dtype).tiny) * _SAFE_EXPONENT_FRACTION
+        limit = safe_exponent_limit(dtype)
         far = _FAR * limit / params.Tn
         return _NegativeRule(
             params.Tn, squared_boundary(params.negative_boundary, dtype), far * far, math.exp(-_CUT * limit)
@@ -675,6 +679,16 @@ class _RankedListSplit(torch.autograd.Function):
         return second.grad_q, second.grad_g, None, None, None, None, None
 
 
+SamePairs = tuple[Tensor, Tensor, Tensor]  # (rows, cols, row_starts) of the same-label pairs (same_label_pairs)
+
+
+def sparse_positives(labels: LabelMasks, num_queries: int, num_items: int) -> SamePairs | None:
+    """The same-label pairs, found by sorting, when they are sparse enough for :func:`ranked_list_split` (at most
+    1/16 of all pairs); None, before listing them, otherwise. Reads the number of pairs on the host."""
+    max_pairs = int(_MAX_POSITIVE_FRACTION * num_queries * num_items)
+    return same_label_pairs(labels.labels, labels.ref_labels, max_pairs=max_pairs)
+
+
 def ranked_list_split(
     query: Tensor,
     ref: Tensor | None,
@@ -683,20 +697,20 @@ def ranked_list_split(
     params: RankedListParams,
     paper: bool,
     count_negatives: bool = True,
+    positives: SamePairs | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Per-query Ranked List Loss, split form (see the module docstring); same contract as the other paths.
 
-    The caller checks :func:`split_supported` first. Returns None, having computed nothing but the same-label
-    pairs (by sorting), when they are not sparse. ``paper=True``: the paper's gradient, complete at the end of the
-    forward pass; ``paper=False``: the exact derivative, from a second pass over the panels in the backward pass.
-    ``count_negatives=False``: the size of N* is not computed (None; a few
-    percent of the time).
+    The caller checks :func:`split_supported` first. ``positives``: the result of :func:`sparse_positives` when
+    the caller has it already. Returns None, having computed nothing but the same-label pairs (by sorting), when
+    they are not sparse. ``paper=True``: the paper's gradient, complete at the end of the forward pass;
+    ``paper=False``: the exact derivative, from a second pass over the panels in the backward pass.
+    ``count_negatives=False``: the size of N* is not computed (None; a few percent of the time).
     """
     need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
-    B = query.shape[0]
-    R = B if ref is None else ref.shape[0]
-    pairs = same_label_pairs(labels.labels, labels.ref_labels, max_pairs=int(_MAX_POSITIVE_FRACTION * B * R))
-    if pairs is None:
+    if positives is None:
+        positives = sparse_positives(labels, query.shape[0], query.shape[0] if ref is None else ref.shape[0])
+    if positives is None:
         return None
-    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, pairs, params, paper, need_grad, count_negatives)
+    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, positives, params, paper, need_grad, count_negatives)
     return losses, n_pos, n_neg if count_negatives else None
