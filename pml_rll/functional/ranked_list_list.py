@@ -73,7 +73,7 @@ class _RankedListList(torch.autograd.Function):
     """The list path: forward lists the non-trivial pairs; backward applies their closed-form gradients."""
 
     @staticmethod
-    def forward(
+    def forward(  # noqa: PLR0917 (Function.apply passes its arguments by position)
         ctx: Any, query: Tensor, ref: Tensor | None, masks: MaskFn, params: RankedListParams, paper: bool, same: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         alpha, margin = params.negative_boundary, params.margin

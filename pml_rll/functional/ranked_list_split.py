@@ -509,6 +509,7 @@ def _split_forward(
     pairs: tuple[Tensor, Tensor, Tensor],
     params: RankedListParams,
     need_grad: bool,
+    *,
     counting: bool = True,
     keep_for_backward: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor, int, _SplitState]:
@@ -550,6 +551,7 @@ class _AutogradPass:
         ref_grad: bool,
         params: RankedListParams,
         state: _SplitState,
+        *,
         grad_losses: Tensor,
     ) -> None:
         lam, alpha = params.imbalance, params.negative_boundary
@@ -642,7 +644,7 @@ class _RankedListSplit(torch.autograd.Function):
     Backward: scales it; for the autograd rule, a second pass over the panels (:class:`_AutogradPass`)."""
 
     @staticmethod
-    def forward(
+    def forward(  # noqa: PLR0917 (Function.apply passes its arguments by position)
         ctx: Any,
         query: Tensor,
         ref: Tensor | None,
@@ -654,7 +656,9 @@ class _RankedListSplit(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         paper_grad = need_grad and paper
         keep = need_grad and not paper
-        losses, grad, num_pos, num_neg, state = _split_forward(query, ref, pairs, params, paper_grad, counting, keep)
+        losses, grad, num_pos, num_neg, state = _split_forward(
+            query, ref, pairs, params, paper_grad, counting=counting, keep_for_backward=keep
+        )
         ctx.paper = paper
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -673,7 +677,7 @@ class _RankedListSplit(torch.autograd.Function):
             return grad * grad_losses[:, None], None, None, None, None, None, None
         query, gallery = ctx.saved_tensors
         same, pairs, params, state = ctx.rest
-        second = _AutogradPass(query, gallery, same, ctx.needs_input_grad[1], params, state, grad_losses)
+        second = _AutogradPass(query, gallery, same, ctx.needs_input_grad[1], params, state, grad_losses=grad_losses)
         _Panels.of(query, None if same else gallery, pairs[0], pairs[1], second.ws).run(second.block, second.ws)
         second.positives(query, gallery, params, state, grad_losses)
         return second.grad_q, second.grad_g, None, None, None, None, None

@@ -114,7 +114,7 @@ class RankedListLoss(BaseMetricLossFunction):
     ``avg_num_neg_per_query`` (non-trivial pairs per query, when ``collect_stats`` is on).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 (PML's positional order, then gradient and path)
         self,
         margin: float = 0.4,
         Tn: float = 10.0,
