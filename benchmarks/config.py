@@ -165,7 +165,11 @@ def load_config(path: str, base: dict[str, LossEntry] | None = None) -> dict[str
             )
         if not isinstance(t, dict):
             raise ValueError(f"--config {path}: losses.{name} must be a table")
-        entries[name] = _entry_from_table(name, t, entries.get(name), f"--config {path}: [losses.{name}]")
+        where = f"--config {path}: [losses.{name}]"
+        try:
+            entries[name] = _entry_from_table(name, t, entries.get(name), where)
+        except ValueError as e:  # every message names the file and the entry
+            raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     return entries
 
 

@@ -72,7 +72,8 @@ class ClaimLostError(Exception):
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (what may be printed or written into records)."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(url)
+        return url if parsed.password is None else parsed.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL: the text itself holds no password field
         return url
 
@@ -215,7 +216,8 @@ class ResultStore:
             with self.engine.connect() as conn:
                 check = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
             if check != ["ok"]:
-                raise StoreError(f"{where}: the database file is damaged ({'; '.join(map(str, check[:3]))})")
+                detail = " ".join(" ".join(map(str, check[:3])).split())[:200]
+                raise StoreError(f"{where}: the database file is damaged ({detail})")
         for attempt in range(5):
             columns = {c["name"] for c in sa.inspect(self.engine).get_columns(RUNS.name)}
             missing = [c.name for c in RUNS.columns if c.name not in columns]
