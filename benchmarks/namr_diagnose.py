@@ -102,15 +102,25 @@ def _parse_value(value: str):
         return value
 
 
-def parse_variant(text: str) -> dict | None:
-    """``base`` -> None (no NAMR); ``nasa[+key=value...]`` or ``key=value[+...]`` -> a NAMR configuration."""
-    from pml_rll.losses.namr_loss import NASA_CONFIG
+def parse_variant(text: str, base: str | None = None) -> dict | None:
+    """``base`` -> None (no NAMR); ``nasa[+key=value...]`` or ``key=value[+...]`` -> a NAMR configuration.
+
+    ``validated[+key=value...]`` starts from the base loss's configuration in ``NAMR_CONFIGS`` (``base`` needed)
+    instead of NASA's."""
+    from pml_rll.losses.namr_loss import NASA_CONFIG, namr_config
 
     if text == "base":
         return None
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in NASA_CONFIG.items()}
-    for token in text.split("+"):
-        if token in ("", "nasa"):
+    tokens = text.split("+")
+    if tokens[0] == "validated":
+        if base is None:
+            raise SystemExit(f"variant {text!r} starts from the validated configuration and needs a base loss")
+        start = namr_config(base)
+    else:
+        start = NASA_CONFIG
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in start.items()}
+    for token in tokens:
+        if token in ("", "nasa", "validated"):
             continue
         key, _, value = token.partition("=")
         parsed = _parse_value(value)
@@ -173,21 +183,43 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
     from pml_rll.functional import namr as F_namr
 
     d = namr_loss.embedding_size
-    x, s = packed.detach()[:, :d].clone().requires_grad_(True), packed.detach()[:, d:]
+    x = packed.detach()[:, :d].clone().requires_grad_(True)
+    s = packed.detach()[:, d:].clone().requires_grad_(True)
     labels = labels.to(x.device)
     xs = x / F_namr.mean_pairwise_distance(x) if namr_loss.scale_by_mean_distance else x
     indices = namr_loss.miner(xs, labels) if namr_loss.miner is not None else None
     metric = namr_loss.loss(xs, labels, indices)
     xg = torch.nn.functional.normalize(xs, dim=1) if namr_loss.structure_geometry == "l2" else xs
-    structure = namr_loss.structure_loss(F_namr.pack(xg, s))
+    sl = namr_loss.structure_loss
+    shortlist_weight = getattr(sl, "shortlist_weight", 0.0)
+    packed_g = F_namr.pack(xg, s)
+    structure = sl(packed_g, labels) if shortlist_weight > 0 else sl(packed_g)
     g_metric = torch.autograd.grad(metric, x, retain_graph=True, allow_unused=True)[0]
-    g_struct = torch.autograd.grad(structure, x, allow_unused=True)[0]
+    g_struct = torch.autograd.grad(structure, x, retain_graph=True, allow_unused=True)[0]
     out: dict[str, Any] = {"metric_loss": float(metric), "structure_loss": float(structure)}
     if g_metric is not None and g_struct is not None:
         gm, gs = g_metric.flatten(), namr_loss.structure_weight * g_struct.flatten()
         out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(gm, gs, dim=0))
         out["grad_norm_ratio"] = float(gs.norm() / gm.norm().clamp_min(1e-12))
-    sl = namr_loss.structure_loss
+    # what the structure term tells s: its gradient's sample-independent part against its per-sample part
+    s_used = F_namr.centre_structure(s) if getattr(sl, "centre_structure", False) else s
+    cluster, _, _ = F_namr.multi_cluster_anchor_losses(
+        xg.detach(),
+        s_used,
+        sl.t_values,
+        sl.alpha,
+        sl.floor,
+        sl.stats_include_diagonal,
+        sl.center_mode,
+        sl.neighbourhood_k,
+    )
+    out.update(gradient_spread(torch.autograd.grad(cluster.mean(), s, retain_graph=True)[0], "s_grad_cluster"))
+    if shortlist_weight > 0:
+        short, _ = F_namr.shortlist_ranking_losses(
+            xg.detach(), s_used, labels, sl.shortlist_k, sl.shortlist_temperature
+        )
+        out.update(gradient_spread(torch.autograd.grad(short.mean(), s)[0], "s_grad_shortlist"))
+    s = s.detach()
     with torch.no_grad():
         xd = xg.detach()
         _, dist, centres = F_namr.multi_cluster_anchor_losses(
@@ -209,6 +241,24 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
         counts = torch.bincount(nearest[off], minlength=m).double()
         out["cluster_share"] = (counts / counts.sum()).tolist()
     return out
+
+
+def gradient_spread(g: torch.Tensor, prefix: str) -> dict:
+    """How much of a gradient on s (N x d) is the same for every sample.
+
+    ``<prefix>_common_share``: N |mean_i g_i|^2 / sum_i |g_i|^2, the share of the squared gradient norm in its
+    sample-independent part (1: every sample gets the same gradient, i.e. only a global re-weighting of the
+    dimensions is trained; about 1/N for independent per-sample gradients). ``<prefix>_between_over_mean_sq``:
+    the variance over samples of g_ik, averaged over dimensions, against the square of its mean over samples,
+    averaged over dimensions."""
+    g = g.detach().double()
+    n = g.shape[0]
+    mean = g.mean(0)
+    total = g.pow(2).sum().clamp_min(1e-300)
+    return {
+        f"{prefix}_common_share": float(n * mean.pow(2).sum() / total),
+        f"{prefix}_between_over_mean_sq": float(g.var(0, unbiased=False).mean() / mean.pow(2).mean().clamp_min(1e-300)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -235,11 +285,18 @@ def rerank_top(plain_idx: torch.Tensor, score: torch.Tensor, num_candidates: int
     return torch.cat([torch.gather(head, 1, order), plain_idx[:, kc:]], 1)
 
 
-def evaluate_embeddings(packed: torch.Tensor, labels: torch.Tensor, d: int, normalize: bool, seed: int) -> dict:
-    """Every retrieval variant and the structure diagnostics on one set of packed embeddings (all vs all)."""
+def evaluate_embeddings(
+    packed: torch.Tensor, labels: torch.Tensor, d: int, normalize: bool, seed: int, centre: bool = False
+) -> dict:
+    """Every retrieval variant and the structure diagnostics on one set of packed embeddings (all vs all).
+
+    ``centre``: s is divided by its mean over the evaluation set per dimension first (a model trained with
+    ``centre_structure=True``; ``NAMRReRankKNN(centre_structure=True)`` does the same)."""
     from pml_rll.functional import namr as F_namr
 
     x, s = packed[:, :d].double(), packed[:, d:].double()
+    if centre:
+        s = F_namr.centre_structure(s)
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
@@ -289,6 +346,7 @@ def evaluate_embeddings(packed: torch.Tensor, labels: torch.Tensor, d: int, norm
         "mean": float(s.mean()),
         "std_over_samples": float(s.std(0).mean()),  # per dimension, across samples, averaged
         "std_over_dims": float(s.std(1).mean()),  # per sample, across dimensions, averaged
+        "spread_ratio": float(s.std(0).mean() / s.std(1).mean().clamp_min(1e-12)),
         "corr_s_vs_class_spread": float(spread_corr.mean()),
         "corr_mean_s_vs_knn10_distance": density,
     }
@@ -307,7 +365,8 @@ def after_training_factory(bundle, seed: int):
             packed = torch.cat([embedder(trunk(xb.to(device))).cpu() for xb, _ in loader])
         labels = torch.as_tensor(bundle.test.labels)
         normalize = getattr(spec.loss, "structure_geometry", "scaled") == "l2"
-        return evaluate_embeddings(packed, labels, spec.loss.embedding_size, normalize, seed)
+        centre = bool(getattr(spec.loss.structure_loss, "centre_structure", False))
+        return evaluate_embeddings(packed, labels, spec.loss.embedding_size, normalize, seed, centre)
 
     return after_training
 
@@ -570,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.namr_diagnose " + " ".join(argv if argv is not None else sys.argv[1:])
     for base in args.bases.split(","):
         for variant in args.variants:
-            config = parse_variant(variant)
+            config = parse_variant(variant, base)
             for seed in seeds:
                 if (base, variant, seed, args.split, chash) in done:
                     continue

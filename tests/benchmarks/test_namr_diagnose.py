@@ -92,3 +92,39 @@ def test_choose_picks_retrieval_then_training_variant_and_prefers_query_weightin
     assert key == "query_b1_k8"  # symmetric gains 0.01 points < SYMMETRIC_MARGIN
     assert picks == {"triplet": "nasa"}
     assert "query_b1_k8" in lines[0]
+
+
+def test_gradient_spread_hand_cases():
+    same = torch.tensor([[1.0, -2.0], [1.0, -2.0], [1.0, -2.0]])
+    out = nd.gradient_spread(same, "g")
+    assert out["g_common_share"] == pytest.approx(1.0) and out["g_between_over_mean_sq"] == pytest.approx(0.0)
+    opposite = torch.tensor([[1.0, 3.0], [-1.0, -3.0]])  # no common part at all
+    assert nd.gradient_spread(opposite, "g")["g_common_share"] == pytest.approx(0.0)
+    # rows (2, 0) and (0, 2): mean (1, 1), |mean|^2 = 2, N |mean|^2 / sum |g_i|^2 = 4 / 8; variance 1 per dimension
+    out = nd.gradient_spread(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), "g")
+    assert out["g_common_share"] == pytest.approx(0.5) and out["g_between_over_mean_sq"] == pytest.approx(1.0)
+
+
+def test_parse_variant_from_the_validated_configuration():
+    cfg = nd.parse_variant("validated+shortlist_weight=4+centre_structure=true", "multi-similarity")
+    want = namr_config("multi_similarity")
+    assert cfg["structure_weight"] == want["structure_weight"] and cfg["retrieval"] == want["retrieval"]
+    assert cfg["shortlist_weight"] == 4 and cfg["centre_structure"] is True
+    with pytest.raises(SystemExit, match="needs a base"):
+        nd.parse_variant("validated")
+
+
+def test_centred_variant_builds_centred_loss_and_retrieval():
+    cfg = nd.parse_variant("validated+centre_structure=true+shortlist_weight=0.5", "triplet")
+    from benchmarks.registry import namr_spec
+
+    spec = namr_spec(REGISTRY["triplet"], BuildContext(num_classes=10, embedding_size=8), cfg)
+    sl = spec.loss.structure_loss
+    assert sl.centre_structure and sl.shortlist_weight == 0.5 and spec.retrieval["centre_structure"] is True
+    packed, labels = _data()
+    centred = nd.evaluate_embeddings(packed, labels, 4, normalize=False, seed=0, centre=True)
+    # centring the evaluation set's s by hand gives the same numbers
+    s = packed[:, 4:] / packed[:, 4:].mean(0)
+    by_hand = nd.evaluate_embeddings(torch.cat([packed[:, :4], s], 1), labels, 4, normalize=False, seed=0)
+    assert centred["query_b1_k8"] == by_hand["query_b1_k8"] and centred["plain"] == by_hand["plain"]
+    assert centred["s_stats"]["spread_ratio"] == pytest.approx(float(s.std(0).mean() / s.std(1).mean()), rel=1e-9)
