@@ -196,7 +196,7 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
     structure = sl(packed_g, labels) if shortlist_weight > 0 else sl(packed_g)
     g_metric = torch.autograd.grad(metric, x, retain_graph=True, allow_unused=True)[0]
     g_struct = torch.autograd.grad(structure, x, retain_graph=True, allow_unused=True)[0]
-    out: dict[str, Any] = {"metric_loss": float(metric), "structure_loss": float(structure)}
+    out: dict[str, Any] = {"metric_loss": float(metric.detach()), "structure_loss": float(structure.detach())}
     if g_metric is not None and g_struct is not None:
         gm, gs = g_metric.flatten(), namr_loss.structure_weight * g_struct.flatten()
         out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(gm, gs, dim=0))
@@ -214,6 +214,13 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
         sl.neighbourhood_k,
     )
     out.update(gradient_spread(torch.autograd.grad(cluster.mean(), s, retain_graph=True)[0], "s_grad_cluster"))
+
+    def cluster_pairs(s_r: torch.Tensor) -> torch.Tensor:
+        s_u = F_namr.centre_structure(s_r) if getattr(sl, "centre_structure", False) else s_r
+        args = (sl.t_values, sl.alpha, sl.floor, sl.stats_include_diagonal, sl.center_mode, sl.neighbourhood_k)
+        return F_namr.multi_cluster_pair_matrix(xg.detach(), s_u, *args)[0]
+
+    out.update(partner_decomposition(cluster_pairs, s, "s_grad_cluster"))
     if shortlist_weight > 0:
         short, _ = F_namr.shortlist_ranking_losses(
             xg.detach(), s_used, labels, sl.shortlist_k, sl.shortlist_temperature
@@ -258,6 +265,43 @@ def gradient_spread(g: torch.Tensor, prefix: str) -> dict:
     return {
         f"{prefix}_common_share": float(n * mean.pow(2).sum() / total),
         f"{prefix}_between_over_mean_sq": float(g.var(0, unbiased=False).mean() / mean.pow(2).mean().clamp_min(1e-300)),
+    }
+
+
+def partner_decomposition(
+    pair_losses: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor, prefix: str, subsets: int = 8, seed: int = 0
+) -> dict:
+    """Which part of the gradient on s a structure head could learn per sample, measured in one batch.
+
+    ``pair_losses(s)`` is the N x N matrix of pair losses l_ij. For ``subsets`` random halves P_r of the batch (the
+    same partners for every anchor, as another batch would give), g_r = d/ds of the mean over anchors of
+    (mean over j in P_r, j != i, of l_ij). The R x N x d gradients split exactly into three orthogonal parts; their
+    shares of the total squared norm are returned:
+
+    * ``<prefix>_common``: the mean over anchors and subsets (one global re-weighting of the dimensions);
+    * ``<prefix>_per_sample``: each anchor's mean over subsets minus the common part (a per-sample signal that
+      does not depend on which partners are in the batch: what a head predicting s from the sample can fit);
+    * ``<prefix>_partner_noise``: the rest, which changes with the partners and averages out over batches."""
+    n = s.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    for _ in range(subsets):
+        s_r = s.detach().clone().requires_grad_(True)
+        keep = torch.zeros(n, n, dtype=torch.bool, device=s.device)
+        keep[:, torch.randperm(n, generator=gen)[: max(2, n // 2)].to(s.device)] = True
+        keep &= ~eye
+        rows = (pair_losses(s_r) * keep).sum(1) / keep.sum(1).clamp_min(1)
+        grads.append(torch.autograd.grad(rows.mean(), s_r)[0])
+    g = torch.stack(grads).double()  # R x N x d
+    per_anchor = g.mean(0)
+    common = per_anchor.mean(0)
+    total = g.pow(2).sum().clamp_min(1e-300)
+    r = g.shape[0]
+    return {
+        f"{prefix}_common": float(r * n * common.pow(2).sum() / total),
+        f"{prefix}_per_sample": float(r * (per_anchor - common).pow(2).sum() / total),
+        f"{prefix}_partner_noise": float((g - per_anchor).pow(2).sum() / total),
     }
 
 

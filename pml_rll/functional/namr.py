@@ -232,6 +232,28 @@ def multi_cluster_anchor_losses(
     ``neighbourhood_k`` nearest (:func:`per_anchor_statistics`; ``include_diagonal`` is then unused).
     Returns (anchor_losses, adaptive distances, centres (M,) or (N x M))."""
     n = x.shape[0]
+    pair, dist, centres = multi_cluster_pair_matrix(
+        x, s, t_values, alpha, floor, include_diagonal, center_mode, neighbourhood_k
+    )
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    anchor_losses = (pair * off_diag).sum(1) / (n - 1)
+    return anchor_losses, dist, centres
+
+
+def multi_cluster_pair_matrix(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    t_values: Sequence[float] = (0.0, 3.0),
+    alpha: float = 10.0,
+    floor: float = 0.2,
+    include_diagonal: bool = True,
+    center_mode: str = "batch",
+    neighbourhood_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """l_ij for every ordered pair (N x N, diagonal not zeroed), the adaptive distances and the centres.
+
+    The parts of :func:`multi_cluster_anchor_losses` before the mean over each anchor's row; see there."""
+    n = x.shape[0]
     if n < 2:
         raise ValueError(f"the multi-cluster ranking loss needs a batch of at least 2 embeddings, got {n}")
     duplicate = None
@@ -244,10 +266,7 @@ def multi_cluster_anchor_losses(
     else:
         raise ValueError(f"center_mode must be 'batch' or 'per_anchor', got {center_mode!r}")
     dist = anchor_adaptive_distance(x, s)
-    pair = multi_cluster_pair_loss(dist, centres, alpha, duplicate)
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    anchor_losses = (pair * off_diag).sum(1) / (n - 1)
-    return anchor_losses, dist, centres
+    return multi_cluster_pair_loss(dist, centres, alpha, duplicate), dist, centres
 
 
 def effective_weights(s: torch.Tensor, blend: float) -> torch.Tensor:

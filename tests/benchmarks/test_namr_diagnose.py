@@ -128,3 +128,32 @@ def test_centred_variant_builds_centred_loss_and_retrieval():
     by_hand = nd.evaluate_embeddings(torch.cat([packed[:, :4], s], 1), labels, 4, normalize=False, seed=0)
     assert centred["query_b1_k8"] == by_hand["query_b1_k8"] and centred["plain"] == by_hand["plain"]
     assert centred["s_stats"]["spread_ratio"] == pytest.approx(float(s.std(0).mean() / s.std(1).mean()), rel=1e-9)
+
+
+def test_partner_decomposition_hand_cases_and_trace():
+    n, d = 6, 3
+    s = 0.5 + torch.rand(n, d, dtype=torch.float64)
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    # l_ij = s_i . c for every partner: the same gradient everywhere, all common
+    out = nd.partner_decomposition(lambda s_: (s_ @ c)[:, None].expand(n, n), s, "g")
+    assert out["g_common"] == pytest.approx(1.0) and out["g_per_sample"] == pytest.approx(0.0, abs=1e-12)
+    # l_ij = s_i . a_i with zero-mean a_i: all per-sample, nothing from the partners
+    a = torch.randn(n, d, dtype=torch.float64)
+    a -= a.mean(0)
+    out = nd.partner_decomposition(lambda s_: (s_ * a).sum(1)[:, None].expand(n, n), s, "g")
+    assert out["g_per_sample"] == pytest.approx(1.0) and out["g_partner_noise"] == pytest.approx(0.0, abs=1e-12)
+    # l_ij = s_i . b_j: depends on the partners only
+    b = torch.randn(n, d, dtype=torch.float64)
+    out = nd.partner_decomposition(lambda s_: s_ @ b.t(), s, "g")
+    assert out["g_partner_noise"] > 0.1
+    assert sum(out.values()) == pytest.approx(1.0)
+    # the training-time trace records all of it for a NAMR loss
+    cfg = nd.parse_variant("validated+shortlist_weight=0.5", "contrastive")
+    from benchmarks.registry import namr_spec
+
+    spec = namr_spec(REGISTRY["contrastive"], BuildContext(num_classes=4, embedding_size=4), cfg)
+    packed, labels = _data(n_classes=4, per_class=4)
+    row = nd.trace_batch(spec.loss, packed.float(), labels)
+    keys = ("s_grad_cluster_common", "s_grad_cluster_per_sample", "s_grad_cluster_partner_noise")
+    assert sum(row[k] for k in keys) == pytest.approx(1.0, rel=1e-6)
+    assert 0 < row["s_grad_shortlist_common_share"] <= 1 and 0 < row["s_grad_cluster_common_share"] <= 1
