@@ -587,9 +587,11 @@ def runner_table(records: list[dict]) -> str:
     for r in records:
         by.setdefault(r["loss"], {})[int(r["seed"])] = r["metrics"]
     lines = [
-        "MAP@R (%): mean ± std over seeds; paired differences: mean ± std of the per-seed differences.\n",
-        "| base X | seeds | X | NAMR + X plain | NAMR + X re-ranked | plain − X | re-ranked − X | re-ranked − plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "MAP@R (%): mean ± std over seeds; paired differences: mean ± std of the per-seed differences, and the 95% t "
+        "interval of re-ranked − plain.\n",
+        "| base X | seeds | X | NAMR + X plain | NAMR + X re-ranked | plain − X | re-ranked − X | re-ranked − plain | "
+        "95% interval |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(values: list[float]) -> str:
@@ -605,11 +607,16 @@ def runner_table(records: list[dict]) -> str:
         seeds = sorted(set(by[name]) & set(by[base]))
         x = [by[base][s]["mean_average_precision_at_r"] * 100 for s in seeds]
         plain = [by[name][s]["plain_mean_average_precision_at_r"] * 100 for s in seeds]
-        rer = [by[name][s]["mean_average_precision_at_r"] * 100 for s in seeds]
+        # records before the reranked_* keys existed reported re-ranked retrieval under the bare key
+        rer = [
+            by[name][s].get("reranked_mean_average_precision_at_r", by[name][s]["mean_average_precision_at_r"]) * 100
+            for s in seeds
+        ]
+        _, _, lo, hi = report.paired_interval([r - p for r, p in zip(rer, plain)])
         lines.append(
             f"| {base} | {len(seeds)} | {ms(x)} | {ms(plain)} | {ms(rer)} | "
             f"{pd([p - b for p, b in zip(plain, x)])} | {pd([r - b for r, b in zip(rer, x)])} | "
-            f"{pd([r - p for r, p in zip(rer, plain)])} |"
+            f"{pd([r - p for r, p in zip(rer, plain)])} | [{lo:+.2f}, {hi:+.2f}] |"
         )
     return "\n".join(lines)
 

@@ -251,11 +251,13 @@ NASA_CONFIG: dict = {
 #: ``structure_weight`` (lambda), ``t_values``, ``alpha``, ``center_mode``, ``neighbourhood_k`` and
 #: ``detach_sample_embedding`` (:class:`MultiClusterRankingLoss` arguments), and ``retrieval`` (keyword
 #: arguments of :class:`pml_rll.retrieval.NAMRReRankKNN`).
-#: Re-ranking: every variant tried was at or below plain retrieval on validation; the least harmful one, the query's
-#: s blended 1:9 with the plain distance over the top 8 candidates, is the default (-0.01 MAP@R points on average).
-#: ``NAMRReRankKNN`` re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours
-#: (e.g. MAP@R's k = the largest class size) gets all k re-ranked.
-_VALIDATED_RETRIEVAL = {"num_candidates": 8, "weighting": "query", "blend": 0.1}
+#: Retrieval: plain Euclidean search on x (``mode="plain"``). No re-ranking by s tried on validation, including the
+#: remedies for the collapse of s (centred s, a short-list ranking term), beat plain retrieval by 0.5 MAP@R points
+#: for any base (docs/namr_ablation.md), so the structure term is kept as a regulariser of x and re-ranking is an
+#: option: ``dict(retrieval, mode="rerank")`` re-ranks with the least harmful variant found, the query's s blended
+#: 1:9 with the plain distance over the top 8 candidates (-0.01 MAP@R points on average). ``NAMRReRankKNN``
+#: re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours gets all k re-ranked.
+_VALIDATED_RETRIEVAL = {"mode": "plain", "num_candidates": 8, "weighting": "query", "blend": 0.1}
 NAMR_CONFIGS: dict[str, dict] = {
     # NASA's structure term (lambda 2, batch centres); per-anchor centres were level with it on validation
     "triplet": dict(NASA_CONFIG, retrieval=dict(_VALIDATED_RETRIEVAL)),

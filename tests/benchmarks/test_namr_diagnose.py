@@ -71,6 +71,8 @@ def test_registry_entries_use_the_validated_configuration(name):
     assert calc.rerank_knn.weighting == cfg["retrieval"]["weighting"]
     assert calc.rerank_knn.blend == cfg["retrieval"]["blend"]
     assert calc.rerank_knn.num_candidates == cfg["retrieval"]["num_candidates"]
+    # plain retrieval is the entries' default; re-ranking is computed beside it (reranked_* keys)
+    assert cfg["retrieval"]["mode"] == "plain" and calc.main == "plain" and calc.rerank_knn.mode == "rerank"
 
 
 def _record(base, variant, seed, plain, **rerank):
@@ -157,3 +159,40 @@ def test_partner_decomposition_hand_cases_and_trace():
     keys = ("s_grad_cluster_common", "s_grad_cluster_per_sample", "s_grad_cluster_partner_noise")
     assert sum(row[k] for k in keys) == pytest.approx(1.0, rel=1e-6)
     assert 0 < row["s_grad_shortlist_common_share"] <= 1 and 0 < row["s_grad_cluster_common_share"] <= 1
+
+
+def test_namr_accuracy_calculator_reports_both_retrievals_and_the_default_under_bare_keys():
+    packed, labels = _data()
+    from benchmarks.metrics import NAMRAccuracyCalculator
+    from pml_rll.retrieval import NAMRReRankKNN
+
+    got = {}
+    for main in ("plain", "rerank"):
+        calc = NAMRAccuracyCalculator(
+            4, NAMRReRankKNN(4, num_candidates=29), NAMRReRankKNN(4, mode="plain"), main=main, k="max_bin_count"
+        )
+        got[main] = calc.get_accuracy(packed, labels, ref_includes_query=True)
+    want = nd.evaluate_embeddings(packed, labels, 4, normalize=False, seed=0)
+    for main, out in got.items():
+        key = "mean_average_precision_at_r"
+        assert out[f"plain_{key}"] == pytest.approx(want["plain"][0], abs=1e-9)
+        assert out[f"reranked_{key}"] == pytest.approx(want["query_b1_kall"][0], abs=1e-9)
+        assert out[key] == out[f"{'plain' if main == 'plain' else 'reranked'}_{key}"]
+    assert got["plain"]["reranked_mean_average_precision_at_r"] != got["plain"]["plain_mean_average_precision_at_r"]
+
+
+def test_paired_interval_and_rerank_table():
+    from benchmarks import report
+
+    mean, std, lo, hi = report.paired_interval([1.0, 2.0, 3.0])
+    assert (mean, std) == (2.0, 1.0)
+    assert (lo, hi) == pytest.approx((2.0 - 4.302652729749464 / 3**0.5, 2.0 + 4.302652729749464 / 3**0.5))
+    metrics = lambda p, r: {  # noqa: E731
+        "plain_mean_average_precision_at_r": p,
+        "reranked_mean_average_precision_at_r": r,
+        "plain_precision_at_1": p,
+        "reranked_precision_at_1": r,
+    }
+    records = [{"loss": "namr-x", "seed": s, "metrics": metrics(0.30, 0.30 + 0.01 * (s + 1))} for s in range(3)]
+    table = report.rerank_table(records)
+    assert "| namr-x | 3 | MAP@R | 30.00 | 32.00 | +2.00 ± 1.00 |" in table
