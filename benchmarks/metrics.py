@@ -135,9 +135,8 @@ class NAMRAccuracyCalculator(RetrievalAccuracyCalculator):
         base_plain = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=2048)
         self.plain_knn = plain_knn or (lambda q, k, r, inc: base_plain(q[:, :d], k, r[:, :d], inc))
         self.rerank_knn = rerank_knn
-        self.main_knn, self.other_knn = (
-            (rerank_knn, self.plain_knn) if main == "rerank" else (self.plain_knn, rerank_knn)
-        )
+        self.main_knn: Callable = rerank_knn if main == "rerank" else self.plain_knn
+        self.other_knn: Callable = self.plain_knn if main == "rerank" else rerank_knn
         kwargs["knn_func"] = self.main_knn
         kwargs["kmeans_func"] = lambda x, k: kmeans_func(x[:, :d], k)
         super().__init__(**kwargs)
