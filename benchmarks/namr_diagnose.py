@@ -503,6 +503,12 @@ def summarize(records: list[dict]) -> str:
             "## Diagnostics (after training; training-time columns at the last traced iteration)",
             *t3,
             "",
+            "## Re-ranking against plain retrieval, per model (the remedies' table)",
+            *remedy_table(records),
+            "",
+            "## The structure term's gradient on s during training (mean over traced iterations and seeds)",
+            *gradient_table(records),
+            "",
             "## During training (mean over seeds)",
             *_trace_table(by),
             "",
@@ -510,6 +516,68 @@ def summarize(records: list[dict]) -> str:
             *choose(records)[2],
         ]
     )
+
+
+REMEDY_KEYS = ("query_b1_k8", "query_b1_k32", "query_b0.5_k8", "query_b0.25_k8", "query_b0.1_k8")
+
+
+def remedy_table(records: list[dict]) -> list[str]:
+    """Per (base, variant): the spread ratio of s, plain MAP@R, and re-ranked − plain (paired over seeds, same model)
+    for the query-weighted re-ranking of the top 8 / 32 at blends 1, 0.5, 0.25, 0.1."""
+    by: dict = {}
+    for r in records:
+        if r["variant"] != "base" and r.get("after_training"):
+            by.setdefault((r["base"], r["variant"]), []).append(r)
+    head = " | ".join(f"{k} − plain" for k in REMEDY_KEYS)
+    out = [
+        "MAP@R (%); re-ranked − plain: mean ± std over seeds of the per-model difference. Spread ratio: std of s over "
+        "samples / std over dimensions (per dimension resp. per sample, averaged; s centred by its evaluation-set "
+        "mean when the model was trained centred).\n",
+        f"| base | variant | seeds | spread ratio | plain | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(REMEDY_KEYS),
+    ]
+    for (base, variant), runs in sorted(by.items()):
+        ratio = np.mean([_spread_ratio(r["after_training"]["s_stats"]) for r in runs])
+        plain = np.mean([_namr_map(r, "plain") for r in runs])
+        cells = []
+        for k in REMEDY_KEYS:
+            diffs = [_namr_map(r, k) - _namr_map(r, "plain") for r in runs]
+            cells.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs, ddof=1) if len(diffs) > 1 else 0.0:.2f}")
+        out.append(f"| {base} | {variant} | {len(runs)} | {ratio:.3f} | {plain:.2f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _spread_ratio(stats: dict) -> float:
+    return stats.get("spread_ratio", stats["std_over_samples"] / max(stats["std_over_dims"], 1e-12))
+
+
+def gradient_table(records: list[dict]) -> list[str]:
+    """The structure term's gradient on s (:func:`gradient_spread`, :func:`partner_decomposition`), averaged."""
+    cols = (
+        "s_grad_cluster_common",
+        "s_grad_cluster_per_sample",
+        "s_grad_cluster_partner_noise",
+        "s_grad_cluster_common_share",
+        "s_grad_shortlist_common_share",
+    )
+    out = [
+        "Shares of the squared gradient norm. Cluster term, over 8 random halves of the batch as partners: common to "
+        "all samples / per-sample and the same whatever the partners / changing with the partners. Common share in "
+        "one batch (all partners): cluster term, short-list term (1/N would be no common part; N = 64).\n",
+        "| base | variant | traced rows | common | per-sample | partner noise | cluster: common share (batch) | "
+        "short list: common share (batch) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by: dict = {}
+    for r in records:
+        rows = [row for row in r.get("trace") or [] if "s_grad_cluster_common_share" in row]
+        if rows:
+            by.setdefault((r["base"], r["variant"]), []).extend(rows)
+    for (base, variant), rows in sorted(by.items()):
+        vals = [np.mean([row[c] for row in rows if c in row]) if any(c in row for row in rows) else None for c in cols]
+        cells = " | ".join("" if v is None else f"{v:.3f}" for v in vals)
+        out.append(f"| {base} | {variant} | {len(rows)} | {cells} |")
+    return out
 
 
 def _trace_table(by: dict) -> list[str]:

@@ -196,3 +196,15 @@ def test_paired_interval_and_rerank_table():
     records = [{"loss": "namr-x", "seed": s, "metrics": metrics(0.30, 0.30 + 0.01 * (s + 1))} for s in range(3)]
     table = report.rerank_table(records)
     assert "| namr-x | 3 | MAP@R | 30.00 | 32.00 | +2.00 ± 1.00 |" in table
+
+
+def test_remedy_and_gradient_tables():
+    recs = []
+    for seed, (plain, rer) in enumerate(((0.30, 0.31), (0.20, 0.23))):
+        rec = _record("triplet", "v", seed, plain, **{k: rer for k in nd.REMEDY_KEYS})
+        rec["after_training"]["s_stats"] = {"spread_ratio": 0.1 * (seed + 1), "std_over_samples": 0, "std_over_dims": 1}
+        rec["trace"] = [{"s_grad_cluster_common_share": 0.2 + 0.2 * seed, "s_grad_cluster_common": 0.5}]
+        recs.append(rec)
+    row = nd.remedy_table(recs)[-1]
+    assert row.startswith("| triplet | v | 2 | 0.150 | 25.00 | +2.00 ± 1.41 |")
+    assert nd.gradient_table(recs)[-1] == "| triplet | v | 2 | 0.500 |  |  | 0.300 |  |"
