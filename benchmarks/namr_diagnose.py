@@ -221,6 +221,7 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
         return F_namr.multi_cluster_pair_matrix(xg.detach(), s_u, *args)[0]
 
     out.update(partner_decomposition(cluster_pairs, s, "s_grad_cluster"))
+    out.update(near_far_split(cluster_pairs, s, xg.detach(), "s_grad_cluster"))
     if shortlist_weight > 0:
         short, _ = F_namr.shortlist_ranking_losses(
             xg.detach(), s_used, labels, sl.shortlist_k, sl.shortlist_temperature
@@ -302,6 +303,37 @@ def partner_decomposition(
         f"{prefix}_common": float(r * n * common.pow(2).sum() / total),
         f"{prefix}_per_sample": float(r * (per_anchor - common).pow(2).sum() / total),
         f"{prefix}_partner_noise": float((g - per_anchor).pow(2).sum() / total),
+    }
+
+
+def near_far_split(
+    pair_losses: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor, x: torch.Tensor, prefix: str, k: int = 8
+) -> dict:
+    """How much of the gradient on s comes from each anchor's short list, the only pairs re-ranking reorders.
+
+    g = g_near + g_far, from the pairs (i, j) with j among the ``k`` nearest of i by plain distance on x and from
+    the others. ``<prefix>_near_norm_share``: |g_near| / (|g_near| + |g_far|); ``<prefix>_near_cosine``: the cosine
+    between g_near and the whole g."""
+    from pml_rll.functional import namr as F_namr
+
+    n = s.shape[0]
+    with torch.no_grad():
+        plain = F_namr.pairwise_sq_euclidean(x).masked_fill(
+            torch.eye(n, dtype=torch.bool, device=x.device), float("inf")
+        )
+        near = torch.zeros(n, n, dtype=torch.bool, device=x.device)
+        near.scatter_(1, plain.topk(min(k, n - 1), dim=1, largest=False).indices, True)
+    far = ~near & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    grads = []
+    for mask in (near, far):
+        s_r = s.detach().clone().requires_grad_(True)
+        grads.append(torch.autograd.grad((pair_losses(s_r) * mask).sum() / (n * (n - 1)), s_r)[0].double())
+    g_near, g_far = grads
+    total = g_near + g_far
+    nn_, nf = float(g_near.norm()), float(g_far.norm())
+    return {
+        f"{prefix}_near_norm_share": nn_ / max(nn_ + nf, 1e-300),
+        f"{prefix}_near_cosine": float(torch.nn.functional.cosine_similarity(g_near.flatten(), total.flatten(), dim=0)),
     }
 
 
@@ -559,14 +591,18 @@ def gradient_table(records: list[dict]) -> list[str]:
         "s_grad_cluster_partner_noise",
         "s_grad_cluster_common_share",
         "s_grad_shortlist_common_share",
+        "s_grad_cluster_near_norm_share",
+        "s_grad_cluster_near_cosine",
     )
     out = [
         "Shares of the squared gradient norm. Cluster term, over 8 random halves of the batch as partners: common to "
         "all samples / per-sample and the same whatever the partners / changing with the partners. Common share in "
-        "one batch (all partners): cluster term, short-list term (1/N would be no common part; N = 64).\n",
+        "one batch (all partners): cluster term, short-list term (1/N would be no common part; N = 64). Near: the "
+        "cluster term's gradient from each anchor's 8 nearest partners (what re-ranking reorders), |g_near| / "
+        "(|g_near| + |g_far|), and the cosine between g_near and the whole gradient.\n",
         "| base | variant | traced rows | common | per-sample | partner noise | cluster: common share (batch) | "
-        "short list: common share (batch) |",
-        "|---|---|---|---|---|---|---|---|",
+        "short list: common share (batch) | near: norm share | near: cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by: dict = {}
     for r in records:

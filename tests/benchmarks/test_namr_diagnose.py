@@ -158,6 +158,13 @@ def test_partner_decomposition_hand_cases_and_trace():
     row = nd.trace_batch(spec.loss, packed.float(), labels)
     keys = ("s_grad_cluster_common", "s_grad_cluster_per_sample", "s_grad_cluster_partner_noise")
     assert sum(row[k] for k in keys) == pytest.approx(1.0, rel=1e-6)
+    assert 0 < row["s_grad_cluster_near_norm_share"] < 1 and -1 <= row["s_grad_cluster_near_cosine"] <= 1
+    # pair losses from the near pairs only: all of the gradient is near
+    x = torch.randn(n, d, dtype=torch.float64)
+    plain = torch.cdist(x, x).fill_diagonal_(float("inf"))
+    near = torch.zeros(n, n).scatter_(1, plain.topk(2, largest=False).indices, 1.0).double()
+    out = nd.near_far_split(lambda s_: (s_ @ c)[:, None] * near, s, x, "g", k=2)
+    assert out["g_near_norm_share"] == pytest.approx(1.0) and out["g_near_cosine"] == pytest.approx(1.0)
     assert 0 < row["s_grad_shortlist_common_share"] <= 1 and 0 < row["s_grad_cluster_common_share"] <= 1
 
 
@@ -207,4 +214,4 @@ def test_remedy_and_gradient_tables():
         recs.append(rec)
     row = nd.remedy_table(recs)[-1]
     assert row.startswith("| triplet | v | 2 | 0.150 | 25.00 | +2.00 ± 1.41 |")
-    assert nd.gradient_table(recs)[-1] == "| triplet | v | 2 | 0.500 |  |  | 0.300 |  |"
+    assert nd.gradient_table(recs)[-1] == "| triplet | v | 2 | 0.500 |  |  | 0.300 |  |  |  |"
