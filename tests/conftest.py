@@ -8,11 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import pytest
 import torch
 
 F64 = torch.float64
+
+#: torch.compile's tracer supports Python 3.11 from torch 2.1 on (torch 2.0 raises at the first compiled call there)
+needs_compile = pytest.mark.skipif(
+    sys.version_info >= (3, 11) and torch.__version__ < "2.1",
+    reason=f"torch.compile needs torch >= 2.1 on Python 3.11 (torch {torch.__version__})",
+)
+
+
+def _cpu_half_matmul() -> bool:
+    try:
+        torch.ones(1, 1, dtype=torch.float16) @ torch.ones(1, 1, dtype=torch.float16)
+    except RuntimeError:  # "addmm_impl_cpu_" not implemented for 'Half' (torch 2.0)
+        return False
+    return True
+
+
+#: float16 matrix products on a CPU: from torch 2.1 on
+needs_cpu_half_matmul = pytest.mark.skipif(
+    not _cpu_half_matmul(), reason=f"torch {torch.__version__} has no float16 matrix product on a CPU"
+)
 
 
 @pytest.fixture

@@ -5,32 +5,25 @@ otherwise. Resolved once, at import; nothing here costs anything per call on a r
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
+from torch import Tensor
 
-__all__ = ["is_autocast_enabled", "is_compiling"]
-
-
-def _dynamo_is_compiling() -> bool:
-    # torch.compile imports torch._dynamo: while it was never imported nothing can be tracing, and this module does
-    # not import it (a costly import) on behalf of users who never compile.
-    dynamo = sys.modules.get("torch._dynamo")
-    return dynamo is not None and bool(dynamo.is_compiling())
+__all__ = ["aminmax", "is_autocast_enabled", "is_compiling"]
 
 
 def _resolve_is_compiling() -> Callable[[], bool]:
-    compiler = getattr(torch, "compiler", None)
-    native = getattr(compiler, "is_compiling", None)
-    if native is not None:
-        return native  # type: ignore[no-any-return]
-    return _dynamo_is_compiling
+    # torch.compiler.is_compiling where torch has it; before, torch._utils.is_compiling, which torch.compile (its
+    # dynamo tracer) replaces with True while it traces, and which needs no import of the tracer
+    native = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if native is None:
+        native = torch._utils.is_compiling
+    return native  # type: ignore[no-any-return]
 
 
 is_compiling: Callable[[], bool] = _resolve_is_compiling()
-"""Whether ``torch.compile`` is tracing the current call: ``torch.compiler.is_compiling`` where torch has it,
-``torch._dynamo.is_compiling`` before (False while torch._dynamo was never imported)."""
+"""Whether ``torch.compile`` is tracing the current call (``torch.compiler.is_compiling``, or its older spelling)."""
 
 
 _AUTOCAST_BY_TYPE = {
@@ -67,3 +60,23 @@ def is_autocast_enabled(device_type: str) -> bool:
     if _AUTOCAST_TAKES_DEVICE_TYPE:
         return bool(torch.is_autocast_enabled(device_type))  # type: ignore[call-arg]
     return _autocast_enabled_by_name(device_type)
+
+
+def _cpu_aminmax_lacks(dtype: torch.dtype) -> bool:
+    try:
+        torch.aminmax(torch.zeros(1, dtype=dtype))
+    except RuntimeError:  # "aminmax_cpu" not implemented for 'Half' (torch 2.0)
+        return True
+    return False
+
+
+_CPU_AMINMAX_MISSING = frozenset(dt for dt in (torch.float16, torch.bfloat16) if _cpu_aminmax_lacks(dt))
+
+
+def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.aminmax(t)`` (the smallest and the largest value); in float32 for a half-precision tensor on a CPU
+    where torch has no half-precision kernel for it (torch 2.0; the extremes are the same values)."""
+    if t.dtype in _CPU_AMINMAX_MISSING and t.device.type == "cpu":
+        t = t.float()
+    low, high = torch.aminmax(t)
+    return low, high

@@ -33,7 +33,7 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance
 from torch import Tensor
 
-from .compat import is_autocast_enabled
+from .compat import aminmax, is_autocast_enabled
 
 #: Largest temperature (RankedListLoss / RankedListReducer ``Tn``, ``Tp``) and soft-assignment sharpness
 #: (MultiClusterRankingLoss ``alpha``) accepted. At T = 1e4 a hinge gap of 0.01 already weighs exp(-100) ~ 4e-44,
@@ -138,7 +138,7 @@ def all_finite(t: Tensor) -> bool:
     t = t.detach()
     if t.numel() == 0:
         return True
-    low, high = torch.aminmax(t)
+    low, high = aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
