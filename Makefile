@@ -1,12 +1,15 @@
 # Targets: `make benchmark` (the main job), `make test`, `make lint` (ruff lint + format check, mypy).
 # Each creates or reuses .venv from the pinned constraints file (torch and torchvision pinned together).
+# `make test-compat` (`test-oldest` + `test-newest`): the library's tests on the oldest supported torch and on the
+# newest one, each in its own environment (.venv-oldest, .venv-newest) from constraints-oldest.txt /
+# constraints-newest.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,logging,vision,bench,test,lint,postgres
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint benchmark clean-venv
+.PHONY: venv test lint benchmark clean-venv test-compat test-oldest test-newest
 
 venv: $(STAMP)
 
@@ -27,4 +30,21 @@ benchmark: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-oldest .venv-newest
+
+# The library and its tests only (the benchmark runner needs the pinned stack: its `bench` extra). The constraints
+# file is given as PIP_CONSTRAINT, so it replaces any machine-wide pip constraint instead of adding to it.
+LIBRARY_TESTS := tests --ignore=tests/benchmarks
+
+.venv-%/.installed: constraints-%.txt setup.cfg pyproject.toml
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	PIP_CONSTRAINT=constraints-$*.txt .venv-$*/bin/python -m pip install --disable-pip-version-check -q torch -e ".[test]"
+	touch $@
+
+test-oldest: .venv-oldest/.installed
+	.venv-oldest/bin/python -m pytest $(LIBRARY_TESTS) -ra
+
+test-newest: .venv-newest/.installed
+	.venv-newest/bin/python -m pytest $(LIBRARY_TESTS) -ra
+
+test-compat: test-oldest test-newest
