@@ -21,7 +21,6 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ..utils.compat import sparse_coo_tensor, sparse_csr_tensor
 from .ranked_list_params import RankedListParams
 
 
@@ -255,7 +254,9 @@ def _sparse_quietly(layout: str, build: Callable[[], Tensor]) -> Tensor:
 def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor) -> Tensor:
     """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
     if values.numel() <= SPARSE_DENSITY * shape[0] * shape[1]:
-        matrix = _sparse_quietly("coo", lambda: sparse_coo_tensor(torch.stack([rows, cols]), values, shape))
+        matrix = _sparse_quietly(
+            "coo", lambda: torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+        )
         product: Tensor = torch.sparse.mm(matrix, dense)
         return product
     matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
@@ -278,7 +279,7 @@ def add_pair_product(
     crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(torch.bincount(rows, minlength=out.shape[0]), 0, out=crow[1:])
     shape = (out.shape[0], dense.shape[0])
-    matrix = _sparse_quietly("csr", lambda: sparse_csr_tensor(crow, cols, values, shape))
+    matrix = _sparse_quietly("csr", lambda: torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False))
     out.addmm_(matrix, dense, alpha=alpha)
 
 

@@ -5,28 +5,21 @@ otherwise. Resolved once, at import; nothing here costs anything per call on a r
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["aminmax", "is_autocast_enabled", "is_compiling", "sparse_coo_tensor", "sparse_csr_tensor"]
-
-
-def _never() -> bool:
-    return False
+__all__ = ["aminmax", "is_autocast_enabled", "is_compiling"]
 
 
 def _resolve_is_compiling() -> Callable[[], bool]:
     # torch.compiler.is_compiling where torch has it; before, torch._utils.is_compiling, which torch.compile (its
-    # dynamo tracer) replaces with True while it traces, and which needs no import of the tracer; before torch 2.0,
-    # which has no torch.compile, a constant False
-    native: Callable[[], bool] | None = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    # dynamo tracer) replaces with True while it traces, and which needs no import of the tracer
+    native = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if native is None:
-        native = getattr(torch._utils, "is_compiling", _never)
-    assert native is not None
-    return native
+        native = torch._utils.is_compiling
+    return native  # type: ignore[no-any-return]
 
 
 is_compiling: Callable[[], bool] = _resolve_is_compiling()
@@ -87,27 +80,3 @@ def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
         t = t.float()
     low, high = torch.aminmax(t)
     return low, high
-
-
-def _sparse_takes_check_invariants() -> bool:
-    with warnings.catch_warnings():  # an empty probe: torch's notices about unchecked sparse input are not for it
-        warnings.simplefilter("ignore")
-        try:
-            torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (1, 1), check_invariants=False)
-        except TypeError:  # torch 1.13: no such argument, every construction checks
-            return False
-    return True
-
-
-_UNCHECKED = {"check_invariants": False} if _sparse_takes_check_invariants() else {}
-
-
-def sparse_coo_tensor(indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """``torch.sparse_coo_tensor(indices, values, size)`` without torch's check of the indices where torch lets the
-    caller skip it (``check_invariants=False``, torch 2.0 on; torch 1.13 always checks)."""
-    return torch.sparse_coo_tensor(indices, values, size, **_UNCHECKED)  # type: ignore[arg-type]
-
-
-def sparse_csr_tensor(crow_indices: Tensor, col_indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """``torch.sparse_csr_tensor(crow_indices, col_indices, values, size)``, unchecked as :func:`sparse_coo_tensor`."""
-    return torch.sparse_csr_tensor(crow_indices, col_indices, values, size, **_UNCHECKED)  # type: ignore[arg-type]

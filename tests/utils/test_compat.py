@@ -12,13 +12,7 @@ from tests.conftest import needs_compile
 
 def test_is_compiling_is_torchs_own_function():
     native = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    older = getattr(torch._utils, "is_compiling", None)  # before torch.compiler.is_compiling
-    if native is not None:
-        assert compat.is_compiling is native
-    elif older is not None:
-        assert compat.is_compiling is older
-    else:  # torch without torch.compile
-        assert not hasattr(torch, "compile") and compat.is_compiling is compat._never
+    assert compat.is_compiling is (native if native is not None else torch._utils.is_compiling)
 
 
 def test_is_compiling_is_false_in_eager_mode():
@@ -84,29 +78,3 @@ def test_aminmax_takes_the_float32_detour_only_where_torch_lacks_the_kernel():
         else:
             assert dtype not in compat._CPU_AMINMAX_MISSING
     assert torch.float32 not in compat._CPU_AMINMAX_MISSING
-
-
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparse_constructors_give_the_matrix_of_their_pairs(dtype):
-    rows, cols = torch.tensor([0, 0, 2, 2]), torch.tensor([1, 3, 0, 1])
-    values = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=dtype)
-    dense = torch.zeros(3, 4, dtype=dtype)
-    dense[rows, cols] = values
-    coo = compat.sparse_coo_tensor(torch.stack([rows, cols]), values, (3, 4))
-    crow = torch.tensor([0, 2, 2, 4])
-    csr = compat.sparse_csr_tensor(crow, cols, values, (3, 4))
-    assert coo.layout == torch.sparse_coo and csr.layout == torch.sparse_csr
-    assert torch.equal(coo.to_dense(), dense) and torch.equal(csr.to_dense(), dense)
-    other = torch.randn(4, 2, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(torch.sparse.mm(coo, other), dense @ other)
-    assert torch.allclose(torch.zeros(3, 2, dtype=dtype).addmm_(csr, other), dense @ other)
-
-
-def test_sparse_constructors_skip_the_checks_exactly_where_torch_can():
-    try:
-        torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (1, 1), check_invariants=False)
-    except TypeError:
-        assert compat._UNCHECKED == {}
-    else:
-        assert compat._UNCHECKED == {"check_invariants": False}
