@@ -12,6 +12,19 @@ from torch import Tensor
 
 __all__ = ["aminmax", "is_autocast_enabled", "is_compiling"]
 
+#: The oldest torch release the package supports (setup.cfg's floor).
+MIN_TORCH = "2.0"
+
+
+def check_torch_version(version: str) -> None:
+    """Raise an ``ImportError`` naming the installed and the needed release when ``version`` is older than
+    :data:`MIN_TORCH` (pip enforces the floor; an environment assembled otherwise may still hold an older torch)."""
+    if torch.torch_version.TorchVersion(version) < MIN_TORCH:
+        raise ImportError(f"pml_rll needs torch >= {MIN_TORCH}, but torch {version} is installed; upgrade torch")
+
+
+check_torch_version(torch.__version__)
+
 
 def _resolve_is_compiling() -> Callable[[], bool]:
     # torch.compiler.is_compiling where torch has it; before, torch._utils.is_compiling, which torch.compile (its

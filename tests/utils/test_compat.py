@@ -3,6 +3,8 @@ and on the pinned one)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -78,3 +80,14 @@ def test_aminmax_takes_the_float32_detour_only_where_torch_lacks_the_kernel():
         else:
             assert dtype not in compat._CPU_AMINMAX_MISSING
     assert torch.float32 not in compat._CPU_AMINMAX_MISSING
+
+
+@pytest.mark.parametrize("version", ["1.13.1", "1.13.1+cu117", "1.9.0"])
+def test_a_torch_older_than_the_floor_is_refused_with_its_version(version):
+    with pytest.raises(ImportError, match=rf"torch >= 2\.0, but torch {re.escape(version)} is installed"):
+        compat.check_torch_version(version)
+
+
+@pytest.mark.parametrize("version", ["2.0.0", "2.0.0+cu117", "2.1.0a0", "2.15.0", torch.__version__])
+def test_a_supported_torch_is_accepted(version):
+    compat.check_torch_version(version)
