@@ -25,12 +25,12 @@ needs_compile = pytest.mark.skipif(
 def _cpu_half_matmul() -> bool:
     try:
         torch.ones(1, 1, dtype=torch.float16) @ torch.ones(1, 1, dtype=torch.float16)
-    except RuntimeError:  # "addmm_impl_cpu_" not implemented for 'Half' (torch 2.0)
+    except RuntimeError:  # "addmm_impl_cpu_" not implemented for 'Half' (torch 2.0, 2.1)
         return False
     return True
 
 
-#: float16 matrix products on a CPU: from torch 2.1 on
+#: float16 matrix products on a CPU (torch 2.0 and 2.1 have none)
 needs_cpu_half_matmul = pytest.mark.skipif(
     not _cpu_half_matmul(), reason=f"torch {torch.__version__} has no float16 matrix product on a CPU"
 )

@@ -78,7 +78,7 @@ def is_autocast_enabled(device_type: str) -> bool:
 def _cpu_aminmax_lacks(dtype: torch.dtype) -> bool:
     try:
         torch.aminmax(torch.zeros(1, dtype=dtype))
-    except RuntimeError:  # "aminmax_cpu" not implemented for 'Half' (torch 2.0)
+    except RuntimeError:  # "aminmax_cpu" not implemented for 'Half' (torch 2.0, 2.1)
         return True
     return False
 
@@ -88,7 +88,7 @@ _CPU_AMINMAX_MISSING = frozenset(dt for dt in (torch.float16, torch.bfloat16) if
 
 def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.aminmax(t)`` (the smallest and the largest value); in float32 for a half-precision tensor on a CPU
-    where torch has no half-precision kernel for it (torch 2.0; the extremes are the same values)."""
+    where torch has no half-precision kernel for it (float16 on torch 2.0 and 2.1; the extremes are the same values)."""
     if t.dtype in _CPU_AMINMAX_MISSING and t.device.type == "cpu":
         t = t.float()
     low, high = torch.aminmax(t)
