@@ -37,9 +37,10 @@ benchmark: $(STAMP)
 clean-venv:
 	rm -rf $(VENV) .venv-oldest .venv-newest
 
-# The library and its tests only (the benchmark runner needs the pinned stack: its `bench` extra). The constraints
-# file is given as PIP_CONSTRAINT, so it replaces any machine-wide pip constraint instead of adding to it.
-LIBRARY_TESTS := tests --ignore=tests/benchmarks
+# The library and its tests only (the benchmark runner and the documentation checks need the pinned stack: the
+# `bench` and `docs` extras). The constraints file is given as PIP_CONSTRAINT, so it replaces any machine-wide pip
+# constraint instead of adding to it.
+LIBRARY_TESTS := tests --ignore=tests/benchmarks --ignore=tests/docs
 
 .venv-%/.installed: constraints-%.txt setup.cfg pyproject.toml
 	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
