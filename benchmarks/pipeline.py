@@ -358,13 +358,16 @@ def build_accuracy_calculator(
     from pml_rll.retrieval import NAMRReRankKNN
 
     # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry); the entry's re-ranking
-    # options (candidates, weighting, blend) override --namr-candidates
+    # options (candidates, weighting, blend) override --namr-candidates; its mode says which retrieval the main
+    # numbers report ("plain": plain retrieval, re-ranked under reranked_*), and both are always computed
     kw: dict[str, Any] = {"num_candidates": namr_candidates, "normalize_sample": normalize_sample, **(retrieval or {})}
     if knn != "exact":  # candidates from the approximate index, re-ranked by the structure embedding
         kw["base_knn"] = knn_func
-    rerank = NAMRReRankKNN(embedding_size, **kw)
+    mode = kw.pop("mode", "rerank")
+    rerank = NAMRReRankKNN(embedding_size, mode="rerank" if mode == "plain" else mode, **kw)
     plain = NAMRReRankKNN(embedding_size, mode="plain", **kw)
-    return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
+    main = "plain" if mode == "plain" else "rerank"
+    return NAMRAccuracyCalculator(embedding_size, rerank, plain, main=main, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- one run
