@@ -14,7 +14,16 @@ from benchmarks.eval_scale import synthetic, worker
 from benchmarks.knn import KNN_METHODS, ScalableKNN, evaluate_embeddings, needed_k, retrieval_metrics
 from benchmarks.metrics import RetrievalAccuracyCalculator
 
-pytest.importorskip("faiss")
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(autouse=True)
+def faiss_one_thread():
+    # HNSW's graph depends on the order in which threads insert; one thread makes every test repeatable
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(old)
 
 
 def clustered(n=600, d=16, classes=60, noise=0.35, seed=0, dtype=torch.float32):
