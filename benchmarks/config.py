@@ -23,7 +23,8 @@ import os
 import sys
 from typing import Any
 
-from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry, import_object
+from .provenance import import_current
+from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,9 +101,9 @@ def _entry_from_table(name: str, t: dict[str, Any], existing: LossEntry | None, 
         raise ValueError(f"{where}: search space for {sorted(unknown_space)}, which have no value in kwargs")
     if t.get("miner_kwargs") and "miner" not in t:
         raise ValueError(f"{where}: miner_kwargs without miner")
-    import_object(t["class"])
+    import_current(t["class"])  # reloaded when its file changed since this process imported it
     if "miner" in t:
-        import_object(t["miner"])
+        import_current(t["miner"])
     params = {k: Param(v) for k, v in defaults.items()}
     for k, p in search.items():
         params[k] = Param(defaults[k], p.low, p.high, p.log, p.integer, p.choices)

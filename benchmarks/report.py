@@ -302,13 +302,47 @@ def tuning_tables(records: list[dict], tuning: dict) -> str:
     return buf.getvalue()
 
 
+def _code_line(code: dict) -> str:
+    digests = code.get("digests") or {}
+    line = f"pml_rll {code.get('pml_rll_version', '?')}, sources " + ", ".join(f"{k} {v}" for k, v in digests.items())
+    git = code.get("git")
+    if git:
+        line += f", checkout {git['commit'][:12]}" + (" with uncommitted changes" if git.get("dirty") else "")
+    return line
+
+
+def code_section(records: list[dict]) -> str:
+    """Which code made the rows: the package version and source digests (benchmarks/provenance.py), and per loss
+    the digest of each class's source file. Every digest is part of the rows' store keys."""
+    codes = [r["code"] for r in records if r.get("code")]
+    if not codes:
+        return ""
+    buf = io.StringIO()
+    buf.write("Code that made these rows (SHA-256 of the sources; each digest is part of the results' keys):\n\n")
+    for line in dict.fromkeys(_code_line(c) for c in codes):
+        buf.write(f"* {line}\n")
+    per_loss: dict[str, dict[str, str]] = {}
+    for r in records:
+        per_loss.setdefault(r["loss"], {}).update((r.get("code") or {}).get("classes") or {})
+    if any(per_loss.values()):
+        buf.write("\n| loss | classes (source file digest) |\n|---|---|\n")
+        for loss in ordered_losses(records):
+            cells = ", ".join(f"{p.split(':')[-1]} {d}" for p, d in per_loss.get(loss, {}).items())
+            buf.write(f"| {loss} | {cells or '–'} |\n")
+    return buf.getvalue()
+
+
 def markdown_report(records: list[dict], header: str = "", tuning: dict | None = None) -> str:
-    """The whole Markdown report: the test tables, and with tuning the tuned tables beside the untuned ones."""
+    """The whole Markdown report: the test tables, and with tuning the tuned tables beside the untuned ones; last,
+    the code that made the rows."""
+    code = code_section(records)
     if tuning is None:
-        return markdown_tables(records, header)
+        return markdown_tables(records, header) + ("\n" + code if code else "")
     parts = [header.rstrip() + "\n" if header else "", tuning_tables(records, tuning)]
     parts.append("\n## Test split, tuned hyper-parameters\n\n" + markdown_tables(_variant(records, "tuned")))
     parts.append("\n## Test split, untuned (defaults)\n\n" + markdown_tables(_variant(records, "untuned")))
+    if code:
+        parts.append("\n## Code\n\n" + code)
     return "\n".join(p for p in parts if p)
 
 

@@ -475,7 +475,7 @@ def _main(
     import torch
     import tqdm
 
-    from . import distributed, report
+    from . import distributed, provenance, report
     from .common import environment_info
     from .datasets import DatasetUnavailableError, class_folds, load_dataset, root_identity, split_identity
     from .executor import Source, WorkerPool, preload, schedule
@@ -546,6 +546,7 @@ def _main(
     command = "python -m benchmarks.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    code = provenance.code_digests()
     common_key = {
         "dataset": args.dataset,
         "split": split_identity(bundle),
@@ -553,10 +554,17 @@ def _main(
         "config": cfg.key(),
         "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
+        "code": code,  # the pml_rll and benchmarks sources: an edit is a new key (benchmarks/provenance.py)
     }
     # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
     sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": TPE_STARTUP_TRIALS}
-    extras = dict(dataset=args.dataset, config=cfg.key(), environment=env, command=command)
+    extras = dict(
+        dataset=args.dataset,
+        config=cfg.key(),
+        environment=env,
+        command=command,
+        code=provenance.code_record(code, _versions()["pml_rll"]),
+    )
     print(f"dataset: {bundle.description}")
     print(f"config: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
