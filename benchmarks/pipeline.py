@@ -57,7 +57,6 @@ class RunConfig:
     eval_batch_size: int
     image_size: int | None = None
     pretrained: bool = True
-    namr_candidates: int = 32
     cross_batch_memory: int = 0  # DDP hook: memory size of --cross-batch-memory (0: off)
 
     def key(self) -> dict:
@@ -223,24 +222,16 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
         return torch.cat(embs), torch.cat(labs)
 
 
-def build_accuracy_calculator(
-    namr: bool,
-    embedding_size: int,
-    device,
-    namr_candidates: int = 32,
-    normalize_sample: bool = False,
-    retrieval: dict | None = None,
-):
-    if not namr:
+def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = None):
+    """PML's accuracy calculator for a plain loss (``namr_loss=None``); for a ``NAMRLoss``, its re-ranked retrieval
+    and plain retrieval (``NAMRLoss.retrieval_knn``: the validated settings in the geometry the loss trained),
+    with the entry's ``retrieval`` settings (``--set NAME.retrieval.blend=...``) laid over them."""
+    if namr_loss is None:
         return RetrievalAccuracyCalculator(device=device)
-    from pml_rll.retrieval import NAMRReRankKNN
-
-    # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry); the entry's re-ranking
-    # options (candidates, weighting, blend) override --namr-candidates
-    kw: dict[str, Any] = {"num_candidates": namr_candidates, "normalize_sample": normalize_sample, **(retrieval or {})}
-    rerank = NAMRReRankKNN(embedding_size, **kw)
-    plain = NAMRReRankKNN(embedding_size, mode="plain", **kw)
-    return NAMRAccuracyCalculator(embedding_size, rerank, plain, device=device)
+    rerank = namr_loss.retrieval_knn(**(retrieval or {}))
+    plain = namr_loss.retrieval_knn(mode="plain", **(retrieval or {}))
+    namr_loss.check_retrieval(rerank)
+    return NAMRAccuracyCalculator(namr_loss.embedding_size, rerank, plain, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -332,14 +323,7 @@ def run_one(
         save_models=save_models,
         log_freq=max(1, cfg.iterations_per_epoch // 5),
     )
-    acc_calc = build_accuracy_calculator(
-        spec.namr,
-        cfg.embedding_size,
-        device,
-        cfg.namr_candidates,
-        normalize_sample=spec.namr and spec.loss.structure_geometry == "l2",
-        retrieval=spec.retrieval,
-    )
+    acc_calc = build_accuracy_calculator(spec.loss if spec.namr else None, device, retrieval=spec.retrieval)
     tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
         batch_size=cfg.eval_batch_size,

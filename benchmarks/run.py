@@ -66,6 +66,7 @@ def _defaults_help() -> str:
     return "\n".join(lines)
 
 
+PROG = f"python -m {__package__ or 'benchmarks'}.run"  # how the command was started (pml-rll-bench: cli())
 SEED_MAX = 2**31 - 1 - 40_000  # the pipeline derives seeds up to seed + 30_011
 TRUNKS = ("mlp", "convnet", "convnet-small", "resnet18", "resnet50")
 NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop")
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .registry import describe_registry
 
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
+        prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Benchmark pml_rll's RankedListLoss and NAMR head to head against PML's losses.\n"
@@ -543,9 +544,7 @@ def _main(
         return 0
     assert store is not None
     env = environment_info(device)
-    command = "python -m benchmarks.run " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+    command = PROG + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     code = provenance.code_digests()
     common_key = {
         "dataset": args.dataset,
@@ -709,10 +708,20 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
-    rc = main()
+def _exit(rc: int) -> NoReturn:
     if os.environ.get("WORLD_SIZE", "1") != "1":  # skip interpreter teardown, where gloo's threads
         sys.stdout.flush()  # sometimes abort the process after the work is done and the group destroyed
         sys.stderr.flush()
         os._exit(rc)
     sys.exit(rc)
+
+
+def cli() -> NoReturn:
+    """The ``pml-rll-bench`` console command (installed with the package): the same as ``python -m``."""
+    global PROG
+    PROG = "pml-rll-bench"
+    _exit(main())
+
+
+if __name__ == "__main__":
+    _exit(main())

@@ -31,6 +31,7 @@ from .cases import (
 from .measure import measure_memory_here, measure_memory_subprocess, timed_step
 from .render import JSON_NAME, MD_NAME, PNG_NAME, render_markdown, write_outputs
 
+PROG = f"python -m {__package__ or 'benchmarks.loss_speed'}"  # how the command was started (pml-rll-speed: cli())
 DEFAULT_BATCH_SIZES = (128, 256, 512, 1024, 2048, 4096)
 
 
@@ -160,7 +161,7 @@ def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.loss_speed",
+        prog=PROG,
         description="Forward+backward time and peak memory of metric-learning losses against batch size.",
         epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in REGISTRY.items()),
     )
@@ -298,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pml_version": pml_v,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "command": "python -m benchmarks.loss_speed " + " ".join(sys.argv[1:] if argv is None else list(argv)),
+        "command": PROG + " " + " ".join(sys.argv[1:] if argv is None else list(argv)),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     results: dict[str, Any] = {}
@@ -344,3 +345,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         file=sys.stderr,
     )
     return doc
+
+
+def cli() -> None:
+    """The ``pml-rll-speed`` console command (installed with the package): the same as ``python -m``."""
+    global PROG
+    PROG = "pml-rll-speed"
+    main()
