@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any
 
+from .common import did_you_mean
 from .provenance import import_current
 from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry
 
@@ -51,10 +52,12 @@ def parse_sets(items: list[str], entries: dict[str, LossEntry]) -> dict[str, dic
         if not eq or not dot or not name or not param:
             raise ValueError(f"--set {item!r}: expected NAME.PARAM=VALUE, e.g. rll.Tn=20")
         if name not in entries:
-            raise ValueError(f"--set {item!r}: unknown loss {name!r}; registered: {', '.join(entries)}")
+            hint = did_you_mean(name, list(entries))
+            raise ValueError(f"--set {item!r}: unknown loss {name!r}{hint}; registered: {', '.join(entries)}")
         if param not in entries[name].params:
             known = ", ".join(entries[name].params)
-            raise ValueError(f"--set {item!r}: {name} has no hyper-parameter {param!r}; known: {known}")
+            hint = did_you_mean(param, list(entries[name].params))
+            raise ValueError(f"--set {item!r}: {name} has no hyper-parameter {param!r}{hint}; known: {known}")
         out.setdefault(name, {})[param] = parse_value(value.strip())
     return out
 

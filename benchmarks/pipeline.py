@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import tqdm
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from . import distributed
 from .datasets import DatasetBundle
 from .metrics import NAMRAccuracyCalculator, RetrievalAccuracyCalculator, summarize
+from .progress import progress_bar
 from .registry import BuildContext, LossEntry, LossSpec
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
@@ -361,7 +361,7 @@ def run_one(
     )
     eval_before = eval_seconds[0]
     t_start = time.perf_counter()
-    with tqdm.tqdm(
+    with progress_bar(
         total=total_iters,
         desc=f"{entry.name} seed {seed}",
         position=pbar_position or 0,

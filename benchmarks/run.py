@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -73,12 +74,30 @@ NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop")
 TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the defaults) and 3 random draws
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is in ``--help``) that name the closest valid choice or option."""
+
+    def error(self, message: str) -> NoReturn:
+        from .common import did_you_mean
+
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            message += did_you_mean(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)))
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            for token in unknown.group(1).split():
+                if token.startswith("-"):
+                    message += did_you_mean(token.split("=")[0], options)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATA_ENV, DATASETS
-    from .registry import describe_registry
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG,
+        usage="%(prog)s [options]   (every option: --help; the losses: --list)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Benchmark pml_rll's RankedListLoss and NAMR head to head against PML's losses.\n"
@@ -100,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "                 torchvision FashionMNIST root via --data-root\n"
         "  cub200, cars196, sop   PML's dataset classes under --data-root (--download fetches them); ResNet-50 with\n"
         "                 ImageNet weights when loadable, RandomResizedCrop(224) + flip\n"
-        "\nloss registry (defaults, search spaces ~ for --tune, sources):\n" + describe_registry(),
+        "\nThe losses, their defaults, search spaces and sources: --list.",
     )
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
     p.add_argument(
@@ -243,6 +262,8 @@ def parse_seeds(spec: str | None, default_n: int) -> list[int]:
 
 
 def resolve_losses(spec: str, entries: dict) -> list[str]:
+    from .common import closest
+
     spec = spec.strip()
     if spec == "all":
         return list(entries)
@@ -256,7 +277,9 @@ def resolve_losses(spec: str, entries: dict) -> list[str]:
         raise ValueError(f"--losses {spec!r}: no loss named")
     unknown = [n for n in chosen if n not in entries]
     if unknown:
-        raise ValueError(f"--losses: unknown names {unknown}; registered: {', '.join(entries)}")
+        close = [repr(m) for m in (closest(n, entries) for n in unknown) if m]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"--losses: unknown names {unknown}{hint}; registered: {', '.join(entries)}")
     repeated = sorted({n for n in chosen if chosen.count(n) > 1})
     if repeated:
         raise ValueError(f"--losses: {repeated} named twice")
@@ -480,6 +503,7 @@ def _main(
     from .common import environment_info
     from .datasets import DatasetUnavailableError, class_folds, load_dataset, root_identity, split_identity
     from .executor import Source, WorkerPool, preload, schedule
+    from .progress import progress_bar
     from .sources import Context, RunItem, RunSource, TuneSource
     from .store import ResultStore
 
@@ -575,12 +599,15 @@ def _main(
     for n, ov in registry.overrides.items():
         if n in loss_names:
             print(f"--set {n}: {ov}")
+    for n in loss_names:  # NAMR entries: the retrieval each one is evaluated with (settings and geometry)
+        if registry.entries[n].namr:
+            print(f"{n}: evaluated with {_namr_retrieval_line(registry, n, bundle.num_train_classes, cfg)}")
 
     counts = {"ran": 0, "skipped": 0, "lost": 0}
     total = len(loss_names) * len(seeds) * (2 if args.tune else 1)
     if args.tune:
         total += len(loss_names) * args.trials
-    outer = tqdm.tqdm(total=total, desc="runs" if not args.tune else "trials + runs", position=0, dynamic_ncols=True)
+    outer = progress_bar(total=total, desc="runs" if not args.tune else "trials + runs", position=0, dynamic_ncols=True)
 
     def on_record(rec: dict, how: str) -> None:
         counts[how] += 1
@@ -588,14 +615,14 @@ def _main(
         if how == "skipped":
             return
         if rec.get("kind") == "trial":
-            val = "failed" if rec["value"] is None else f"{rec['value']:.4f}"
+            val = "failed" if rec["value"] is None else f"{rec['value'] * 100:.2f}%"
             tqdm.tqdm.write(f"{rec['loss']:<22} trial {rec['slot']}: validation MAP@R {val} {rec['params']}")
             return
         m = rec["metrics"]
         tqdm.tqdm.write(
             f"{rec['loss']:<22} {rec['variant']:<8} seed {rec['seed']}: "
-            f"MAP@R {m.get('mean_average_precision_at_r', float('nan')):.4f} "
-            f"P@1 {m.get('precision_at_1', float('nan')):.4f} "
+            f"MAP@R {m.get('mean_average_precision_at_r', float('nan')) * 100:.2f}% "
+            f"P@1 {m.get('precision_at_1', float('nan')) * 100:.2f}% "
             f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
             + (" [claim lost: another runner's record kept]" if how == "lost" else "")
         )
@@ -702,6 +729,18 @@ def _main(
         print(f"  {k}: {path}")
     print(f"  per-run logs (record-keeper CSV + SQLite): {os.path.join(out_dir, 'logs')}")
     return 130 if interrupted else 0
+
+
+def _namr_retrieval_line(registry: Any, name: str, num_classes: int, cfg: Any) -> str:
+    """The effective re-ranking settings of a NAMR entry, as its runs build them (``NAMRLoss.retrieval_knn``)."""
+    from .registry import BuildContext
+
+    spec = registry.entries[name].build(BuildContext(num_classes, cfg.embedding_size), registry.hparams(name))
+    knn = spec.loss.retrieval_knn(**(spec.retrieval or {}))
+    return (
+        f"NAMRReRankKNN(num_candidates={knn.num_candidates}, weighting={knn.weighting!r}, blend={knn.blend:g}, "
+        f"normalize_sample={knn.normalize_sample})"
+    )
 
 
 def _raise_interrupt(signum, frame):

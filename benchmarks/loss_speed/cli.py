@@ -160,7 +160,9 @@ def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from ..run import ArgumentParser  # one-line errors naming the closest choice
+
+    p = ArgumentParser(
         prog=PROG,
         description="Forward+backward time and peak memory of metric-learning losses against batch size.",
         epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in REGISTRY.items()),
@@ -275,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(measure_memory_here(args.memory_worker, args.batch_sizes[0], workload, device)))
         return {}
 
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     torch_v, pml_v = _versions()
     cfg = {
@@ -329,7 +331,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if e.get("time_status") in ("skipped", "failed") and "B=" in e.get("time_reason", ""):
                 too_slow[n] = e["time_reason"]
     total = len(todo) * len(args.losses) * (args.warmup + args.repeats + (1 if args.memory else 0))
-    with tqdm(total=total, desc="loss_speed", unit="step", disable=not args.progress, dynamic_ncols=True) as bar:
+    with progress_bar(
+        total=total, desc="loss_speed", unit="step", disable=not args.progress, dynamic_ncols=True
+    ) as bar:
         for b in todo:
             bar.set_postfix_str(f"timing B={b}")
             sweep = Sweep(args, workload, device, results, bar)

@@ -15,6 +15,7 @@ from ..utils.validation import (
     check_callable,
     check_choice,
     check_int,
+    check_keywords,
     check_number,
     check_structure_positive,
 )
@@ -87,6 +88,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         retrieval: dict | None = None,
         **kwargs,
     ):
+        check_keywords(self, kwargs)  # a typo names this class and the closest keyword
         check_callable("loss", loss)
         embedding_size = check_int("embedding_size", embedding_size)
         structure_weight = check_number("structure_weight", structure_weight, 0.0, MAX_MAGNITUDE)
