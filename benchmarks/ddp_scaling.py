@@ -44,7 +44,7 @@ def run_once(nproc: int, runner_args: list[str], out: str, threads: int) -> list
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
-    cmd += ["-m", "benchmarks.run", "--out", out, "--threads", str(threads)] + runner_args
+    cmd += ["-m", f"{__package__ or 'benchmarks'}.run", "--out", out, "--threads", str(threads)] + runner_args
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
