@@ -104,3 +104,17 @@ def test_help_is_short_and_the_registry_is_in_list(capsys):
     assert "namr-multi-similarity" not in text
     assert main(["--list"]) == 0
     assert "namr-multi-similarity" in capsys.readouterr().out
+
+
+def test_printed_namr_settings_are_the_effective_ones():
+    from benchmarks.config import build_registry
+    from benchmarks.pipeline import RunConfig
+    from benchmarks.run import _namr_retrieval_line
+    from pml_rll.losses import NAMR_CONFIGS
+
+    cfg = RunConfig("digits", "mlp", 8, 16, 4, 1, 1, 1e-3, 0.0, "constant", 0, 64)
+    reg = build_registry(None, ["namr-rll.retrieval.blend=0.5"])
+    n = NAMR_CONFIGS["ranked_list"]["retrieval"]["num_candidates"]
+    line = _namr_retrieval_line(reg, "namr-rll", 10, cfg)
+    assert f"num_candidates={n}," in line and "blend=0.5," in line and "normalize_sample=True" in line
+    assert "normalize_sample=True" in _namr_retrieval_line(reg, "namr-triplet", 10, cfg)  # PML's default distance
