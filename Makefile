@@ -1,12 +1,13 @@
-# Targets: `make benchmark` (the main job), `make test`, `make lint` (ruff lint + format check, mypy).
+# Targets: `make benchmark` (the main job), `make test`, `make lint` (ruff lint + format check, mypy, interrogate),
+# `make docs` (the documentation site, mkdocs build --strict, into site/).
 # Each creates or reuses .venv from the pinned constraints file (torch and torchvision pinned together).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,logging,vision,bench,test,lint,postgres
+EXTRAS ?= cpu,logging,vision,bench,test,lint,postgres,docs
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint benchmark clean-venv
+.PHONY: venv test lint docs benchmark clean-venv
 
 venv: $(STAMP)
 
@@ -22,6 +23,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(PY) -m interrogate pml_rll
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 benchmark: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)

@@ -120,25 +120,35 @@ def dense_masks(pos_mask: Tensor, neg_mask: Tensor) -> MaskFn:
 
 
 def positive_hinge(d: Tensor, alpha: float, margin: float) -> Tensor:
-    # eq. 2, y_ij = 1: d_ij - (alpha - m); positives must lie closer than alpha - m
+    """Eq. 2 for a positive pair: ``d - (alpha - margin)``, positive when the pair violates its constraint."""
     return d - (alpha - margin)
 
 
 def negative_hinge(d: Tensor, alpha: float) -> Tensor:
-    # eq. 2, y_ij = 0: alpha - d_ij; negatives must lie farther than alpha
+    """Eq. 2 for a negative pair: ``alpha - d``, positive when the pair lies closer than ``alpha``."""
     return alpha - d
 
 
 def is_non_trivial(hinge: Tensor) -> Tensor:
-    # P* = {j != i, y_ij = 1, d_ij > alpha - m}, N* = {y_ij = 0, d_ij < alpha}: a positive hinge, strictly
+    """Membership of the non-trivial sets P* (``d > alpha - m``) and N* (``d < alpha``): a strictly positive hinge."""
     return hinge > 0
 
 
 def set_weights(
     hinge: Tensor, query: Tensor, num_queries: int, temperature: float, member: Tensor | None = None
 ) -> Tensor:
-    # eq. 4 weights: exp(T * hinge_ij) / sum_{k in the set of query i} exp(T * hinge_ik), max-shifted per set;
-    # pairs listed but not members of the set (member False) get weight 0
+    """Eq. 4 weights of listed pairs: ``exp(T * hinge)`` normalised over each query's set, max-shifted per set.
+
+    Args:
+        hinge: (P,) hinge of every listed pair.
+        query: (P,) int64 query index of every pair.
+        num_queries: the number of queries (the length of the per-query sums).
+        temperature: T (Tp or Tn); 0 gives a plain mean over the set.
+        member: optional (P,) bool; listed pairs that are not members of the set get weight 0.
+
+    Returns:
+        (P,) weights summing to 1 over each non-empty set (no epsilon: an empty set has no weights).
+    """
     logits = temperature * hinge
     if member is not None:
         logits = logits.masked_fill(~member, float("-inf"))
@@ -151,13 +161,13 @@ def set_weights(
 
 
 def weighted_set_loss(weights: Tensor, hinge: Tensor, query: Tensor, num_queries: int) -> Tensor:
-    # eq. 3 (L_P; a plain mean when T_p = 0) and eq. 4 (L_N): sum over the set of weight * hinge, per query
+    """Eqs. 3 and 4: per query, the sum of ``weight * hinge`` over its set (a plain mean for L_P at Tp = 0)."""
     out = torch.zeros(num_queries, dtype=hinge.dtype, device=hinge.device)
     return out.index_add(0, query, weights * hinge)
 
 
 def query_loss(loss_p: Tensor, loss_n: Tensor, imbalance: float) -> Tensor:
-    # eq. 5 in PML's convention: (1 - lambda) * L_P + lambda * L_N  (CVPR writes L_P + lambda * L_N)
+    """Eq. 5 in PML's convention, ``(1 - imbalance) * L_P + imbalance * L_N`` (the CVPR form is ``L_P + l * L_N``)."""
     return (1 - imbalance) * loss_p + imbalance * loss_n
 
 
@@ -284,7 +294,7 @@ def add_pair_product(
 
 
 def squared_norms(x: Tensor) -> Tensor:
-    # ||x_i||^2 of every row, as a reduction (no temporary of the size of x)
+    """``||x_i||^2`` of every row of ``x`` (N, D), as a (N,) reduction without a temporary of the size of ``x``."""
     norms: Tensor = torch.linalg.vector_norm(x, dim=1)
     return norms.square_()
 
@@ -292,7 +302,10 @@ def squared_norms(x: Tensor) -> Tensor:
 def squared_euclidean(
     query: Tensor, ref: Tensor, query_sq: Tensor | None = None, ref_sq: Tensor | None = None
 ) -> Tensor:
-    # ||q_i - r_j||^2 = ||q_i||^2 + ||r_j||^2 - 2 q_i . r_j through the Gram matrix: one matmul
+    """Squared Euclidean distances (Q, R) through the Gram matrix, ``||q||^2 + ||r||^2 - 2 q.r``: one matmul.
+
+    ``query_sq`` and ``ref_sq`` are the rows' squared norms when already known (:func:`squared_norms`).
+    """
     query_sq = squared_norms(query) if query_sq is None else query_sq
     ref_sq = squared_norms(ref) if ref_sq is None else ref_sq
     return torch.addmm(ref_sq[None, :], query, ref.T, alpha=-2).add_(query_sq[:, None])

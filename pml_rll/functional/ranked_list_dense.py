@@ -349,7 +349,7 @@ class _RankedListDense(torch.autograd.Function):
         gallery = query if ref is None else ref
         B, R = query.shape[0], gallery.shape[0]
         step, chunk = _tiling(B, R, query)
-        sync_free = sync_free_wanted(query)
+        sync_free = query.is_meta or sync_free_wanted(query)  # a meta tensor has no values to read
         q_sq_all = squared_norms(query)
         pb = _Problem(gallery, q_sq_all if same else squared_norms(gallery), masks, params, same, sync_free)
         gram = _SymmetricGram(query, q_sq_all) if _SYMMETRIC and same and chunk >= R and not sync_free else None

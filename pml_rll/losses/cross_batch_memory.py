@@ -6,7 +6,7 @@ import torch
 from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
 from pytorch_metric_learning.losses import RankedListLoss as PMLRankedListLoss
 
-from ..utils.validation import check_batch, check_callable, check_indices_tuple, check_int
+from ..utils.validation import check_batch, check_callable, check_indices_tuple, check_int, check_not_meta
 from .ranked_list_loss import RankedListLoss
 
 
@@ -25,7 +25,10 @@ class CrossBatchMemory(PMLCrossBatchMemory):
     integer tensor of the batch's length, at most ``memory_size`` rows to enqueue, ``enqueue_mask`` a 1-D bool
     tensor of the batch's length, ``indices_tuple`` pairs of batch rows and memory slots. A rejected call raises a
     ``ValueError``/``TypeError`` naming the argument and leaves the memory as it was; so does a call whose loss or
-    miner raises (the overwritten slots are restored).
+    miner raises (the overwritten slots are restored). An empty batch (0 rows) returns a zero loss (connected to the
+    embeddings, of their dtype) without calling the loss or the miner, and an ``enqueue_mask`` that selects no row
+    enqueues nothing; in both cases the memory is left as it was (PML fails inside its update on the first and
+    marks a partly filled memory as full on the second).
     """
 
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs):
@@ -41,12 +44,14 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def check_loss_support(self, loss_name):  # type: ignore[override]
+        """Accept every loss PML accepts, and :class:`pml_rll.losses.RankedListLoss`."""
         if not self._ours:
             super().check_loss_support(loss_name)
 
     def check_input(self, embeddings, labels, indices_tuple=None, enqueue_mask=None) -> int:
         """Raise on bad input to :meth:`forward` (nothing is changed); return the number of rows to enqueue."""
         check_batch(embeddings, labels, width=self.embedding_size, labels_required=True)
+        check_not_meta("embeddings", embeddings, "CrossBatchMemory", "its pairs are listed from the labels' values")
         n = embeddings.shape[0]
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
@@ -67,8 +72,30 @@ class CrossBatchMemory(PMLCrossBatchMemory):
             check_indices_tuple(indices_tuple, embeddings.shape[0], self.memory_size if filled else self.queue_idx + n)
         return n
 
+    def add_to_memory(self, embeddings, labels, batch_size):
+        """PML's update of the memory; with ``batch_size == 0`` nothing is enqueued and nothing else changes."""
+        if batch_size == 0:  # nothing to enqueue (PML's update would mark the memory as filled)
+            self.curr_batch_idx = torch.arange(self.queue_idx, self.queue_idx, device=labels.device)
+            return
+        super().add_to_memory(embeddings, labels, batch_size)
+
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        """PML's ``CrossBatchMemory.forward``: enqueue the batch, then compute the loss of the batch against the memory.
+
+        Args:
+            embeddings: (N, embedding_size) float tensor.
+            labels: (N,) integer labels (required).
+            indices_tuple: optional pairs or triplets between the batch and the memory (mutually exclusive with
+                ``enqueue_mask``).
+            enqueue_mask: optional (N,) bool tensor: only these rows are enqueued.
+
+        Returns:
+            The loss, a scalar tensor; for an empty batch a zero loss, the memory unchanged. A rejected call raises
+            before the memory changes.
+        """
         n = self.check_input(embeddings, labels, indices_tuple, enqueue_mask)
+        if embeddings.shape[0] == 0:  # no queries and nothing to enqueue: a zero loss, the memory as it was
+            return torch.sum(embeddings * 0)
         slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
         saved = (
             self.queue_idx,

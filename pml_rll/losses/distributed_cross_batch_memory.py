@@ -68,6 +68,12 @@ class DistributedCrossBatchMemory(CrossBatchMemory):
         self._query_slice: slice | None = None  # this rank's rows in the global batch, during a gathering call
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):  # type: ignore[no-untyped-def]
+        """Gather the global batch, enqueue it, and compute the loss of this process's queries against the memory.
+
+        Outside ``torch.distributed`` (or with one process, or ``gather_distributed=False``) this is
+        :meth:`pml_rll.losses.CrossBatchMemory.forward`. ``indices_tuple`` and ``enqueue_mask`` are not supported while
+        gathering (give the memory a miner instead).
+        """
         gather = self.gather_distributed and dist.is_available() and dist.is_initialized()
         if not gather or dist.get_world_size() == 1:
             return super().forward(embeddings, labels, indices_tuple, enqueue_mask)

@@ -124,9 +124,11 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
 
     @property
     def num_t_values(self) -> int:
+        """The number of cluster centres M (the length of ``t_values``)."""
         return len(self.t_values)
 
     def get_default_reducer(self):
+        """PML's ``MeanReducer``: the mean over all ordered pairs."""
         return MeanReducer()
 
     def check_input(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None) -> None:
@@ -145,12 +147,17 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             )
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """The structure loss of packed embeddings ``[x || s]`` (N, 2 * embedding_size); labels are not used.
+
+        Computed in float32 or float64 whatever the autocast state; ``indices_tuple`` and ``ref_emb`` are rejected.
+        """
         self.check_input(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         # computed in float32 or float64 whatever the autocast state (half precision is upcast)
         with torch.autocast(embeddings.device.type, enabled=False):
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the per-pair multi-cluster ranking losses of the batch (arguments already checked)."""
         # every argument was checked by check_input in forward (a second pass would synchronise twice)
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
         if x.dtype in (torch.float16, torch.bfloat16):  # pairwise sums in float32, as RankedListLoss does

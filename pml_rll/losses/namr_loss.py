@@ -169,10 +169,12 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
 
     @staticmethod
     def supported_losses():
+        """Any loss with PML's call signature can be wrapped (PML's ``BaseLossWrapper`` hook)."""
         return None  # any loss with the PML call signature
 
     @classmethod
     def check_loss_support(cls, loss_name):
+        """Accept every loss name (see :meth:`supported_losses`)."""
         pass
 
     def check_input(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None) -> None:
@@ -190,6 +192,11 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         return F_namr.sample_part(ref_emb, self.embedding_size, "ref_emb")
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """The joint loss of packed embeddings ``[x || s]`` (N, 2 * embedding_size).
+
+        The base loss sees the (scaled) sample part x with ``labels``, ``indices_tuple`` and the sample part of
+        ``ref_emb``; the structure term sees the whole batch. Returns the weighted sum, a scalar tensor.
+        """
         self.check_input(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         x, s = F_namr.split_packed(embeddings, self.embedding_size)
         if labels is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -23,16 +26,25 @@ from ..functional.ranked_list_euclidean import PATHS, ranked_list_euclidean
 from ..functional.ranked_list_params import RankedListParams
 from ..utils.validation import (
     MAX_MAGNITUDE,
+    HyperParameterError,
     check_batch,
     check_choice,
     check_distance,
     check_keywords,
+    check_not_meta,
     check_number,
     check_temperature,
     pairs_to_masks,
 )
 
 GRADIENT_MODES = ("paper", "autograd")
+
+
+def _autocast_disabled(like: Tensor) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on ``like``'s device type (nothing on the meta device, which has none)."""
+    if like.is_meta:
+        return contextlib.nullcontext()
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class RankedListLoss(BaseMetricLossFunction):
@@ -80,6 +92,12 @@ class RankedListLoss(BaseMetricLossFunction):
     ``ref_emb``/``ref_labels`` (cross-batch memory, ``DistributedLossWrapper(efficient=True)``) and pairs without
     labels (multi-label data) are supported.
 
+    As PML's losses, the loss is returned in the embeddings' dtype (float16/bfloat16: the float32 result rounded
+    once; only unnormalised float16 embeddings tens of thousands apart give a loss beyond float16's range, returned
+    as inf), and so is the gradient; ``ref_emb`` of another floating dtype is cast to the embeddings' dtype. On the
+    meta device (shapes without values) the default distance gives the loss's shape and dtype and its backward the
+    gradient's, the statistics are NaN (unknown); another distance raises a ``ValueError`` there.
+
     Choices: with ``indices_tuple``, the given pairs are the candidate lists (their labels are not re-checked);
     when ``ref_emb`` is given, the query is excluded from its own positives only if ``ref_emb`` is the batch itself
     (as in PML), so pass an ``indices_tuple`` when the reference set contains the batch. The default distance
@@ -89,7 +107,9 @@ class RankedListLoss(BaseMetricLossFunction):
     Bad input (see :mod:`pml_rll.utils.validation`): every argument is checked before anything is computed or
     recorded, and a rejected call raises a ``TypeError``/``ValueError`` naming the argument: embeddings and
     ``ref_emb`` 2-D floating point of one width and finite, labels 1-D integer tensors of the batch's length,
-    ``ref_labels`` with ``ref_emb`` (unless pairs are given), labels or an ``indices_tuple``.
+    ``ref_labels`` with ``ref_emb`` (unless pairs are given), labels or an ``indices_tuple``. An out-of-range
+    hyper-parameter raises :class:`~pml_rll.utils.validation.HyperParameterError`, both a ``ValueError`` and an
+    ``AssertionError`` (what PML's class raises for ``imbalance``), so either ``except`` clause catches it.
 
     Recorded for record-keeper: margin, alpha, Tp, Tn, imbalance; statistics ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query`` (non-trivial pairs per query, when ``collect_stats`` is on).
@@ -114,7 +134,7 @@ class RankedListLoss(BaseMetricLossFunction):
         self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
+            raise HyperParameterError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         self.path = check_choice("path", path, PATHS)
         check_distance(self.distance, "RankedListLoss")
@@ -124,6 +144,22 @@ class RankedListLoss(BaseMetricLossFunction):
         )
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's call signature: ``loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)``.
+
+        Args:
+            embeddings: (N, D) float tensor (float16/bfloat16 are computed in float32; meta tensors give the
+                result's shape and dtype).
+            labels: (N,) integer labels, or ``None`` when ``indices_tuple`` gives the pairs.
+            indices_tuple: optional mined pairs (a1, p, a2, n) or triplets (a, p, n): each query's lists are
+                restricted to them.
+            ref_emb: optional (M, D) gallery (a reference set, cross-batch memory), cast to the embeddings' dtype;
+                the batch itself by default.
+            ref_labels: (M,) labels of ``ref_emb``.
+
+        Returns:
+            The loss, a scalar tensor of the embeddings' dtype, reduced over the queries by the reducer. Every
+            argument is checked before any state changes.
+        """
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
         need_ref_labels = labels is not None and indices_tuple is None
         check_batch(
@@ -138,13 +174,20 @@ class RankedListLoss(BaseMetricLossFunction):
         )
         if labels is None and indices_tuple is None:
             raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
-        # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if not self._is_fast_distance():
+            why = f"with distance={type(self.distance).__name__} the non-trivial pairs are listed from the values"
+            check_not_meta("embeddings", embeddings, "RankedListLoss", why)
+        # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast) and is returned
+        # in the embeddings' dtype, as PML's losses return it
+        with _autocast_disabled(embeddings):
+            loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the per-query losses as a PML loss dictionary (arguments already checked by :meth:`forward`)."""
         check_distance(self.distance, "RankedListLoss")  # the distance may have been replaced after construction
         same = ref_emb is embeddings  # every argument was checked in forward
+        ref_emb = ref_emb.to(embeddings.dtype)  # as PML's CrossBatchMemory casts its memory (no copy if equal)
         B, R = embeddings.shape[0], ref_emb.shape[0]
         if B == 0 or R == 0:
             return self.zero_losses()
@@ -164,8 +207,10 @@ class RankedListLoss(BaseMetricLossFunction):
             losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
         if self.collect_stats:
             assert n_neg is not None  # counted whenever statistics are collected
-            self.avg_num_pos_per_query = float(n_pos) / B
-            self.avg_num_neg_per_query = float(n_neg) / B
+            # on the meta device the counts have no values: the statistics are NaN (unknown), never a stale number
+            meta = embeddings.is_meta
+            self.avg_num_pos_per_query = math.nan if meta else float(n_pos) / B
+            self.avg_num_neg_per_query = math.nan if meta else float(n_neg) / B
         return {
             "loss": {
                 "losses": losses,
@@ -191,9 +236,11 @@ class RankedListLoss(BaseMetricLossFunction):
             return x
 
         query = prepare(embeddings)
-        gallery = None if same else prepare(ref_emb).to(query.dtype)
+        gallery = None if same else prepare(ref_emb)
+        # on the meta device there are no values to list pairs from: the dense path, which never reads any
+        path = "dense" if query.is_meta else self.path
         return ranked_list_euclidean(
-            query, gallery, masks, params=params, paper=paper, path=self.path, count_negatives=self.collect_stats
+            query, gallery, masks, params=params, paper=paper, path=path, count_negatives=self.collect_stats
         )
 
     def _generic_losses(
@@ -220,4 +267,5 @@ class RankedListLoss(BaseMetricLossFunction):
         return r.losses, len(pr), len(nr)
 
     def get_default_distance(self):
+        """``LpDistance(p=2, power=1, normalize_embeddings=True)``: Euclidean distance on L2-normalised embeddings."""
         return LpDistance(p=2, power=1, normalize_embeddings=True)

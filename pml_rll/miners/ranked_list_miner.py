@@ -10,7 +10,14 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from ..functional.ranked_list import non_trivial_pairs
 from ..functional.ranked_list_euclidean import euclidean_distances
 from ..functional.ranked_list_params import RankedListParams
-from ..utils.validation import MAX_MAGNITUDE, check_batch, check_distance, check_number
+from ..utils.validation import (
+    MAX_MAGNITUDE,
+    HyperParameterError,
+    check_batch,
+    check_distance,
+    check_not_meta,
+    check_number,
+)
 
 
 class RankedListMiner(BaseMiner):
@@ -26,9 +33,14 @@ class RankedListMiner(BaseMiner):
         **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
             the loss computes it), ``collect_stats``.
 
+    Half-precision embeddings are compared in float32 (as the loss computes them), any distance; a ``ref_emb`` of
+    another floating dtype is cast to the embeddings' dtype first.
+
     Bad input: embeddings and ``ref_emb`` must be 2-D floating-point tensors of one width with finite values (a NaN
-    row raises a ``ValueError`` instead of being silently dropped), labels (and ``ref_labels`` with ``ref_emb``)
-    1-D integer tensors of matching length; see :mod:`pml_rll.utils.validation`.
+    row raises a ``ValueError`` instead of being silently dropped), not on the meta device (the number of pairs
+    depends on the values), labels (and ``ref_labels`` with ``ref_emb``) 1-D integer tensors of matching length; see
+    :mod:`pml_rll.utils.validation`. An out-of-range ``margin``, ``alpha`` or a similarity as ``distance`` raises
+    :class:`~pml_rll.utils.validation.HyperParameterError`, both a ``ValueError`` and an ``AssertionError``.
 
     Recorded: margin, alpha; statistics num_pos_pairs, num_neg_pairs (PML's), ``avg_num_pos_per_query`` and
     ``avg_num_neg_per_query``.
@@ -39,7 +51,7 @@ class RankedListMiner(BaseMiner):
         self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
         self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+            raise HyperParameterError(f"alpha must be positive, got {self.alpha}")
         check_distance(self.distance, "RankedListMiner")
         self.add_to_recordable_attributes(list_of_names=["margin", "alpha"], is_stat=False)
         self.add_to_recordable_attributes(
@@ -47,12 +59,23 @@ class RankedListMiner(BaseMiner):
         )
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """Mine the non-trivial pairs of each query: ``(a1, p, a2, n)`` as PML's pair miners return them.
+
+        Args:
+            embeddings: (N, D) float tensor.
+            labels: (N,) integer labels (required).
+            ref_emb: optional (M, D) gallery; the batch itself by default.
+            ref_labels: (M,) labels of ``ref_emb``.
+        """
         # every argument checked before PML's forward resets the statistics: a rejected call changes nothing
         check_batch(embeddings, labels, ref_emb, ref_labels, labels_required=True)
+        check_not_meta("embeddings", embeddings, "RankedListMiner", "the number of mined pairs depends on them")
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        """PML's hook: the non-trivial positive and negative pairs (arguments already checked by :meth:`forward`)."""
         check_distance(self.distance, "RankedListMiner")  # labels and ref_labels were required in forward
+        ref_emb = ref_emb.to(embeddings.dtype)  # a reference set of another dtype is cast, as in RankedListLoss
         with torch.autocast(embeddings.device.type, enabled=False):
             d = self._distances(embeddings, ref_emb)
         matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
@@ -66,16 +89,20 @@ class RankedListMiner(BaseMiner):
 
     def _distances(self, embeddings, ref_emb):
         dist = self.distance
+        same = ref_emb is embeddings
+        if embeddings.dtype in (torch.float16, torch.bfloat16):  # half precision computed in float32, as in the loss
+            embeddings = embeddings.float()
+            ref_emb = embeddings if same else ref_emb.float()
         if type(dist) is LpDistance and dist.p == 2 and dist.power == 1:
 
             def prepare(x):
-                x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
                 return torch.nn.functional.normalize(x, dim=1) if dist.normalize_embeddings else x
 
             query = prepare(embeddings)
-            gallery = query if ref_emb is embeddings else prepare(ref_emb).to(query.dtype)
+            gallery = query if same else prepare(ref_emb)
             return euclidean_distances(query, gallery)
         return dist(embeddings, ref_emb)
 
     def get_default_distance(self):
+        """``LpDistance(p=2, power=1, normalize_embeddings=True)``, as :class:`pml_rll.losses.RankedListLoss`."""
         return LpDistance(p=2, power=1, normalize_embeddings=True)

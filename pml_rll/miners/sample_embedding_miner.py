@@ -42,6 +42,10 @@ class SampleEmbeddingMiner(BaseMiner):
         self.add_to_recordable_attributes(list_of_names=["embedding_size"], is_stat=False)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """Mine with the wrapped miner on the sample part x of packed embeddings ``[x || s]`` (N, 2 * embedding_size).
+
+        ``ref_emb`` may be packed or hold the sample part alone (M, embedding_size). Returns the wrapped miner's tuple.
+        """
         # every argument checked before BaseMiner resets the statistics: a rejected call changes nothing
         d = self.embedding_size
         check_batch(embeddings, labels, ref_emb, ref_labels, packed=d, labels_required=True)
@@ -54,6 +58,7 @@ class SampleEmbeddingMiner(BaseMiner):
         return F_namr.sample_part(ref_emb, self.embedding_size, "ref_emb")
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        """PML's hook: the wrapped miner's indices on the sample embeddings (arguments already checked)."""
         x, _ = F_namr.split_packed(embeddings, self.embedding_size)
         same_ref = ref_emb is embeddings
         ref_x = x if same_ref else self._ref_sample(ref_emb).to(x.dtype)

@@ -51,9 +51,11 @@ class NAMREmbedder(nn.Module):
 
     @property
     def output_size(self) -> int:
+        """The width of the output, ``2 * embedding_size`` (the packed ``[x || s]``)."""
         return 2 * self.embedding_size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (N, in_features) to the packed embeddings ``[x || s]`` (N, 2 * embedding_size)."""
         check_features(features, self)
         x = self.sample_head(features)
         s = self.structure_head(features)

@@ -69,12 +69,14 @@ class StructureEmbeddingHead(nn.Module):
                 m.eval()
 
     def train(self, mode: bool = True):
+        """``nn.Module.train``; with ``freeze_bn`` the BatchNorm layers stay in evaluation mode. Returns the module."""
         super().train(mode)
         if self.freeze_bn:
             self._freeze_bn()
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (N, in_features) to structure embeddings s (N, embedding_size), each entry in ``s_range``."""
         check_features(features, self)
         s_min, s_max = self.s_range
         s = s_min + (s_max - s_min) * torch.sigmoid(self.layers(features))

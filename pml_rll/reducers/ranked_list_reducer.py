@@ -9,7 +9,14 @@ from torch import Tensor
 from ..functional.ranked_list import is_non_trivial, ranked_lists
 from ..functional.ranked_list_params import RankedListParams
 from ..losses.ranked_list_loss import GRADIENT_MODES
-from ..utils.validation import check_choice, check_embeddings, check_finite, check_number, check_temperature
+from ..utils.validation import (
+    check_choice,
+    check_embeddings,
+    check_finite,
+    check_not_meta,
+    check_number,
+    check_temperature,
+)
 
 
 class RankedListReducer(MultipleReducers):
@@ -33,9 +40,13 @@ class RankedListReducer(MultipleReducers):
         imbalance: lambda in [0, 1].
         gradient: ``"paper"`` (constant weights) or ``"autograd"`` (weights differentiated).
 
-    Temperatures lie in [0, 1e4] as in ``RankedListLoss`` (:data:`pml_rll.utils.validation.MAX_TEMPERATURE`). Each
-    call checks, before recording anything, that ``loss_dict`` is a PML loss dict with finite losses and that
-    ``embeddings`` is a 2-D floating-point tensor; otherwise a ``TypeError``/``ValueError`` names the argument.
+    Temperatures lie in [0, 1e4] as in ``RankedListLoss`` (:data:`pml_rll.utils.validation.MAX_TEMPERATURE`); an
+    out-of-range hyper-parameter raises :class:`~pml_rll.utils.validation.HyperParameterError` (a ``ValueError`` and
+    an ``AssertionError``). Each call checks, before recording anything, that ``loss_dict`` is a PML loss dict with
+    finite losses and that ``embeddings`` is a 2-D floating-point tensor, not on the meta device (which of the pairs
+    count depends on their values); otherwise a ``TypeError``/``ValueError`` names the argument.
+
+    The result has the embeddings' dtype, as with PML's reducers; half-precision pair losses are reduced in float32.
 
     Other sub-losses in the loss dict (e.g. regularisers) are reduced with ``MeanReducer`` and added, as PML's
     ``MultipleReducers`` does.
@@ -58,6 +69,7 @@ class RankedListReducer(MultipleReducers):
         if not isinstance(loss_dict, dict):
             raise TypeError(f"loss_dict must be a dict of PML loss entries, got {type(loss_dict).__name__}")
         check_embeddings("embeddings", embeddings, check_values=False)
+        check_not_meta("embeddings", embeddings, "RankedListReducer", "the non-trivial pairs are chosen by value")
         for name, info in loss_dict.items():
             if not isinstance(info, dict) or "reduction_type" not in info or "losses" not in info:
                 raise TypeError(f"loss_dict[{name!r}] must be a dict with 'losses', 'indices' and 'reduction_type'")
@@ -65,6 +77,16 @@ class RankedListReducer(MultipleReducers):
                 check_finite(f"loss_dict[{name!r}]['losses']", info["losses"].reshape(-1))
 
     def forward(self, loss_dict, embeddings, labels):
+        """PML's reducer call: reduce a pair loss's dictionary with the Ranked List weighting of each query's lists.
+
+        Args:
+            loss_dict: PML's loss dictionary (``"pos_pair"`` and ``"neg_pair"`` entries with per-pair losses).
+            embeddings: (N, D) the batch, for the number of queries and the device.
+            labels: (N,) labels, or ``None``.
+
+        Returns:
+            The reduced loss, a scalar tensor of the embeddings' dtype.
+        """
         self.check_input(loss_dict, embeddings, labels)
         self.reset_stats()
         pairs = {"pos_pair": None, "neg_pair": None}
@@ -80,7 +102,8 @@ class RankedListReducer(MultipleReducers):
         if pairs["pos_pair"] is None and pairs["neg_pair"] is None:
             if others and all(info["reduction_type"] == "already_reduced" for _, info in others):
                 # what a PML pair loss returns when it has no pairs at all (e.g. an empty miner output)
-                return sum(self.default_reducer({n: i}, embeddings, labels) for n, i in others)
+                out = sum(self.default_reducer({n: i}, embeddings, labels) for n, i in others)
+                return out.to(embeddings.dtype) if torch.is_tensor(out) else out
             raise ValueError("RankedListReducer needs pos_pair and/or neg_pair losses (a pair loss)")
         n = embeddings.shape[0]
         pos_loss, pos_query = self._non_trivial(pairs["pos_pair"], embeddings)
@@ -95,7 +118,8 @@ class RankedListReducer(MultipleReducers):
         total = r.losses.mean()
         for name, info in others:
             total = total + self.default_reducer({name: info}, embeddings, labels)
-        return total
+        # half-precision pair losses are reduced in float32; the result has the embeddings' dtype, as PML's reducers
+        return total.to(embeddings.dtype)
 
     @staticmethod
     def _non_trivial(info: dict | None, embeddings: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,11 +1,10 @@
 """pml_rll.retrieval: NAMR's re-ranking kNN and structure-weighted distance.
 
 Build the retrieval of a trained ``NAMRLoss`` with ``loss.retrieval_knn()`` (the validated settings in the loss's
-geometry); :func:`validated_retrieval` gives those settings for a base loss by name.
+geometry); ``pml_rll.losses.validated_retrieval`` gives those settings for a base loss by name.
 """
 
 from __future__ import annotations
 
-from ..losses.namr_loss import validated_retrieval  # noqa: E402,F401
 from .namr_rerank_knn import NAMRReRankKNN  # noqa: E402,F401
 from .structure_weighted_distance import StructureWeightedDistance  # noqa: E402,F401

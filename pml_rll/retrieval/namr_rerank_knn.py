@@ -126,11 +126,13 @@ class NAMRReRankKNN:
 
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
+        """``InferenceModel`` support: replace the stored reference set by ``embeddings`` (packed or sample-only)."""
         check_reference("embeddings", embeddings, self.embedding_size)  # before reset: a rejected call keeps the index
         self.reset()
         self._append(embeddings)
 
     def add(self, embeddings: torch.Tensor) -> None:
+        """``InferenceModel`` support: append ``embeddings`` (packed or sample-only, as stored) to the reference set."""
         check_reference("embeddings", embeddings, self.embedding_size)
         self._append(embeddings)
 
@@ -147,6 +149,7 @@ class NAMRReRankKNN:
                 self.reference_s = torch.cat([self.reference_s, new_s.to(self.reference_s)])
 
     def reset(self) -> None:
+        """Forget the stored reference set."""
         self.reference_x = None
         self.reference_s = None
 

@@ -43,23 +43,27 @@ class StructureWeightedDistance(BaseDistance):
         return F_namr.sample_part(ref_emb, self.embedding_size, "reference")
 
     def check_shapes(self, query_emb, ref_emb):
+        """Raise a ``ValueError`` naming the argument unless the query is packed and the reference well formed."""
         check_packed("query_emb", query_emb, self.embedding_size)
         if ref_emb is not None:
             check_reference("ref_emb", ref_emb, self.embedding_size)
             check_same_device("ref_emb", ref_emb, query_emb, "query_emb")
 
     def forward(self, query_emb, ref_emb=None):
+        """PML's distance call: the (Q, R) structure-weighted squared distances (reference: the query by default)."""
         # checked before BaseDistance resets the statistics: a rejected call changes nothing
         self.check_shapes(query_emb, ref_emb)
         return super().forward(query_emb, ref_emb)
 
     def compute_mat(self, query_emb, ref_emb):
+        """PML's hook: ``sum_k s_qk (x_qk - x_rk)^2`` for every query row q and reference row r."""
         qx, qs = F_namr.split_packed(query_emb, self.embedding_size)
         rx = self._ref_sample(ref_emb).to(qx.dtype)
         qx, rx, qs, unscale = _rescaled(qx, rx, qs)
         return F_namr.structure_weighted_sq_distance(qx, qs, rx) * unscale
 
     def pairwise_distance(self, query_emb, ref_emb):
+        """The structure-weighted squared distance of each query row to the reference row of the same index, (N,)."""
         self.check_shapes(query_emb, ref_emb)
         qx, qs = F_namr.split_packed(query_emb, self.embedding_size)
         rx = self._ref_sample(ref_emb).to(qx.dtype)

@@ -7,12 +7,18 @@ message names the argument at fault. The conventions:
   where a number is needed, a bool where a number is needed or a number where a bool is needed);
   ``ValueError`` for a value of the right kind that is out of range (wrong shape or width, NaN or infinity,
   a negative temperature, an unknown choice).
+* The scalar checks below (numbers, temperatures, sizes, choices, the distance) raise :class:`HyperParameterError`
+  for a value out of range, a ``ValueError`` that is also an ``AssertionError``: PML checks its hyper-parameters
+  with ``assert`` (e.g. ``RankedListLoss``'s ``imbalance``), so code written for PML's classes,
+  ``except AssertionError``, catches ours too, and ``except ValueError`` works as well. Every out-of-range
+  hyper-parameter of ``RankedListLoss``, ``RankedListReducer`` and ``RankedListMiner`` raises it.
 * Numbers: Python and numpy scalars alike (``np.float32(0.4)``, ``np.int64(10)``); bools are never numbers.
   Sizes are integers (Python or numpy), never floats, even integral ones.
 * Embeddings: 2-D floating-point ``torch.Tensor`` of shape (N, D), D >= 1, every value finite. An empty batch
   (N = 0) is accepted where the class defines its result. Reference embeddings (``ref_emb``, a gallery) of another
   floating dtype are cast to the embeddings' dtype, as PML's CrossBatchMemory casts its memory; on another device
-  they are rejected.
+  they are rejected. Meta tensors (shapes without values) pass the value checks, which have nothing to read;
+  a class whose result's size depends on the values rejects them with :func:`check_not_meta`.
 * Labels: 1-D ``torch.Tensor`` of integer class labels with one entry per embedding. Lists and numpy arrays are
   rejected with a ``TypeError`` (convert with ``torch.as_tensor``) rather than converted, as PML itself expects
   tensors: one rule for every class, and no silent copy to the wrong device. Labels on another device than the
@@ -45,6 +51,15 @@ MAX_MAGNITUDE = 1e30
 
 
 # -- hyper-parameters ----------------------------------------------------------------------------------------------
+class HyperParameterError(ValueError, AssertionError):
+    """A scalar argument (hyper-parameter, size, choice, distance) of the right kind but out of its allowed range.
+
+    Both a ``ValueError`` (this package's convention for out-of-range values) and an ``AssertionError`` (what PML
+    raises for the hyper-parameters it checks, with ``assert``), so that either ``except`` clause catches it. The
+    message names the argument.
+    """
+
+
 def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
@@ -63,11 +78,11 @@ def check_number(
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
     out = float(value)
     if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {out}")
+        raise HyperParameterError(f"{name} must be finite, got {out}")
     too_low = low is not None and (out <= low if low_open else out < low)
     if too_low or (high is not None and out > high):
         left = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {left}{low}, {high}], got {out}")
+        raise HyperParameterError(f"{name} must lie in {left}{low}, {high}], got {out}")
     return out
 
 
@@ -82,7 +97,7 @@ def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> i
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     out = int(value)
     if out < low or (high is not None and out > high):
-        raise ValueError(f"{name} must be an int in [{low}, {high if high is not None else 'inf'}], got {out}")
+        raise HyperParameterError(f"{name} must be an int in [{low}, {high if high is not None else 'inf'}], got {out}")
     return out
 
 
@@ -96,7 +111,7 @@ def check_bool(name: str, value: Any) -> bool:
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """One of the strings in ``choices``."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise HyperParameterError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
@@ -116,14 +131,14 @@ def check_numbers(
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__} ({values!r})")
     out = tuple(check_number(f"{name}[{i}]", v, low, high) for i, v in enumerate(values))
     if len(out) < min_len:
-        raise ValueError(f"{name} must hold at least {min_len} value(s), got {len(out)}")
+        raise HyperParameterError(f"{name} must hold at least {min_len} value(s), got {len(out)}")
     return out
 
 
 def check_distance(distance: BaseDistance, owner: str) -> None:
     """Ranked lists need a distance (small = similar), not a similarity."""
     if getattr(distance, "is_inverted", False):
-        raise ValueError(
+        raise HyperParameterError(
             f"{owner} needs a distance (small = similar), but distance={type(distance).__name__} is a "
             "similarity (is_inverted=True); use e.g. LpDistance()"
         )
@@ -134,7 +149,7 @@ def all_finite(t: Tensor) -> bool:
     """Whether every value is finite: the extremes are finite exactly when every value is (NaN propagates); one
     reduction pass, no temporary of the tensor's size."""
     t = t.detach()
-    if t.numel() == 0:
+    if t.numel() == 0 or t.is_meta:  # a meta tensor has a shape and a dtype but no values to check
         return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
@@ -197,7 +212,14 @@ def check_labels(name: str, labels: Any, n: int | None = None, required: bool = 
     return labels
 
 
+def check_not_meta(name: str, t: Tensor, owner: str, why: str) -> None:
+    """Reject a tensor on the meta device where the result's size depends on its values (``why`` says which)."""
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no values, but {owner} needs them: {why}")
+
+
 def check_same_device(name: str, t: Tensor, like: Tensor, like_name: str = "embeddings") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``t`` is on the device of ``like``."""
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device}, {like_name} on {like.device}; put both on one device")
 
@@ -219,10 +241,12 @@ def check_features(features: Any, module: torch.nn.Module) -> None:
 
 
 def packed_width(embedding_size: int) -> str:
+    """The expected width of a packed embedding, for error messages."""
     return f"2 * embedding_size = {2 * embedding_size} (packed [x || s])"
 
 
 def reference_width(embedding_size: int) -> str:
+    """The accepted widths of a reference embedding (packed or sample part), for error messages."""
     return f"2 * embedding_size = {2 * embedding_size} (packed) or embedding_size = {embedding_size} (sample part)"
 
 
@@ -309,6 +333,9 @@ def check_indices_tuple(indices_tuple: Any, n: int, m: int) -> tuple[Tensor, Ten
     for kind, rows, cols in (("positive", a1, p), ("negative", a2, neg)):
         if rows.shape != cols.shape:
             raise ValueError(f"indices_tuple: {kind} anchors and partners differ in length")
+    if any(t.is_meta for t in (a1, p, a2, neg)):  # meta tensors have no values: the shapes are all there is
+        return a1, p, a2, neg
+    for kind, rows, cols in (("positive", a1, p), ("negative", a2, neg)):
         if rows.numel() and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= m):
             raise ValueError(f"indices_tuple: {kind} pair indices out of range for {n} queries x {m} references")
     if a1.numel() and a2.numel() and bool(torch.isin(a1 * m + p, a2.to(a1.device) * m + neg.to(a1.device)).any()):

@@ -28,6 +28,7 @@ class Workspace:
             _SCRATCH.buffers = {}
 
     def get(self, name: str, b: int, c: int) -> Tensor | None:
+        """A b x c view of the buffer of this name and dtype (grown when needed); ``None`` where disabled."""
         if not self.enabled:
             return None
         buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.buffers

@@ -45,3 +45,56 @@ def test_cross_batch_memory(gradient):
     with pytest.raises(ValueError, match="PML's RankedListLoss"):
         losses.CrossBatchMemory(pml_losses.RankedListLoss(margin=0.4, Tn=1), emb_size)
     losses.CrossBatchMemory(pml_losses.ContrastiveLoss(), emb_size)  # PML's own list still works
+
+
+@pytest.mark.parametrize("inner", [losses.RankedListLoss, pml_losses.ContrastiveLoss])
+def test_empty_batch_gives_a_zero_loss_and_leaves_the_memory(inner, unchanged):
+    xbm = losses.CrossBatchMemory(inner(), 6, memory_size=48)
+    first, y1 = batch(seed=7)
+    second, y2 = batch(seed=8)
+    for _ in range(2):  # on an empty memory, then on a partly filled one
+        empty = torch.zeros(0, 6, dtype=torch.float16, requires_grad=True)
+        with unchanged(xbm):
+            loss = xbm(empty, torch.zeros(0, dtype=torch.long))
+        assert loss.item() == 0.0 and loss.dtype == torch.float16
+        loss.backward()
+        assert empty.grad.shape == (0, 6)
+        xbm(first.float(), y1)
+    # the empty calls changed nothing: the next batch sees the memory of the two real calls only
+    fresh = losses.CrossBatchMemory(inner(), 6, memory_size=48)
+    fresh(first.float(), y1)
+    fresh(first.float(), y1)
+    assert xbm(second.float(), y2).item() == fresh(second.float(), y2).item()
+    assert torch.equal(xbm.embedding_memory, fresh.embedding_memory) and xbm.queue_idx == fresh.queue_idx
+
+
+def test_pml_cross_batch_memory_fails_on_an_empty_batch():
+    # what the README's table says of PML's class (the reason for the zero loss above)
+    xbm = pml_losses.CrossBatchMemory(pml_losses.ContrastiveLoss(), 6, memory_size=48)
+    with pytest.raises(IndexError):
+        xbm(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+
+
+def test_enqueue_mask_without_rows_enqueues_nothing():
+    loss = losses.RankedListLoss(0.4, Tn=10)
+    xbm = losses.CrossBatchMemory(loss, 6, memory_size=48)
+    first, y1 = batch(seed=7)
+    second, y2 = batch(seed=8)
+    xbm(first.float(), y1)
+    memory, memory_labels = xbm.embedding_memory.clone(), xbm.label_memory.clone()
+    got = xbm(second.float(), y2, enqueue_mask=torch.zeros(len(y2), dtype=torch.bool))
+    assert torch.equal(xbm.embedding_memory, memory) and torch.equal(xbm.label_memory, memory_labels)
+    assert xbm.queue_idx == 24 and len(xbm.curr_batch_idx) == 0  # this call enqueued no slot
+    assert not xbm.has_been_filled  # 24 of 48 slots: PML's update marked the memory as full here
+    # the queries against the 24 filled slots, none of them a query's own copy
+    expected = reference_loss(second, None, Tn=10, ref=first, pos_pairs=_pairs(y2, y1, True), neg_pairs=_pairs(y2, y1))
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def _pairs(labels, ref_labels, positive=False):
+    return {
+        (i, j)
+        for i in range(len(labels))
+        for j in range(len(ref_labels))
+        if bool(labels[i] == ref_labels[j]) == positive
+    }

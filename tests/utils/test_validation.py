@@ -172,3 +172,33 @@ def test_packed_and_reference(rejects):
     V.check_reference("reference", x, 3)
     V.check_reference("reference", torch.cat([x, s], 1), 3)
     rejects(lambda: V.check_reference("reference", torch.randn(4, 5), 3), ValueError, "reference")
+
+
+def test_out_of_range_scalars_raise_hyper_parameter_error():
+    # a ValueError and an AssertionError (PML asserts its hyper-parameters); wrong kinds stay TypeErrors
+    out_of_range = [
+        lambda: V.check_number("margin", -1.0, 0.0),
+        lambda: V.check_number("margin", float("nan")),
+        lambda: V.check_temperature("Tn", -1.0),
+        lambda: V.check_int("memory_size", 0),
+        lambda: V.check_numbers("t_values", (), min_len=1),
+        lambda: V.check_choice("gradient", "fast", ("paper", "autograd")),
+    ]
+    for call in out_of_range:
+        with pytest.raises(V.HyperParameterError) as info:
+            call()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, AssertionError)
+    with pytest.raises(TypeError) as type_info:
+        V.check_number("margin", "0.4")
+    assert not isinstance(type_info.value, AssertionError)
+
+
+def test_meta_tensors_have_no_values_to_check(rejects):
+    # shapes and kinds are still checked; values, which a meta tensor does not have, are not
+    emb = torch.empty(4, 3, device="meta")
+    V.check_embeddings("embeddings", emb)
+    a, p, n = (torch.tensor(v, device="meta") for v in ([0, 1], [1, 0], [2, 3]))
+    V.check_indices_tuple((a, p, n), 4, 4)
+    rejects(lambda: V.check_embeddings("embeddings", torch.empty(4, device="meta")), ValueError, "embeddings")
+    rejects(lambda: V.check_indices_tuple((a, p, n[:1]), 4, 4), ValueError, "indices_tuple")
+    rejects(lambda: V.check_not_meta("embeddings", emb, "RankedListMiner", "why"), ValueError, "embeddings")
