@@ -15,7 +15,6 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Protocol
 
 from . import distributed
@@ -60,8 +59,7 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
         fkey = (id(bundle), task["fold"], repr(task["folds"]))
         if fkey not in _FOLD_BUNDLES:
             _FOLD_BUNDLES[fkey] = fold_bundle(bundle, task["folds"], task["fold"])
-        data = _FOLD_BUNDLES[fkey]
-        cfg = replace(cfg, eval_every=0)  # a trial's value is the held-out fold's score after the last epoch
+        data = _FOLD_BUNDLES[fkey]  # --eval-every draws the held-out fold's curve (benchmarks/convergence.py)
     else:
         bundle.test_sealed = False
         data = bundle

@@ -14,6 +14,9 @@ Hyper-parameter names:
 * NAMR entries wrap another entry: their own names (``structure_weight``) go to ``NAMRLoss`` and
   ``loss.<name>`` to the wrapped entry (``loss.margin``, ``loss.miner.margin``), with the wrapped entry's
   defaults and search space.
+* cross-batch-memory entries (``rll-xbm``, ...) wrap another entry the same way: ``memory_size`` and
+  ``start_iteration`` go to :class:`benchmarks.warmup_cross_batch_memory.WarmupCrossBatchMemory`, ``loss.<name>``
+  to the wrapped entry (its miner mines the batch and the memory).
 
 A value may be a placeholder string: ``"{embedding_size}"``, ``"{num_classes}"`` (the training classes of the run)
 or ``"{<other hyper-parameter>}"`` (the triplet miner's margin follows the loss's margin this way).
@@ -147,7 +150,9 @@ class LossEntry:
         params: hyper-parameter name -> :class:`Param` (see the module docstring for the naming rules).
         source: the paper (title, venue) the defaults come from.
         miner_class: import path of the miner, or ``None``.
-        wraps: for NAMR entries, the wrapped entry (its parameters appear here as ``loss.<name>``).
+        wraps: for NAMR and cross-batch-memory entries, the wrapped entry (its parameters appear here as
+            ``loss.<name>``).
+        memory: ``True`` for a cross-batch-memory entry (``wraps`` trained through a memory), ``False`` for NAMR.
         notes: anything a reader of the table should know.
     """
 
@@ -158,11 +163,12 @@ class LossEntry:
     source: str
     miner_class: str | None = None
     wraps: LossEntry | None = None
+    memory: bool = False
     notes: str = ""
 
     @property
     def namr(self) -> bool:
-        return self.wraps is not None
+        return self.wraps is not None and not self.memory
 
     @property
     def base(self) -> str | None:
@@ -213,6 +219,8 @@ class LossEntry:
             elif k != LR_MULTIPLIER:
                 loss_kw[k] = _resolve(v, ctx, hp, k)
         lr_mult = float(_resolve(hp.get(LR_MULTIPLIER, 1.0), ctx, hp, LR_MULTIPLIER))
+        if self.wraps is not None and self.memory:
+            return memory_spec(self.wraps, ctx, loss_kw, inner_kw)
         if self.wraps is not None:
             config = namr_base_config(self.wraps.name)
             config["retrieval"] = dict(config["retrieval"])
@@ -272,8 +280,10 @@ RLL_PARAMS = {
     "Tn": Param(10.0, 1.0, 50.0, log=True),
     "imbalance": Param(0.5, 0.2, 0.8),
     "alpha": Param(None, source="None = 1 + margin/2"),
-    "Tp": Param(0.0),
+    "Tp": Param(0.0, 0.0, 10.0),
 }
+# ours: both gradient rules in the search space (the value is the same; the gradient differs)
+RLL_GRADIENTS = ("paper", "autograd")
 NAMR_SOURCE = (
     "NAMR (TCSVT 2022) / NASA (AAAI 2022) code; lambda, centres and re-ranking per base chosen on validation "
     "alphabets (pml_rll.losses.namr_loss.NAMR_CONFIGS, docs/namr_ablation.md)"
@@ -288,8 +298,8 @@ def _entries() -> list[LossEntry]:
             "rll",
             "ours",
             "pml_rll.losses:RankedListLoss",
-            {**RLL_PARAMS, "gradient": Param("paper")},
-            RLL_SOURCE + "; paper gradient (query-only, constant weights)",
+            {**RLL_PARAMS, "gradient": Param("paper", choices=RLL_GRADIENTS)},
+            RLL_SOURCE + "; paper gradient (query-only, constant weights); --tune also tries the autograd rule",
         ),
         LossEntry(
             "rll-autograd",
@@ -297,6 +307,7 @@ def _entries() -> list[LossEntry]:
             "pml_rll.losses:RankedListLoss",
             {**RLL_PARAMS, "gradient": Param("autograd")},
             RLL_SOURCE + "; plain autograd of eqs. 2-5",
+            notes="the autograd rule only; 'rll' searches both rules",
         ),
         LossEntry("pml-rll", "pml", _PML + "RankedListLoss", dict(RLL_PARAMS), RLL_SOURCE + "; PML 2.9 RankedListLoss"),
         LossEntry(
@@ -388,7 +399,52 @@ def _entries() -> list[LossEntry]:
     by_name = {x.name: x for x in e}
     for base in ("triplet", "multi-similarity", "contrastive", "rll"):
         e.append(namr_entry(f"namr-{base}", by_name[base]))
+    for base in MEMORY_BASES:
+        e.append(memory_entry(f"{base}-xbm", by_name[base]))
     return e
+
+
+# ------------------------------------------------------------------------------------------------ cross-batch memory
+XBM_SOURCE = (
+    "Cross-Batch Memory for Embedding Learning, CVPR 2020: the batch's loss plus its loss against a memory of past "
+    "embeddings, the memory used only after a warm-up while the embeddings drift fast; memory size and warm-up "
+    "chosen for this benchmark's small training sets and budgets"
+)
+#: the entries also trained through a memory: ours and two of PML's pair losses
+MEMORY_BASES = ("rll", "contrastive", "multi-similarity")
+MEMORY_CLASS = "benchmarks.warmup_cross_batch_memory:WarmupCrossBatchMemory"
+
+
+def memory_params() -> dict[str, Param]:
+    """A memory entry's own hyper-parameters: the memory's size (rows) and the iteration it starts at."""
+    return {
+        "memory_size": Param(1024, 256, 4096, log=True, integer=True),
+        "start_iteration": Param(1000, 0, 2000, integer=True, source="XBM's warm-up"),
+    }
+
+
+def memory_entry(name: str, base: LossEntry, family: str | None = None) -> LossEntry:
+    """``base`` trained through :class:`~benchmarks.warmup_cross_batch_memory.WarmupCrossBatchMemory`: the
+    memory's parameters (:func:`memory_params`) plus ``loss.<name>`` for each of base's."""
+    params = {**memory_params(), **{f"loss.{k}": p for k, p in base.params.items()}}
+    return LossEntry(
+        name,
+        family or base.family,
+        MEMORY_CLASS,
+        params,
+        XBM_SOURCE + f"; wrapped loss = the '{base.name}' entry",
+        wraps=base,
+        memory=True,
+    )
+
+
+def memory_spec(base: LossEntry, ctx: BuildContext, memory_kw: dict, base_hparams: dict | None = None) -> LossSpec:
+    """``base``'s loss and miner inside a warm-up cross-batch memory built with ``memory_kw``."""
+    inner = base.build(ctx, base_hparams)
+    if inner.namr:
+        raise ValueError(f"{base.name}: NAMRLoss packs two embeddings; a cross-batch memory holds one")
+    loss = import_object(MEMORY_CLASS)(inner.loss, ctx.embedding_size, miner=inner.miner, **memory_kw)
+    return LossSpec(loss, None, loss_lr_multiplier=inner.loss_lr_multiplier)
 
 
 def namr_base_config(base_name: str) -> dict:

@@ -8,6 +8,8 @@ All files are regenerated from the store's records of the command (never appende
   of means). With ``--tune``: per loss the tuned hyper-parameters and validation score, the tuned test table
   beside the untuned one, and the paired tuned − untuned differences; ``trials.csv`` lists every trial.
 * ``results.png``: MAP@R and P@1 per loss with error bars (std over seeds) and test-split learning curves.
+* ``verdict.md`` / ``verdict.csv`` / ``verdict.png`` (:mod:`benchmarks.stats`): paired differences with 95% t
+  intervals over seeds and verdicts (also appended to ``results.md``), MAP@R per loss with intervals.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from . import stats
 from .common import atomic_write
 from .metrics import METRICS, SHORT_NAMES
 
@@ -360,10 +363,16 @@ def markdown_report(records: list[dict], header: str = "", tuning: dict | None =
     the code that made the rows."""
     code = code_section(records)
     if tuning is None:
-        return markdown_tables(records, header) + ("\n" + code if code else "")
+        return (
+            markdown_tables(records, header)
+            + "\n"
+            + stats.markdown(records)  # intervals (benchmarks/stats.py)
+            + ("\n" + code if code else "")
+        )
     parts = [header.rstrip() + "\n" if header else "", tuning_tables(records, tuning)]
     parts.append("\n## Test split, tuned hyper-parameters\n\n" + markdown_tables(_variant(records, "tuned")))
     parts.append("\n## Test split, untuned (defaults)\n\n" + markdown_tables(_variant(records, "untuned")))
+    parts.append(stats.markdown(records))  # 95% intervals and verdicts (benchmarks/stats.py)
     if code:
         parts.append("\n## Code\n\n" + code)
     return "\n".join(p for p in parts if p)
@@ -409,4 +418,5 @@ def write_reports(records: list[dict], out_dir: str, header: str = "", tuning: d
         write_trials_csv(tuning["records"], paths["trials"])
     if write_figure(shown, paths["figure"], title=header.splitlines()[0].lstrip("# ") if header else "") is None:
         paths.pop("figure")
+    paths.update(stats.write_exports(records, out_dir, header.splitlines()[0].lstrip("# ") if header else ""))
     return paths

@@ -184,7 +184,8 @@ def test_torchrun_two_processes_write_one_result_that_learns(tmp_path):
     before, after = rec["untrained"]["mean_average_precision_at_r"], rec["metrics"]["mean_average_precision_at_r"]
     assert after > before + 0.1, (before, after)  # efficient=True (rll) learns
     files = set(os.listdir(out)) - {"results.db-wal", "results.db-shm"}
-    assert files == {"logs", "results.csv", "results.db", "results.jsonl", "results.md", "results.png"}
+    exports = {"results.csv", "results.jsonl", "results.md", "results.png", "verdict.csv", "verdict.md", "verdict.png"}
+    assert files == {"logs", "results.db"} | exports
     assert len(os.listdir(os.path.join(out, "logs"))) == 1  # one run's logs, written by rank 0
 
     # the same command again: the run is found (world size 2) and nothing is duplicated

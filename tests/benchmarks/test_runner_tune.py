@@ -122,7 +122,7 @@ def test_tune_two_trials_two_folds_never_reads_test(tmp_path, monkeypatch, capsy
     assert all(t["value"] is not None and len(t["fold_values"]) == 2 for t in trials)
     # trial 0 is the defaults; trial 1 is drawn from the search space
     t0 = {t["loss"]: t for t in trials if t["slot"] == 0}
-    assert t0["rll"]["params"] == {"margin": 0.4, "Tn": 10.0, "imbalance": 0.5}
+    assert t0["rll"]["params"] == {"margin": 0.4, "Tn": 10.0, "imbalance": 0.5, "Tp": 0.0, "gradient": "paper"}
     # the test split was read only after the last trial had finished (the split's label hash excepted, read once
     # before any training to key the results)
     last_trial = max(t["finished_unix"] for t in trials)
