@@ -1,4 +1,5 @@
-# Targets: `make benchmark` (the main job), `make test`, `make lint` (ruff lint + format check, mypy, interrogate),
+# Targets: `make benchmark` (the main job), `make test`, `make lint` (ruff lint + format check, mypy, interrogate,
+# the import contracts of lint-imports, the function length limit),
 # `make docs` (the documentation site, mkdocs build --strict, into site/);
 # `make verdict-convergence`, `make verdict`, `make verdict-export`: the tuned Omniglot study (docs/verdict.md).
 # Each creates or reuses .venv from the pinned constraints file (torch and torchvision pinned together).
@@ -40,6 +41,8 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m interrogate pml_rll
+	$(VENV)/bin/lint-imports
+	$(PY) .ci/function_length.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet

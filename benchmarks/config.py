@@ -4,7 +4,8 @@ A config file is TOML. Each ``[losses.<name>]`` table either changes a registere
 ``search`` = new search spaces) or adds one (``class`` given)::
 
     [losses.my-loss]
-    class = "my_losses:MyLoss"                      # importable module:Class (the file's folder is importable)
+    class = "my_losses:MyLoss"                      # module:Class, a torch.nn.Module (the file's folder is
+                                                    # searched last for modules)
     kwargs = { pos_margin = 0.0, neg_margin = 0.8, embedding_size = "{embedding_size}" }
     miner = "pytorch_metric_learning.miners:MultiSimilarityMiner"   # optional
     miner_kwargs = { epsilon = 0.1 }                # optional
@@ -15,13 +16,19 @@ A config file is TOML. Each ``[losses.<name>]`` table either changes a registere
 
 A search space is ``[low, high]`` (linear), ``{ low, high, log = true, int = true }`` or ``{ choices = [...] }``.
 Placeholders: ``"{embedding_size}"``, ``"{num_classes}"`` and ``"{<other hyper-parameter>}"``.
+
+An entry's name is used in folder names and in ``--set NAME.PARAM``: 1 to 64 letters, digits, ``_``, ``+`` or ``-``,
+starting with a letter or digit.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
+
+import torch
 
 from .common import did_you_mean
 from .provenance import import_current
@@ -32,6 +39,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
 ENTRY_KEYS = {"class", "kwargs", "miner", "miner_kwargs", "search", LR_MULTIPLIER, "family", "source", "notes"}
 
 
@@ -89,7 +97,10 @@ def _entry_from_table(name: str, t: dict[str, Any], existing: LossEntry | None, 
     defaults.update({f"miner.{k}": v for k, v in t.get("miner_kwargs", {}).items()})
     if LR_MULTIPLIER in t:
         defaults[LR_MULTIPLIER] = t[LR_MULTIPLIER]
-    search = {k: parse_space(k, v) for k, v in t.get("search", {}).items()}
+    try:
+        search = {k: parse_space(k, v) for k, v in t.get("search", {}).items()}
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     if "class" not in t:
         if existing is None:
             raise ValueError(f"{where}: a new entry needs class = 'module:Class'")
@@ -104,9 +115,18 @@ def _entry_from_table(name: str, t: dict[str, Any], existing: LossEntry | None, 
         raise ValueError(f"{where}: search space for {sorted(unknown_space)}, which have no value in kwargs")
     if t.get("miner_kwargs") and "miner" not in t:
         raise ValueError(f"{where}: miner_kwargs without miner")
-    import_current(t["class"])  # reloaded when its file changed since this process imported it
-    if "miner" in t:
-        import_current(t["miner"])
+    for what in ("class", "miner"):
+        if what not in t:
+            continue
+        if not isinstance(t[what], str):
+            raise ValueError(f"{where}: {what} must be a string 'module:Class', got {t[what]!r}")
+        try:
+            obj = import_current(t[what])  # reloaded when its file changed since this process imported it
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+            kind = "loss" if what == "class" else "miner"
+            raise ValueError(f"{where}: {what} {t[what]!r} is not a {kind} (a torch.nn.Module class)")
     params = {k: Param(v) for k, v in defaults.items()}
     for k, p in search.items():
         params[k] = Param(defaults[k], p.low, p.high, p.log, p.integer, p.choices)
@@ -115,15 +135,15 @@ def _entry_from_table(name: str, t: dict[str, Any], existing: LossEntry | None, 
         family,
         t["class"],
         params,
-        t.get("source", f"--config {where.split(':')[0]}"),
+        t.get("source", where.split(": [")[0]),
         miner_class=t.get("miner"),
         notes=t.get("notes", ""),
     )
 
 
 def load_config(path: str, base: dict[str, LossEntry] | None = None) -> dict[str, LossEntry]:
-    """Read a TOML config; return the registry with its entries changed and added. The file's folder is put on
-    ``sys.path`` so that a module beside it can be named in ``class``."""
+    """Read a TOML config; return the registry with its entries changed and added. The file's folder is put last
+    on ``sys.path`` so that a module beside it can be named in ``class`` (without shadowing any other module)."""
     entries = dict(REGISTRY if base is None else base)
     try:
         with open(path, "rb") as f:
@@ -135,13 +155,25 @@ def load_config(path: str, base: dict[str, LossEntry] | None = None) -> dict[str
     unknown = set(data) - {"losses"}
     if unknown:
         raise ValueError(f"--config {path}: unknown top-level tables {sorted(unknown)}; expected [losses.<name>]")
+    losses = data.get("losses", {})
+    if not isinstance(losses, dict):
+        raise ValueError(f"--config {path}: losses must be a table of [losses.<name>] tables, got {losses!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if folder not in sys.path:
-        sys.path.insert(0, folder)
-    for name, t in data.get("losses", {}).items():
+        sys.path.append(folder)  # last: a module beside the config never shadows an installed one
+    for name, t in losses.items():
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(
+                f"--config {path}: [losses.{name!r}]: a name is 1 to 64 letters, digits, '_', '+' or '-', "
+                "starting with a letter or digit"
+            )
         if not isinstance(t, dict):
             raise ValueError(f"--config {path}: losses.{name} must be a table")
-        entries[name] = _entry_from_table(name, t, entries.get(name), f"{path}: [losses.{name}]")
+        where = f"--config {path}: [losses.{name}]"
+        try:
+            entries[name] = _entry_from_table(name, t, entries.get(name), where)
+        except ValueError as e:  # every message names the file and the entry
+            raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     return entries
 
 

@@ -5,6 +5,11 @@ A *task* is one training run (a loss, its hyper-parameters, a seed, and either t
 (``--jobs 1``) or in spawned worker processes; a worker exits as soon as its parent process is gone (a killed
 runner leaves no workers behind). ``schedule`` keeps the workers busy with the tasks that *sources* hand out
 (a source claims its work in the results store before handing it out) and returns each result to its source.
+
+A task runs under its claim: it checks now and then (at most every few seconds, at iteration ends) that the claim
+is still its own, and raises :class:`benchmarks.store.ClaimLostError` as soon as it is not. A worker process that
+dies breaks the whole process pool: the pool is started again, and the tasks it was running are run again one at
+a time, so that only the task that kills its worker fails (``BrokenProcessPool`` handed to its source).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import distributed
@@ -49,7 +55,7 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
 
     for p in job.get("sys_path", ()):
         if p not in sys.path:
-            sys.path.insert(0, p)
+            sys.path.append(p)  # last: a module beside the config never shadows an installed one
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     bundle = _bundle(job)
@@ -63,8 +69,11 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     else:
         bundle.test_sealed = False
         data = bundle
+    should_stop = _claim_check(job, task)
     if distributed.current().is_main:  # under torchrun only rank 0 writes logs (the others train in step)
-        shutil.rmtree(task["log_dir"], ignore_errors=True)  # a restarted run starts clean logs
+        if should_stop is not None:
+            should_stop()
+        shutil.rmtree(task["log_dir"], ignore_errors=True)  # the claim's own folder: a restarted run starts clean
     t0 = time.perf_counter()
     rec = run_one(
         data,
@@ -78,9 +87,33 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
         tensorboard=job["tensorboard"] and task.get("fold") is None,
         save_models=job["save_models"] and task.get("fold") is None,
         pbar_position=task.get("pbar_position"),
+        should_stop=should_stop,
     )
     rec["wall_seconds"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def _claim_check(job: dict[str, Any], task: dict[str, Any]) -> Callable[[], None] | None:
+    """A callable that raises ClaimLostError once the task's claim belongs to another runner (it asks the store
+    at most every ``min(lease / 4, 5)`` seconds); None without a claim or under torchrun (the ranks train in step)."""
+    from .store import ClaimLostError, claim_lost
+
+    claim, url = task.get("claim"), job.get("storage")
+    if not claim or not url or claim[2] is None or distributed.current().is_distributed:
+        return None
+    key, seed, token = claim
+    every = min(max(0.5, float(job.get("lease", 120.0)) / 4), 5.0)
+    last = [-float("inf")]  # the first call asks
+
+    def check() -> None:
+        now = time.monotonic()
+        if now - last[0] < every:
+            return
+        last[0] = now
+        if claim_lost(url, key, seed, token):
+            raise ClaimLostError(f"run {key} seed {seed}: another runner took the claim over")
+
+    return check
 
 
 def _watch_parent(parent: int) -> None:
@@ -133,6 +166,16 @@ class WorkerPool:
             fut.set_exception(e)
         return fut
 
+    @property
+    def broken(self) -> bool:
+        """Whether a worker process died and took the pool with it."""
+        return self._pool is not None and bool(getattr(self._pool, "_broken", False))
+
+    def restart(self) -> None:
+        """Replace a broken pool with a new one of the same size."""
+        self.shutdown()
+        self.__init__(self.jobs)  # type: ignore[misc]
+
     def shutdown(self) -> None:
         if self._pool is not None:
             procs = list(getattr(self._pool, "_processes", {}).values())
@@ -163,9 +206,14 @@ def schedule(pool: WorkerPool, job: dict[str, Any], sources: list[Source], poll_
     source still waits for work another runner holds, the scheduler polls every ``poll_seconds``.
     """
     inflight: dict[cf.Future[Any], tuple[Source, dict[str, Any]]] = {}
+    suspects: list[tuple[Source, dict[str, Any]]] = []  # tasks a dying worker interrupted: rerun one at a time
     turn = 0
     while True:
-        progressed = True
+        if suspects and not inflight:
+            src, suspect = suspects.pop(0)
+            suspect = dict(suspect, alone=True)
+            inflight[pool.submit(job, suspect)] = (src, suspect)
+        progressed = not suspects and not any(t.get("alone") for _, t in inflight.values())
         while len(inflight) < pool.jobs and progressed:
             progressed = False
             active = [s for s in sources if not s.finished]
@@ -187,4 +235,10 @@ def schedule(pool: WorkerPool, job: dict[str, Any], sources: list[Source], poll_
         done, _ = cf.wait(list(inflight), timeout=poll_seconds, return_when=cf.FIRST_COMPLETED)
         for fut in done:
             src, task = inflight.pop(fut)
+            if not fut.cancelled() and isinstance(fut.exception(), cf.process.BrokenProcessPool):
+                if pool.broken:
+                    pool.restart()
+                if not task.get("alone"):
+                    suspects.append((src, task))
+                    continue
             src.on_result(task, fut)

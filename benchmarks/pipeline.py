@@ -224,12 +224,14 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
 
 def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = None):
     """PML's accuracy calculator for a plain loss (``namr_loss=None``); for a ``NAMRLoss``, its re-ranked retrieval
-    and plain retrieval (``NAMRLoss.retrieval_knn``: the validated settings in the geometry the loss trained),
+    and plain retrieval (``NAMRReRankKNN.for_loss``: the validated settings in the geometry the loss trained),
     with the entry's ``retrieval`` settings (``--set NAME.retrieval.blend=...``) laid over them."""
     if namr_loss is None:
         return RetrievalAccuracyCalculator(device=device)
-    rerank = namr_loss.retrieval_knn(**(retrieval or {}))
-    plain = namr_loss.retrieval_knn(mode="plain", **(retrieval or {}))
+    from pml_rll.retrieval import NAMRReRankKNN
+
+    rerank = NAMRReRankKNN.for_loss(namr_loss, **(retrieval or {}))
+    plain = NAMRReRankKNN.for_loss(namr_loss, mode="plain", **(retrieval or {}))
     namr_loss.check_retrieval(rerank)
     return NAMRAccuracyCalculator(namr_loss.embedding_size, rerank, plain, device=device)
 
@@ -248,13 +250,15 @@ def run_one(
     save_models: bool = False,
     pbar_position: int | None = 1,
     after_training=None,
+    should_stop=None,
 ) -> dict:
     """Train one (loss, seed) with ``hparams`` and evaluate it on ``bundle.test``; return the result record.
 
     ``bundle`` may be a tuning fold (:func:`benchmarks.datasets.fold_bundle`), whose ``test`` is the held-out fold.
     ``after_training(trunk, embedder, loss_spec) -> dict``, when given, runs on the trained models (after the
     last evaluation); its result is stored under the record's ``"after_training"`` key (extra analyses such as
-    ``benchmarks/namr_diagnose.py``)."""
+    ``benchmarks/namr_diagnose.py``). ``should_stop()``, when given, is called before every write of the per-run
+    logs (each iteration's and epoch's end); it raises to stop the run (a claim taken over by another runner)."""
     from pytorch_metric_learning.utils import logging_presets
 
     main = distributed.current().is_main  # DDP hook: only rank 0 logs, evaluates and returns a record
@@ -316,13 +320,28 @@ def run_one(
     record_keeper, _, _ = logging_presets.get_record_keeper(
         os.path.join(log_dir, "logs"), os.path.join(log_dir, "tensorboard") if tensorboard else None
     )
-    hooks = logging_presets.get_hook_container(
+    hook_container = logging_presets.get_hook_container(
         record_keeper,
         primary_metric="mean_average_precision_at_r",
         validation_split_name="test",
         save_models=save_models,
         log_freq=max(1, cfg.iterations_per_epoch // 5),
     )
+    check = should_stop if should_stop is not None else (lambda: None)
+
+    class _Hooks:  # the preset's hooks, each after the check
+        def end_of_iteration_hook(self, trainer):
+            check()
+            return hook_container.end_of_iteration_hook(trainer)
+
+        def end_of_testing_hook(self, tester):
+            check()
+            return hook_container.end_of_testing_hook(tester)
+
+        def end_of_epoch_hook(self, *args, **kwargs):
+            return hook_container.end_of_epoch_hook(*args, **kwargs)
+
+    hooks = _Hooks()
     acc_calc = build_accuracy_calculator(spec.loss if spec.namr else None, device, retrieval=spec.retrieval)
     tester = BenchmarkTester(
         normalize_embeddings=not spec.namr,
@@ -349,6 +368,7 @@ def run_one(
         return acc
 
     def end_of_epoch(trainer):
+        check()
         if trainer.epoch == cfg.epochs or (cfg.eval_every > 0 and trainer.epoch % cfg.eval_every == 0):
             evaluate(trainer.epoch, trainer)
         return True

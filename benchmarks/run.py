@@ -13,6 +13,7 @@ a database (``results.db`` in ``--out``, or ``--storage URL``); results.jsonl/cs
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import re
@@ -69,6 +70,26 @@ def _defaults_help() -> str:
 
 PROG = f"python -m {__package__ or 'benchmarks'}.run"  # how the command was started (pml-rll-bench: cli())
 SEED_MAX = 2**31 - 1 - 40_000  # the pipeline derives seeds up to seed + 30_011
+SEEDS_MAX = 10_000  # seeds in one command
+# upper bounds of the numeric options (said in --help): beyond them a run would exhaust memory or never end
+UPPER: dict[str, int | float] = {
+    "epochs": 100_000,
+    "iterations_per_epoch": 10_000_000,
+    "batch_size": 65_536,
+    "m_per_class": 65_536,
+    "embedding_size": 65_536,
+    "eval_batch_size": 65_536,
+    "eval_every": 100_000,
+    "image_size": 4096,
+    "jobs": 256,
+    "threads": 1024,
+    "workers": 256,
+    "trials": 100_000,
+    "folds": 100,
+    "cross_batch_memory": 1_048_576,
+    "lease": 86_400.0,
+}
+CROSS_BATCH_FLOATS_MAX = 2**30  # --cross-batch-memory x --embedding-size (4 GiB of float32)
 TRUNKS = ("mlp", "convnet", "convnet-small", "resnet18", "resnet50")
 NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop")
 TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the defaults) and 3 random draws
@@ -234,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         "process fills it with the gathered global batch. Losses it cannot wrap are skipped (default 0: off)",
     )
     p.add_argument("--list", action="store_true", help="print the loss registry (after --config/--set) and exit")
+    for action in p._actions:
+        if action.dest in UPPER and action.help:
+            action.help += f" (at most {UPPER[action.dest]:g})"
+        elif action.dest == "seeds" and action.help:
+            action.help += f" (at most {SEEDS_MAX} seeds, each in 0..{SEED_MAX})"
     return p
 
 
@@ -245,14 +271,22 @@ def parse_seeds(spec: str | None, default_n: int) -> list[int]:
     try:
         if "," in spec:
             parts = [s.strip() for s in spec.split(",")]
+            if len(parts) > SEEDS_MAX:
+                raise ValueError(f"--seeds: {len(parts)} seeds, at most {SEEDS_MAX}")
             seeds = [int(s) for s in parts]  # an empty part fails here too
         else:
-            seeds = list(range(int(spec)))
-    except ValueError:
+            n = int(spec)
+            if n > SEEDS_MAX:
+                raise ValueError(f"--seeds {spec}: at most {SEEDS_MAX} seeds")
+            seeds = list(range(max(n, 0)))
+    except ValueError as e:
+        if str(e).startswith("--seeds"):
+            raise
         raise ValueError(f"--seeds {spec!r}: expected a count N or a comma list of integers") from None
     if not seeds:
         raise ValueError(f"--seeds {spec}: the number of seeds must be >= 1")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    counts = collections.Counter(seeds)
+    repeated = sorted(s for s, c in counts.items() if c > 1)
     if repeated:
         raise ValueError(f"--seeds {spec}: seeds {repeated} repeated (each seed once)")
     bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
@@ -303,7 +337,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     from .config import build_registry
     from .datasets import DATA_ENV, default_data_root
     from .pipeline import RunConfig
-    from .registry import BuildContext
+    from .registry import REGISTRY, BuildContext
+    from .store import mask_url
 
     d = DATASET_DEFAULTS[args.dataset]
 
@@ -325,6 +360,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     ):
         if pick(name) < lo:
             fail(f"{opt} must be >= {lo}, got {pick(name)}")
+        if pick(name) > UPPER[name]:
+            fail(f"{opt} must be <= {UPPER[name]}, got {pick(name)}")
     for opt, v, lo in (
         ("--jobs", args.jobs, 1),
         ("--threads", args.threads, 0),
@@ -333,17 +370,19 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     ):
         if v < lo:
             fail(f"{opt} must be >= {lo}, got {v}")
-    if args.workers is not None and args.workers < 0:
-        fail(f"--workers must be >= 0, got {args.workers}")
-    if args.image_size is not None and args.image_size < 1:
-        fail(f"--image-size must be >= 1, got {args.image_size}")
+        if v > UPPER[opt[2:]]:
+            fail(f"{opt} must be <= {UPPER[opt[2:]]}, got {v}")
+    if args.workers is not None and not 0 <= args.workers <= UPPER["workers"]:
+        fail(f"--workers must be in 0..{UPPER['workers']}, got {args.workers}")
+    if args.image_size is not None and not 1 <= args.image_size <= UPPER["image_size"]:
+        fail(f"--image-size must be in 1..{UPPER['image_size']}, got {args.image_size}")
     lr, wd = pick("lr"), pick("weight_decay")
     if not (math.isfinite(lr) and lr > 0):
         fail(f"--lr must be a positive number, got {lr}")
     if not (math.isfinite(wd) and wd >= 0):
         fail(f"--weight-decay must be a number >= 0, got {wd}")
-    if not (math.isfinite(args.lease) and args.lease > 0):
-        fail(f"--lease must be > 0 seconds, got {args.lease}")
+    if not (math.isfinite(args.lease) and 0 < args.lease <= UPPER["lease"]):
+        fail(f"--lease must be > 0 and <= {UPPER['lease']:g} seconds, got {args.lease}")
     if pick("batch_size") % pick("m_per_class"):
         fail(f"--batch-size {pick('batch_size')} must be a multiple of --m-per-class {pick('m_per_class')}")
     world = distributed.launch_world_size()
@@ -355,6 +394,13 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         fail(f"--cross-batch-memory must be >= 0, got {args.cross_batch_memory}")
     if 0 < args.cross_batch_memory < pick("batch_size"):
         fail(f"--cross-batch-memory {args.cross_batch_memory} must hold one batch ({pick('batch_size')})")
+    if args.cross_batch_memory > UPPER["cross_batch_memory"]:
+        fail(f"--cross-batch-memory must be <= {UPPER['cross_batch_memory']}, got {args.cross_batch_memory}")
+    if args.cross_batch_memory * pick("embedding_size") > CROSS_BATCH_FLOATS_MAX:
+        fail(
+            f"--cross-batch-memory {args.cross_batch_memory} x --embedding-size {pick('embedding_size')}: more than "
+            f"{CROSS_BATCH_FLOATS_MAX} numbers ({CROSS_BATCH_FLOATS_MAX * 4 // 2**30} GiB) in the memory"
+        )
     if args.test_alphabets is not None:
         if args.dataset != "omniglot":
             fail("--test-alphabets applies to --dataset omniglot only")
@@ -371,14 +417,21 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         fail(str(e))
     n_batch_classes = pick("batch_size") // pick("m_per_class")
     ctx = BuildContext(num_classes=max(2, n_batch_classes), embedding_size=pick("embedding_size"))
-    for n in loss_names:  # a dry build: bad --set values and --config kwargs fail here, not after loading data
+    for n in loss_names:  # a dry run: bad --set values and --config kwargs fail here, not after loading data
+        by_config = registry.entries[n] is not REGISTRY.get(n)  # added or changed by --config
+        src = "--set" if n in registry.overrides else (f"--config {args.config}" if by_config else "registry")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                registry.entries[n].build(ctx, registry.overrides.get(n))
-        except (TypeError, ValueError, AttributeError, ImportError) as e:
-            src = "--set" if n in registry.overrides else ("--config" if args.config else "registry")
+                spec = registry.entries[n].build(ctx, registry.overrides.get(n))
+        except Exception as e:  # noqa: BLE001 - whatever a user's class raises, the entry is refused
             fail(f"{src}: loss {n!r} cannot be built with these hyper-parameters: {type(e).__name__}: {e}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dry_forward(spec, ctx)
+        except Exception as e:  # noqa: BLE001 - as above
+            fail(f"{src}: loss {n!r} fails on a small random batch: {type(e).__name__}: {e}")
     skipped = []
     if args.cross_batch_memory:  # losses the memory cannot wrap are skipped, with the reason printed
         for n in list(loss_names):
@@ -398,6 +451,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         device = distributed.process_device(args.device)  # under torchrun: the GPU of LOCAL_RANK
     except ValueError as e:
         fail(str(e))
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        fail(f"--device {args.device}: runs train on cpu, cuda, mps or xpu, not {device.type}")
     data_root = args.data_root or default_data_root(args.dataset)
     if args.dataset in NEEDS_ROOT and not data_root:
         fail(f"--data-root is required for {args.dataset} (or set {DATA_ENV} to a folder holding {args.dataset}/)")
@@ -415,7 +470,14 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
         sqlalchemy.engine.make_url(storage)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad option
-        fail(f"--storage {storage!r}: not a database URL ({e})")
+        fail(f"--storage {mask_url(storage)!r}: not a database URL ({type(e).__name__})")
+    jsonl = os.path.join(out_dir, "results.jsonl")
+    if args.storage is None and not os.path.exists(os.path.join(out_dir, "results.db")) and os.path.exists(jsonl):
+        if os.path.getsize(jsonl) > 0:  # results of a runner that kept them in results.jsonl only
+            fail(
+                f"--out {out_dir}: holds a results.jsonl but no results.db (results kept outside a results store); "
+                "this command would overwrite it: move it away or choose another --out"
+            )
     cfg = RunConfig(
         dataset=args.dataset,
         trunk=pick("trunk"),
@@ -444,6 +506,28 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         storage=storage,
         skipped=skipped,
     )
+
+
+def dry_forward(spec: Any, ctx: Any) -> None:
+    """Call a built loss (and its miner) on a small random batch on the CPU: what fails at training time fails here
+    (a zero divisor, an argument of the wrong type, a class that is not a loss)."""
+    import torch
+
+    n_classes = max(2, min(ctx.num_classes, 8))
+    labels = torch.arange(n_classes).repeat_interleave(2)
+    gen = torch.Generator().manual_seed(0)
+    if spec.namr:
+        from pml_rll.modules import NAMREmbedder
+
+        emb = NAMREmbedder(8, ctx.embedding_size)(torch.randn(len(labels), 8, generator=gen))
+    else:
+        emb = torch.randn(len(labels), ctx.embedding_size, generator=gen)
+    if not isinstance(spec.loss, torch.nn.Module):
+        raise TypeError(f"{type(spec.loss).__name__} is not a loss (a torch.nn.Module)")
+    tuples = spec.miner(emb, labels) if spec.miner is not None else None
+    out = spec.loss(emb, labels, tuples) if tuples is not None else spec.loss(emb, labels)
+    if not torch.is_tensor(out) or out.numel() != 1:
+        raise TypeError(f"{type(spec.loss).__name__} returned {type(out).__name__}, not a scalar loss")
 
 
 def _versions() -> dict:
@@ -498,6 +582,7 @@ def _main(
     """The body of :func:`main` in every process; under torchrun only rank 0 talks to the store and writes."""
     import torch
     import tqdm
+    from sqlalchemy.exc import SQLAlchemyError
 
     from . import distributed, provenance, report
     from .common import environment_info
@@ -505,7 +590,7 @@ def _main(
     from .executor import Source, WorkerPool, preload, schedule
     from .progress import progress_bar
     from .sources import Context, RunItem, RunSource, TuneSource
-    from .store import ResultStore
+    from .store import ResultStore, StoreError, disk_full, mask_url, open_optuna_storage
 
     cfg, seeds, registry, loss_names, device = v["cfg"], v["seeds"], v["registry"], v["loss_names"], dctx.device
     out_dir = v["out_dir"]
@@ -517,8 +602,12 @@ def _main(
     if dctx.is_main:  # under torchrun only rank 0 talks to the store (claims, resume, records)
         try:
             store = ResultStore(v["storage"], lease_seconds=args.lease)
+        except StoreError as e:  # checked before any data is loaded
+            print(f"error: --storage: {e}", file=sys.stderr)
+            return 2
         except Exception as e:  # noqa: BLE001 - cannot open the database: a bad option
-            parser.error(f"--storage {v['storage']}: cannot open the results store ({type(e).__name__}: {e})")
+            print(f"error: --storage {mask_url(v['storage'])}: cannot open the results store ({e})", file=sys.stderr)
+            return 2
     test_alphabets = [a.strip() for a in args.test_alphabets.split(",") if a.strip()] if args.test_alphabets else None
     try:
         with dctx.main_first():  # rank 0 downloads first
@@ -561,6 +650,8 @@ def _main(
         save_models=args.save_models,
         threads=threads,
         sys_path=[os.path.dirname(os.path.abspath(args.config))] if args.config else [],
+        storage=v["storage"],  # workers check that their claim is still theirs
+        lease=args.lease,
     )
     preload(job, bundle)
     if not dctx.is_main:  # the other ranks train rank 0's tasks in step with it, and write nothing
@@ -568,7 +659,8 @@ def _main(
         return 0
     assert store is not None
     env = environment_info(device)
-    command = PROG + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = PROG + " " + " ".join(shlex.quote(a) for a in _masked_argv(argv if argv is not None else sys.argv[1:]))
+    shown_storage = mask_url(v["storage"])
     code = provenance.code_digests()
     common_key = {
         "dataset": args.dataset,
@@ -591,7 +683,7 @@ def _main(
     print(f"dataset: {bundle.description}")
     print(f"config: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
-    print(f"losses ({len(loss_names)}): {', '.join(loss_names)}; seeds: {seeds}; store: {v['storage']}")
+    print(f"losses ({len(loss_names)}): {', '.join(loss_names)}; seeds: {seeds}; store: {shown_storage}")
     if dctx.is_distributed:
         print(f"distributed: {dctx.world_size} processes, backend {dctx.backend}")
     for n, why in v["skipped"]:
@@ -603,7 +695,8 @@ def _main(
         if registry.entries[n].namr:
             print(f"{n}: evaluated with {_namr_retrieval_line(registry, n, bundle.num_train_classes, cfg)}")
 
-    counts = {"ran": 0, "skipped": 0, "lost": 0}
+    counts = {"ran": 0, "skipped": 0, "lost": 0, "failed": 0}
+    failures: list[dict[str, Any]] = []
     total = len(loss_names) * len(seeds) * (2 if args.tune else 1)
     if args.tune:
         total += len(loss_names) * args.trials
@@ -611,8 +704,16 @@ def _main(
 
     def on_record(rec: dict, how: str) -> None:
         counts[how] += 1
+        if how == "failed":
+            failures.append(rec)
+            where = f"trial {rec['seed']} fold {rec['fold']}" if rec.get("kind") == "trial" else f"seed {rec['seed']}"
+            tqdm.tqdm.write(f"{rec['loss']:<22} {where}: FAILED ({rec['error']}); traceback: {rec['traceback']}")
+            return
         outer.update(1)
         if how == "skipped":
+            return
+        if "metrics" not in rec and "value" not in rec:  # a claim lost before the run ended: nothing recorded
+            tqdm.tqdm.write(f"{rec['loss']:<22} seed {rec['seed']}: claim taken over by another runner, stopped")
             return
         if rec.get("kind") == "trial":
             val = "failed" if rec["value"] is None else f"{rec['value'] * 100:.2f}%"
@@ -632,8 +733,7 @@ def _main(
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        kw = {"connect_args": {"timeout": 120}} if v["storage"].startswith("sqlite") else {}
-        optuna_storage = optuna.storages.RDBStorage(v["storage"], engine_kwargs=kw)
+        optuna_storage = open_optuna_storage(v["storage"])
     ctx = Context(
         store=store,
         out_dir=out_dir,
@@ -650,6 +750,7 @@ def _main(
     tuners: list[TuneSource] = []
     tuned: list[RunItem] = []
     interrupted = False
+    store_fault: str | None = None
     pool = WorkerPool(args.jobs)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     t0 = time.perf_counter()
@@ -670,10 +771,17 @@ def _main(
         distributed.broadcast_task(None)  # under torchrun: the other ranks leave their loop
     except KeyboardInterrupt:
         interrupted = True
+    except (SQLAlchemyError, OSError) as e:  # the store or the disk failed: release the claims, export what is done
+        if not (isinstance(e, SQLAlchemyError) or disk_full(e)):
+            raise
+        store_fault = ("the disk is full: " if disk_full(e) else "the results store failed: ") + _one_line(e)
     finally:
         signal.signal(signal.SIGTERM, previous)
         pool.shutdown()
-        store.close()
+        try:
+            store.close()  # releases this runner's claims
+        except SQLAlchemyError as e:
+            print(f"error: claims not released ({_one_line(e)}); they expire with --lease", file=sys.stderr)
         outer.close()
     elapsed = time.perf_counter() - t0
     if interrupted:
@@ -681,16 +789,22 @@ def _main(
             "\ninterrupted: finished runs are kept in the store and exported below; the same command resumes",
             file=sys.stderr,
         )
+    if store_fault:
+        print(f"\nerror: {store_fault}; claims released, finished runs exported below", file=sys.stderr)
 
-    store = ResultStore(v["storage"], lease_seconds=args.lease)
-    # a tuned configuration equal to the defaults is one stored run, listed under both variants
-    records: list[dict[str, Any]] = []
-    for it in untuned + tuned:
-        rec = store.get(it.key, it.seed)
-        if rec is not None:
-            records.append(dict(rec, variant=it.variant))
-    trials = store.records([t.key for t in tuners]) if tuners else []
-    store.close()
+    try:
+        store = ResultStore(v["storage"], lease_seconds=args.lease)
+        # a tuned configuration equal to the defaults is one stored run, listed under both variants
+        records: list[dict[str, Any]] = []
+        for it in untuned + tuned:
+            rec = store.get(it.key, it.seed)
+            if rec is not None:
+                records.append(dict(rec, variant=it.variant))
+        trials = store.records([t.key for t in tuners]) if tuners else []
+        store.close()
+    except (StoreError, SQLAlchemyError) as e:
+        print(f"error: the results store cannot be read, nothing exported ({_one_line(e)})", file=sys.stderr)
+        return 130 if interrupted else 1
     order = {n: i for i, n in enumerate(loss_names)}
     records.sort(key=lambda r: (r["variant"], order.get(r["loss"], 0), r["seed"]))
     header = (
@@ -718,25 +832,60 @@ def _main(
             "defaults": {n: registry.hparams(n) for n in loss_names},
             "spaces": {n: {k: p.space() for k, p in registry.entries[n].search_space().items()} for n in loss_names},
         }
-    paths = report.write_reports(records, out_dir, header, tuning=tuning)
+    try:
+        paths = report.write_reports(records, out_dir, header, tuning=tuning)
+    except OSError as e:
+        print(f"error: the exports cannot be written to {out_dir} ({e}); the store keeps every result", file=sys.stderr)
+        return 130 if interrupted else 1
     print()
     print(report.markdown_report(records, tuning=tuning))
     print(
         f"{counts['ran']} runs/trials made, {counts['skipped']} reused from the store, {counts['lost']} dropped "
-        f"(claims taken over) in {elapsed:.1f} s; store: {v['storage']}"
+        f"(claims taken over) in {elapsed:.1f} s; store: {shown_storage}"
     )
     for k, path in paths.items():
         print(f"  {k}: {path}")
     print(f"  per-run logs (record-keeper CSV + SQLite): {os.path.join(out_dir, 'logs')}")
-    return 130 if interrupted else 0
+    if failures:
+        print(f"\n{len(failures)} failed (the same command retries them):", file=sys.stderr)
+        for f in failures:
+            where = f"trial {f['seed']} fold {f['fold']}" if f.get("kind") == "trial" else f"seed {f['seed']}"
+            print(f"  {f['loss']} {where}: {f['error']} (traceback: {f['traceback']})", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if failures or store_fault else 0
+
+
+def _one_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None)
+    lines = str(orig if orig is not None else e).strip().splitlines()
+    return f"{type(orig or e).__name__}: {lines[0] if lines else ''}"
+
+
+def _masked_argv(argv: list[str]) -> list[str]:
+    """The command line with the password of a ``--storage`` URL replaced by ``***``."""
+    from .store import mask_url
+
+    out, mask_next = [], False
+    for a in argv:
+        if mask_next:
+            out.append(mask_url(a))
+        elif a.startswith("--storage="):
+            out.append("--storage=" + mask_url(a[len("--storage=") :]))
+        else:
+            out.append(a)
+        mask_next = a == "--storage"
+    return out
 
 
 def _namr_retrieval_line(registry: Any, name: str, num_classes: int, cfg: Any) -> str:
-    """The effective re-ranking settings of a NAMR entry, as its runs build them (``NAMRLoss.retrieval_knn``)."""
+    """The effective re-ranking settings of a NAMR entry, as its runs build them (``NAMRReRankKNN.for_loss``)."""
+    from pml_rll.retrieval import NAMRReRankKNN
+
     from .registry import BuildContext
 
     spec = registry.entries[name].build(BuildContext(num_classes, cfg.embedding_size), registry.hparams(name))
-    knn = spec.loss.retrieval_knn(**(spec.retrieval or {}))
+    knn = NAMRReRankKNN.for_loss(spec.loss, **(spec.retrieval or {}))
     return (
         f"NAMRReRankKNN(num_candidates={knn.num_candidates}, weighting={knn.weighting!r}, blend={knn.blend:g}, "
         f"normalize_sample={knn.normalize_sample})"

@@ -7,6 +7,11 @@
   K class-disjoint folds, and its value, the mean over folds, goes back to the study. Every loss gets the same
   slots, seeds, folds and budget. The test split is never read. A trial whose runner died is taken over with the
   same hyper-parameters (its finished folds are reused from the store).
+
+A task that raises is a failed run: its claim is released (a later command retries it), its traceback is written to
+``error.txt`` in its log folder, ``ctx.on_record`` hears of it as ``"failed"``, and the command goes on with the
+other runs. A full disk stops the command instead. Every claim writes its per-run logs into a folder of its own
+(named after its token), so a runner that lost its claim never writes into the logs of the runner that took it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +30,7 @@ from typing import Any
 from .datasets import TestSplitSealedError
 from .provenance import class_digests
 from .registry import LossEntry
-from .store import ResultStore
+from .store import ClaimLostError, ResultStore, disk_full
 
 PRIMARY = "mean_average_precision_at_r"
 
@@ -63,6 +69,24 @@ def entry_classes(entry: LossEntry) -> list[str | None]:
     if entry.wraps is not None:
         paths += entry_classes(entry.wraps)
     return paths
+
+
+def claim_log_dir(ctx: Context, key: str, name: str, seed: int, token: str | None) -> str:
+    """The per-run log folder of one claim: ``logs/<key>/<loss>/seed<seed>/<claim>``."""
+    return os.path.join(ctx.out_dir, "logs", key[:16], name, f"seed{seed}", f"claim-{(token or 'none')[:12]}")
+
+
+def record_failure(ctx: Context, task: dict[str, Any], error: BaseException, what: dict[str, Any]) -> None:
+    """Write the traceback of a failed task into its log folder and tell ``ctx.on_record`` (``"failed"``)."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    path = os.path.join(task["log_dir"], "error.txt")
+    try:
+        os.makedirs(task["log_dir"], exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError:
+        path = ""
+    ctx.on_record(dict(what, error=f"{type(error).__name__}: {error}".strip(), traceback=path), "failed")
 
 
 def entry_key(entry: LossEntry, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -123,13 +147,15 @@ class RunSource:
             if state == "busy":
                 self.busy.append(it)
                 continue
+            token = self.ctx.store.token(it.key, it.seed)
             return {
                 "item": it,
                 "entry": it.entry,
                 "hparams": it.hparams,
                 "seed": it.seed,
                 "fold": None,
-                "log_dir": os.path.join(self.ctx.out_dir, "logs", it.key[:16], it.entry.name, f"seed{it.seed}"),
+                "claim": (it.key, it.seed, token),
+                "log_dir": claim_log_dir(self.ctx, it.key, it.entry.name, it.seed, token),
             }
         return None
 
@@ -137,6 +163,17 @@ class RunSource:
         it: RunItem = task["item"]
         try:
             rec = future.result()
+        except ClaimLostError:  # another runner owns the run now and writes its record
+            self.ctx.store.release(it.key, it.seed)  # (deletes nothing: the token is no longer the row's)
+            self.ctx.on_record({"loss": it.entry.name, "seed": it.seed, "variant": it.variant}, "lost")
+            return
+        except Exception as e:
+            self.ctx.store.release(it.key, it.seed)
+            if disk_full(e):
+                raise
+            what = {"kind": "run", "loss": it.entry.name, "seed": it.seed, "variant": it.variant}
+            record_failure(self.ctx, task, e, what)
+            return
         except BaseException:
             self.ctx.store.release(it.key, it.seed)
             raise
@@ -175,13 +212,14 @@ class TuneSource:
         }
         self.key = key_of(self.key_obj)
         self.done: dict[int, dict[str, Any]] = {}
+        self.failed: set[int] = set()  # slots whose trial failed for a reason other than its hyper-parameters
         self.active: dict[str, Any] | None = None
         self.next_poll = 0.0
         self._study: Any = None
 
     @property
     def finished(self) -> bool:
-        return not self.space or len(self.done) >= self.trials
+        return not self.space or len(self.done) + len(self.failed) >= self.trials
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -254,7 +292,8 @@ class TuneSource:
                     if cached is not None:
                         a["out"][k] = cached
                         continue
-                    log_dir = os.path.join(self.ctx.out_dir, "logs", fkey[:16], self.entry.name, f"seed{a['slot']}")
+                    token = self.ctx.store.token(self.key, a["slot"])
+                    log_dir = claim_log_dir(self.ctx, fkey, self.entry.name, a["slot"], token)
                     return {
                         "entry": self.entry,
                         "hparams": a["hparams"],
@@ -262,6 +301,7 @@ class TuneSource:
                         "fold": k,
                         "folds": self.folds,
                         "fold_key": (obj, fkey),
+                        "claim": (self.key, a["slot"], token),  # a fold runs under its trial's claim
                         "log_dir": log_dir,
                     }
                 if len(a["out"]) == len(self.folds):
@@ -272,7 +312,7 @@ class TuneSource:
                 return None
             busy = False
             for slot in range(self.trials):
-                if slot in self.done:
+                if slot in self.done or slot in self.failed:
                     continue
                 state, payload = self.ctx.store.claim(self.key, slot, "trial", self.key_obj, self.ctx.replace_before)
                 if state == "done":
@@ -295,9 +335,19 @@ class TuneSource:
         try:
             rec = future.result()
         except TestSplitSealedError:
+            self.ctx.store.release(self.key, a["slot"])
             raise
+        except ClaimLostError:
+            rec = {"error": "claim lost", "lost": True}
         except (ValueError, RuntimeError, FloatingPointError) as e:  # these hyper-parameters fail: the trial fails
             rec = {"error": f"{type(e).__name__}: {e}"}
+        except Exception as e:  # not the hyper-parameters' fault (a worker died...): the trial is retried later
+            if disk_full(e):
+                self.ctx.store.release(self.key, a["slot"])
+                raise
+            rec = {"error": f"{type(e).__name__}: {e}", "crashed": True}
+            what = {"kind": "trial", "loss": self.entry.name, "seed": a["slot"], "fold": task["fold"]}
+            record_failure(self.ctx, task, e, what)
         except BaseException:
             self.ctx.store.release(self.key, a["slot"])
             raise
@@ -318,10 +368,21 @@ class TuneSource:
         ok = not errors and all(v is not None and math.isfinite(v) for v in values)
         value = float(sum(values) / len(values)) if ok else None
         study = self.study()
-        if ok:
-            study.tell(a["trial"], value)
-        else:
-            study.tell(a["trial"], state=optuna.trial.TrialState.FAIL)
+        try:
+            if ok:
+                study.tell(a["trial"], value)
+            else:
+                study.tell(a["trial"], state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # already finished by a runner that took the claim over
+            pass
+        outs = [a["out"][k] for k in range(len(self.folds))]
+        if any(o.get("lost") for o in outs):
+            self.ctx.store.release(self.key, a["slot"])  # the other runner records the trial
+            return
+        if any(o.get("crashed") for o in outs):  # released: a later command runs the trial again
+            self.ctx.store.release(self.key, a["slot"])
+            self.failed.add(a["slot"])
+            return
         rec = {
             "kind": "trial",
             "loss": self.entry.name,

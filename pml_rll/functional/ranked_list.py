@@ -15,8 +15,7 @@ so nothing is spent on the (usually many) trivial ones.
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -34,16 +33,6 @@ class MaskFn(Protocol):
     ) -> tuple[Tensor, Tensor | None]:
         """The masks of one tile; ``out``, when given with ``dtype``, may receive the positive mask."""
         ...
-
-
-# Pairs with a squared distance below this are recomputed from explicit differences: the Gram form loses small
-# distances to rounding (identical float32 embeddings come out about 3e-4 apart instead of 0).
-NEAR_SQUARED_DISTANCE = 1e-4
-# Distances at most this many machine epsilons are 0: their direction is undefined, use 0
-# (docs/ranked_list_loss.md, pairs at distance 0).
-ZERO_DISTANCE_EPS = 64
-# A product with a matrix given by its pairs is sparse when at most this fraction of all entries is listed.
-SPARSE_DENSITY = 1 / 32
 
 
 class LabelMasks:
@@ -239,73 +228,3 @@ def non_trivial_pairs(
     pos_rows, pos_cols = torch.nonzero(pos, as_tuple=True)
     neg_rows, neg_cols = torch.nonzero(neg, as_tuple=True)
     return pos_rows, pos_cols, neg_rows, neg_cols
-
-
-# torch's notices about sparse layouts (the beta state of compressed rows; with some versions, unchecked indices):
-# they address torch's own users of those layouts, not ours. torch gives each once per process.
-_SPARSE_NOTICES = ("Sparse CSR tensor support is in beta", "Sparse invariant checks")
-_SPARSE_BUILT: set[str] = set()
-
-
-def _sparse_quietly(layout: str, build: Callable[[], Tensor]) -> Tensor:
-    """``build()``, the first time per process and ``layout`` with torch's sparse notices silenced. Later calls
-    leave the warning filters alone: each change of them makes Python show again every warning it has already
-    shown once."""
-    if layout in _SPARSE_BUILT:
-        return build()
-    with warnings.catch_warnings():
-        for message in _SPARSE_NOTICES:
-            warnings.filterwarnings("ignore", message=message)
-        matrix = build()
-    _SPARSE_BUILT.add(layout)
-    return matrix
-
-
-def pair_product(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor) -> Tensor:
-    """(sparse matrix given by rows, cols, values) @ dense; duplicates add up."""
-    if values.numel() <= SPARSE_DENSITY * shape[0] * shape[1]:
-        matrix = _sparse_quietly(
-            "coo", lambda: torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
-        )
-        product: Tensor = torch.sparse.mm(matrix, dense)
-        return product
-    matrix = values.new_zeros(shape).index_put_((rows, cols), values, accumulate=True)
-    out: Tensor = matrix @ dense
-    return out
-
-
-def unit_coefficients(k: Tensor, d: Tensor) -> Tensor:
-    """k / d per pair (a derivative along d turned into one along the difference vector), 0 where d is within
-    rounding of 0: the direction is undefined there (docs/ranked_list_loss.md, pairs at distance 0)."""
-    tiny = d <= ZERO_DISTANCE_EPS * torch.finfo(d.dtype).eps
-    return torch.where(tiny, 0.0, k / d.masked_fill(tiny, 1.0))
-
-
-def add_pair_product(
-    out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor, alpha: float = 1.0
-) -> None:
-    """``out += alpha * M @ dense`` in place, ``M`` (``out.shape[0]`` x ``dense.shape[0]``) given by its pairs
-    (``rows`` ascending): a compressed-row sparse product, no temporary of the pairs' size nor of ``out``'s."""
-    crow = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=rows.device)
-    torch.cumsum(torch.bincount(rows, minlength=out.shape[0]), 0, out=crow[1:])
-    shape = (out.shape[0], dense.shape[0])
-    matrix = _sparse_quietly("csr", lambda: torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False))
-    out.addmm_(matrix, dense, alpha=alpha)
-
-
-def squared_norms(x: Tensor) -> Tensor:
-    """``||x_i||^2`` of every row of ``x`` (N, D), as a (N,) reduction without a temporary of the size of ``x``."""
-    norms: Tensor = torch.linalg.vector_norm(x, dim=1)
-    return norms.square_()
-
-
-def squared_euclidean(
-    query: Tensor, ref: Tensor, query_sq: Tensor | None = None, ref_sq: Tensor | None = None
-) -> Tensor:
-    """Squared Euclidean distances (Q, R) through the Gram matrix, ``||q||^2 + ||r||^2 - 2 q.r``: one matmul.
-
-    ``query_sq`` and ``ref_sq`` are the rows' squared norms when already known (:func:`squared_norms`).
-    """
-    query_sq = squared_norms(query) if query_sq is None else query_sq
-    ref_sq = squared_norms(ref) if ref_sq is None else ref_sq
-    return torch.addmm(ref_sq[None, :], query, ref.T, alpha=-2).add_(query_sq[:, None])

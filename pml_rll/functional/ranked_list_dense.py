@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
 from ..utils.workspace import Workspace
-from .ranked_list import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, MaskFn, squared_norms
+from .numerics import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, fixed_shift, squared_norms
+from .ranked_list import MaskFn
 from .ranked_list_params import RankedListParams
 
 # Near-duplicates recomputed exactly per query without synchronising (the query itself comes on top when the
@@ -44,9 +45,6 @@ _TILE_ELEMENTS_CUDA = 1 << 24
 _SPARSE_PRODUCT = 1 / 64
 # At least this many queries per tile (a wider gallery is then cut into chunks): an efficient matmul.
 _MIN_TILE_ROWS = 128
-# A constant shift T * max(hinge) is used when it cannot underflow a weight: T * span below this fraction of
-# -log(smallest normal number) of the dtype. Otherwise the running maximum of each set is the shift.
-_SAFE_EXPONENT_FRACTION = 0.5
 # CPU, gallery = batch: compute each Gram block once and reuse its transpose (switch kept for measurements).
 _SYMMETRIC = True
 
@@ -143,7 +141,7 @@ class _Problem(NamedTuple):
 
 
 def _tile(
-    q: Tensor, q_sq: Tensor, rows: slice, cols: slice, pb: _Problem, ws: Workspace, gram: _SymmetricGram | None
+    q: Tensor, q_sq: Tensor, rows: slice, cols: slice, pb: _Problem, ws: Workspace, *, gram: _SymmetricGram | None
 ) -> _Tile:
     """Distances and members of the tile ``rows`` x ``cols`` (``q``, ``q_sq``: its queries and their norms)."""
     g, params, sync_free = pb.gallery[cols], pb.params, pb.sync_free
@@ -171,19 +169,6 @@ def _tile(
     return _Tile(d, member_p, member_n, near, diag)
 
 
-def _fixed_shift(T: float, span: float | None, dtype: torch.dtype) -> float | None:
-    """A constant shift of ``T * hinge`` that cannot underflow, or None when the running maximum is needed.
-
-    ``span``: an upper bound of the hinge (None: unbounded). T = 0 needs no shift (a plain mean).
-    """
-    if T == 0:
-        return 0.0
-    if T < 0 or span is None:
-        return None
-    limit = -math.log(torch.finfo(dtype).tiny) * _SAFE_EXPONENT_FRACTION
-    return T * span if T * span <= limit else None
-
-
 class _SetState:
     """Running per-query sums of one set (P* or N*): shift, normaliser S, weighted hinge H, gradient G.
 
@@ -191,7 +176,7 @@ class _SetState:
     """
 
     def __init__(
-        self, b: int, like: Tensor, T: float, sign: float, offset: float, shift: float | None, dim: int | None
+        self, b: int, like: Tensor, T: float, sign: float, offset: float, shift: float | None, *, dim: int | None
     ) -> None:
         self.T, self.sign, self.offset, self.fixed = T, sign, offset, shift
         self.shift = like.new_full((b,), shift if shift is not None else -math.inf)
@@ -280,13 +265,13 @@ def _tiling(B: int, R: int, x: Tensor) -> tuple[int, int]:
 
 def _set_states(b: int, like: Tensor, params: RankedListParams, dim: int | None) -> tuple[_SetState, _SetState]:
     low, alpha = params.positive_boundary, params.negative_boundary
-    p = _SetState(b, like, params.Tp, 1.0, -low, _fixed_shift(params.Tp, None, like.dtype), dim)
-    n = _SetState(b, like, params.Tn, -1.0, alpha, _fixed_shift(params.Tn, alpha, like.dtype), dim)
+    p = _SetState(b, like, params.Tp, 1.0, -low, fixed_shift(params.Tp, None, like.dtype), dim=dim)
+    n = _SetState(b, like, params.Tn, -1.0, alpha, fixed_shift(params.Tn, alpha, like.dtype), dim=dim)
     return p, n
 
 
 def _forward_block(
-    q: Tensor, q_sq: Tensor, rows: slice, pb: _Problem, chunk: int, paper_grad: bool, gram: _SymmetricGram | None
+    q: Tensor, q_sq: Tensor, rows: slice, pb: _Problem, chunk: int, paper_grad: bool, *, gram: _SymmetricGram | None
 ) -> tuple[Tensor, Tensor | None, _SetState, _SetState, Tensor, Tensor]:
     """One block of queries against the whole gallery, chunk by chunk.
 
@@ -305,7 +290,7 @@ def _forward_block(
         cols = slice(start, min(R, start + chunk))
         g_c = pb.gallery[cols]
         c = g_c.shape[0]
-        tile = _tile(q, q_sq, rows, cols, pb, ws, gram)
+        tile = _tile(q, q_sq, rows, cols, pb, ws, gram=gram)
         e_p = p.weights(tile.d, tile.member_p, ws.get("e_p", b, c))
         e_n = n.weights(tile.d, tile.member_n, ws.get("e_n", b, c))
         sum_p = p.add(e_p, tile.d, ws.get("k", b, c))
@@ -336,7 +321,7 @@ class _RankedListDense(torch.autograd.Function):
     the autograd rule's (tiles recomputed)."""
 
     @staticmethod
-    def forward(
+    def forward(  # noqa: PLR0917 (Function.apply passes its arguments by position)
         ctx: Any,
         query: Tensor,
         ref: Tensor | None,
@@ -359,7 +344,9 @@ class _RankedListDense(torch.autograd.Function):
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
             paper_grad = need_grad and paper
-            out, grad, p, n, c_p, c_n = _forward_block(query[rows], q_sq_all[rows], rows, pb, chunk, paper_grad, gram)
+            out, grad, p, n, c_p, c_n = _forward_block(
+                query[rows], q_sq_all[rows], rows, pb, chunk, paper_grad, gram=gram
+            )
             losses.append(out)
             count_p, count_n = count_p + c_p, count_n + c_n
             if grad is not None:
@@ -416,7 +403,7 @@ def _autograd_backward(
         for c_start in range(0, R, chunk):
             cols = slice(c_start, min(R, c_start + chunk))
             g_c = gallery[cols]
-            tile = _tile(q, q_sq, rows, cols, pb, ws, None)
+            tile = _tile(q, q_sq, rows, cols, pb, ws, gram=None)
             k = torch.zeros_like(tile.d)
             for (state, L, a), member in zip(coefs, (tile.member_p, tile.member_n)):
                 e = state.weights(tile.d, member, None, update=False)

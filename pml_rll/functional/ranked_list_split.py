@@ -52,21 +52,25 @@ from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
 from ..utils.workspace import Workspace
-from .ranked_list import (
+from .numerics import (
     NEAR_SQUARED_DISTANCE,
     ZERO_DISTANCE_EPS,
+    add_pair_product,
+    fixed_shift,
+    safe_exponent_limit,
+    squared_norms,
+    unit_coefficients,
+)
+from .ranked_list import (
     LabelMasks,
     MaskFn,
-    add_pair_product,
     is_non_trivial,
     positive_hinge,
     same_label_pairs,
     set_weights,
-    squared_norms,
-    unit_coefficients,
     weighted_set_loss,
 )
-from .ranked_list_dense import _SAFE_EXPONENT_FRACTION, _fixed_shift, sync_free_wanted
+from .ranked_list_dense import sync_free_wanted
 from .ranked_list_params import RankedListParams
 
 # Gallery = the batch: panels of this many queries against the batch from their diagonal on.
@@ -104,7 +108,7 @@ def split_supported(query: Tensor, masks: MaskFn, *, params: RankedListParams) -
         and query.dtype in (torch.float32, torch.float64)  # (the loss computes half precision in float32)
         and not sync_free_wanted(query)
         and Tn >= _MIN_TN
-        and _fixed_shift(Tn, alpha, query.dtype) is not None
+        and fixed_shift(Tn, alpha, query.dtype) is not None
         and alpha * alpha > 4 * NEAR_SQUARED_DISTANCE
     )
 
@@ -202,7 +206,7 @@ class _NegativeRule(NamedTuple):
 
     @staticmethod
     def of(params: RankedListParams, dtype: torch.dtype) -> _NegativeRule:
-        limit = -math.log(torch.finfo(dtype).tiny) * _SAFE_EXPONENT_FRACTION
+        limit = safe_exponent_limit(dtype)
         far = _FAR * limit / params.Tn
         return _NegativeRule(
             params.Tn, squared_boundary(params.negative_boundary, dtype), far * far, math.exp(-_CUT * limit)
@@ -505,6 +509,7 @@ def _split_forward(
     pairs: tuple[Tensor, Tensor, Tensor],
     params: RankedListParams,
     need_grad: bool,
+    *,
     counting: bool = True,
     keep_for_backward: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor, int, _SplitState]:
@@ -546,6 +551,7 @@ class _AutogradPass:
         ref_grad: bool,
         params: RankedListParams,
         state: _SplitState,
+        *,
         grad_losses: Tensor,
     ) -> None:
         lam, alpha = params.imbalance, params.negative_boundary
@@ -638,7 +644,7 @@ class _RankedListSplit(torch.autograd.Function):
     Backward: scales it; for the autograd rule, a second pass over the panels (:class:`_AutogradPass`)."""
 
     @staticmethod
-    def forward(
+    def forward(  # noqa: PLR0917 (Function.apply passes its arguments by position)
         ctx: Any,
         query: Tensor,
         ref: Tensor | None,
@@ -650,7 +656,9 @@ class _RankedListSplit(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         paper_grad = need_grad and paper
         keep = need_grad and not paper
-        losses, grad, num_pos, num_neg, state = _split_forward(query, ref, pairs, params, paper_grad, counting, keep)
+        losses, grad, num_pos, num_neg, state = _split_forward(
+            query, ref, pairs, params, paper_grad, counting=counting, keep_for_backward=keep
+        )
         ctx.paper = paper
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -669,10 +677,20 @@ class _RankedListSplit(torch.autograd.Function):
             return grad * grad_losses[:, None], None, None, None, None, None, None
         query, gallery = ctx.saved_tensors
         same, pairs, params, state = ctx.rest
-        second = _AutogradPass(query, gallery, same, ctx.needs_input_grad[1], params, state, grad_losses)
+        second = _AutogradPass(query, gallery, same, ctx.needs_input_grad[1], params, state, grad_losses=grad_losses)
         _Panels.of(query, None if same else gallery, pairs[0], pairs[1], second.ws).run(second.block, second.ws)
         second.positives(query, gallery, params, state, grad_losses)
         return second.grad_q, second.grad_g, None, None, None, None, None
+
+
+SamePairs = tuple[Tensor, Tensor, Tensor]  # (rows, cols, row_starts) of the same-label pairs (same_label_pairs)
+
+
+def sparse_positives(labels: LabelMasks, num_queries: int, num_items: int) -> SamePairs | None:
+    """The same-label pairs, found by sorting, when they are sparse enough for :func:`ranked_list_split` (at most
+    1/16 of all pairs); None, before listing them, otherwise. Reads the number of pairs on the host."""
+    max_pairs = int(_MAX_POSITIVE_FRACTION * num_queries * num_items)
+    return same_label_pairs(labels.labels, labels.ref_labels, max_pairs=max_pairs)
 
 
 def ranked_list_split(
@@ -683,20 +701,20 @@ def ranked_list_split(
     params: RankedListParams,
     paper: bool,
     count_negatives: bool = True,
+    positives: SamePairs | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Per-query Ranked List Loss, split form (see the module docstring); same contract as the other paths.
 
-    The caller checks :func:`split_supported` first. Returns None, having computed nothing but the same-label
-    pairs (by sorting), when they are not sparse. ``paper=True``: the paper's gradient, complete at the end of the
-    forward pass; ``paper=False``: the exact derivative, from a second pass over the panels in the backward pass.
-    ``count_negatives=False``: the size of N* is not computed (None; a few
-    percent of the time).
+    The caller checks :func:`split_supported` first. ``positives``: the result of :func:`sparse_positives` when
+    the caller has it already. Returns None, having computed nothing but the same-label pairs (by sorting), when
+    they are not sparse. ``paper=True``: the paper's gradient, complete at the end of the forward pass;
+    ``paper=False``: the exact derivative, from a second pass over the panels in the backward pass.
+    ``count_negatives=False``: the size of N* is not computed (None; a few percent of the time).
     """
     need_grad = torch.is_grad_enabled() and (query.requires_grad or (ref is not None and ref.requires_grad))
-    B = query.shape[0]
-    R = B if ref is None else ref.shape[0]
-    pairs = same_label_pairs(labels.labels, labels.ref_labels, max_pairs=int(_MAX_POSITIVE_FRACTION * B * R))
-    if pairs is None:
+    if positives is None:
+        positives = sparse_positives(labels, query.shape[0], query.shape[0] if ref is None else ref.shape[0])
+    if positives is None:
         return None
-    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, pairs, params, paper, need_grad, count_negatives)
+    losses, n_pos, n_neg = _RankedListSplit.apply(query, ref, positives, params, paper, need_grad, count_negatives)
     return losses, n_pos, n_neg if count_negatives else None

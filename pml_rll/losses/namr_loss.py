@@ -64,14 +64,14 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             triplet loss works on raw distances. ``"l2"``: x_tilde L2-normalised, for base losses that
             normalise their embeddings (cosine geometry), so that both terms shape the same geometry. ``"auto"``
             (default): ``"l2"`` when ``loss.distance.normalize_embeddings`` is true, else ``"scaled"``
-            (a choice of this package; NAMR's text does not say). :meth:`retrieval_knn` retrieves in the
-            matching geometry (``NAMRReRankKNN(normalize_sample=True)`` for ``"l2"``).
-        retrieval: the re-ranking settings of :meth:`retrieval_knn` (``NAMRReRankKNN`` keyword arguments
+            (a choice of this package; NAMR's text does not say). :meth:`retrieval_settings` sets the
+            matching retrieval geometry (``NAMRReRankKNN(normalize_sample=True)`` for ``"l2"``).
+        retrieval: the re-ranking settings of :meth:`retrieval_settings` (``NAMRReRankKNN`` keyword arguments
             ``num_candidates``, ``weighting``, ``blend``). Default: :func:`validated_retrieval` of ``loss``, the
             settings validated for that base loss when it is one of the bundled bases (recognised by class name:
             triplet, multi-similarity, contrastive, ranked list), NASA's otherwise.
 
-    Retrieval: ``loss.retrieval_knn()`` is the ``knn_func`` to evaluate with (PML's ``AccuracyCalculator`` or
+    Retrieval: ``NAMRReRankKNN.for_loss(loss)`` is the ``knn_func`` to evaluate with (PML's ``AccuracyCalculator`` or
     ``InferenceModel``, with ``normalize_embeddings=False`` in the tester): the validated re-ranking in the
     geometry the loss trained. :meth:`check_retrieval` raises when a hand-built ``NAMRReRankKNN`` does not match.
     """
@@ -131,14 +131,12 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         """Whether retrieval must L2-normalise x: True when the structure term shaped normalised x (``"l2"``)."""
         return self.structure_geometry == "l2"
 
-    def retrieval_knn(self, mode: str = "rerank", base_knn=None, **overrides):
-        """The ``NAMRReRankKNN`` to evaluate this loss's embeddings with: :attr:`retrieval`'s settings (the
-        validated ones by default) with ``overrides`` laid over them, in the geometry the loss trained.
+    def retrieval_settings(self, **overrides) -> dict:
+        """The ``NAMRReRankKNN`` keyword arguments to evaluate this loss's embeddings with: :attr:`retrieval`'s
+        settings (the validated ones by default) with ``overrides`` laid over them, and ``normalize_sample`` for the
+        geometry the loss trained. ``NAMRReRankKNN.for_loss(loss)`` builds the kNN from them.
 
-        ``mode="plain"`` gives the Euclidean order on x in the same geometry (NAMR without re-ranking). An
-        override ``normalize_sample`` that contradicts the loss's geometry raises ``ValueError``."""
-        from ..retrieval import NAMRReRankKNN
-
+        An override ``normalize_sample`` that contradicts the loss's geometry raises ``ValueError``."""
         settings = {**self.retrieval, **overrides}
         expected = self.retrieval_normalize_sample
         if "normalize_sample" in settings and settings["normalize_sample"] != expected:
@@ -147,14 +145,12 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
                 f"geometry is {self.structure_geometry!r}, so retrieval needs normalize_sample={expected}"
             )
         settings["normalize_sample"] = expected
-        return NAMRReRankKNN(self.embedding_size, base_knn=base_knn, mode=mode, **settings)
+        return settings
 
     def check_retrieval(self, knn) -> None:
         """Raise ``ValueError`` when ``knn`` (a ``NAMRReRankKNN``) retrieves in another geometry or width than
         this loss trained (``normalize_sample`` must equal :attr:`retrieval_normalize_sample`)."""
-        from ..retrieval import NAMRReRankKNN
-
-        if not isinstance(knn, NAMRReRankKNN):
+        if not (hasattr(knn, "embedding_size") and hasattr(knn, "normalize_sample")):
             raise TypeError(f"knn: expected a NAMRReRankKNN, got {type(knn).__name__}")
         if knn.embedding_size != self.embedding_size:
             raise ValueError(
@@ -164,7 +160,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             raise ValueError(
                 f"knn.normalize_sample={knn.normalize_sample} does not match this NAMRLoss (structure geometry "
                 f"{self.structure_geometry!r}): retrieval would rank x in another geometry than the loss trained; "
-                "build it with loss.retrieval_knn()"
+                "build it with NAMRReRankKNN.for_loss(loss)"
             )
 
     @staticmethod
@@ -343,7 +339,7 @@ def validated_retrieval(base) -> dict:
     of any other class gets NASA's settings (:data:`NASA_CONFIG`); an unknown name raises ``ValueError``.
 
     The geometry (``normalize_sample``) is not part of it: it follows the trained loss
-    (:meth:`NAMRLoss.retrieval_knn`)."""
+    (:meth:`NAMRLoss.retrieval_settings`)."""
     if isinstance(base, str):
         return dict(namr_config(base)["retrieval"])
     try:
@@ -362,14 +358,14 @@ def _checked_retrieval(embedding_size: int, retrieval) -> dict:
             f"retrieval: unknown keys {unknown}; allowed: {list(_RETRIEVAL_KEYS)} (the geometry, normalize_sample, "
             "follows the loss)"
         )
-    from ..retrieval import NAMRReRankKNN
-
-    NAMRReRankKNN(embedding_size, base_knn=_no_search, **retrieval)  # the values are checked, naming the argument
-    return dict(retrieval)
-
-
-def _no_search(*args, **kwargs):  # pragma: no cover - a stand-in index for checking settings, never called
-    raise RuntimeError("not an index")
+    out = dict(retrieval)  # the same checks as NAMRReRankKNN's, naming the argument
+    if "num_candidates" in out:
+        out["num_candidates"] = check_int("num_candidates", out["num_candidates"])
+    if "weighting" in out:
+        check_choice("weighting", out["weighting"], ("query", "symmetric"))
+    if "blend" in out:
+        out["blend"] = check_number("blend", out["blend"], 0.0, 1.0)
+    return out
 
 
 def make_structure_loss(embedding_size: int, config: dict, **kwargs) -> MultiClusterRankingLoss:
@@ -391,7 +387,8 @@ def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
     * ranked_list: ``pml_rll.losses.RankedListLoss(margin=0.4, Tn=10.0)``.
 
     The structure weight, the structure term and the retrieval settings come from :data:`NAMR_CONFIGS` for that
-    base (see :func:`namr_config`); evaluate with ``loss.retrieval_knn()``, which also sets the geometry.
+    base (see :func:`namr_config`); evaluate with ``NAMRReRankKNN.for_loss(loss)``, which also
+    sets the geometry.
     ``kwargs`` go to :class:`NAMRLoss` and override it (``structure_weight``, ``structure_loss``, ``miner``,
     ``retrieval``, ...).
     """

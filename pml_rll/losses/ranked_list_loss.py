@@ -23,7 +23,8 @@ from ..functional.ranked_list import (
 )
 from ..functional.ranked_list_dense import sync_free_wanted
 from ..functional.ranked_list_euclidean import PATHS, ranked_list_euclidean
-from ..functional.ranked_list_params import RankedListParams
+from ..functional.ranked_list_params import GRADIENT_MODES, RankedListParams, default_alpha
+from ..utils.distances import is_fast_distance
 from ..utils.validation import (
     MAX_MAGNITUDE,
     HyperParameterError,
@@ -36,8 +37,6 @@ from ..utils.validation import (
     check_temperature,
     pairs_to_masks,
 )
-
-GRADIENT_MODES = ("paper", "autograd")
 
 
 def _autocast_disabled(like: Tensor) -> contextlib.AbstractContextManager:
@@ -68,8 +67,9 @@ class RankedListLoss(BaseMetricLossFunction):
             overflow).
         imbalance: lambda in ``(1 - lambda) * L_P + lambda * L_N``, in [0, 1]. The CVPR form ``L_P + l * L_N``
             is this with imbalance = l / (1 + l), times (1 + l).
-        alpha: the negative boundary in (0, 1e30]; ``None`` means ``1 + margin / 2`` (the TPAMI code's fixed
-            boundaries).
+        alpha: the negative boundary in (0, 1e30]; ``None`` means
+            :func:`~pml_rll.functional.ranked_list_params.default_alpha` of the margin (the TPAMI code's fixed
+            boundaries: alpha = 1.2 at the default margin).
         Tp: temperature of the positive weighting (0 in the paper's experiments), in [0, 1e4] like Tn.
         gradient: ``"paper"`` (default): the weights are constants and each pair's gradient reaches only its query,
             the gallery held fixed, as the authors state; every non-trivial negative is pushed away and every
@@ -115,7 +115,7 @@ class RankedListLoss(BaseMetricLossFunction):
     ``avg_num_neg_per_query`` (non-trivial pairs per query, when ``collect_stats`` is on).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 (PML's positional order, then gradient and path)
         self,
         margin: float = 0.4,
         Tn: float = 10.0,
@@ -132,7 +132,7 @@ class RankedListLoss(BaseMetricLossFunction):
         self.Tn = check_temperature("Tn", Tn)
         self.Tp = check_temperature("Tp", Tp)
         self.imbalance = check_number("imbalance", imbalance, 0.0, 1.0)
-        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
+        self.alpha = default_alpha(self.margin) if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
             raise HyperParameterError(f"alpha must be positive (no distance is below {self.alpha}), got {self.alpha}")
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
@@ -174,7 +174,7 @@ class RankedListLoss(BaseMetricLossFunction):
         )
         if labels is None and indices_tuple is None:
             raise ValueError("RankedListLoss needs labels or an indices_tuple (the positive and negative pairs)")
-        if not self._is_fast_distance():
+        if not is_fast_distance(self.distance):
             why = f"with distance={type(self.distance).__name__} the non-trivial pairs are listed from the values"
             check_not_meta("embeddings", embeddings, "RankedListLoss", why)
         # the loss runs in float32 or float64 whatever the autocast state (half precision is upcast) and is returned
@@ -201,7 +201,7 @@ class RankedListLoss(BaseMetricLossFunction):
             margin=self.margin, alpha=self.alpha, Tp=self.Tp, Tn=self.Tn, imbalance=self.imbalance
         )
         paper = self.gradient == "paper"
-        if self._is_fast_distance():
+        if is_fast_distance(self.distance):
             losses, n_pos, n_neg = self._euclidean_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
         else:
             losses, n_pos, n_neg = self._generic_losses(embeddings, ref_emb, same, masks, params=params, paper=paper)
@@ -218,10 +218,6 @@ class RankedListLoss(BaseMetricLossFunction):
                 "reduction_type": "element",
             }
         }
-
-    def _is_fast_distance(self) -> bool:
-        dist = self.distance
-        return type(dist) is LpDistance and dist.p == 2 and dist.power == 1
 
     def _euclidean_losses(
         self, embeddings: Tensor, ref_emb: Tensor, same: bool, masks: MaskFn, *, params: RankedListParams, paper: bool

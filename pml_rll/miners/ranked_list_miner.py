@@ -7,9 +7,10 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..functional.numerics import euclidean_distances
 from ..functional.ranked_list import non_trivial_pairs
-from ..functional.ranked_list_euclidean import euclidean_distances
-from ..functional.ranked_list_params import RankedListParams
+from ..functional.ranked_list_params import RankedListParams, default_alpha
+from ..utils.distances import is_fast_distance
 from ..utils.validation import (
     MAX_MAGNITUDE,
     HyperParameterError,
@@ -29,7 +30,8 @@ class RankedListMiner(BaseMiner):
 
     Args:
         margin: m, the gap between the two boundaries, in [0, 1e30].
-        alpha: the negative boundary in (0, 1e30]; ``None`` means ``1 + margin / 2`` as in ``RankedListLoss``.
+        alpha: the negative boundary in (0, 1e30]; ``None`` means the default of ``RankedListLoss``
+            (:func:`~pml_rll.functional.ranked_list_params.default_alpha`).
         **kwargs: PML's ``distance`` (default ``LpDistance(p=2, normalize_embeddings=True)``, computed exactly as
             the loss computes it), ``collect_stats``.
 
@@ -49,7 +51,7 @@ class RankedListMiner(BaseMiner):
     def __init__(self, margin: float = 0.4, alpha: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
-        self.alpha = 1 + self.margin / 2 if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
+        self.alpha = default_alpha(self.margin) if alpha is None else check_number("alpha", alpha, high=MAX_MAGNITUDE)
         if self.alpha <= 0:
             raise HyperParameterError(f"alpha must be positive, got {self.alpha}")
         check_distance(self.distance, "RankedListMiner")
@@ -93,7 +95,7 @@ class RankedListMiner(BaseMiner):
         if embeddings.dtype in (torch.float16, torch.bfloat16):  # half precision computed in float32, as in the loss
             embeddings = embeddings.float()
             ref_emb = embeddings if same else ref_emb.float()
-        if type(dist) is LpDistance and dist.p == 2 and dist.power == 1:
+        if is_fast_distance(dist):
 
             def prepare(x):
                 return torch.nn.functional.normalize(x, dim=1) if dist.normalize_embeddings else x

@@ -7,8 +7,7 @@ from pytorch_metric_learning.reducers import MultipleReducers
 from torch import Tensor
 
 from ..functional.ranked_list import is_non_trivial, ranked_lists
-from ..functional.ranked_list_params import RankedListParams
-from ..losses.ranked_list_loss import GRADIENT_MODES
+from ..functional.ranked_list_params import GRADIENT_MODES, RankedListParams
 from ..utils.validation import (
     check_choice,
     check_embeddings,

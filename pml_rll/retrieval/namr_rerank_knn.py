@@ -124,6 +124,16 @@ class NAMRReRankKNN:
         self.reference_x: torch.Tensor | None = None
         self.reference_s: torch.Tensor | None = None
 
+    @classmethod
+    def for_loss(cls, loss, mode: str = "rerank", base_knn=None, **overrides) -> NAMRReRankKNN:
+        """The kNN to evaluate a ``NAMRLoss``'s embeddings with: its retrieval settings (the ones validated for its
+        base loss by default; ``overrides`` laid over them) in the geometry the loss trained
+        (``loss.retrieval_settings``). ``mode="plain"`` gives the Euclidean order on x in the same geometry."""
+        settings = getattr(loss, "retrieval_settings", None)
+        if not callable(settings):
+            raise TypeError(f"loss: expected a NAMRLoss (with retrieval_settings), got {type(loss).__name__}")
+        return cls(loss.embedding_size, base_knn=base_knn, mode=mode, **settings(**overrides))
+
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
         """``InferenceModel`` support: replace the stored reference set by ``embeddings`` (packed or sample-only)."""

@@ -126,7 +126,7 @@ def test_killed_runner_leaves_no_workers_nor_half_records_and_restarts_clean(tmp
     assert all(json.loads(r["record"])["iterations"] == 80 for r in rows if r["status"] == "done")
     # plant a marker in every log folder: a run that is redone must start from empty logs
     for dirpath, dirnames, _ in os.walk(out / "logs"):
-        if os.path.basename(dirpath).startswith("seed"):
+        if os.path.basename(dirpath).startswith("claim-"):  # logs/<key>/<loss>/seed<s>/claim-<token>
             open(os.path.join(dirpath, "stale-marker"), "w").close()
             dirnames.clear()
     res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)  # --jobs is not in the key

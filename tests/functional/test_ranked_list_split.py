@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import pml_rll.functional.ranked_list_euclidean as euclid_mod
 import pml_rll.functional.ranked_list_split as split_mod
-from pml_rll.functional.ranked_list import add_pair_product, dense_masks, label_masks, same_label_pairs
+from pml_rll.functional.numerics import add_pair_product
+from pml_rll.functional.ranked_list import dense_masks, label_masks, same_label_pairs
 from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
 from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.functional.ranked_list_split import ranked_list_split, split_supported, squared_boundary
@@ -186,7 +187,7 @@ def test_auto_for_long_lists_depends_on_the_batch_and_the_gradient_rule(monkeypa
     """Long lists: the split path from a medium batch on; below, the dense path with the paper's rule and the list
     path with the autograd rule. Short lists: the list path."""
     taken = []
-    for name in ("ranked_list_dense", "ranked_list_list_path"):
+    for name in ("ranked_list_dense", "ranked_list_list"):
         real = getattr(euclid_mod, name)
         monkeypatch.setattr(euclid_mod, name, lambda *a, _n=name, _r=real, **k: taken.append(_n) or _r(*a, **k))
     x, y = many_classes()
@@ -203,11 +204,11 @@ def test_auto_for_long_lists_depends_on_the_batch_and_the_gradient_rule(monkeypa
         ranked_list_euclidean(emb, None, masks, params=params, paper=paper)
         return "split" if len(counted) > before else taken[0]
 
-    assert (path(long, True), path(long, False)) == ("ranked_list_dense", "ranked_list_list_path")
-    assert (path(short, True), path(short, False)) == ("ranked_list_list_path", "ranked_list_list_path")
+    assert (path(long, True), path(long, False)) == ("ranked_list_dense", "ranked_list_list")
+    assert (path(short, True), path(short, False)) == ("ranked_list_list", "ranked_list_list")
     monkeypatch.setattr(euclid_mod, "_SPLIT_PAIRS_LONG", 64 * 64)  # a medium batch
     assert (path(long, True), path(long, False)) == ("split", "split")
-    assert path(short, True) == "ranked_list_list_path"
+    assert path(short, True) == "ranked_list_list"
     monkeypatch.setattr(euclid_mod, "_LIST_AUTOGRAD_PAIRS", 64 * 64)  # without the split path, above that size
     pairs = dense_masks(y[:, None] == y[None, :], y[:, None] != y[None, :])  # pair masks: no split path
     taken.clear()
@@ -272,7 +273,7 @@ def test_add_pair_product_adds_the_dense_product_in_place(dtype):
 _WARNINGS_SCRIPT = """
 import warnings
 import torch
-from pml_rll.functional.ranked_list import add_pair_product, pair_product
+from pml_rll.functional.numerics import add_pair_product, pair_product
 
 g = torch.randn(64, 3)
 rows, cols, values = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([1.0, 2.0])

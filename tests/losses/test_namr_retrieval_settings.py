@@ -1,4 +1,4 @@
-"""NAMRLoss.retrieval_knn: the validated re-ranking, in the geometry the loss trained, with nothing to remember."""
+"""NAMRReRankKNN.for_loss: the validated re-ranking, in the geometry the loss trained, with nothing to remember."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_make_namr_loss_retrieves_as_validated_in_its_geometry(base, dtype):
     loss = make_namr_loss(base, D)
     settings = NAMR_CONFIGS[base]["retrieval"]
     assert loss.retrieval == settings and validated_retrieval(base) == settings
-    knn = loss.retrieval_knn()
+    knn = NAMRReRankKNN.for_loss(loss)
     assert isinstance(knn, NAMRReRankKNN) and knn.mode == "rerank"
     assert (knn.num_candidates, knn.weighting, knn.blend) == (
         settings["num_candidates"],
@@ -62,7 +62,7 @@ def test_make_namr_loss_retrieves_as_validated_in_its_geometry(base, dtype):
     _, idx = knn(queries, k, gallery)
     want = _reference_search(queries.double(), gallery.double(), k, knn.num_candidates, knn.blend, NORMALISED[base])
     assert idx.tolist() == want
-    plain = loss.retrieval_knn(mode="plain")
+    plain = NAMRReRankKNN.for_loss(loss, mode="plain")
     assert plain.mode == "plain" and plain.normalize_sample is NORMALISED[base]
 
 
@@ -70,22 +70,22 @@ def test_settings_are_read_where_they_are_kept(monkeypatch):
     # a later change of the validated configuration reaches every NAMRLoss built afterwards, with no second copy
     changed = {b: dict(c, retrieval=dict(c["retrieval"], num_candidates=5)) for b, c in NAMR_CONFIGS.items()}
     monkeypatch.setattr("pml_rll.losses.namr_loss.NAMR_CONFIGS", changed)
-    assert make_namr_loss("contrastive", D).retrieval_knn().num_candidates == 5
-    assert NAMRLoss(losses.ContrastiveLoss(), D).retrieval_knn().num_candidates == 5
+    assert NAMRReRankKNN.for_loss(make_namr_loss("contrastive", D)).num_candidates == 5
+    assert NAMRReRankKNN.for_loss(NAMRLoss(losses.ContrastiveLoss(), D)).num_candidates == 5
     assert namr_config("ms")["retrieval"]["num_candidates"] == 5
 
 
 def test_a_hand_built_namr_loss_gets_its_base_settings_and_geometry():
     # PML's default triplet distance normalises: the structure term and retrieval use normalised x
     loss = NAMRLoss(losses.TripletMarginLoss(), D)
-    assert loss.structure_geometry == "l2" and loss.retrieval_knn().normalize_sample is True
+    assert loss.structure_geometry == "l2" and NAMRReRankKNN.for_loss(loss).normalize_sample is True
     assert loss.retrieval == NAMR_CONFIGS["triplet"]["retrieval"]
     raw = NAMRLoss(losses.TripletMarginLoss(distance=distances.LpDistance(normalize_embeddings=False)), D)
-    assert raw.retrieval_knn().normalize_sample is False
+    assert NAMRReRankKNN.for_loss(raw).normalize_sample is False
     other = NAMRLoss(losses.CircleLoss(), D)  # not a bundled base: NASA's re-ranking
     assert other.retrieval == NASA_CONFIG["retrieval"]
     own = NAMRLoss(losses.CircleLoss(), D, retrieval={"num_candidates": 16, "blend": 0.5})
-    knn = own.retrieval_knn(blend=0.25)
+    knn = NAMRReRankKNN.for_loss(own, blend=0.25)
     assert (knn.num_candidates, knn.blend, knn.weighting) == (16, 0.25, "query")
 
 
@@ -94,7 +94,7 @@ def test_a_geometry_mismatch_is_reported():
     with pytest.raises(ValueError, match="normalize_sample"):
         loss.check_retrieval(NAMRReRankKNN(D, **namr_config("multi_similarity")["retrieval"]))
     with pytest.raises(ValueError, match="normalize_sample=False does not match"):
-        loss.retrieval_knn(normalize_sample=False)
+        NAMRReRankKNN.for_loss(loss, normalize_sample=False)
     with pytest.raises(ValueError, match="embedding_size"):
         loss.check_retrieval(NAMRReRankKNN(D + 1, normalize_sample=True))
     with pytest.raises(TypeError, match="knn"):

@@ -163,7 +163,7 @@ def test_large_batch_fast_path_equals_reference_in_float32(gradient):
 
 
 def test_blocked_forward_matches_single_block(monkeypatch):
-    from pml_rll.functional import ranked_list_euclidean as fast
+    from pml_rll.functional import ranked_list_list as fast
 
     x, y = paired_batch(n=40, dim=6, seed=4)
     x.requires_grad_(True)
