@@ -3,13 +3,16 @@
 # `make docs` (the documentation site, mkdocs build --strict, into site/);
 # `make verdict-convergence`, `make verdict`, `make verdict-export`: the tuned Omniglot study (docs/verdict.md).
 # Each creates or reuses .venv from the pinned constraints file (torch and torchvision pinned together).
+# `make test-compat` (`test-oldest` + `test-newest`): the library's tests on the oldest supported torch and on the
+# newest one, each in its own environment (.venv-oldest, .venv-newest) from constraints-oldest.txt /
+# constraints-newest.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,logging,vision,bench,test,lint,postgres,docs
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint docs benchmark clean-venv verdict-convergence verdict verdict-export
+.PHONY: venv test lint docs benchmark clean-venv verdict-convergence verdict verdict-export test-compat test-oldest test-newest
 
 # The verdict study (docs/verdict.md). Omniglot's archives in $(VERDICT_DATA); every run is kept in the store of
 # $(VERDICT_OUT), so each `make verdict` continues where the last one stopped. VERDICT_SEGMENT: a duration for
@@ -51,7 +54,7 @@ benchmark: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-oldest .venv-newest
 
 # validation learning curves of the strongest losses (defaults, both folds, one seed), then where they flatten
 verdict-convergence: $(STAMP)
@@ -72,3 +75,21 @@ verdict-export:
 	mkdir -p $(VERDICT_DOCS)
 	cd $(VERDICT_OUT) && cp results.md results.csv results_untuned.csv results.jsonl results.png trials.csv \
 		verdict.md verdict.csv verdict.png $(CURDIR)/$(VERDICT_DOCS)/
+
+# The library and its tests only (the benchmark runner and the documentation checks need the pinned stack: the
+# `bench` and `docs` extras). The constraints file is given as PIP_CONSTRAINT, so it replaces any machine-wide pip
+# constraint instead of adding to it.
+LIBRARY_TESTS := tests --ignore=tests/benchmarks --ignore=tests/docs
+
+.venv-%/.installed: constraints-%.txt setup.cfg pyproject.toml
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	PIP_CONSTRAINT=constraints-$*.txt .venv-$*/bin/python -m pip install --disable-pip-version-check -q torch -e ".[test]"
+	touch $@
+
+test-oldest: .venv-oldest/.installed
+	.venv-oldest/bin/python -m pytest $(LIBRARY_TESTS) -ra
+
+test-newest: .venv-newest/.installed
+	.venv-newest/bin/python -m pytest $(LIBRARY_TESTS) -ra
+
+test-compat: test-oldest test-newest

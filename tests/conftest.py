@@ -8,11 +8,35 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import pytest
 import torch
 
 F64 = torch.float64
+
+#: torch.compile's tracer supports Python 3.11 from torch 2.1 on (torch 2.0 raises at the first compiled call there)
+needs_compile = pytest.mark.skipif(
+    sys.version_info >= (3, 11) and torch.__version__ < "2.1",
+    reason=f"torch.compile needs torch >= 2.1 on Python 3.11 (torch {torch.__version__})",
+)
+
+
+def _cpu_float16_kernels() -> bool:
+    half = torch.ones(1, 2, dtype=torch.float16)
+    try:
+        half @ half.T
+        half.clamp_min(1e-12)
+    except RuntimeError:  # "addmm_impl_cpu_" / "clamp_min_scalar_cpu" not implemented for 'Half' (torch 2.0, 2.1)
+        return False
+    return True
+
+
+#: float16 matrix products and clamps on a CPU (torch 2.0 and 2.1 have neither; PML's losses and our functional
+#: API compute float16 input in float16)
+needs_cpu_float16 = pytest.mark.skipif(
+    not _cpu_float16_kernels(), reason=f"torch {torch.__version__} lacks float16 CPU kernels (matmul, clamp_min)"
+)
 
 
 @pytest.fixture

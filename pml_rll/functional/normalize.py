@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
+from ..utils.compat import is_compiling
 from ..utils.workspace import Workspace
 
 EPS = 1e-12  # as torch.nn.functional.normalize
@@ -56,7 +57,7 @@ def l2_normalize(x: Tensor) -> Tensor:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return F.normalize(x, p=2, dim=1)
     out: Tensor = _L2Normalize.apply(x)
     return out

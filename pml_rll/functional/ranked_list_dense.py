@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..utils.autograd import closed_form_backward
+from ..utils.compat import is_compiling
 from ..utils.workspace import Workspace
 from .numerics import NEAR_SQUARED_DISTANCE, ZERO_DISTANCE_EPS, fixed_shift, squared_norms
 from .ranked_list import MaskFn
@@ -51,7 +52,7 @@ _SYMMETRIC = True
 
 def sync_free_wanted(x: Tensor) -> bool:
     """Where the dense path is always taken and must not synchronise: on CUDA, and while ``torch.compile`` traces."""
-    return x.is_cuda or torch.compiler.is_compiling()
+    return x.is_cuda or is_compiling()
 
 
 class _Near(NamedTuple):

@@ -7,6 +7,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from .compat import is_compiling
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -20,7 +22,7 @@ def closed_form_backward(name: str) -> Callable[[F], F]:
     def wrap(backward: F) -> F:
         @functools.wraps(backward)
         def checked(ctx: Any, *grads: Any) -> Any:
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and not is_compiling():
                 raise RuntimeError(
                     f"{name} has a closed-form backward pass that is not differentiable itself: a second "
                     "derivative (create_graph=True through it) is not supported"

@@ -39,6 +39,8 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance
 from torch import Tensor
 
+from .compat import aminmax, is_autocast_enabled
+
 #: Largest temperature (RankedListLoss / RankedListReducer ``Tn``, ``Tp``) and soft-assignment sharpness
 #: (MultiClusterRankingLoss ``alpha``) accepted. At T = 1e4 a hinge gap of 0.01 already weighs exp(-100) ~ 4e-44,
 #: below float32's smallest normal number, so larger values select the same hardest pair; and T * hinge stays below
@@ -151,7 +153,7 @@ def all_finite(t: Tensor) -> bool:
     t = t.detach()
     if t.numel() == 0 or t.is_meta:  # a meta tensor has a shape and a dtype but no values to check
         return True
-    low, high = torch.aminmax(t)
+    low, high = aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
@@ -233,7 +235,7 @@ def check_features(features: Any, module: torch.nn.Module) -> None:
     if param is None:
         return
     check_same_device("features", features, param, "the module's parameters")
-    if features.dtype != param.dtype and not torch.is_autocast_enabled(features.device.type):
+    if features.dtype != param.dtype and not is_autocast_enabled(features.device.type):
         raise TypeError(
             f"features are {features.dtype} but the module's parameters are {param.dtype}; convert one of them "
             "or run under torch.autocast"

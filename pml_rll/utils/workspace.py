@@ -7,6 +7,8 @@ import threading
 import torch
 from torch import Tensor
 
+from .compat import is_compiling
+
 # Tile buffers kept between calls, per thread (a CPU allocator returns large blocks to the system, and a fresh
 # block costs a page fault per 4 KiB on first touch: as much as the arithmetic of the tile). Scratch only: every
 # buffer is written before it is read.
@@ -23,7 +25,7 @@ class Workspace:
     def __init__(self, elements: int, like: Tensor) -> None:
         self.elements, self.like = elements, like
         # (CPU only: the buffers are keyed by name and dtype, one set per thread)
-        self.enabled = like.device.type == "cpu" and not torch.compiler.is_compiling()
+        self.enabled = like.device.type == "cpu" and not is_compiling()
         if self.enabled and not hasattr(_SCRATCH, "buffers"):
             _SCRATCH.buffers = {}
 

@@ -12,6 +12,7 @@ from pml_rll.functional.ranked_list import dense_masks, label_masks
 from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
 from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.losses import RankedListLoss
+from tests.conftest import needs_compile
 from tests.reference.ranked_list_loss import reference_losses
 
 
@@ -127,11 +128,14 @@ def test_auto_takes_dense_for_long_lists_on_cpu(monkeypatch):
     assert taken == ["dense"]
 
 
+@needs_compile
 @pytest.mark.parametrize("gradient", ["paper", "autograd"])
 def test_compile_fullgraph_no_graph_break(gradient):
     """torch.compile(loss, fullgraph=True) (which raises at any graph break), forward and backward, equals eager.
 
     The AOT tracing backend traces forward and backward graphs without generating code: quick on a CPU."""
+    import torch._dynamo
+
     torch._dynamo.reset()
     x, y = clustered(n=16, dim=4, seed=6, dtype=torch.float32, duplicates=False)
     loss = RankedListLoss(margin=0.4, Tn=10.0, gradient=gradient)

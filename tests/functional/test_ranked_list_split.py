@@ -19,6 +19,7 @@ from pml_rll.functional.ranked_list_euclidean import ranked_list_euclidean
 from pml_rll.functional.ranked_list_params import RankedListParams
 from pml_rll.functional.ranked_list_split import ranked_list_split, split_supported, squared_boundary
 from pml_rll.losses import RankedListLoss
+from tests.conftest import needs_cpu_float16
 from tests.functional.test_ranked_list_dense import assert_same, clustered, run
 from tests.reference.ranked_list_loss import reference_losses, reference_paper_gradient
 
@@ -330,6 +331,7 @@ def test_collapsed_embeddings_keep_their_gram_values(counted, jitter):
     assert len(counted) == 1
 
 
+@needs_cpu_float16
 def test_half_precision_in_the_functional_api_takes_another_path(counted):
     x, y = many_classes(dtype=torch.float32)
     q = F.normalize(x, dim=1).half()
