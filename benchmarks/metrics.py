@@ -107,23 +107,37 @@ class RetrievalAccuracyCalculator(ac.AccuracyCalculator):
 
 
 class NAMRAccuracyCalculator(RetrievalAccuracyCalculator):
-    """Metrics for packed NAMR embeddings ``[x || s]``: re-ranked retrieval (the main numbers) and, under
-    ``plain_*`` keys, plain Euclidean retrieval on the sample embedding x. NMI clusters x only.
+    """Metrics for packed NAMR embeddings ``[x || s]``, both ways: plain Euclidean retrieval on the sample
+    embedding x under ``plain_*`` keys, retrieval re-ranked by the structure embedding under ``reranked_*`` keys,
+    and the entry's default (``main``) under the bare keys. NMI clusters x only.
 
     Args:
         embedding_size: d, the width of x (the packed width is 2d).
         rerank_knn: the re-ranking ``knn_func`` (``NAMRReRankKNN``).
         plain_knn: a ``knn_func`` on packed input that ranks by x only (``NAMRReRankKNN`` in plain mode), or
             ``None`` to slice x and use Euclidean ``CustomKNN``.
+        main: ``"rerank"`` or ``"plain"``: which retrieval the bare metric keys report.
     """
 
-    def __init__(self, embedding_size: int, rerank_knn: Callable, plain_knn: Callable | None = None, **kwargs):
+    def __init__(
+        self,
+        embedding_size: int,
+        rerank_knn: Callable,
+        plain_knn: Callable | None = None,
+        main: str = "rerank",
+        **kwargs,
+    ):
+        if main not in ("rerank", "plain"):
+            raise ValueError(f"main must be 'rerank' or 'plain', got {main!r}")
         self.embedding_size = int(embedding_size)
+        self.main = main
         d = self.embedding_size
         base_plain = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=2048)
         self.plain_knn = plain_knn or (lambda q, k, r, inc: base_plain(q[:, :d], k, r[:, :d], inc))
         self.rerank_knn = rerank_knn
-        kwargs["knn_func"] = rerank_knn
+        self.main_knn: Callable = rerank_knn if main == "rerank" else self.plain_knn
+        self.other_knn: Callable = self.plain_knn if main == "rerank" else rerank_knn
+        kwargs["knn_func"] = self.main_knn
         kwargs["kmeans_func"] = lambda x, k: kmeans_func(x[:, :d], k)
         super().__init__(**kwargs)
 
@@ -145,15 +159,18 @@ class NAMRAccuracyCalculator(RetrievalAccuracyCalculator):
             query, query_labels, reference, reference_labels, ref_includes_query, include, exclude
         )
         knn_metrics = [m for m in self.get_curr_metrics() if m in self.requires_knn()]
-        self.knn_func = self.plain_knn
+        self.knn_func = self.other_knn
         try:
-            plain = super().get_accuracy(
+            other = super().get_accuracy(
                 query, query_labels, reference, reference_labels, ref_includes_query, include=tuple(knn_metrics)
             )
         finally:
-            self.knn_func = self.rerank_knn
+            self.knn_func = self.main_knn
             self.curr_function_dict = self.get_function_dict(include, exclude)
+        main = {k: out[k] for k in other if k in out}
+        plain, reranked = (other, main) if self.main == "rerank" else (main, other)
         out.update({f"plain_{k}": v for k, v in plain.items()})
+        out.update({f"reranked_{k}": v for k, v in reranked.items()})
         return out
 
 

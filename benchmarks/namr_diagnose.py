@@ -102,15 +102,25 @@ def _parse_value(value: str):
         return value
 
 
-def parse_variant(text: str) -> dict | None:
-    """``base`` -> None (no NAMR); ``nasa[+key=value...]`` or ``key=value[+...]`` -> a NAMR configuration."""
-    from pml_rll.losses.namr_loss import NASA_CONFIG
+def parse_variant(text: str, base: str | None = None) -> dict | None:
+    """``base`` -> None (no NAMR); ``nasa[+key=value...]`` or ``key=value[+...]`` -> a NAMR configuration.
+
+    ``validated[+key=value...]`` starts from the base loss's configuration in ``NAMR_CONFIGS`` (``base`` needed)
+    instead of NASA's."""
+    from pml_rll.losses.namr_loss import NASA_CONFIG, namr_config
 
     if text == "base":
         return None
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in NASA_CONFIG.items()}
-    for token in text.split("+"):
-        if token in ("", "nasa"):
+    tokens = text.split("+")
+    if tokens[0] == "validated":
+        if base is None:
+            raise SystemExit(f"variant {text!r} starts from the validated configuration and needs a base loss")
+        start = namr_config(base)
+    else:
+        start = NASA_CONFIG
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in start.items()}
+    for token in tokens:
+        if token in ("", "nasa", "validated"):
             continue
         key, _, value = token.partition("=")
         parsed = _parse_value(value)
@@ -173,21 +183,51 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
     from pml_rll.functional import namr as F_namr
 
     d = namr_loss.embedding_size
-    x, s = packed.detach()[:, :d].clone().requires_grad_(True), packed.detach()[:, d:]
+    x = packed.detach()[:, :d].clone().requires_grad_(True)
+    s = packed.detach()[:, d:].clone().requires_grad_(True)
     labels = labels.to(x.device)
     xs = x / F_namr.mean_pairwise_distance(x) if namr_loss.scale_by_mean_distance else x
     indices = namr_loss.miner(xs, labels) if namr_loss.miner is not None else None
     metric = namr_loss.loss(xs, labels, indices)
     xg = torch.nn.functional.normalize(xs, dim=1) if namr_loss.structure_geometry == "l2" else xs
-    structure = namr_loss.structure_loss(F_namr.pack(xg, s))
+    sl = namr_loss.structure_loss
+    shortlist_weight = getattr(sl, "shortlist_weight", 0.0)
+    packed_g = F_namr.pack(xg, s)
+    structure = sl(packed_g, labels) if shortlist_weight > 0 else sl(packed_g)
     g_metric = torch.autograd.grad(metric, x, retain_graph=True, allow_unused=True)[0]
-    g_struct = torch.autograd.grad(structure, x, allow_unused=True)[0]
-    out: dict[str, Any] = {"metric_loss": float(metric), "structure_loss": float(structure)}
+    g_struct = torch.autograd.grad(structure, x, retain_graph=True, allow_unused=True)[0]
+    out: dict[str, Any] = {"metric_loss": float(metric.detach()), "structure_loss": float(structure.detach())}
     if g_metric is not None and g_struct is not None:
         gm, gs = g_metric.flatten(), namr_loss.structure_weight * g_struct.flatten()
         out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(gm, gs, dim=0))
         out["grad_norm_ratio"] = float(gs.norm() / gm.norm().clamp_min(1e-12))
-    sl = namr_loss.structure_loss
+    # what the structure term tells s: its gradient's sample-independent part against its per-sample part
+    s_used = F_namr.centre_structure(s) if getattr(sl, "centre_structure", False) else s
+    cluster, _, _ = F_namr.multi_cluster_anchor_losses(
+        xg.detach(),
+        s_used,
+        sl.t_values,
+        sl.alpha,
+        sl.floor,
+        sl.stats_include_diagonal,
+        sl.center_mode,
+        sl.neighbourhood_k,
+    )
+    out.update(gradient_spread(torch.autograd.grad(cluster.mean(), s, retain_graph=True)[0], "s_grad_cluster"))
+
+    def cluster_pairs(s_r: torch.Tensor) -> torch.Tensor:
+        s_u = F_namr.centre_structure(s_r) if getattr(sl, "centre_structure", False) else s_r
+        args = (sl.t_values, sl.alpha, sl.floor, sl.stats_include_diagonal, sl.center_mode, sl.neighbourhood_k)
+        return F_namr.multi_cluster_pair_matrix(xg.detach(), s_u, *args)[0]
+
+    out.update(partner_decomposition(cluster_pairs, s, "s_grad_cluster"))
+    out.update(near_far_split(cluster_pairs, s, xg.detach(), "s_grad_cluster"))
+    if shortlist_weight > 0:
+        short, _ = F_namr.shortlist_ranking_losses(
+            xg.detach(), s_used, labels, sl.shortlist_k, sl.shortlist_temperature
+        )
+        out.update(gradient_spread(torch.autograd.grad(short.mean(), s)[0], "s_grad_shortlist"))
+    s = s.detach()
     with torch.no_grad():
         xd = xg.detach()
         _, dist, centres = F_namr.multi_cluster_anchor_losses(
@@ -209,6 +249,92 @@ def trace_batch(namr_loss, packed: torch.Tensor, labels: torch.Tensor) -> dict:
         counts = torch.bincount(nearest[off], minlength=m).double()
         out["cluster_share"] = (counts / counts.sum()).tolist()
     return out
+
+
+def gradient_spread(g: torch.Tensor, prefix: str) -> dict:
+    """How much of a gradient on s (N x d) is the same for every sample.
+
+    ``<prefix>_common_share``: N |mean_i g_i|^2 / sum_i |g_i|^2, the share of the squared gradient norm in its
+    sample-independent part (1: every sample gets the same gradient, i.e. only a global re-weighting of the
+    dimensions is trained; about 1/N for independent per-sample gradients). ``<prefix>_between_over_mean_sq``:
+    the variance over samples of g_ik, averaged over dimensions, against the square of its mean over samples,
+    averaged over dimensions."""
+    g = g.detach().double()
+    n = g.shape[0]
+    mean = g.mean(0)
+    total = g.pow(2).sum().clamp_min(1e-300)
+    return {
+        f"{prefix}_common_share": float(n * mean.pow(2).sum() / total),
+        f"{prefix}_between_over_mean_sq": float(g.var(0, unbiased=False).mean() / mean.pow(2).mean().clamp_min(1e-300)),
+    }
+
+
+def partner_decomposition(
+    pair_losses: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor, prefix: str, subsets: int = 8, seed: int = 0
+) -> dict:
+    """Which part of the gradient on s a structure head could learn per sample, measured in one batch.
+
+    ``pair_losses(s)`` is the N x N matrix of pair losses l_ij. For ``subsets`` random halves P_r of the batch (the
+    same partners for every anchor, as another batch would give), g_r = d/ds of the mean over anchors of
+    (mean over j in P_r, j != i, of l_ij). The R x N x d gradients split exactly into three orthogonal parts; their
+    shares of the total squared norm are returned:
+
+    * ``<prefix>_common``: the mean over anchors and subsets (one global re-weighting of the dimensions);
+    * ``<prefix>_per_sample``: each anchor's mean over subsets minus the common part (a per-sample signal that
+      does not depend on which partners are in the batch: what a head predicting s from the sample can fit);
+    * ``<prefix>_partner_noise``: the rest, which changes with the partners and averages out over batches."""
+    n = s.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    for _ in range(subsets):
+        s_r = s.detach().clone().requires_grad_(True)
+        keep = torch.zeros(n, n, dtype=torch.bool, device=s.device)
+        keep[:, torch.randperm(n, generator=gen)[: max(2, n // 2)].to(s.device)] = True
+        keep &= ~eye
+        rows = (pair_losses(s_r) * keep).sum(1) / keep.sum(1).clamp_min(1)
+        grads.append(torch.autograd.grad(rows.mean(), s_r)[0])
+    g = torch.stack(grads).double()  # R x N x d
+    per_anchor = g.mean(0)
+    common = per_anchor.mean(0)
+    total = g.pow(2).sum().clamp_min(1e-300)
+    r = g.shape[0]
+    return {
+        f"{prefix}_common": float(r * n * common.pow(2).sum() / total),
+        f"{prefix}_per_sample": float(r * (per_anchor - common).pow(2).sum() / total),
+        f"{prefix}_partner_noise": float((g - per_anchor).pow(2).sum() / total),
+    }
+
+
+def near_far_split(
+    pair_losses: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor, x: torch.Tensor, prefix: str, k: int = 8
+) -> dict:
+    """How much of the gradient on s comes from each anchor's short list, the only pairs re-ranking reorders.
+
+    g = g_near + g_far, from the pairs (i, j) with j among the ``k`` nearest of i by plain distance on x and from
+    the others. ``<prefix>_near_norm_share``: |g_near| / (|g_near| + |g_far|); ``<prefix>_near_cosine``: the cosine
+    between g_near and the whole g."""
+    from pml_rll.functional import namr as F_namr
+
+    n = s.shape[0]
+    with torch.no_grad():
+        plain = F_namr.pairwise_sq_euclidean(x).masked_fill(
+            torch.eye(n, dtype=torch.bool, device=x.device), float("inf")
+        )
+        near = torch.zeros(n, n, dtype=torch.bool, device=x.device)
+        near.scatter_(1, plain.topk(min(k, n - 1), dim=1, largest=False).indices, True)
+    far = ~near & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    grads = []
+    for mask in (near, far):
+        s_r = s.detach().clone().requires_grad_(True)
+        grads.append(torch.autograd.grad((pair_losses(s_r) * mask).sum() / (n * (n - 1)), s_r)[0].double())
+    g_near, g_far = grads
+    total = g_near + g_far
+    nn_, nf = float(g_near.norm()), float(g_far.norm())
+    return {
+        f"{prefix}_near_norm_share": nn_ / max(nn_ + nf, 1e-300),
+        f"{prefix}_near_cosine": float(torch.nn.functional.cosine_similarity(g_near.flatten(), total.flatten(), dim=0)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -235,11 +361,18 @@ def rerank_top(plain_idx: torch.Tensor, score: torch.Tensor, num_candidates: int
     return torch.cat([torch.gather(head, 1, order), plain_idx[:, kc:]], 1)
 
 
-def evaluate_embeddings(packed: torch.Tensor, labels: torch.Tensor, d: int, normalize: bool, seed: int) -> dict:
-    """Every retrieval variant and the structure diagnostics on one set of packed embeddings (all vs all)."""
+def evaluate_embeddings(
+    packed: torch.Tensor, labels: torch.Tensor, d: int, normalize: bool, seed: int, centre: bool = False
+) -> dict:
+    """Every retrieval variant and the structure diagnostics on one set of packed embeddings (all vs all).
+
+    ``centre``: s is divided by its mean over the evaluation set per dimension first (a model trained with
+    ``centre_structure=True``; ``NAMRReRankKNN(centre_structure=True)`` does the same)."""
     from pml_rll.functional import namr as F_namr
 
     x, s = packed[:, :d].double(), packed[:, d:].double()
+    if centre:
+        s = F_namr.centre_structure(s)
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
@@ -289,6 +422,7 @@ def evaluate_embeddings(packed: torch.Tensor, labels: torch.Tensor, d: int, norm
         "mean": float(s.mean()),
         "std_over_samples": float(s.std(0).mean()),  # per dimension, across samples, averaged
         "std_over_dims": float(s.std(1).mean()),  # per sample, across dimensions, averaged
+        "spread_ratio": float(s.std(0).mean() / s.std(1).mean().clamp_min(1e-12)),
         "corr_s_vs_class_spread": float(spread_corr.mean()),
         "corr_mean_s_vs_knn10_distance": density,
     }
@@ -307,7 +441,8 @@ def after_training_factory(bundle, seed: int):
             packed = torch.cat([embedder(trunk(xb.to(device))).cpu() for xb, _ in loader])
         labels = torch.as_tensor(bundle.test.labels)
         normalize = getattr(spec.loss, "structure_geometry", "scaled") == "l2"
-        return evaluate_embeddings(packed, labels, spec.loss.embedding_size, normalize, seed)
+        centre = bool(getattr(spec.loss.structure_loss, "centre_structure", False))
+        return evaluate_embeddings(packed, labels, spec.loss.embedding_size, normalize, seed, centre)
 
     return after_training
 
@@ -400,6 +535,12 @@ def summarize(records: list[dict]) -> str:
             "## Diagnostics (after training; training-time columns at the last traced iteration)",
             *t3,
             "",
+            "## Re-ranking against plain retrieval, per model (the remedies' table)",
+            *remedy_table(records),
+            "",
+            "## The structure term's gradient on s during training (mean over traced iterations and seeds)",
+            *gradient_table(records),
+            "",
             "## During training (mean over seeds)",
             *_trace_table(by),
             "",
@@ -407,6 +548,72 @@ def summarize(records: list[dict]) -> str:
             *choose(records)[2],
         ]
     )
+
+
+REMEDY_KEYS = ("query_b1_k8", "query_b1_k32", "query_b0.5_k8", "query_b0.25_k8", "query_b0.1_k8")
+
+
+def remedy_table(records: list[dict]) -> list[str]:
+    """Per (base, variant): the spread ratio of s, plain MAP@R, and re-ranked − plain (paired over seeds, same model)
+    for the query-weighted re-ranking of the top 8 / 32 at blends 1, 0.5, 0.25, 0.1."""
+    by: dict = {}
+    for r in records:
+        if r["variant"] != "base" and r.get("after_training"):
+            by.setdefault((r["base"], r["variant"]), []).append(r)
+    head = " | ".join(f"{k} − plain" for k in REMEDY_KEYS)
+    out = [
+        "MAP@R (%); re-ranked − plain: mean ± std over seeds of the per-model difference. Spread ratio: std of s over "
+        "samples / std over dimensions (per dimension resp. per sample, averaged; s centred by its evaluation-set "
+        "mean when the model was trained centred).\n",
+        f"| base | variant | seeds | spread ratio | plain | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(REMEDY_KEYS),
+    ]
+    for (base, variant), runs in sorted(by.items()):
+        ratio = np.mean([_spread_ratio(r["after_training"]["s_stats"]) for r in runs])
+        plain = np.mean([_namr_map(r, "plain") for r in runs])
+        cells = []
+        for k in REMEDY_KEYS:
+            diffs = [_namr_map(r, k) - _namr_map(r, "plain") for r in runs]
+            cells.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs, ddof=1) if len(diffs) > 1 else 0.0:.2f}")
+        out.append(f"| {base} | {variant} | {len(runs)} | {ratio:.3f} | {plain:.2f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _spread_ratio(stats: dict) -> float:
+    return stats.get("spread_ratio", stats["std_over_samples"] / max(stats["std_over_dims"], 1e-12))
+
+
+def gradient_table(records: list[dict]) -> list[str]:
+    """The structure term's gradient on s (:func:`gradient_spread`, :func:`partner_decomposition`), averaged."""
+    cols = (
+        "s_grad_cluster_common",
+        "s_grad_cluster_per_sample",
+        "s_grad_cluster_partner_noise",
+        "s_grad_cluster_common_share",
+        "s_grad_shortlist_common_share",
+        "s_grad_cluster_near_norm_share",
+        "s_grad_cluster_near_cosine",
+    )
+    out = [
+        "Shares of the squared gradient norm. Cluster term, over 8 random halves of the batch as partners: common to "
+        "all samples / per-sample and the same whatever the partners / changing with the partners. Common share in "
+        "one batch (all partners): cluster term, short-list term (1/N would be no common part; N = 64). Near: the "
+        "cluster term's gradient from each anchor's 8 nearest partners (what re-ranking reorders), |g_near| / "
+        "(|g_near| + |g_far|), and the cosine between g_near and the whole gradient.\n",
+        "| base | variant | traced rows | common | per-sample | partner noise | cluster: common share (batch) | "
+        "short list: common share (batch) | near: norm share | near: cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by: dict = {}
+    for r in records:
+        rows = [row for row in r.get("trace") or [] if "s_grad_cluster_common_share" in row]
+        if rows:
+            by.setdefault((r["base"], r["variant"]), []).extend(rows)
+    for (base, variant), rows in sorted(by.items()):
+        vals = [np.mean([row[c] for row in rows if c in row]) if any(c in row for row in rows) else None for c in cols]
+        cells = " | ".join("" if v is None else f"{v:.3f}" for v in vals)
+        out.append(f"| {base} | {variant} | {len(rows)} | {cells} |")
+    return out
 
 
 def _trace_table(by: dict) -> list[str]:
@@ -484,9 +691,11 @@ def runner_table(records: list[dict]) -> str:
     for r in records:
         by.setdefault(r["loss"], {})[int(r["seed"])] = r["metrics"]
     lines = [
-        "MAP@R (%): mean ± std over seeds; paired differences: mean ± std of the per-seed differences.\n",
-        "| base X | seeds | X | NAMR + X plain | NAMR + X re-ranked | plain − X | re-ranked − X | re-ranked − plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "MAP@R (%): mean ± std over seeds; paired differences: mean ± std of the per-seed differences, and the 95% t "
+        "interval of re-ranked − plain.\n",
+        "| base X | seeds | X | NAMR + X plain | NAMR + X re-ranked | plain − X | re-ranked − X | re-ranked − plain | "
+        "95% interval |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(values: list[float]) -> str:
@@ -502,11 +711,16 @@ def runner_table(records: list[dict]) -> str:
         seeds = sorted(set(by[name]) & set(by[base]))
         x = [by[base][s]["mean_average_precision_at_r"] * 100 for s in seeds]
         plain = [by[name][s]["plain_mean_average_precision_at_r"] * 100 for s in seeds]
-        rer = [by[name][s]["mean_average_precision_at_r"] * 100 for s in seeds]
+        # records before the reranked_* keys existed reported re-ranked retrieval under the bare key
+        rer = [
+            by[name][s].get("reranked_mean_average_precision_at_r", by[name][s]["mean_average_precision_at_r"]) * 100
+            for s in seeds
+        ]
+        _, _, lo, hi = report.paired_interval([r - p for r, p in zip(rer, plain)])
         lines.append(
             f"| {base} | {len(seeds)} | {ms(x)} | {ms(plain)} | {ms(rer)} | "
             f"{pd([p - b for p, b in zip(plain, x)])} | {pd([r - b for r, b in zip(rer, x)])} | "
-            f"{pd([r - p for r, p in zip(rer, plain)])} |"
+            f"{pd([r - p for r, p in zip(rer, plain)])} | [{lo:+.2f}, {hi:+.2f}] |"
         )
     return "\n".join(lines)
 
@@ -570,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.namr_diagnose " + " ".join(argv if argv is not None else sys.argv[1:])
     for base in args.bases.split(","):
         for variant in args.variants:
-            config = parse_variant(variant)
+            config = parse_variant(variant, base)
             for seed in seeds:
                 if (base, variant, seed, args.split, chash) in done:
                     continue

@@ -230,10 +230,16 @@ def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = N
         return RetrievalAccuracyCalculator(device=device)
     from pml_rll.retrieval import NAMRReRankKNN
 
-    rerank = NAMRReRankKNN.for_loss(namr_loss, **(retrieval or {}))
-    plain = NAMRReRankKNN.for_loss(namr_loss, mode="plain", **(retrieval or {}))
+    # retrieval in the geometry the wrapped loss trained (NAMRLoss.retrieval_settings); the entry's options
+    # (candidates, weighting, blend) override the loss's; its mode says which retrieval the main numbers report
+    # ("plain": plain retrieval, re-ranked under reranked_*), and both are always computed
+    settings = dict(retrieval or {})
+    mode = settings.pop("mode", namr_loss.retrieval.get("mode", "rerank"))
+    rerank = NAMRReRankKNN.for_loss(namr_loss, mode="rerank" if mode == "plain" else mode, **settings)
+    plain = NAMRReRankKNN.for_loss(namr_loss, mode="plain", **settings)
     namr_loss.check_retrieval(rerank)
-    return NAMRAccuracyCalculator(namr_loss.embedding_size, rerank, plain, device=device)
+    main = "plain" if mode == "plain" else "rerank"
+    return NAMRAccuracyCalculator(namr_loss.embedding_size, rerank, plain, main=main, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- one run

@@ -466,6 +466,9 @@ def namr_params(config: dict) -> dict[str, Param]:
     params["structure.center_mode"] = Param(config["center_mode"], choices=("batch", "per_anchor"), source=src)
     for k in ("t_values", "alpha", "neighbourhood_k", "detach_sample_embedding"):
         params[f"structure.{k}"] = Param(config[k], source="NASA code")
+    for k in ("centre_structure", "shortlist_weight", "shortlist_k", "shortlist_temperature"):
+        if k in config:
+            params[f"structure.{k}"] = Param(config[k], source=src)
     for k, v in config["retrieval"].items():
         params[f"retrieval.{k}"] = Param(v, source=src)
     return params
@@ -485,6 +488,8 @@ def namr_spec(base: LossEntry, ctx: BuildContext, config: dict, base_hparams: di
         structure_loss=make_structure_loss(ctx.embedding_size, config),
     )
     retrieval = dict(config.get("retrieval") or {})
+    if config.get("centre_structure"):  # a centred s is retrieved centred
+        retrieval["centre_structure"] = True
     return LossSpec(loss, None, namr=True, loss_lr_multiplier=inner.loss_lr_multiplier, retrieval=retrieval)
 
 

@@ -887,8 +887,8 @@ def _namr_retrieval_line(registry: Any, name: str, num_classes: int, cfg: Any) -
     spec = registry.entries[name].build(BuildContext(num_classes, cfg.embedding_size), registry.hparams(name))
     knn = NAMRReRankKNN.for_loss(spec.loss, **(spec.retrieval or {}))
     return (
-        f"NAMRReRankKNN(num_candidates={knn.num_candidates}, weighting={knn.weighting!r}, blend={knn.blend:g}, "
-        f"normalize_sample={knn.normalize_sample})"
+        f"NAMRReRankKNN(mode={knn.mode!r}, num_candidates={knn.num_candidates}, weighting={knn.weighting!r}, "
+        f"blend={knn.blend:g}, normalize_sample={knn.normalize_sample})"
     )
 
 

@@ -232,6 +232,28 @@ def multi_cluster_anchor_losses(
     ``neighbourhood_k`` nearest (:func:`per_anchor_statistics`; ``include_diagonal`` is then unused).
     Returns (anchor_losses, adaptive distances, centres (M,) or (N x M))."""
     n = x.shape[0]
+    pair, dist, centres = multi_cluster_pair_matrix(
+        x, s, t_values, alpha, floor, include_diagonal, center_mode, neighbourhood_k
+    )
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    anchor_losses = (pair * off_diag).sum(1) / (n - 1)
+    return anchor_losses, dist, centres
+
+
+def multi_cluster_pair_matrix(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    t_values: Sequence[float] = (0.0, 3.0),
+    alpha: float = 10.0,
+    floor: float = 0.2,
+    include_diagonal: bool = True,
+    center_mode: str = "batch",
+    neighbourhood_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """l_ij for every ordered pair (N x N, diagonal not zeroed), the adaptive distances and the centres.
+
+    The parts of :func:`multi_cluster_anchor_losses` before the mean over each anchor's row; see there."""
+    n = x.shape[0]
     if n < 2:
         raise ValueError(f"the multi-cluster ranking loss needs a batch of at least 2 embeddings, got {n}")
     duplicate = None
@@ -244,10 +266,7 @@ def multi_cluster_anchor_losses(
     else:
         raise ValueError(f"center_mode must be 'batch' or 'per_anchor', got {center_mode!r}")
     dist = anchor_adaptive_distance(x, s)
-    pair = multi_cluster_pair_loss(dist, centres, alpha, duplicate)
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    anchor_losses = (pair * off_diag).sum(1) / (n - 1)
-    return anchor_losses, dist, centres
+    return multi_cluster_pair_loss(dist, centres, alpha, duplicate), dist, centres
 
 
 def effective_weights(s: torch.Tensor, blend: float) -> torch.Tensor:
@@ -314,3 +333,47 @@ def structure_weighted_sq_distance_to_candidates(
             w = 0.5 * (w + s_ref[candidates[start:stop]])
         out[start:stop] = (effective_weights(w, blend) * diff * diff).sum(-1)
     return out
+
+
+def centre_structure(s: torch.Tensor, reference_s: torch.Tensor | None = None) -> torch.Tensor:
+    """s divided by its mean over samples, per dimension: ``s_ik / mean_j s_jk`` (the "centred" structure embedding).
+
+    The mean is taken over ``reference_s`` when given (e.g. a gallery's structure embeddings at retrieval time),
+    else over ``s`` itself (the batch, during training; not detached, so a loss on the result is invariant to
+    multiplying every sample's s_k by the same constant and the gradient has no component along that global
+    per-dimension re-weighting). The result is positive wherever s is."""
+    base = s if reference_s is None else reference_s
+    return s / base.mean(dim=0, keepdim=True)
+
+
+def shortlist_ranking_losses(
+    x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, k: int = 8, temperature: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-anchor pairwise ranking loss on the structure-weighted distances of each anchor's short list.
+
+    For anchor i, the short list C_i is its ``k`` nearest other batch items by plain squared Euclidean distance on
+    x (capped at N - 1); ``d_w(i, j) = sum_k s_ik (x_ik - x_jk)^2`` and ``m_i`` the mean plain squared distance to
+    C_i. For every same-class p and other-class n in C_i:
+
+        loss_ipn = softplus((d_w(i, p) - d_w(i, n)) / (temperature * m_i))
+
+    and anchor i's loss is the mean over its (p, n) pairs. x is detached: the term trains s only, for the job s does
+    at retrieval time (re-ranking the plain short list). Returns (losses (N,), has_pairs (N,) bool); an anchor whose
+    short list holds no positive or no negative has loss 0 and ``has_pairs`` False."""
+    n = x.shape[0]
+    xd = x.detach()
+    with torch.no_grad():
+        plain = pairwise_sq_euclidean(xd)
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        kc = min(k, n - 1)
+        cand = plain.masked_fill(eye, float("inf")).topk(kc, dim=1, largest=False).indices  # N x kc
+        scale = torch.gather(plain, 1, cand).mean(1).clamp_min(torch.finfo(xd.dtype).tiny)  # m_i
+        same = labels[cand] == labels[:, None]  # N x kc
+        pair_mask = same.unsqueeze(2) & ~same.unsqueeze(1)  # [i, p, n]
+    diff = xd.unsqueeze(1) - xd[cand]  # N x kc x d
+    dw = (s.unsqueeze(1) * diff * diff).sum(-1)  # N x kc
+    margin = (dw.unsqueeze(2) - dw.unsqueeze(1)) / (temperature * scale)[:, None, None]
+    per_pair = torch.nn.functional.softplus(margin) * pair_mask
+    count = pair_mask.sum((1, 2))
+    losses = per_pair.sum((1, 2)) / count.clamp_min(1)
+    return losses, count > 0

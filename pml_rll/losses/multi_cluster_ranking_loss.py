@@ -37,8 +37,8 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
     * loss = mean over ordered pairs i != j of sum_m softmax_m(-alpha |D_ij - eta_m|) |D_ij - eta_m|.
 
     With ``t_values=(0, 3)``, ``alpha=10``, ``floor=0.2`` this is exactly the NASA code's loss. Labels are
-    optional and ignored. x is used exactly as given: scaling by the mean distance is done by
-    :class:`~pml_rll.losses.NAMRLoss`, not here.
+    optional and ignored unless ``shortlist_weight > 0``. x is used exactly as given: scaling by the mean distance
+    is done by :class:`~pml_rll.losses.NAMRLoss`, not here.
 
     Faithful: the formulas above, gradient to both x and s, soft assignment not detached, only mu and
     sigma detached. Choices: the per-dimension ``1e-12`` clamp of NASA is applied to the sum (at most
@@ -66,6 +66,19 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             given weight 0.
         neighbourhood_k: ``center_mode="per_anchor"`` only: take mu_i, sigma_i over the anchor's k nearest
             batch items (int >= 2) instead of its whole row (None, default).
+        centre_structure: divide s by its batch mean per dimension before the loss sees it (not detached;
+            :func:`pml_rll.functional.namr.centre_structure`), so the loss is blind to one global re-weighting of
+            the dimensions and only each sample's deviation from the batch's s is trained. Retrieve with
+            ``NAMRReRankKNN(centre_structure=True)``. A remedy for the collapse of s to one vector
+            (docs/namr.md, section 9); NASA: False.
+        shortlist_weight: weight gamma >= 0 of a supervised short-list ranking term added per anchor
+            (:func:`pml_rll.functional.namr.shortlist_ranking_losses`): each anchor's ``shortlist_k`` nearest
+            batch items by plain distance on x are ranked by the s-weighted distance, and every same-class item
+            ranked behind an other-class one is penalised (softplus with ``shortlist_temperature``). x is
+            detached there: the term trains s for re-ranking. Needs labels. 0 (default, NASA): off.
+        shortlist_k: size of each anchor's short list (int >= 2; default 8).
+        shortlist_temperature: softplus temperature, relative to the anchor's mean plain squared distance to its
+            short list, in (0, 1e4] (default 0.1).
         **kwargs: passed to ``BaseMetricLossFunction`` (reducer, collect_stats, ...). A distance object is
             not used: the loss has its own fixed distances.
 
@@ -84,6 +97,10 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         detach_sample_embedding: bool = False,
         center_mode: str = "batch",
         neighbourhood_k: int | None = None,
+        centre_structure: bool = False,
+        shortlist_weight: float = 0.0,
+        shortlist_k: int = 8,
+        shortlist_temperature: float = 0.1,
         **kwargs,
     ):
         embedding_size = check_int("embedding_size", embedding_size)
@@ -99,7 +116,17 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             neighbourhood_k = check_int("neighbourhood_k", neighbourhood_k, low=2)
             if center_mode != "per_anchor":
                 raise ValueError("neighbourhood_k needs center_mode='per_anchor'")
+        centre_structure = check_bool("centre_structure", centre_structure)
+        shortlist_weight = check_number("shortlist_weight", shortlist_weight, 0.0, MAX_TEMPERATURE)
+        shortlist_k = check_int("shortlist_k", shortlist_k, low=2)
+        shortlist_temperature = check_number(
+            "shortlist_temperature", shortlist_temperature, 0.0, MAX_TEMPERATURE, low_open=True
+        )
         super().__init__(**kwargs)
+        self.centre_structure = bool(centre_structure)
+        self.shortlist_weight = float(shortlist_weight)
+        self.shortlist_k = int(shortlist_k)
+        self.shortlist_temperature = float(shortlist_temperature)
         self.center_mode = center_mode
         self.neighbourhood_k = neighbourhood_k
         self.embedding_size = embedding_size
@@ -109,7 +136,8 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         self.stats_include_diagonal = bool(stats_include_diagonal)
         self.detach_sample_embedding = bool(detach_sample_embedding)
         self.add_to_recordable_attributes(
-            list_of_names=["embedding_size", "alpha", "floor", "num_t_values"], is_stat=False
+            list_of_names=["embedding_size", "alpha", "floor", "num_t_values", "shortlist_weight", "shortlist_k"],
+            is_stat=False,
         )
         self.add_to_recordable_attributes(
             list_of_names=[
@@ -118,6 +146,7 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
                 "num_centres",
                 "mean_gap_to_nearest_centre",
                 "nearest_cluster_fraction",
+                "shortlist_loss",
             ],
             is_stat=True,
         )
@@ -140,6 +169,8 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb: MultiClusterRankingLoss works on the batch itself; ref_emb is not supported")
         check_batch(embeddings, labels, packed=self.embedding_size)
+        if self.shortlist_weight > 0 and labels is None:
+            raise ValueError("labels: shortlist_weight > 0 ranks same-class above other-class items and needs labels")
         check_structure_positive("embeddings", embeddings, self.embedding_size)
         if embeddings.shape[0] < 2:
             raise ValueError(
@@ -164,6 +195,8 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             x, s = x.float(), s.float()
         if self.detach_sample_embedding:
             x = x.detach()
+        if self.centre_structure:
+            s = F_namr.centre_structure(s)
         anchor_losses, dist, centres = F_namr.multi_cluster_anchor_losses(
             x,
             s,
@@ -174,6 +207,11 @@ class MultiClusterRankingLoss(BaseMetricLossFunction):
             self.center_mode,
             self.neighbourhood_k,
         )
+        if self.shortlist_weight > 0:
+            shortlist, _ = F_namr.shortlist_ranking_losses(x, s, labels, self.shortlist_k, self.shortlist_temperature)
+            anchor_losses = anchor_losses + self.shortlist_weight * shortlist
+            if self.collect_stats:
+                self.shortlist_loss = shortlist.detach().mean().item()
         if self.collect_stats:
             with torch.no_grad():
                 mu, sigma = F_namr.distance_statistics(x, self.stats_include_diagonal)

@@ -181,6 +181,8 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             check_structure_positive("embeddings", embeddings, d)
         if labels is None and indices_tuple is None:
             raise ValueError("NAMRLoss needs labels or an indices_tuple (the base loss's pairs or triplets)")
+        if labels is None and self.structure_weight > 0 and getattr(self.structure_loss, "shortlist_weight", 0) > 0:
+            raise ValueError("labels: the structure term's short-list ranking (shortlist_weight > 0) needs labels")
         if embeddings.shape[0] < 2 and (self.scale_by_mean_distance or self.structure_weight > 0):
             raise ValueError(f"embeddings: NAMRLoss needs a batch of at least 2 embeddings, got {embeddings.shape[0]}")
 
@@ -228,7 +230,13 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             self.structure_loss_value = 0.0
             return metric
         x_s = torch.nn.functional.normalize(x, dim=1) if self.structure_geometry == "l2" else x
-        structure = self.structure_loss(F_namr.pack(x_s, s))
+        # labels reach the structure term only when it asks for them (a supervised short-list term)
+        wants_labels = labels is not None and getattr(self.structure_loss, "shortlist_weight", 0) > 0
+        structure = (
+            self.structure_loss(F_namr.pack(x_s, s), labels)
+            if wants_labels
+            else self.structure_loss(F_namr.pack(x_s, s))
+        )
         self.structure_loss_value = float(structure.detach())
         return metric + self.structure_weight * structure
 
@@ -286,6 +294,11 @@ NASA_CONFIG: dict = {
     "center_mode": "batch",
     "neighbourhood_k": None,
     "detach_sample_embedding": False,
+    # not in NASA's code (docs/namr.md, section 9): off
+    "centre_structure": False,
+    "shortlist_weight": 0.0,
+    "shortlist_k": 8,
+    "shortlist_temperature": 0.1,
     "retrieval": {"num_candidates": 32, "weighting": "query", "blend": 1.0},
 }
 
@@ -295,11 +308,13 @@ NASA_CONFIG: dict = {
 #: ``structure_weight`` (lambda), ``t_values``, ``alpha``, ``center_mode``, ``neighbourhood_k`` and
 #: ``detach_sample_embedding`` (:class:`MultiClusterRankingLoss` arguments), and ``retrieval`` (keyword
 #: arguments of :class:`pml_rll.retrieval.NAMRReRankKNN`).
-#: Re-ranking: every variant tried was at or below plain retrieval on validation; the least harmful one, the query's
-#: s blended 1:9 with the plain distance over the top 8 candidates, is the default (-0.01 MAP@R points on average).
-#: ``NAMRReRankKNN`` re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours
-#: (e.g. MAP@R's k = the largest class size) gets all k re-ranked.
-_VALIDATED_RETRIEVAL = {"num_candidates": 8, "weighting": "query", "blend": 0.1}
+#: Retrieval: plain Euclidean search on x (``mode="plain"``). No re-ranking by s tried on validation, including the
+#: remedies for the collapse of s (centred s, a short-list ranking term), beat plain retrieval by 0.5 MAP@R points
+#: for any base (docs/namr_ablation.md), so the structure term is kept as a regulariser of x and re-ranking is an
+#: option: ``dict(retrieval, mode="rerank")`` re-ranks with the least harmful variant found, the query's s blended
+#: 1:9 with the plain distance over the top 8 candidates (-0.01 MAP@R points on average). ``NAMRReRankKNN``
+#: re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours gets all k re-ranked.
+_VALIDATED_RETRIEVAL = {"mode": "plain", "num_candidates": 8, "weighting": "query", "blend": 0.1}
 NAMR_CONFIGS: dict[str, dict] = {
     # NASA's structure term (lambda 2, batch centres); per-anchor centres were level with it on validation
     "triplet": dict(NASA_CONFIG, retrieval=dict(_VALIDATED_RETRIEVAL)),
@@ -310,7 +325,17 @@ NAMR_CONFIGS: dict[str, dict] = {
     "ranked_list": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
 }
 
-_STRUCTURE_KEYS = ("t_values", "alpha", "center_mode", "neighbourhood_k", "detach_sample_embedding")
+_STRUCTURE_KEYS = (
+    "t_values",
+    "alpha",
+    "center_mode",
+    "neighbourhood_k",
+    "detach_sample_embedding",
+    "centre_structure",
+    "shortlist_weight",
+    "shortlist_k",
+    "shortlist_temperature",
+)
 
 
 def canonical_base_name(base_name: str) -> str:
@@ -329,7 +354,7 @@ def namr_config(base_name: str) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
 
 
-_RETRIEVAL_KEYS = ("num_candidates", "weighting", "blend")
+_RETRIEVAL_KEYS = ("mode", "num_candidates", "weighting", "blend")
 
 
 def validated_retrieval(base) -> dict:
@@ -359,6 +384,8 @@ def _checked_retrieval(embedding_size: int, retrieval) -> dict:
             "follows the loss)"
         )
     out = dict(retrieval)  # the same checks as NAMRReRankKNN's, naming the argument
+    if "mode" in out:
+        check_choice("mode", out["mode"], ("rerank", "plain", "exhaustive"))
     if "num_candidates" in out:
         out["num_candidates"] = check_int("num_candidates", out["num_candidates"])
     if "weighting" in out:

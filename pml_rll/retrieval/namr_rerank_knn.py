@@ -93,6 +93,10 @@ class NAMRReRankKNN:
             when x was trained by a loss on normalised embeddings (cosine geometry: MultiSimilarity, PML's
             default ``LpDistance``, RankedListLoss), so that retrieval ranks in the geometry the loss shaped;
             ``NAMRLoss.structure_geometry == "l2"`` says so. NASA's triplet recipe uses raw x (False).
+        centre_structure: divide every structure embedding by the mean s per dimension before re-ranking, the
+            retrieval side of ``MultiClusterRankingLoss(centre_structure=True)``. The mean is over the references'
+            s when they are packed (given to the call or stored), else over the call's queries; with a single
+            query and sample-only references the centred s is all ones and re-ranking equals plain retrieval.
     """
 
     MODES = ("rerank", "plain", "exhaustive")
@@ -107,6 +111,7 @@ class NAMRReRankKNN:
         normalize_sample: bool = False,
         weighting: str = "query",
         blend: float = 1.0,
+        centre_structure: bool = False,
     ):
         embedding_size = check_int("embedding_size", embedding_size)
         num_candidates = check_int("num_candidates", num_candidates)
@@ -114,6 +119,7 @@ class NAMRReRankKNN:
         check_callable("base_knn", base_knn, optional=True)
         normalize_sample = check_bool("normalize_sample", normalize_sample)
         check_choice("weighting", weighting, self.WEIGHTINGS)
+        self.centre_structure = check_bool("centre_structure", centre_structure)
         self.weighting = weighting
         self.blend = check_number("blend", blend, 0.0, 1.0)
         self.embedding_size = embedding_size
@@ -125,14 +131,18 @@ class NAMRReRankKNN:
         self.reference_s: torch.Tensor | None = None
 
     @classmethod
-    def for_loss(cls, loss, mode: str = "rerank", base_knn=None, **overrides) -> NAMRReRankKNN:
+    def for_loss(cls, loss, mode: str | None = None, base_knn=None, **overrides) -> NAMRReRankKNN:
         """The kNN to evaluate a ``NAMRLoss``'s embeddings with: its retrieval settings (the ones validated for its
         base loss by default; ``overrides`` laid over them) in the geometry the loss trained
-        (``loss.retrieval_settings``). ``mode="plain"`` gives the Euclidean order on x in the same geometry."""
+        (``loss.retrieval_settings``). ``mode`` (default: the settings' mode, else ``"rerank"``): ``"plain"`` gives
+        the Euclidean order on x in the same geometry."""
         settings = getattr(loss, "retrieval_settings", None)
         if not callable(settings):
             raise TypeError(f"loss: expected a NAMRLoss (with retrieval_settings), got {type(loss).__name__}")
-        return cls(loss.embedding_size, base_knn=base_knn, mode=mode, **settings(**overrides))
+        kw = settings(**overrides)
+        if mode is not None:
+            kw["mode"] = mode
+        return cls(loss.embedding_size, base_knn=base_knn, **kw)
 
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
@@ -208,6 +218,10 @@ class NAMRReRankKNN:
             rs = None if rs is None else rs.to(qx)
         if self.weighting == "symmetric" and self.mode != "plain" and rs is None:
             raise ValueError("weighting='symmetric' needs packed [x || s] references (their structure embeddings)")
+        if self.centre_structure:
+            mean_s = (qs if rs is None else rs).mean(dim=0, keepdim=True)
+            qs = qs / mean_s
+            rs = None if rs is None else rs / mean_s
         if self.weighting == "query":
             rs = None
         if ref_includes_query and rx.shape[0] < qx.shape[0]:

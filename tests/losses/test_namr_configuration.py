@@ -7,6 +7,7 @@ import torch
 
 from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, make_namr_loss
 from pml_rll.losses.namr_loss import NAMR_CONFIGS, NAMR_VARIANTS, NASA_CONFIG, make_structure_loss, namr_config
+from pml_rll.retrieval import NAMRReRankKNN
 from tests.reference import namr as ref
 
 D = 3
@@ -73,7 +74,14 @@ def test_configs_cover_every_base_and_are_valid():
         cfg = namr_config(name)
         assert set(cfg) == set(NASA_CONFIG)
         assert isinstance(make_structure_loss(D, cfg), MultiClusterRankingLoss)
-        assert cfg["structure_weight"] >= 0 and set(cfg["retrieval"]) == {"num_candidates", "weighting", "blend"}
+        assert cfg["structure_weight"] >= 0
+        assert set(cfg["retrieval"]) == {"mode", "num_candidates", "weighting", "blend"}
+        # plain retrieval by default; the knn it configures ranks exactly as plain Euclidean search
+        knn = NAMRReRankKNN(D, **cfg["retrieval"])
+        x, s = torch.randn(20, D, dtype=torch.float64), 0.5 + torch.rand(20, D, dtype=torch.float64)
+        _, idx = knn(torch.cat([x, s], 1), 5, x, ref_includes_query=True)
+        plain = torch.cdist(x, x).fill_diagonal_(float("inf")).topk(5, largest=False).indices
+        assert cfg["retrieval"]["mode"] == "plain" and idx.tolist() == plain.tolist()
 
 
 def test_namr_config_is_a_copy_and_make_namr_loss_uses_it(monkeypatch):

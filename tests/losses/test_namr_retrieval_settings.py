@@ -48,8 +48,9 @@ def test_make_namr_loss_retrieves_as_validated_in_its_geometry(base, dtype):
     loss = make_namr_loss(base, D)
     settings = NAMR_CONFIGS[base]["retrieval"]
     assert loss.retrieval == settings and validated_retrieval(base) == settings
-    knn = NAMRReRankKNN.for_loss(loss)
-    assert isinstance(knn, NAMRReRankKNN) and knn.mode == "rerank"
+    assert isinstance(NAMRReRankKNN.for_loss(loss), NAMRReRankKNN)
+    assert NAMRReRankKNN.for_loss(loss).mode == settings.get("mode", "rerank")
+    knn = NAMRReRankKNN.for_loss(loss, mode="rerank")
     assert (knn.num_candidates, knn.weighting, knn.blend) == (
         settings["num_candidates"],
         settings["weighting"],
@@ -112,6 +113,7 @@ def test_a_geometry_mismatch_is_reported():
         ({"num_candidates": 0}, ValueError, "num_candidates"),
         ({"blend": 2.0}, ValueError, "blend"),
         ({"weighting": "both"}, ValueError, "weighting"),
+        ({"mode": "fast"}, ValueError, "mode"),
     ],
 )
 def test_bad_retrieval_settings_raise_at_construction(retrieval, error, match):

@@ -100,3 +100,41 @@ def rerank_sq_distance(qx, qs, rx, rs=None, blend=1.0):
         s = float(qs[k]) if rs is None else 0.5 * (float(qs[k]) + float(rs[k]))
         total += ((1.0 - blend) + blend * s) * (float(qx[k]) - float(rx[k])) ** 2
     return total
+
+
+def centred_structure(s):
+    """s_ik / mean_j s_jk, written out element by element (a differentiable tensor)."""
+    n, d = s.shape
+    rows = []
+    for i in range(n):
+        rows.append(torch.stack([s[i, k] / (sum(s[j, k] for j in range(n)) / n) for k in range(d)]))
+    return torch.stack(rows)
+
+
+def shortlist_ranking_loss(x, s, labels, k=8, temperature=0.1):
+    """Per-anchor short-list ranking loss (a list of differentiable scalars, 0.0 for anchors without pairs).
+
+    Anchor i: its k nearest others by plain squared distance; m_i their mean plain squared distance; for every
+    same-class p and other-class n among them, softplus((d_w(i,p) - d_w(i,n)) / (temperature * m_i)) with
+    d_w(i,j) = sum_k s_ik (x_ik - x_jk)^2 and x treated as a constant; the mean over the anchor's pairs."""
+    xd = x.detach().tolist()
+    lab = [int(v) for v in labels]
+    n = len(xd)
+    out = []
+    for i in range(n):
+        others = sorted((euclidean_sq(xd[i], xd[j]), j) for j in range(n) if j != i)[: min(k, n - 1)]
+        m = sum(dist for dist, _ in others) / len(others)
+        cand = [j for _, j in others]
+
+        def dw(j, i=i):
+            return sum(s[i, kk] * (xd[i][kk] - xd[j][kk]) ** 2 for kk in range(len(xd[i])))
+
+        pairs = [(p, q) for p in cand for q in cand if lab[p] == lab[i] and lab[q] != lab[i]]
+        if not pairs:
+            out.append(0.0)
+            continue
+        total = 0.0
+        for p, q in pairs:
+            total = total + torch.nn.functional.softplus((dw(p) - dw(q)) / (temperature * m))
+        out.append(total / len(pairs))
+    return out
