@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+from collections.abc import Iterable
 
 import torch
 
@@ -85,3 +86,17 @@ def environment_info(device: torch.device) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
+
+
+def closest(name: str, choices: Iterable[object]) -> str | None:
+    """The choice closest to ``name`` (difflib's ratio >= 0.6), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(name: str, choices: Iterable[object]) -> str:
+    """`` (did you mean 'x'?)`` with the closest of ``choices`` to ``name``, or ``""`` when none is close."""
+    match = closest(name, choices)
+    return f" (did you mean {match!r}?)" if match else ""

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry, import_object
+from .common import did_you_mean
+from .provenance import import_current
+from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,10 +60,12 @@ def parse_sets(items: list[str], entries: dict[str, LossEntry]) -> dict[str, dic
         if not eq or not dot or not name or not param:
             raise ValueError(f"--set {item!r}: expected NAME.PARAM=VALUE, e.g. rll.Tn=20")
         if name not in entries:
-            raise ValueError(f"--set {item!r}: unknown loss {name!r}; registered: {', '.join(entries)}")
+            hint = did_you_mean(name, list(entries))
+            raise ValueError(f"--set {item!r}: unknown loss {name!r}{hint}; registered: {', '.join(entries)}")
         if param not in entries[name].params:
             known = ", ".join(entries[name].params)
-            raise ValueError(f"--set {item!r}: {name} has no hyper-parameter {param!r}; known: {known}")
+            hint = did_you_mean(param, list(entries[name].params))
+            raise ValueError(f"--set {item!r}: {name} has no hyper-parameter {param!r}{hint}; known: {known}")
         out.setdefault(name, {})[param] = parse_value(value.strip())
     return out
 
@@ -117,7 +121,7 @@ def _entry_from_table(name: str, t: dict[str, Any], existing: LossEntry | None, 
         if not isinstance(t[what], str):
             raise ValueError(f"{where}: {what} must be a string 'module:Class', got {t[what]!r}")
         try:
-            obj = import_object(t[what])
+            obj = import_current(t[what])  # reloaded when its file changed since this process imported it
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):

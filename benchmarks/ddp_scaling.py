@@ -12,7 +12,6 @@ and written, with the machine and the load average before and after, to ``ddp_sc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ def run_once(nproc: int, runner_args: list[str], out: str, threads: int) -> list
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
-    cmd += ["-m", "benchmarks.run", "--out", out, "--threads", str(threads)] + runner_args
+    cmd += ["-m", f"{__package__ or 'benchmarks'}.run", "--out", out, "--threads", str(threads)] + runner_args
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -54,7 +53,11 @@ def run_once(nproc: int, runner_args: list[str], out: str, threads: int) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ddp_scaling", description=__doc__.split("\n\n")[0])
+    from .run import ArgumentParser  # one-line errors naming the closest choice
+
+    p = ArgumentParser(
+        prog=f"python -m {__package__ or 'benchmarks'}.ddp_scaling", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--processes", default="1,2", help="comma list of process counts (default 1,2)")
     p.add_argument("--losses", default="rll,contrastive")
     p.add_argument("--batch-size", type=int, default=960)
@@ -82,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-every",
         "0",
     ] + args.extra
-    counts = [int(n) for n in args.processes.split(",")]
+    try:
+        counts = [int(n) for n in args.processes.split(",")]
+    except ValueError:
+        p.error(f"--processes {args.processes!r}: expected a comma list of process counts, e.g. 1,2")
+    if any(n < 1 for n in counts):
+        p.error(f"--processes {args.processes!r}: process counts must be >= 1")
     load_before = _loadavg()
     rows: list[dict[str, Any]] = []
     for n in counts:

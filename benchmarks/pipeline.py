@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import tqdm
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from . import distributed
 from .datasets import DatasetBundle
 from .metrics import NAMRAccuracyCalculator, RetrievalAccuracyCalculator, summarize
+from .progress import progress_bar
 from .registry import BuildContext, LossEntry, LossSpec
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
@@ -58,7 +58,6 @@ class RunConfig:
     eval_batch_size: int
     image_size: int | None = None
     pretrained: bool = True
-    namr_candidates: int = 32
     cross_batch_memory: int = 0  # DDP hook: memory size of --cross-batch-memory (0: off)
     amp: str = "off"  # --amp: off, bf16 or fp16 (autocast of trunk and embedder; fp16 with a GradScaler)
     trunk_weights: str | None = None  # --trunk-weights: a local checkpoint's path ...
@@ -339,35 +338,32 @@ class BenchmarkTester(testers.GlobalEmbeddingSpaceTester):
         return torch.cat(embs), torch.cat(labs)
 
 
-def build_accuracy_calculator(
-    namr: bool,
-    embedding_size: int,
-    device,
-    namr_candidates: int = 32,
-    normalize_sample: bool = False,
-    retrieval: dict | None = None,
-    knn: str = "exact",
-):
-    """The tester's accuracy calculator. ``knn`` (``--knn``): the neighbour search, exact or a faiss index
-    (:class:`benchmarks.knn.ScalableKNN`); for NAMR it finds the candidates that the structure embedding re-ranks."""
+def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = None, knn: str = "exact"):
+    """PML's accuracy calculator for a plain loss (``namr_loss=None``); for a ``NAMRLoss``, its re-ranked retrieval
+    and plain retrieval (``NAMRReRankKNN.for_loss``: the validated settings in the geometry the loss trained),
+    with the entry's ``retrieval`` settings (``--set NAME.retrieval.blend=...``) laid over them. ``knn``
+    (``--knn``): the neighbour search, exact or a faiss index (:class:`benchmarks.knn.ScalableKNN`); for NAMR it
+    finds the candidates that the structure embedding re-ranks."""
     from .knn import ScalableKNN
 
     knn_func = ScalableKNN(knn)
-    if not namr:  # exact: PML's CustomKNN as before, its query batch bounded for large reference sets
+    if namr_loss is None:  # exact: PML's CustomKNN as before, its query batch bounded for large reference sets
         return RetrievalAccuracyCalculator(device=device, knn_func=knn_func)
     from pml_rll.retrieval import NAMRReRankKNN
 
-    # retrieval in the geometry the wrapped loss trained (NAMRLoss's structure_geometry); the entry's re-ranking
-    # options (candidates, weighting, blend) override --namr-candidates; its mode says which retrieval the main
-    # numbers report ("plain": plain retrieval, re-ranked under reranked_*), and both are always computed
-    kw: dict[str, Any] = {"num_candidates": namr_candidates, "normalize_sample": normalize_sample, **(retrieval or {})}
-    if knn != "exact":  # candidates from the approximate index, re-ranked by the structure embedding
-        kw["base_knn"] = knn_func
-    mode = kw.pop("mode", "rerank")
-    rerank = NAMRReRankKNN(embedding_size, mode="rerank" if mode == "plain" else mode, **kw)
-    plain = NAMRReRankKNN(embedding_size, mode="plain", **kw)
+    # retrieval in the geometry the wrapped loss trained (NAMRLoss.retrieval_settings); the entry's options
+    # (candidates, weighting, blend) override the loss's; its mode says which retrieval the main numbers report
+    # ("plain": plain retrieval, re-ranked under reranked_*), and both are always computed
+    settings = dict(retrieval or {})
+    mode = settings.pop("mode", namr_loss.retrieval.get("mode", "rerank"))
+    base_knn = knn_func if knn != "exact" else None  # candidates from the approximate index, then re-ranked
+    rerank = NAMRReRankKNN.for_loss(
+        namr_loss, mode="rerank" if mode == "plain" else mode, base_knn=base_knn, **settings
+    )
+    plain = NAMRReRankKNN.for_loss(namr_loss, mode="plain", base_knn=base_knn, **settings)
+    namr_loss.check_retrieval(rerank)
     main = "plain" if mode == "plain" else "rerank"
-    return NAMRAccuracyCalculator(embedding_size, rerank, plain, main=main, device=device)
+    return NAMRAccuracyCalculator(namr_loss.embedding_size, rerank, plain, main=main, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -479,13 +475,7 @@ def run_one(
 
     hooks = _Hooks()
     acc_calc = build_accuracy_calculator(
-        spec.namr,
-        cfg.embedding_size,
-        device,
-        cfg.namr_candidates,
-        normalize_sample=spec.namr and spec.loss.structure_geometry == "l2",
-        retrieval=spec.retrieval,
-        knn=cfg.knn,
+        spec.loss if spec.namr else None, device, retrieval=spec.retrieval, knn=cfg.knn
     )
     tester = BenchmarkTester(
         amp=cfg.amp,
@@ -534,7 +524,7 @@ def run_one(
     )
     eval_before = eval_seconds[0]
     t_start = time.perf_counter()
-    with tqdm.tqdm(
+    with progress_bar(
         total=total_iters,
         desc=f"{entry.name} seed {seed}",
         position=pbar_position or 0,

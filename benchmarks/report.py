@@ -106,9 +106,10 @@ def paired_differences(records: list[dict], metric: str) -> dict[tuple[str, str]
 def _fmt(ms: tuple[float, float, int] | None, scale: float = 100.0, signed: bool = False, digits: int = 2) -> str:
     if ms is None or ms[2] == 0 or math.isnan(ms[0]):
         return "–"
-    mean, std, _ = ms
+    mean, std, n = ms
     sign = "+" if signed and mean >= 0 else ""
-    return f"{sign}{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    spread = "n/a" if n < 2 else f"{std * scale:.{digits}f}"  # no spread over a single seed
+    return f"{sign}{mean * scale:.{digits}f} ± {spread}"
 
 
 def markdown_tables(records: list[dict], header: str = "") -> str:
@@ -222,7 +223,19 @@ def write_csv(records: list[dict], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ figure
+def loss_colours(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """One distinct colour per loss (matplotlib's tab10, then lighter tab20 and tab20b colours), the same in every
+    panel of the figure."""
+    import matplotlib
+
+    cmaps = matplotlib.colormaps
+    palette = [cmaps["tab10"](i) for i in range(10)] + [cmaps["tab20"](2 * i + 1) for i in range(10)]
+    palette += [cmaps["tab20b"](i) for i in range(20)]
+    return {n: tuple(float(c) for c in palette[i % len(palette)]) for i, n in enumerate(names)}
+
+
 def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
+    """Write :func:`build_figure` as a PNG, atomically; None (nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -230,27 +243,40 @@ def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return None
+    fig = build_figure(records, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def build_figure(records: list[dict], title: str = ""):
+    """MAP@R and P@1 bars per loss (value axes from zero, error bars: std over seeds) and test-split learning
+    curves; each loss has one colour in every panel, ours and the user's hatched (bars) and solid (curves)."""
+    import matplotlib.pyplot as plt
+
     rows = aggregate(records)
     names = [r["loss"] for r in rows]
-    colors = ["tab:red" if r["family"] == "ours" else "tab:blue" for r in rows]
+    colour = loss_colours(names)  # one colour per loss in every panel
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for ax, metric in zip(axes[:2], ("mean_average_precision_at_r", "precision_at_1")):
         means = [r.get(metric, (np.nan, 0, 0))[0] * 100 for r in rows]
         stds = [r.get(metric, (0, 0, 0))[1] * 100 for r in rows]
-        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3, alpha=0.85)
+        bars = ax.bar(range(len(names)), means, yerr=stds, color=[colour[n] for n in names], capsize=3, alpha=0.9)
+        for bar, row in zip(bars, rows):
+            if row["family"] != "pml":
+                bar.set_hatch("//")
+                bar.set_edgecolor("black")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel(f"{SHORT_NAMES[metric]} (%)")
-        finite = [m for m in means if not math.isnan(m)]
-        if finite:
-            lo, hi = min(finite), max(finite)
-            pad = max(1.0, (hi - lo) * 0.5 + max(stds or [0]))
-            ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
-        ax.set_title(f"{SHORT_NAMES[metric]} (mean ± std over seeds; red = ours)")
+        tops = [m + sd for m, sd in zip(means, stds) if not math.isnan(m)]
+        ax.set_ylim(0.0, min(100.0, max(tops) * 1.08) if tops and max(tops) > 0 else 100.0)  # from zero
+        ax.set_title(f"{SHORT_NAMES[metric]} (mean ± std over seeds; hatched = ours/user)")
         ax.grid(axis="y", alpha=0.3)
     ax = axes[2]
-    cmap = plt.get_cmap("tab20")
-    for i, loss in enumerate(names):
+    for loss in names:
         rs = [r for r in records if r["loss"] == loss and len(r.get("curve", [])) > 1]
         if not rs:
             continue
@@ -259,11 +285,12 @@ def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
         for it in its:
             vals = [p.get("mean_average_precision_at_r") for r in rs for p in r["curve"] if p["iteration"] == it]
             ys.append(np.nanmean([v for v in vals if v is not None]) * 100)
-        ls = "-" if rs[0]["family"] == "ours" else "--"
-        ax.plot(its, ys, ls, marker=".", color=cmap(i % 20), label=loss)
+        ls = "-" if rs[0]["family"] != "pml" else "--"
+        ax.plot(its, ys, ls, marker=".", color=colour[loss], label=loss)
+    ax.set_ylim(bottom=0.0)
     ax.set_xlabel("training iteration")
     ax.set_ylabel("test MAP@R (%), mean over seeds")
-    ax.set_title("learning curves (solid = ours)")
+    ax.set_title("learning curves (solid = ours/user, dashed = PML)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
@@ -272,11 +299,7 @@ def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return path
+    return fig
 
 
 def _variant(records: list[dict], variant: str) -> list[dict]:
@@ -347,14 +370,53 @@ def tuning_tables(records: list[dict], tuning: dict) -> str:
     return buf.getvalue()
 
 
+def _code_line(code: dict) -> str:
+    digests = code.get("digests") or {}
+    line = f"pml_rll {code.get('pml_rll_version', '?')}, sources " + ", ".join(f"{k} {v}" for k, v in digests.items())
+    git = code.get("git")
+    if git:
+        line += f", checkout {git['commit'][:12]}" + (" with uncommitted changes" if git.get("dirty") else "")
+    return line
+
+
+def code_section(records: list[dict]) -> str:
+    """Which code made the rows: the package version and source digests (benchmarks/provenance.py), and per loss
+    the digest of each class's source file. Every digest is part of the rows' store keys."""
+    codes = [r["code"] for r in records if r.get("code")]
+    if not codes:
+        return ""
+    buf = io.StringIO()
+    buf.write("Code that made these rows (SHA-256 of the sources; each digest is part of the results' keys):\n\n")
+    for line in dict.fromkeys(_code_line(c) for c in codes):
+        buf.write(f"* {line}\n")
+    per_loss: dict[str, dict[str, str]] = {}
+    for r in records:
+        per_loss.setdefault(r["loss"], {}).update((r.get("code") or {}).get("classes") or {})
+    if any(per_loss.values()):
+        buf.write("\n| loss | classes (source file digest) |\n|---|---|\n")
+        for loss in ordered_losses(records):
+            cells = ", ".join(f"{p.split(':')[-1]} {d}" for p, d in per_loss.get(loss, {}).items())
+            buf.write(f"| {loss} | {cells or '–'} |\n")
+    return buf.getvalue()
+
+
 def markdown_report(records: list[dict], header: str = "", tuning: dict | None = None) -> str:
-    """The whole Markdown report: the test tables, and with tuning the tuned tables beside the untuned ones."""
+    """The whole Markdown report: the test tables, and with tuning the tuned tables beside the untuned ones; last,
+    the code that made the rows."""
+    code = code_section(records)
     if tuning is None:
-        return markdown_tables(records, header) + "\n" + stats.markdown(records)  # intervals (benchmarks/stats.py)
+        return (
+            markdown_tables(records, header)
+            + "\n"
+            + stats.markdown(records)  # intervals (benchmarks/stats.py)
+            + ("\n" + code if code else "")
+        )
     parts = [header.rstrip() + "\n" if header else "", tuning_tables(records, tuning)]
     parts.append("\n## Test split, tuned hyper-parameters\n\n" + markdown_tables(_variant(records, "tuned")))
     parts.append("\n## Test split, untuned (defaults)\n\n" + markdown_tables(_variant(records, "untuned")))
     parts.append(stats.markdown(records))  # 95% intervals and verdicts (benchmarks/stats.py)
+    if code:
+        parts.append("\n## Code\n\n" + code)
     return "\n".join(p for p in parts if p)
 
 

@@ -16,6 +16,7 @@ import argparse
 import collections
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -69,6 +70,7 @@ def _defaults_help() -> str:
     return "\n".join(lines)
 
 
+PROG = f"python -m {__package__ or 'benchmarks'}.run"  # how the command was started (pml-rll-bench: cli())
 SEED_MAX = 2**31 - 1 - 40_000  # the pipeline derives seeds up to seed + 30_011
 SEEDS_MAX = 10_000  # seeds in one command
 # upper bounds of the numeric options (said in --help): beyond them a run would exhaust memory or never end
@@ -95,13 +97,31 @@ NEEDS_ROOT = ("omniglot", "cub200", "cars196", "sop", "folder", "csv")
 TPE_STARTUP_TRIALS = 4  # trials before TPE models the results: trial 0 (the defaults) and 3 random draws
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is in ``--help``) that name the closest valid choice or option."""
+
+    def error(self, message: str) -> NoReturn:
+        from .common import did_you_mean
+
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            message += did_you_mean(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)))
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            for token in unknown.group(1).split():
+                if token.startswith("-"):
+                    message += did_you_mean(token.split("=")[0], options)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATA_ENV, DATASETS
     from .knn import KNN_METHODS
-    from .registry import describe_registry
 
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
+    p = ArgumentParser(
+        prog=PROG,
+        usage="%(prog)s [options]   (every option: --help; the losses: --list)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Benchmark pml_rll's RankedListLoss and NAMR head to head against PML's losses.\n"
@@ -127,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "                 classes halved (first half train), or --test-classes FILE; RGB transforms (--image-size)\n"
         "  csv            your images, --data-root FILE.csv with columns path,label,split[,is_query,is_gallery]\n"
         "                 (docs/own_data.md); is_query/is_gallery: queries searched in the gallery only\n"
-        "\nloss registry (defaults, search spaces ~ for --tune, sources):\n" + describe_registry(),
+        "\nThe losses, their defaults, search spaces and sources: --list.",
     )
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
     p.add_argument(
@@ -330,6 +350,8 @@ def parse_seeds(spec: str | None, default_n: int) -> list[int]:
 
 
 def resolve_losses(spec: str, entries: dict) -> list[str]:
+    from .common import closest
+
     spec = spec.strip()
     if spec == "all":
         return list(entries)
@@ -343,7 +365,9 @@ def resolve_losses(spec: str, entries: dict) -> list[str]:
         raise ValueError(f"--losses {spec!r}: no loss named")
     unknown = [n for n in chosen if n not in entries]
     if unknown:
-        raise ValueError(f"--losses: unknown names {unknown}; registered: {', '.join(entries)}")
+        close = [repr(m) for m in (closest(n, entries) for n in unknown) if m]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"--losses: unknown names {unknown}{hint}; registered: {', '.join(entries)}")
     repeated = sorted({n for n in chosen if chosen.count(n) > 1})
     if repeated:
         raise ValueError(f"--losses: {repeated} named twice")
@@ -650,10 +674,11 @@ def _main(
     import tqdm
     from sqlalchemy.exc import SQLAlchemyError
 
-    from . import distributed, report
+    from . import distributed, provenance, report
     from .common import environment_info
     from .datasets import DatasetUnavailableError, class_folds, data_identity, load_dataset, split_identity
     from .executor import Source, WorkerPool, preload, schedule
+    from .progress import progress_bar
     from .sources import Context, RunItem, RunSource, TuneSource
     from .store import ResultStore, StoreError, disk_full, mask_url, open_optuna_storage
 
@@ -736,10 +761,9 @@ def _main(
         return 0
     assert store is not None
     env = environment_info(device)
-    command = "python -m benchmarks.run " + " ".join(
-        shlex.quote(a) for a in _masked_argv(argv if argv is not None else sys.argv[1:])
-    )
+    command = PROG + " " + " ".join(shlex.quote(a) for a in _masked_argv(argv if argv is not None else sys.argv[1:]))
     shown_storage = mask_url(v["storage"])
+    code = provenance.code_digests()
     common_key = {
         "dataset": args.dataset,
         "split": split_identity(bundle),
@@ -747,10 +771,18 @@ def _main(
         "config": cfg.key(),
         "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
+        "code": code,  # the pml_rll and benchmarks sources: an edit is a new key (benchmarks/provenance.py)
     }
     # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
     sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": TPE_STARTUP_TRIALS}
-    extras = dict(dataset=args.dataset, data=common_key["data"], config=cfg.key(), environment=env, command=command)
+    extras = dict(
+        dataset=args.dataset,
+        data=common_key["data"],
+        config=cfg.key(),
+        environment=env,
+        command=command,
+        code=provenance.code_record(code, _versions()["pml_rll"]),
+    )
     print(f"dataset: {bundle.description}")
     print(f"config: {cfg.key()}")
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['torch_threads']}")
@@ -762,13 +794,16 @@ def _main(
     for n, ov in registry.overrides.items():
         if n in loss_names:
             print(f"--set {n}: {ov}")
+    for n in loss_names:  # NAMR entries: the retrieval each one is evaluated with (settings and geometry)
+        if registry.entries[n].namr:
+            print(f"{n}: evaluated with {_namr_retrieval_line(registry, n, bundle.num_train_classes, cfg)}")
 
     counts = {"ran": 0, "skipped": 0, "lost": 0, "failed": 0}
     failures: list[dict[str, Any]] = []
     total = len(loss_names) * len(seeds) * (2 if args.tune else 1)
     if args.tune:
         total += len(loss_names) * args.trials
-    outer = tqdm.tqdm(total=total, desc="runs" if not args.tune else "trials + runs", position=0, dynamic_ncols=True)
+    outer = progress_bar(total=total, desc="runs" if not args.tune else "trials + runs", position=0, dynamic_ncols=True)
 
     def on_record(rec: dict, how: str) -> None:
         counts[how] += 1
@@ -784,14 +819,14 @@ def _main(
             tqdm.tqdm.write(f"{rec['loss']:<22} seed {rec['seed']}: claim taken over by another runner, stopped")
             return
         if rec.get("kind") == "trial":
-            val = "failed" if rec["value"] is None else f"{rec['value']:.4f}"
+            val = "failed" if rec["value"] is None else f"{rec['value'] * 100:.2f}%"
             tqdm.tqdm.write(f"{rec['loss']:<22} trial {rec['slot']}: validation MAP@R {val} {rec['params']}")
             return
         m = rec["metrics"]
         tqdm.tqdm.write(
             f"{rec['loss']:<22} {rec['variant']:<8} seed {rec['seed']}: "
-            f"MAP@R {m.get('mean_average_precision_at_r', float('nan')):.4f} "
-            f"P@1 {m.get('precision_at_1', float('nan')):.4f} "
+            f"MAP@R {m.get('mean_average_precision_at_r', float('nan')) * 100:.2f}% "
+            f"P@1 {m.get('precision_at_1', float('nan')) * 100:.2f}% "
             f"({rec['seconds_per_iteration'] * 1000:.1f} ms/iter, {rec['wall_seconds']:.1f} s)"
             + (" [claim lost: another runner's record kept]" if how == "lost" else "")
         )
@@ -946,14 +981,38 @@ def _masked_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _namr_retrieval_line(registry: Any, name: str, num_classes: int, cfg: Any) -> str:
+    """The effective re-ranking settings of a NAMR entry, as its runs build them (``NAMRReRankKNN.for_loss``)."""
+    from pml_rll.retrieval import NAMRReRankKNN
+
+    from .registry import BuildContext
+
+    spec = registry.entries[name].build(BuildContext(num_classes, cfg.embedding_size), registry.hparams(name))
+    knn = NAMRReRankKNN.for_loss(spec.loss, **(spec.retrieval or {}))
+    return (
+        f"NAMRReRankKNN(mode={knn.mode!r}, num_candidates={knn.num_candidates}, weighting={knn.weighting!r}, "
+        f"blend={knn.blend:g}, normalize_sample={knn.normalize_sample})"
+    )
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
-    rc = main()
+def _exit(rc: int) -> NoReturn:
     if os.environ.get("WORLD_SIZE", "1") != "1":  # skip interpreter teardown, where gloo's threads
         sys.stdout.flush()  # sometimes abort the process after the work is done and the group destroyed
         sys.stderr.flush()
         os._exit(rc)
     sys.exit(rc)
+
+
+def cli() -> NoReturn:
+    """The ``pml-rll-bench`` console command (installed with the package): the same as ``python -m``."""
+    global PROG
+    PROG = "pml-rll-bench"
+    _exit(main())
+
+
+if __name__ == "__main__":
+    _exit(main())

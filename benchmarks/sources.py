@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .datasets import TestSplitSealedError
+from .provenance import class_digests
 from .registry import LossEntry
 from .store import ClaimLostError, ResultStore, disk_full
 
@@ -62,6 +63,14 @@ def _in_space(p: Any, value: Any) -> bool:
     return p.low <= value <= p.high and (not p.integer or float(value).is_integer())
 
 
+def entry_classes(entry: LossEntry) -> list[str | None]:
+    """The import paths of every class an entry builds: loss, miner, and a wrapper's wrapped loss and miner."""
+    paths = [entry.loss_class, entry.miner_class]
+    if entry.wraps is not None:
+        paths += entry_classes(entry.wraps)
+    return paths
+
+
 def claim_log_dir(ctx: Context, key: str, name: str, seed: int, token: str | None) -> str:
     """The per-run log folder of one claim: ``logs/<key>/<loss>/seed<seed>/<claim>``."""
     return os.path.join(ctx.out_dir, "logs", key[:16], name, f"seed{seed}", f"claim-{(token or 'none')[:12]}")
@@ -81,9 +90,11 @@ def record_failure(ctx: Context, task: dict[str, Any], error: BaseException, wha
 
 
 def entry_key(entry: LossEntry, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The entry's part of a key: name, classes, hyper-parameters and the digest of each class's source file."""
     out = {"loss": entry.name, "loss_class": entry.loss_class, "miner_class": entry.miner_class, "hparams": hparams}
     if entry.wraps is not None:
         out["wraps"] = {"loss_class": entry.wraps.loss_class, "miner_class": entry.wraps.miner_class}
+    out["class_code"] = class_digests(entry_classes(entry))
     return out
 
 
@@ -167,6 +178,7 @@ class RunSource:
             self.ctx.store.release(it.key, it.seed)
             raise
         rec.update(self.ctx.extras)
+        rec["code"] = dict(rec.get("code") or {}, classes=it.key_obj["class_code"])  # which code made this row
         rec.update(variant=it.variant, key=it.key, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         if self.ctx.store.complete(it.key, it.seed, rec):
             self.ctx.on_record(rec, "ran")

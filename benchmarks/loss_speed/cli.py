@@ -31,6 +31,7 @@ from .cases import (
 from .measure import measure_memory_here, measure_memory_subprocess, timed_step
 from .render import JSON_NAME, MD_NAME, PNG_NAME, render_markdown, write_outputs
 
+PROG = f"python -m {__package__ or 'benchmarks.loss_speed'}"  # how the command was started (pml-rll-speed: cli())
 DEFAULT_BATCH_SIZES = (128, 256, 512, 1024, 2048, 4096)
 
 
@@ -159,8 +160,10 @@ def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.loss_speed",
+    from ..run import ArgumentParser  # one-line errors naming the closest choice
+
+    p = ArgumentParser(
+        prog=PROG,
         description="Forward+backward time and peak memory of metric-learning losses against batch size.",
         epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in REGISTRY.items()),
     )
@@ -274,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(measure_memory_here(args.memory_worker, args.batch_sizes[0], workload, device)))
         return {}
 
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     torch_v, pml_v = _versions()
     cfg = {
@@ -298,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pml_version": pml_v,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "command": "python -m benchmarks.loss_speed " + " ".join(sys.argv[1:] if argv is None else list(argv)),
+        "command": PROG + " " + " ".join(sys.argv[1:] if argv is None else list(argv)),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     results: dict[str, Any] = {}
@@ -328,7 +331,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if e.get("time_status") in ("skipped", "failed") and "B=" in e.get("time_reason", ""):
                 too_slow[n] = e["time_reason"]
     total = len(todo) * len(args.losses) * (args.warmup + args.repeats + (1 if args.memory else 0))
-    with tqdm(total=total, desc="loss_speed", unit="step", disable=not args.progress, dynamic_ncols=True) as bar:
+    with progress_bar(
+        total=total, desc="loss_speed", unit="step", disable=not args.progress, dynamic_ncols=True
+    ) as bar:
         for b in todo:
             bar.set_postfix_str(f"timing B={b}")
             sweep = Sweep(args, workload, device, results, bar)
@@ -344,3 +349,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         file=sys.stderr,
     )
     return doc
+
+
+def cli() -> None:
+    """The ``pml-rll-speed`` console command (installed with the package): the same as ``python -m``."""
+    global PROG
+    PROG = "pml-rll-speed"
+    main()

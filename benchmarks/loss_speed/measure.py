@@ -123,7 +123,7 @@ def measure_memory_subprocess(
     cmd = [
         sys.executable,
         "-m",
-        "benchmarks.loss_speed",
+        __package__ or "benchmarks.loss_speed",  # pml_rll_bench.loss_speed when installed
         "--memory-worker",
         name,
         "--batch-sizes",

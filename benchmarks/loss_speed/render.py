@@ -128,7 +128,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     ]
     if cfg["memory"]:
         parts.append(f"Peak memory above baseline (MiB; {mem_how}):\n\n" + _table(names, bs, results, _cell_mem))
-    rows = ["| ratio | B | value | target | met | ratio of minima |", "|---|---:|---:|---:|---|---:|"]
+    rows = ["| ratio | B | value | goal | met | ratio of minima |", "|---|---:|---:|---:|---|---:|"]
     for r in doc["ratios"]:
         value = f"{r['value']:.3f}" if r["value"] is not None else f"n/a ({r.get('reason', '')})"
         target = f"<= {r['target']}" if r["target"] is not None else "-"
@@ -136,7 +136,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         vmin = f"{r['value_of_minima']:.3f}" if r.get("value_of_minima") is not None else "-"
         rows.append(f"| {r['title']} | {r['batch_size']} | {_md_escape(value)} | {target} | {met} | {vmin} |")
     parts.append(
-        "Ratios (targets of the speed issue on the medians; met = value <= target; the ratio of the "
+        "Ratios (the project's speed goals, on the medians; met = value <= goal; the ratio of the "
         "fastest repeats is a check against disturbance by other processes):\n\n" + "\n".join(rows)
     )
     parts.append(

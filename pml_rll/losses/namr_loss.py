@@ -15,6 +15,7 @@ from ..utils.validation import (
     check_callable,
     check_choice,
     check_int,
+    check_keywords,
     check_number,
     check_structure_positive,
 )
@@ -63,8 +64,16 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             triplet loss works on raw distances. ``"l2"``: x_tilde L2-normalised, for base losses that
             normalise their embeddings (cosine geometry), so that both terms shape the same geometry. ``"auto"``
             (default): ``"l2"`` when ``loss.distance.normalize_embeddings`` is true, else ``"scaled"``
-            (a choice of this package; NAMR's text does not say). Retrieval should then use
-            ``NAMRReRankKNN(normalize_sample=True)``.
+            (a choice of this package; NAMR's text does not say). :meth:`retrieval_settings` sets the
+            matching retrieval geometry (``NAMRReRankKNN(normalize_sample=True)`` for ``"l2"``).
+        retrieval: the re-ranking settings of :meth:`retrieval_settings` (``NAMRReRankKNN`` keyword arguments
+            ``num_candidates``, ``weighting``, ``blend``). Default: :func:`validated_retrieval` of ``loss``, the
+            settings validated for that base loss when it is one of the bundled bases (recognised by class name:
+            triplet, multi-similarity, contrastive, ranked list), NASA's otherwise.
+
+    Retrieval: ``NAMRReRankKNN.for_loss(loss)`` is the ``knn_func`` to evaluate with (PML's ``AccuracyCalculator`` or
+    ``InferenceModel``, with ``normalize_embeddings=False`` in the tester): the validated re-ranking in the
+    geometry the loss trained. :meth:`check_retrieval` raises when a hand-built ``NAMRReRankKNN`` does not match.
     """
 
     def __init__(
@@ -76,8 +85,10 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         miner: torch.nn.Module | None = None,
         scale_by_mean_distance: bool = True,
         structure_geometry: str = "auto",
+        retrieval: dict | None = None,
         **kwargs,
     ):
+        check_keywords(self, kwargs)  # a typo names this class and the closest keyword
         check_callable("loss", loss)
         embedding_size = check_int("embedding_size", embedding_size)
         structure_weight = check_number("structure_weight", structure_weight, 0.0, MAX_MAGNITUDE)
@@ -85,6 +96,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
         check_callable("miner", miner, optional=True)
         scale_by_mean_distance = check_bool("scale_by_mean_distance", scale_by_mean_distance)
         check_choice("structure_geometry", structure_geometry, ("auto", "scaled", "l2"))
+        retrieval = _checked_retrieval(embedding_size, validated_retrieval(loss) if retrieval is None else retrieval)
         super().__init__(loss=loss, **kwargs)
         if structure_loss is None:
             structure_loss = MultiClusterRankingLoss(embedding_size)
@@ -102,6 +114,7 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             normalised = getattr(getattr(loss, "distance", None), "normalize_embeddings", False)
             structure_geometry = "l2" if normalised else "scaled"
         self.structure_geometry = structure_geometry
+        self.retrieval = retrieval
         self.add_to_recordable_attributes(
             list_of_names=[
                 "embedding_size",
@@ -112,6 +125,43 @@ class NAMRLoss(BaseLossWrapper, ModuleWithRecords):
             ],
             is_stat=False,
         )
+
+    @property
+    def retrieval_normalize_sample(self) -> bool:
+        """Whether retrieval must L2-normalise x: True when the structure term shaped normalised x (``"l2"``)."""
+        return self.structure_geometry == "l2"
+
+    def retrieval_settings(self, **overrides) -> dict:
+        """The ``NAMRReRankKNN`` keyword arguments to evaluate this loss's embeddings with: :attr:`retrieval`'s
+        settings (the validated ones by default) with ``overrides`` laid over them, and ``normalize_sample`` for the
+        geometry the loss trained. ``NAMRReRankKNN.for_loss(loss)`` builds the kNN from them.
+
+        An override ``normalize_sample`` that contradicts the loss's geometry raises ``ValueError``."""
+        settings = {**self.retrieval, **overrides}
+        expected = self.retrieval_normalize_sample
+        if "normalize_sample" in settings and settings["normalize_sample"] != expected:
+            raise ValueError(
+                f"normalize_sample={settings['normalize_sample']!r} does not match this NAMRLoss: its structure "
+                f"geometry is {self.structure_geometry!r}, so retrieval needs normalize_sample={expected}"
+            )
+        settings["normalize_sample"] = expected
+        return settings
+
+    def check_retrieval(self, knn) -> None:
+        """Raise ``ValueError`` when ``knn`` (a ``NAMRReRankKNN``) retrieves in another geometry or width than
+        this loss trained (``normalize_sample`` must equal :attr:`retrieval_normalize_sample`)."""
+        if not (hasattr(knn, "embedding_size") and hasattr(knn, "normalize_sample")):
+            raise TypeError(f"knn: expected a NAMRReRankKNN, got {type(knn).__name__}")
+        if knn.embedding_size != self.embedding_size:
+            raise ValueError(
+                f"knn.embedding_size ({knn.embedding_size}) != this NAMRLoss's embedding_size ({self.embedding_size})"
+            )
+        if knn.normalize_sample != self.retrieval_normalize_sample:
+            raise ValueError(
+                f"knn.normalize_sample={knn.normalize_sample} does not match this NAMRLoss (structure geometry "
+                f"{self.structure_geometry!r}): retrieval would rank x in another geometry than the loss trained; "
+                "build it with NAMRReRankKNN.for_loss(loss)"
+            )
 
     @staticmethod
     def supported_losses():
@@ -304,6 +354,47 @@ def namr_config(base_name: str) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
 
 
+_RETRIEVAL_KEYS = ("mode", "num_candidates", "weighting", "blend")
+
+
+def validated_retrieval(base) -> dict:
+    """The validated re-ranking settings (``NAMRReRankKNN`` keyword arguments) for a base loss, read from
+    :data:`NAMR_CONFIGS`: ``base`` is a name as in :func:`make_namr_loss` or a loss object, recognised by its class
+    name (``TripletMarginLoss``, ``MultiSimilarityLoss``, ``ContrastiveLoss``, ``RankedListLoss``). A loss object
+    of any other class gets NASA's settings (:data:`NASA_CONFIG`); an unknown name raises ``ValueError``.
+
+    The geometry (``normalize_sample``) is not part of it: it follows the trained loss
+    (:meth:`NAMRLoss.retrieval_settings`)."""
+    if isinstance(base, str):
+        return dict(namr_config(base)["retrieval"])
+    try:
+        key = canonical_base_name(type(base).__name__)
+    except ValueError:
+        return dict(NASA_CONFIG["retrieval"])
+    return dict(namr_config(key)["retrieval"])
+
+
+def _checked_retrieval(embedding_size: int, retrieval) -> dict:
+    if not isinstance(retrieval, dict):
+        raise TypeError(f"retrieval must be a dict of NAMRReRankKNN settings, got {type(retrieval).__name__}")
+    unknown = sorted(set(retrieval) - set(_RETRIEVAL_KEYS))
+    if unknown:
+        raise ValueError(
+            f"retrieval: unknown keys {unknown}; allowed: {list(_RETRIEVAL_KEYS)} (the geometry, normalize_sample, "
+            "follows the loss)"
+        )
+    out = dict(retrieval)  # the same checks as NAMRReRankKNN's, naming the argument
+    if "mode" in out:
+        check_choice("mode", out["mode"], ("rerank", "plain", "exhaustive"))
+    if "num_candidates" in out:
+        out["num_candidates"] = check_int("num_candidates", out["num_candidates"])
+    if "weighting" in out:
+        check_choice("weighting", out["weighting"], ("query", "symmetric"))
+    if "blend" in out:
+        out["blend"] = check_number("blend", out["blend"], 0.0, 1.0)
+    return out
+
+
 def make_structure_loss(embedding_size: int, config: dict, **kwargs) -> MultiClusterRankingLoss:
     """``MultiClusterRankingLoss`` built from the structure keys of a :data:`NAMR_CONFIGS` entry."""
     return MultiClusterRankingLoss(embedding_size, **{k: config[k] for k in _STRUCTURE_KEYS if k in config}, **kwargs)
@@ -322,13 +413,16 @@ def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
     * contrastive: PML ``ContrastiveLoss()`` defaults (L2-normalised distance, margins 0 and 1);
     * ranked_list: ``pml_rll.losses.RankedListLoss(margin=0.4, Tn=10.0)``.
 
-    The structure weight and the structure term come from :data:`NAMR_CONFIGS` for that base (see
-    :func:`namr_config`; retrieve with ``NAMRReRankKNN(d, **namr_config(base_name)["retrieval"])``).
-    ``kwargs`` go to :class:`NAMRLoss` and override it (``structure_weight``, ``structure_loss``, ``miner``, ...).
+    The structure weight, the structure term and the retrieval settings come from :data:`NAMR_CONFIGS` for that
+    base (see :func:`namr_config`); evaluate with ``NAMRReRankKNN.for_loss(loss)``, which also
+    sets the geometry.
+    ``kwargs`` go to :class:`NAMRLoss` and override it (``structure_weight``, ``structure_loss``, ``miner``,
+    ``retrieval``, ...).
     """
     loss, miner = make_base_loss(base_name)
     config = namr_config(base_name)
     kwargs.setdefault("miner", miner)
+    kwargs.setdefault("retrieval", config["retrieval"])
     kwargs.setdefault("structure_weight", config["structure_weight"])
     if "structure_loss" not in kwargs:
         kwargs["structure_loss"] = make_structure_loss(embedding_size, config)

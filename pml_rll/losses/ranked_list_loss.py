@@ -31,6 +31,7 @@ from ..utils.validation import (
     check_batch,
     check_choice,
     check_distance,
+    check_keywords,
     check_not_meta,
     check_number,
     check_temperature,
@@ -125,6 +126,7 @@ class RankedListLoss(BaseMetricLossFunction):
         path: str = "auto",
         **kwargs,
     ):
+        check_keywords(self, kwargs)  # a typo names this class and the closest keyword
         super().__init__(**kwargs)
         self.margin = check_number("margin", margin, 0.0, MAX_MAGNITUDE)
         self.Tn = check_temperature("Tn", Tn)

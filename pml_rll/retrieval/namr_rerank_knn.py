@@ -130,6 +130,20 @@ class NAMRReRankKNN:
         self.reference_x: torch.Tensor | None = None
         self.reference_s: torch.Tensor | None = None
 
+    @classmethod
+    def for_loss(cls, loss, mode: str | None = None, base_knn=None, **overrides) -> NAMRReRankKNN:
+        """The kNN to evaluate a ``NAMRLoss``'s embeddings with: its retrieval settings (the ones validated for its
+        base loss by default; ``overrides`` laid over them) in the geometry the loss trained
+        (``loss.retrieval_settings``). ``mode`` (default: the settings' mode, else ``"rerank"``): ``"plain"`` gives
+        the Euclidean order on x in the same geometry."""
+        settings = getattr(loss, "retrieval_settings", None)
+        if not callable(settings):
+            raise TypeError(f"loss: expected a NAMRLoss (with retrieval_settings), got {type(loss).__name__}")
+        kw = settings(**overrides)
+        if mode is not None:
+            kw["mode"] = mode
+        return cls(loss.embedding_size, base_knn=base_knn, **kw)
+
     # -- InferenceModel support -------------------------------------------------------------------
     def train(self, embeddings: torch.Tensor) -> None:
         """``InferenceModel`` support: replace the stored reference set by ``embeddings`` (packed or sample-only)."""

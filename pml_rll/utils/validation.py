@@ -361,3 +361,27 @@ def pairs_to_masks(indices_tuple: Any, n: int, m: int, device: Any) -> tuple[Ten
     pos[a1, p] = True
     neg[a2, n_idx] = True
     return pos, neg
+
+
+def check_keywords(owner: object, kwargs: dict[str, Any]) -> None:
+    """Raise ``TypeError`` naming ``owner``'s class (and the closest accepted name) for a keyword argument that no
+    ``__init__`` in its class hierarchy accepts, before a base class's ``__init__`` raises naming itself."""
+    import difflib
+    import inspect
+
+    accepted: list[str] = []
+    for klass in type(owner).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - a builtin __init__ without a signature
+            continue
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        accepted += [p.name for p in params if p.kind in kinds and p.name != "self"]
+    for name in kwargs:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{type(owner).__name__}() got an unexpected keyword argument {name!r}{hint}")

@@ -67,7 +67,8 @@ def test_registry_entries_use_the_validated_configuration(name):
         cfg["alpha"],
         cfg["detach_sample_embedding"],
     )
-    calc = build_accuracy_calculator(True, 8, torch.device("cpu"), 32, retrieval=spec.retrieval)
+    calc = build_accuracy_calculator(spec.loss, torch.device("cpu"), retrieval=spec.retrieval)
+    assert calc.rerank_knn.normalize_sample == calc.plain_knn.normalize_sample == spec.loss.retrieval_normalize_sample
     assert calc.rerank_knn.weighting == cfg["retrieval"]["weighting"]
     assert calc.rerank_knn.blend == cfg["retrieval"]["blend"]
     assert calc.rerank_knn.num_candidates == cfg["retrieval"]["num_candidates"]

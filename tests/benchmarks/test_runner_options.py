@@ -185,7 +185,7 @@ def test_storage_passwords_are_masked(no_data, tmp_path, capsys):
 TORCHRUN_BAD = [
     (["--jobs", "2"], "--jobs > 1 cannot be combined with torchrun"),
     (["--batch-size", "24", "--m-per-class", "4"], "--batch-size 24 must be a multiple of the 5 processes"),
-    (["--device", "cuda:0"], "--device"),
+    (["--device", "cuda:0", "--batch-size", "60", "--m-per-class", "4"], "--device cuda:0"),  # a valid batch for 5
 ]
 
 
