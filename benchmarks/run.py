@@ -143,10 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "                 torchvision FashionMNIST root via --data-root\n"
         "  cub200, cars196, sop   PML's dataset classes under --data-root (--download fetches them); ResNet-50 with\n"
         "                 ImageNet weights when loadable, RandomResizedCrop(224) + flip\n"
-        "  folder         your images, --data-root DIR laid out DIR/<class>/<image>; class-disjoint split: the sorted\n"
-        "                 classes halved (first half train), or --test-classes FILE; RGB transforms (--image-size)\n"
-        "  csv            your images, --data-root FILE.csv with columns path,label,split[,is_query,is_gallery]\n"
-        "                 (docs/own_data.md); is_query/is_gallery: queries searched in the gallery only\n"
+        "  folder, csv    your images: DIR/<class>/<image> or a CSV file (docs/own_data.md)\n"
         "\nThe losses, their defaults, search spaces and sources: --list.",
     )
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
@@ -179,46 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trunk",
         default=None,
-        help=f"trunk network: {', '.join(TRUNKS)}, a torchvision model name (resnet34, efficientnet_b0, ...) or "
-        "timm:<model> (the timm extra; never downloads); the embedder's input width is read from it "
-        "(default: per dataset)",
+        help="mlp, convnet(-small), resnet18/50, a torchvision model or timm:<model> (default: per dataset)",
     )
-    p.add_argument(
-        "--no-pretrained", action="store_true", help="ResNet and torchvision trunks: do not try ImageNet weights"
-    )
-    p.add_argument(
-        "--trunk-weights",
-        default=None,
-        metavar="FILE",
-        help="a local checkpoint (state_dict) for the trunk, instead of any pretrained weights; its content is part "
-        "of the result key",
-    )
-    p.add_argument(
-        "--freeze-bn",
-        action="store_true",
-        help="keep the trunk's BatchNorm layers in eval mode while training (running statistics frozen)",
-    )
-    p.add_argument(
-        "--amp",
-        default="off",
-        choices=["off", "bf16", "fp16"],
-        help="mixed precision: autocast of trunk and embedder in bfloat16 (CPU or GPU) or float16 (CUDA, with a "
-        "GradScaler); every loss gets the embeddings in float32 (default: off)",
-    )
-    p.add_argument(
-        "--knn",
-        default="exact",
-        choices=list(KNN_METHODS),
-        help="the tester's neighbour search: exact (PML's CustomKNN, memory-bounded batches), faiss-flat (exact, "
-        "faiss), faiss-ivf or faiss-hnsw (approximate, for large test sets; docs/eval_scale.md). k is what the "
-        "metrics need. NAMR entries re-rank the index's candidates (default: exact)",
-    )
-    p.add_argument(
-        "--eval-precision",
-        default="float32",
-        choices=["float32", "float16"],
-        help="keep the evaluation embeddings in float16 to halve their memory (default: float32)",
-    )
+    p.add_argument("--no-pretrained", action="store_true", help="ResNet/torchvision trunks: no ImageNet weights")
+    p.add_argument("--trunk-weights", default=None, metavar="FILE", help="a local trunk checkpoint (state_dict)")
+    p.add_argument("--freeze-bn", action="store_true", help="the trunk's BatchNorm layers stay in eval mode")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], metavar="off|bf16|fp16", help="autocast")
+    p.add_argument("--knn", default="exact", choices=list(KNN_METHODS), metavar="M", help=f"{'|'.join(KNN_METHODS)}")
+    p.add_argument("--eval-precision", default="float32", choices=["float32", "float16"], metavar="float32|float16")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for trunk and embedder")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay")
     p.add_argument(
@@ -237,12 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=None, help="tester batch size")
     p.add_argument("--image-size", type=int, default=None, help="omniglot: side in pixels (28); RGB: crop size (224)")
     p.add_argument("--test-alphabets", default=None, help="omniglot: comma list of test alphabets (default: auto)")
-    p.add_argument(
-        "--test-classes",
-        default=None,
-        metavar="FILE",
-        help="folder: a file naming the test classes, one per line (default: the second half of the sorted classes)",
-    )
+    p.add_argument("--test-classes", default=None, metavar="FILE", help="folder: a file naming the test classes")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--threads",
