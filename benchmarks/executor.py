@@ -168,7 +168,12 @@ class WorkerPool:
 
     def submit(self, job: dict[str, Any], task: dict[str, Any]) -> cf.Future[Any]:
         if self._pool is not None:
-            return self._pool.submit(execute, job, dict(task, pbar_position=None))
+            try:
+                return self._pool.submit(execute, job, dict(task, pbar_position=None))
+            except cf.process.BrokenProcessPool as e:  # a worker died since the last wait: like a task it broke
+                broken: cf.Future[Any] = cf.Future()
+                broken.set_exception(e)
+                return broken
         fut: cf.Future[Any] = cf.Future()
         distributed.broadcast_task(task)  # under torchrun the other ranks train the same task in step
         try:

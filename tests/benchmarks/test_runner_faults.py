@@ -3,6 +3,7 @@ fresh store, leases of different lengths, a claim taken over from a paused runne
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -326,3 +327,20 @@ def test_a_disk_that_fills_during_a_run_stops_cleanly_and_exports(tmp_path, monk
     assert "the disk is full" in err and "claims released" in err and "Traceback" not in err
     assert [r["status"] for r in _rows(out)] == ["done"]  # the second run's claim is released
     assert len(report.load_jsonl(os.path.join(out, "results.jsonl"))) == 1
+
+
+def test_a_pool_that_broke_since_the_last_wait_hands_back_a_broken_future():
+    # A worker can die between the scheduler's wait and its next submit: the submit must not raise (that ended the
+    # whole command), it hands back a future holding BrokenProcessPool, which the scheduler treats like a running
+    # task the dying worker interrupted.
+    from benchmarks.executor import WorkerPool
+
+    pool = WorkerPool(2)
+    try:
+        pool._pool._broken = "a worker died"  # type: ignore[union-attr]  # what the executor sets when one dies
+        fut = pool.submit({}, {"loss": "x", "seed": 0})
+        assert isinstance(fut.exception(timeout=5), concurrent.futures.process.BrokenProcessPool)
+        assert pool.broken
+    finally:
+        pool._pool._broken = False  # type: ignore[union-attr]
+        pool.shutdown()
