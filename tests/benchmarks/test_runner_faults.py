@@ -215,6 +215,27 @@ def _snapshot(folder: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _pause_outside_a_write(pid: int, db) -> None:
+    """SIGSTOP a runner at a moment when it holds no SQLite write lock.
+
+    A process stopped inside a write transaction keeps SQLite's lock, and every other runner then finds the store
+    locked (an SQLite property, not the runner's); the test is about claims, so it pauses between transactions.
+    """
+    for _ in range(50):
+        os.kill(pid, signal.SIGSTOP)
+        con = sqlite3.connect(str(db), timeout=0.5)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()
+            return
+        except sqlite3.OperationalError:  # stopped inside a write: let it finish and try again
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            con.close()
+    raise AssertionError("the runner held the store's write lock at every try")
+
+
 def test_a_paused_runner_whose_claim_was_taken_over_writes_nothing(tmp_path):
     out = tmp_path / "o"
     budget = ["--losses", "contrastive", "--seeds", "1", "--epochs", "4", "--iterations-per-epoch", "150"]
@@ -229,7 +250,7 @@ def test_a_paused_runner_whose_claim_was_taken_over_writes_nothing(tmp_path):
                 break
             assert a.poll() is None, a.communicate()[1][-2000:]
             time.sleep(0.05)
-        os.kill(a.pid, signal.SIGSTOP)
+        _pause_outside_a_write(a.pid, out / "results.db")
         time.sleep(3)  # a's claim (lease 2 s) expires
         b = subprocess.run(_runner(out, *budget), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert b.returncode == 0 and "1 runs/trials made" in b.stdout, b.stderr[-2000:]
