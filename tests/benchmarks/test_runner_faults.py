@@ -19,25 +19,7 @@ from sqlalchemy.exc import OperationalError
 from benchmarks import datasets, report
 from benchmarks.run import main
 from benchmarks.store import RUNS, ResultStore
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0"]
-
-
-def _url(out) -> str:
-    return "sqlite:///" + os.path.join(str(out), "results.db")
-
-
-def _rows(out) -> list[dict]:
-    store = ResultStore(_url(out))
-    with store.engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(RUNS.select()).mappings()]
-    store.close()
-    return rows
-
-
-def _runner(out, *args) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.run", "--out", str(out), *args]
+from tests.benchmarks.test_runner_store import REPO, TINY, _rows, _runner, _url
 
 
 @pytest.fixture
