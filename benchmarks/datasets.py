@@ -22,11 +22,12 @@ state the losses or miners consume, so that every loss sees the same augmented i
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -64,8 +65,8 @@ class DatasetBundle:
     ``"gray"`` (1 x H x W tensors) or ``"rgb"`` (PIL images turned into 3 x 224 x 224 tensors). ``groups``
     (optional) gives, per training sample, the group its class belongs to (Omniglot: its alphabet), so that tuning
     folds keep whole groups together. ``gallery`` (optional) turns the test split into query-vs-gallery
-    evaluation: ``test`` holds the queries, searched against ``gallery`` only. While ``test_sealed`` is set, reading
-    ``test`` or ``gallery`` raises :class:`TestSplitSealedError`.
+    evaluation: ``test`` holds the queries, searched against ``gallery`` only. While ``test_sealed`` is set (``with
+    bundle.sealed():``), reading ``test`` or ``gallery`` raises :class:`TestSplitSealedError`.
     """
 
     name: str
@@ -78,6 +79,15 @@ class DatasetBundle:
     groups: np.ndarray | None = None
     test_sealed: bool = False
     _gallery: PairedDataset | None = None
+
+    @contextlib.contextmanager
+    def sealed(self, sealed: bool = True) -> Iterator[DatasetBundle]:
+        """Within the block the test split is sealed (``sealed=False``: readable); afterwards as it was before."""
+        before, self.test_sealed = self.test_sealed, sealed
+        try:
+            yield self
+        finally:
+            self.test_sealed = before
 
     @property
     def test(self) -> PairedDataset:
@@ -565,8 +575,7 @@ def split_identity(bundle: DatasetBundle) -> dict[str, object]:
     hash of the label arrays. The test split is read only for its labels' hash, before any training."""
     import hashlib
 
-    sealed, bundle.test_sealed = bundle.test_sealed, False
-    try:
+    with bundle.sealed(False):
         test = bundle.test
         h = hashlib.sha1(np.ascontiguousarray(bundle.train.labels).tobytes())
         h.update(b"|" + np.ascontiguousarray(test.labels).tobytes())
@@ -582,8 +591,6 @@ def split_identity(bundle: DatasetBundle) -> dict[str, object]:
         }
         if gallery is not None:
             out["gallery_items"] = len(gallery)
-    finally:
-        bundle.test_sealed = sealed
     for k in ("train_alphabets", "test_alphabets", "split_rule", "classes_sha1", "query_gallery"):
         if k in bundle.info:
             out[k] = bundle.info[k]

@@ -53,7 +53,7 @@ def run_once(nproc: int, runner_args: list[str], out: str, threads: int) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import ArgumentParser  # one-line errors naming the closest choice
+    from .plan.options import ArgumentParser  # one-line errors naming the closest choice
 
     p = ArgumentParser(
         prog=f"python -m {__package__ or 'benchmarks'}.ddp_scaling", description=__doc__.split("\n\n")[0]

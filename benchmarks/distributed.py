@@ -31,13 +31,16 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 
 from .common import resolve_device
+
+if TYPE_CHECKING:
+    from .executor import Job, Task
 
 #: environment variables set by torchrun (and by ``torch.distributed.run``) in every process it starts
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -413,11 +416,7 @@ def cross_batch_support(
 
 
 # ---------------------------------------------------------------------------------------------------- the runner
-#: the task fields the other ranks need to train in step with rank 0 (see ``benchmarks.executor.execute``)
-TASK_FIELDS = ("entry", "hparams", "seed", "fold", "folds", "log_dir")
-
-
-def follow(job: dict[str, Any], ctx: DistributedContext | None = None) -> int:
+def follow(job: Job, ctx: DistributedContext | None = None) -> int:
     """The loop of a rank other than 0: receive each task rank 0 starts (:func:`broadcast_task`) and train it in
     step with rank 0, until rank 0 sends ``None``. Only rank 0 talks to the results store and to Optuna, so every
     claim, resume and tuning decision is its own. Returns the number of tasks trained."""
@@ -430,14 +429,14 @@ def follow(job: dict[str, Any], ctx: DistributedContext | None = None) -> int:
         if task is None:
             return n
         try:
-            execute(job, dict(task, pbar_position=None))
+            execute(job, task)
         except (ValueError, RuntimeError, FloatingPointError):
             pass  # rank 0 meets the same failure (a trial whose hyper-parameters fail) and goes on to its next task
         n += 1
 
 
-def broadcast_task(task: dict[str, Any] | None, ctx: DistributedContext | None = None) -> None:
+def broadcast_task(task: Task | None, ctx: DistributedContext | None = None) -> None:
     """Rank 0: send the task it is about to train (``None``: no more tasks) to the ranks in :func:`follow`."""
     ctx = ctx or current()
     if ctx.is_distributed:
-        ctx.broadcast_object(None if task is None else {k: task.get(k) for k in TASK_FIELDS})
+        ctx.broadcast_object(None if task is None else task.for_other_ranks())

@@ -15,105 +15,168 @@ a time, so that only the task that kills its worker fails (``BrokenProcessPool``
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from . import distributed
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every process needs to run any task of one command: the dataset to load, the run configuration, the
+    device and per-process settings, and the store that claims are checked against."""
+
+    dataset: str
+    data_root: str | None  # None: the loaders read $PML_RLL_DATA themselves (and name it so)
+    download: bool
+    image_size: int | None
+    test_alphabets: tuple[str, ...] | None
+    test_classes: str | None
+    cfg: Any  # benchmarks.pipeline.RunConfig
+    device: str
+    workers: int
+    tensorboard: bool = False
+    save_models: bool = False
+    threads: int = 0
+    sys_path: tuple[str, ...] = ()  # folders a --config file's own loss modules are imported from
+    storage: str | None = None  # workers check that their claim is still theirs
+    lease: float = 120.0
+
+    @property
+    def data_key(self) -> tuple[Any, ...]:
+        """What decides the loaded dataset (one bundle per process per key)."""
+        return (self.dataset, self.data_root, self.image_size, tuple(self.test_alphabets or ()), self.test_classes)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training run as the executor runs it, and as rank 0 sends it to the other ranks under torchrun.
+
+    ``fold`` (with ``folds``): a tuning fold, trained on the other folds' classes and evaluated on the held-out one
+    with the test split sealed; ``None``: a run evaluated on the test split. ``claim``: ``(key, seed, token)`` of the
+    claim the run is made under (checked while it trains). ``pbar_position``: its progress bar's line (None: none).
+    """
+
+    entry: Any  # benchmarks.registry.LossEntry
+    hparams: dict[str, Any] | None
+    seed: int
+    log_dir: str
+    fold: int | None = None
+    folds: Any = None  # the class lists of every fold
+    claim: tuple[str, int, str | None] | None = None
+    pbar_position: int | None = None
+
+    @classmethod
+    def of(cls, task: dict[str, Any], *, pbar_position: int | None = None) -> Task:
+        """The executor's view of a task a source handed out (a source keeps its own fields beside these)."""
+        return cls(
+            entry=task["entry"],
+            hparams=task["hparams"],
+            seed=task["seed"],
+            log_dir=task["log_dir"],
+            fold=task.get("fold"),
+            folds=task.get("folds"),
+            claim=task.get("claim"),
+            pbar_position=pbar_position,
+        )
+
+    def for_other_ranks(self) -> Task:
+        """What the other ranks train in step with rank 0: no claim (rank 0 alone talks to the store), no bar."""
+        return replace(self, claim=None, pbar_position=None)
+
 
 _BUNDLES: dict[tuple[Any, ...], Any] = {}
 _FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
 
 
-def _bundle(job: dict[str, Any]) -> Any:
+def _bundle(job: Job) -> Any:
     from .datasets import load_dataset
 
-    key = (
-        job["dataset"],
-        job["data_root"],
-        job["image_size"],
-        tuple(job["test_alphabets"] or ()),
-        job.get("test_classes"),
-    )
-    if key not in _BUNDLES:
-        _BUNDLES[key] = load_dataset(
-            job["dataset"],
-            job["data_root"],
-            job["download"],
-            job["image_size"],
-            job["test_alphabets"],
-            job.get("test_classes"),
+    if job.data_key not in _BUNDLES:
+        _BUNDLES[job.data_key] = load_dataset(
+            job.dataset,
+            job.data_root,
+            job.download,
+            job.image_size,
+            list(job.test_alphabets) if job.test_alphabets is not None else None,
+            job.test_classes,
         )
-    return _BUNDLES[key]
+    return _BUNDLES[job.data_key]
 
 
-def preload(job: dict[str, Any], bundle: Any) -> None:
+def preload(job: Job, bundle: Any) -> None:
     """Make the main process's already loaded bundle the one that inline tasks use."""
-    key = (job["dataset"], job["data_root"], job["image_size"], tuple(job["test_alphabets"] or ()))
-    _BUNDLES[key + (job.get("test_classes"),)] = bundle
+    _BUNDLES[job.data_key] = bundle
 
 
-def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+def _fold_data(bundle: Any, task: Task, fold: int) -> Any:
+    """The tuning fold ``fold`` of ``task`` (made once per process): the held-out fold is its ``test``."""
+    from .datasets import fold_bundle
+
+    fkey = (id(bundle), fold, repr(task.folds))
+    if fkey not in _FOLD_BUNDLES:
+        _FOLD_BUNDLES[fkey] = fold_bundle(bundle, task.folds, fold)
+    return _FOLD_BUNDLES[fkey]
+
+
+def execute(job: Job, task: Task) -> dict[str, Any]:
     """Run one task (see the module docstring) and return its result record. Starts from empty per-run logs."""
     import torch
 
-    from .datasets import fold_bundle
-    from .pipeline import run_one
+    from . import pipeline
 
-    for p in job.get("sys_path", ()):
+    for p in job.sys_path:
         if p not in sys.path:
             sys.path.append(p)  # last: a module beside the config never shadows an installed one
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
+    if job.threads:
+        torch.set_num_threads(job.threads)
     bundle = _bundle(job)
-    cfg = job["cfg"]
-    if task.get("fold") is not None:
-        bundle.test_sealed = True  # tuning: reading the test split raises
-        fkey = (id(bundle), task["fold"], repr(task["folds"]))
-        if fkey not in _FOLD_BUNDLES:
-            _FOLD_BUNDLES[fkey] = fold_bundle(bundle, task["folds"], task["fold"])
-        data = _FOLD_BUNDLES[fkey]  # --eval-every draws the held-out fold's curve (benchmarks/convergence.py)
-    else:
-        bundle.test_sealed = False
-        data = bundle
+    fold = task.fold
+    tuning = fold is not None
     should_stop = _claim_check(job, task)
     if distributed.current().is_main:  # under torchrun only rank 0 writes logs (the others train in step)
         if should_stop is not None:
             should_stop()
-        shutil.rmtree(task["log_dir"], ignore_errors=True)  # the claim's own folder: a restarted run starts clean
+        shutil.rmtree(task.log_dir, ignore_errors=True)  # the claim's own folder: a restarted run starts clean
     t0 = time.perf_counter()
-    rec = run_one(
-        data,
-        task["entry"],
-        task["hparams"],
-        task["seed"],
-        cfg,
-        torch.device(job["device"]),
-        task["log_dir"],
-        num_workers=job["workers"],
-        tensorboard=job["tensorboard"] and task.get("fold") is None,
-        save_models=job["save_models"] and task.get("fold") is None,
-        pbar_position=task.get("pbar_position"),
-        should_stop=should_stop,
-    )
+    with bundle.sealed() if tuning else contextlib.nullcontext():  # tuning: reading the test split raises
+        rec = pipeline.run_one(
+            _fold_data(bundle, task, fold) if fold is not None else bundle,  # --eval-every: the held-out fold's curve
+            task.entry,
+            task.hparams,
+            task.seed,
+            job.cfg,
+            torch.device(job.device),
+            log_dir=task.log_dir,
+            num_workers=job.workers,
+            tensorboard=job.tensorboard and not tuning,
+            save_models=job.save_models and not tuning,
+            pbar_position=task.pbar_position,
+            should_stop=should_stop,
+        )
     rec["wall_seconds"] = round(time.perf_counter() - t0, 3)
     return rec
 
 
-def _claim_check(job: dict[str, Any], task: dict[str, Any]) -> Callable[[], None] | None:
+def _claim_check(job: Job, task: Task) -> Callable[[], None] | None:
     """A callable that raises ClaimLostError once the task's claim belongs to another runner (it asks the store
     at most every ``min(lease / 4, 5)`` seconds); None without a claim or under torchrun (the ranks train in step)."""
     from .store import ClaimLostError, claim_lost
 
-    claim, url = task.get("claim"), job.get("storage")
-    if not claim or not url or claim[2] is None or distributed.current().is_distributed:
+    claim, url = task.claim, job.storage
+    if not claim or not url or distributed.current().is_distributed:
         return None
     key, seed, token = claim
-    every = min(max(0.5, float(job.get("lease", 120.0)) / 4), 5.0)
+    if token is None:
+        return None
+    every = min(max(0.5, float(job.lease) / 4), 5.0)
     last = [-float("inf")]  # the first call asks
 
     def check() -> None:
@@ -166,18 +229,22 @@ class WorkerPool:
                 jobs, mp_context=mp.get_context("spawn"), initializer=_watch_parent, initargs=(os.getpid(),)
             )
 
-    def submit(self, job: dict[str, Any], task: dict[str, Any]) -> cf.Future[Any]:
+    def submit(self, job: Job, task: dict[str, Any]) -> cf.Future[Any]:
+        """Start a task a source handed out; its future holds the result record or the exception it raised."""
         if self._pool is not None:
             try:
-                return self._pool.submit(execute, job, dict(task, pbar_position=None))
-            except cf.process.BrokenProcessPool as e:  # a worker died since the last wait: like a task it broke
+                if self.broken:  # a worker died since the last wait: like a task it broke
+                    raise cf.process.BrokenProcessPool("a worker process died")
+                return self._pool.submit(execute, job, Task.of(task))
+            except cf.process.BrokenProcessPool as e:
                 broken: cf.Future[Any] = cf.Future()
                 broken.set_exception(e)
                 return broken
         fut: cf.Future[Any] = cf.Future()
-        distributed.broadcast_task(task)  # under torchrun the other ranks train the same task in step
+        spec = Task.of(task, pbar_position=1)
+        distributed.broadcast_task(spec)  # under torchrun the other ranks train the same task in step
         try:
-            fut.set_result(execute(job, dict(task, pbar_position=1)))
+            fut.set_result(execute(job, spec))
         except Exception as e:  # noqa: BLE001 - handed to the task's source like a worker's exception
             fut.set_exception(e)
         return fut
@@ -215,7 +282,7 @@ class Source(Protocol):
     def finished(self) -> bool: ...
 
 
-def schedule(pool: WorkerPool, job: dict[str, Any], sources: list[Source], poll_seconds: float = 2.0) -> None:
+def schedule(pool: WorkerPool, job: Job, sources: list[Source], poll_seconds: float = 2.0) -> None:
     """Run every source's tasks, ``pool.jobs`` at a time, until every source is finished.
 
     Sources are asked in turn, so that several losses' tuning trials interleave. When no task is running and a

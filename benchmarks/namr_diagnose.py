@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .datasets import load_dataset
     from .pipeline import RunConfig, run_one
-    from .run import DATASET_DEFAULTS
+    from .plan.options import DATASET_DEFAULTS
 
     torch.set_num_threads(1)
     d = DATASET_DEFAULTS["omniglot"]
@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed,
                     cfg,
                     torch.device("cpu"),
-                    os.path.join(args.out, "logs", base, variant.replace("/", "_"), f"seed{seed}"),
+                    log_dir=os.path.join(args.out, "logs", base, variant.replace("/", "_"), f"seed{seed}"),
                     after_training=after_training_factory(bundle, seed),
                 )
                 rec.update(

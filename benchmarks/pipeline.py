@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -367,36 +368,47 @@ def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = N
 
 
 # ---------------------------------------------------------------------------------------------------- one run
-def run_one(
+@dataclass
+class _Training:
+    """What one run trains: the built loss spec, the models, and PML's trainer arguments (without hooks)."""
+
+    spec: LossSpec
+    trunk: torch.nn.Module
+    embedder: torch.nn.Module
+    trunk_note: str
+    trainer_kwargs: dict[str, Any]
+
+
+def _optimizers(trunk, embedder, loss, spec: LossSpec, cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Adam for the trunk, the embedder and the loss's own parameters; the cosine schedulers of ``--schedule``."""
+    optimizers = {
+        "trunk_optimizer": torch.optim.Adam(trunk.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "embedder_optimizer": torch.optim.Adam(embedder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+    }
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
+    if loss_params:
+        optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss_params, lr=cfg.lr * spec.loss_lr_multiplier)
+    if cfg.schedule != "cosine":
+        return optimizers, None
+    total_iters = cfg.epochs * cfg.iterations_per_epoch
+    schedulers = {
+        k.replace("_optimizer", "_scheduler_by_iteration"): torch.optim.lr_scheduler.CosineAnnealingLR(o, total_iters)
+        for k, o in optimizers.items()
+    }
+    return optimizers, schedulers
+
+
+def _build_training(
     bundle: DatasetBundle,
     entry: LossEntry,
-    hparams: dict[str, object],
+    hparams: dict[str, object] | None,
     seed: int,
     cfg: RunConfig,
     device: torch.device,
-    log_dir: str,
-    num_workers: int = 0,
-    tensorboard: bool = False,
-    save_models: bool = False,
-    pbar_position: int | None = 1,
-    after_training=None,
-    should_stop=None,
-) -> dict:
-    """Train one (loss, seed) with ``hparams`` and evaluate it on ``bundle.test``; return the result record.
-
-    ``bundle`` may be a tuning fold (:func:`benchmarks.datasets.fold_bundle`), whose ``test`` is the held-out fold.
-    ``after_training(trunk, embedder, loss_spec) -> dict``, when given, runs on the trained models (after the
-    last evaluation); its result is stored under the record's ``"after_training"`` key (extra analyses such as
-    ``benchmarks/namr_diagnose.py``). ``should_stop()``, when given, is called before every write of the per-run
-    logs (each iteration's and epoch's end); it raises to stop the run (a claim taken over by another runner)."""
-    from pytorch_metric_learning.utils import logging_presets
-
-    main = distributed.current().is_main  # DDP hook: only rank 0 logs, evaluates and returns a record
-    if main:
-        os.makedirs(log_dir, exist_ok=True)
-    if device.type == "cuda":  # same convolution algorithms for every loss (GPU runs are still not bitwise exact)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    *,
+    num_workers: int,
+) -> _Training:
+    """Build the loss, models, optimizers and sampler of one (loss, seed), every random draw paired by ``seed``."""
     ctx = BuildContext(num_classes=bundle.num_train_classes, embedding_size=cfg.embedding_size)
     torch.manual_seed(seed + 30_011)  # loss parameters (proxies, beta) are paired too
     spec: LossSpec = entry.build(ctx, hparams)
@@ -409,24 +421,7 @@ def run_one(
     trunk, embedder = distributed.wrap_model(trunk), distributed.wrap_model(embedder)  # DDP hook
     loss, miner = distributed.wrap_loss(loss, miner)  # DDP hook
     torch.manual_seed(seed)  # the global RNG that miners use starts from the same state too
-
-    optimizers = {
-        "trunk_optimizer": torch.optim.Adam(trunk.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "embedder_optimizer": torch.optim.Adam(embedder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-    }
-    loss_params = [p for p in loss.parameters() if p.requires_grad]
-    if loss_params:
-        optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss_params, lr=cfg.lr * spec.loss_lr_multiplier)
-    total_iters = cfg.epochs * cfg.iterations_per_epoch
-    lr_schedulers = None
-    if cfg.schedule == "cosine":
-        lr_schedulers = {
-            k.replace("_optimizer", "_scheduler_by_iteration"): torch.optim.lr_scheduler.CosineAnnealingLR(
-                o, total_iters
-            )
-            for k, o in optimizers.items()
-        }
-
+    optimizers, lr_schedulers = _optimizers(trunk, embedder, loss, spec, cfg)
     sampler = PairedMPerClassSampler(
         bundle.train_labels, cfg.m_per_class, cfg.batch_size, cfg.iterations_per_epoch * cfg.batch_size, seed
     )
@@ -446,101 +441,205 @@ def run_one(
         freeze_trunk_batchnorm=cfg.freeze_bn,  # PML's option: the trunk's BatchNorm layers stay in eval mode
         amp=cfg.amp,
     )
-    if not main:  # DDP hook: ranks other than 0 train in step with rank 0 and write nothing
-        BenchmarkTrainer(**trainer_kwargs).train(num_epochs=cfg.epochs)  # type: ignore[no-untyped-call]
-        return {}
-    record_keeper, _, _ = logging_presets.get_record_keeper(
-        os.path.join(log_dir, "logs"), os.path.join(log_dir, "tensorboard") if tensorboard else None
-    )
-    hook_container = logging_presets.get_hook_container(
-        record_keeper,
-        primary_metric="mean_average_precision_at_r",
-        validation_split_name="test",
-        save_models=save_models,
-        log_freq=max(1, cfg.iterations_per_epoch // 5),
-    )
-    check = should_stop if should_stop is not None else (lambda: None)
+    return _Training(spec, trunk, embedder, trunk_note, trainer_kwargs)
 
-    class _Hooks:  # the preset's hooks, each after the check
-        def end_of_iteration_hook(self, trainer):
-            check()
-            return hook_container.end_of_iteration_hook(trainer)
 
-        def end_of_testing_hook(self, tester):
-            check()
-            return hook_container.end_of_testing_hook(tester)
+class _Evaluation:
+    """The test-split evaluations of one run (rank 0): PML's logging preset and tester, the learning curve and the
+    seconds spent evaluating. ``check()`` runs before every write of the per-run logs."""
 
-        def end_of_epoch_hook(self, *args, **kwargs):
-            return hook_container.end_of_epoch_hook(*args, **kwargs)
+    def __init__(
+        self,
+        bundle: DatasetBundle,
+        training: _Training,
+        cfg: RunConfig,
+        device: torch.device,
+        *,
+        log_dir: str,
+        num_workers: int,
+        tensorboard: bool,
+        save_models: bool,
+        check: Callable[[], None],
+    ) -> None:
+        from pytorch_metric_learning.utils import logging_presets
 
-    hooks = _Hooks()
-    acc_calc = build_accuracy_calculator(
-        spec.loss if spec.namr else None, device, retrieval=spec.retrieval, knn=cfg.knn
-    )
-    tester = BenchmarkTester(
-        amp=cfg.amp,
-        eval_precision=cfg.eval_precision,
-        normalize_embeddings=not spec.namr,
-        batch_size=cfg.eval_batch_size,
-        dataloader_num_workers=num_workers,
-        data_device=device,
-        accuracy_calculator=acc_calc,
-        end_of_testing_hook=hooks.end_of_testing_hook,
-    )
-    dataset_dict = {"test": bundle.test}
-    splits_to_eval = None
-    gallery = bundle.gallery
-    if gallery is not None:  # query-vs-gallery (CSV is_query/is_gallery): queries searched in the gallery only
-        dataset_dict["gallery"] = gallery
-        splits_to_eval = [("test", ["gallery"])]
-    curve: list[dict] = []
-    eval_seconds = [0.0]
-    inner_hook = hooks.end_of_epoch_hook(
-        tester, dataset_dict, os.path.join(log_dir, "models"), test_interval=1, splits_to_eval=splits_to_eval
-    )
+        record_keeper, _, _ = logging_presets.get_record_keeper(
+            os.path.join(log_dir, "logs"), os.path.join(log_dir, "tensorboard") if tensorboard else None
+        )
+        self.hooks = logging_presets.get_hook_container(
+            record_keeper,
+            primary_metric="mean_average_precision_at_r",
+            validation_split_name="test",
+            save_models=save_models,
+            log_freq=max(1, cfg.iterations_per_epoch // 5),
+        )
+        self.check, self.cfg, self.training = check, cfg, training
+        spec = training.spec
+        self.tester = BenchmarkTester(
+            amp=cfg.amp,
+            eval_precision=cfg.eval_precision,
+            normalize_embeddings=not spec.namr,
+            batch_size=cfg.eval_batch_size,
+            dataloader_num_workers=num_workers,
+            data_device=device,
+            accuracy_calculator=build_accuracy_calculator(
+                spec.loss if spec.namr else None, device, retrieval=spec.retrieval, knn=cfg.knn
+            ),
+            end_of_testing_hook=self.end_of_testing_hook,
+        )
+        self.dataset_dict = {"test": bundle.test}
+        self.splits_to_eval = None
+        if bundle.gallery is not None:  # query-vs-gallery (CSV is_query/is_gallery): queries searched in the gallery
+            self.dataset_dict["gallery"] = bundle.gallery
+            self.splits_to_eval = [("test", ["gallery"])]
+        self.curve: list[dict] = []
+        self.seconds = 0.0
+        self.inner_hook = self.hooks.end_of_epoch_hook(
+            self.tester,
+            self.dataset_dict,
+            os.path.join(log_dir, "models"),
+            test_interval=1,
+            splits_to_eval=self.splits_to_eval,
+        )
 
-    def evaluate(epoch: int, trainer=None) -> dict:
-        t0 = time.perf_counter()
-        if trainer is not None:
-            inner_hook(trainer)  # PML's preset: test, record, (optionally) save; its "best" is never used
-        else:
-            tester.test(dataset_dict, epoch, trunk, embedder, splits_to_eval=splits_to_eval)
-        acc = summarize(tester.all_accuracies["test"])
-        eval_seconds[0] += time.perf_counter() - t0
-        curve.append({"epoch": epoch, "iteration": epoch * cfg.iterations_per_epoch, **acc})
-        return acc
+    def end_of_iteration_hook(self, trainer) -> Any:  # the preset's hooks, each after the check
+        self.check()
+        return self.hooks.end_of_iteration_hook(trainer)
 
-    def end_of_epoch(trainer):
-        check()
+    def end_of_testing_hook(self, tester) -> Any:
+        self.check()
+        return self.hooks.end_of_testing_hook(tester)
+
+    def end_of_epoch_hook(self, trainer) -> bool:
+        self.check()
+        cfg = self.cfg
         if trainer.epoch == cfg.epochs or (cfg.eval_every > 0 and trainer.epoch % cfg.eval_every == 0):
-            evaluate(trainer.epoch, trainer)
+            self.evaluate(trainer.epoch, trainer)
         return True
 
-    untrained = evaluate(0) if cfg.eval_every > 0 else None
-    trainer = BenchmarkTrainer(
-        **trainer_kwargs,  # DDP hook: the arguments moved up
-        end_of_iteration_hook=hooks.end_of_iteration_hook,
-        end_of_epoch_hook=end_of_epoch,
-    )
-    eval_before = eval_seconds[0]
+    def evaluate(self, epoch: int, trainer=None) -> dict:
+        """Test at ``epoch`` (through PML's preset inside training, its "best" never used) and extend the curve."""
+        t0 = time.perf_counter()
+        if trainer is not None:
+            self.inner_hook(trainer)
+        else:
+            self.tester.test(
+                self.dataset_dict,
+                epoch,
+                self.training.trunk,
+                self.training.embedder,
+                splits_to_eval=self.splits_to_eval,
+            )
+        acc = summarize(self.tester.all_accuracies["test"])
+        self.seconds += time.perf_counter() - t0
+        self.curve.append({"epoch": epoch, "iteration": epoch * self.cfg.iterations_per_epoch, **acc})
+        return acc
+
+
+def _train_timed(trainer: BenchmarkTrainer, evaluation: _Evaluation, *, desc: str, pbar_position: int | None) -> float:
+    """Train with one progress bar; the training seconds, evaluations inside training excluded."""
+    eval_before = evaluation.seconds
     t_start = time.perf_counter()
     with progress_bar(
-        total=total_iters,
-        desc=f"{entry.name} seed {seed}",
+        total=evaluation.cfg.epochs * evaluation.cfg.iterations_per_epoch,
+        desc=desc,
         position=pbar_position or 0,
         leave=False,
         dynamic_ncols=True,
         disable=pbar_position is None,
     ) as pbar:
-        trainer.train(num_epochs=cfg.epochs, pbar=pbar)
+        trainer.train(num_epochs=evaluation.cfg.epochs, pbar=pbar)
     wall = time.perf_counter() - t_start
-    train_seconds = wall - (eval_seconds[0] - eval_before)  # evaluations inside training excluded
-    final = curve[-1]
-    extra = after_training(trunk, embedder, spec) if after_training is not None else None
+    return wall - (evaluation.seconds - eval_before)
+
+
+def run_one(
+    bundle: DatasetBundle,
+    entry: LossEntry,
+    hparams: dict[str, object] | None,
+    seed: int,
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    log_dir: str,
+    num_workers: int = 0,
+    tensorboard: bool = False,
+    save_models: bool = False,
+    pbar_position: int | None = 1,
+    after_training: Callable[..., dict] | None = None,
+    should_stop: Callable[[], None] | None = None,
+) -> dict:
+    """Train one (loss, seed) with ``hparams`` and evaluate it on ``bundle.test``; return the result record.
+
+    ``bundle`` may be a tuning fold (:func:`benchmarks.datasets.fold_bundle`), whose ``test`` is the held-out fold.
+    ``after_training(trunk, embedder, loss_spec) -> dict``, when given, runs on the trained models (after the
+    last evaluation); its result is stored under the record's ``"after_training"`` key (extra analyses such as
+    ``benchmarks/namr_diagnose.py``). ``should_stop()``, when given, is called before every write of the per-run
+    logs (each iteration's and epoch's end); it raises to stop the run (a claim taken over by another runner)."""
+    main = distributed.current().is_main  # DDP hook: only rank 0 logs, evaluates and returns a record
+    if main:
+        os.makedirs(log_dir, exist_ok=True)
+    if device.type == "cuda":  # same convolution algorithms for every loss (GPU runs are still not bitwise exact)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    training = _build_training(bundle, entry, hparams, seed, cfg, device, num_workers=num_workers)
+    if not main:  # DDP hook: ranks other than 0 train in step with rank 0 and write nothing
+        BenchmarkTrainer(**training.trainer_kwargs).train(num_epochs=cfg.epochs)  # type: ignore[no-untyped-call]
+        return {}
+    evaluation = _Evaluation(
+        bundle,
+        training,
+        cfg,
+        device,
+        log_dir=log_dir,
+        num_workers=num_workers,
+        tensorboard=tensorboard,
+        save_models=save_models,
+        check=should_stop if should_stop is not None else (lambda: None),
+    )
+    untrained = evaluation.evaluate(0) if cfg.eval_every > 0 else None
+    trainer = BenchmarkTrainer(
+        **training.trainer_kwargs,  # DDP hook: the arguments moved up
+        end_of_iteration_hook=evaluation.end_of_iteration_hook,
+        end_of_epoch_hook=evaluation.end_of_epoch_hook,
+    )
+    train_seconds = _train_timed(trainer, evaluation, desc=f"{entry.name} seed {seed}", pbar_position=pbar_position)
+    extra = after_training(training.trunk, training.embedder, training.spec) if after_training is not None else None
+    return _record(
+        entry,
+        hparams,
+        seed,
+        cfg,
+        loss_log=trainer.loss_log,
+        evaluation=evaluation,
+        untrained=untrained,
+        train_seconds=train_seconds,
+        trunk_note=training.trunk_note,
+        log_dir=log_dir,
+        extra=extra,
+    )
+
+
+def _record(
+    entry: LossEntry,
+    hparams: dict[str, object] | None,
+    seed: int,
+    cfg: RunConfig,
+    *,
+    loss_log: list[float],
+    evaluation: _Evaluation,
+    untrained: dict | None,
+    train_seconds: float,
+    trunk_note: str,
+    log_dir: str,
+    extra: dict | None,
+) -> dict:
+    """The result record of one finished run (rank 0)."""
+    final = evaluation.curve[-1]
     metrics = {k: v for k, v in final.items() if k not in ("epoch", "iteration")}
     per_epoch_loss = [
-        float(np.mean(trainer.loss_log[i : i + cfg.iterations_per_epoch]))
-        for i in range(0, len(trainer.loss_log), cfg.iterations_per_epoch)
+        float(np.mean(loss_log[i : i + cfg.iterations_per_epoch]))
+        for i in range(0, len(loss_log), cfg.iterations_per_epoch)
     ]
     return {
         "loss": entry.name,
@@ -548,12 +647,12 @@ def run_one(
         "seed": seed,
         "metrics": metrics,
         "untrained": {k: v for k, v in (untrained or {}).items()},
-        "curve": curve,
+        "curve": evaluation.curve,
         "loss_curve": per_epoch_loss,
-        "iterations": len(trainer.loss_log),
+        "iterations": len(loss_log),
         "train_seconds": round(train_seconds, 3),
-        "eval_seconds": round(eval_seconds[0], 3),
-        "seconds_per_iteration": train_seconds / max(1, len(trainer.loss_log)),
+        "eval_seconds": round(evaluation.seconds, 3),
+        "seconds_per_iteration": train_seconds / max(1, len(loss_log)),
         "hparams": entry.hparams(hparams),
         "trunk": trunk_note,
         "precision": {"off": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast + GradScaler"}[cfg.amp],

@@ -97,13 +97,18 @@ def disk_full(e: BaseException) -> bool:
 _ENGINES: dict[str, Any] = {}
 
 
-def make_engine(url: str) -> Any:
-    """An SQLAlchemy engine for ``url``; SQLite gets a WAL journal and a long busy timeout."""
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["connect_args"] = {"timeout": 120}
-    engine = sa.create_engine(url, **kwargs)
-    if url.startswith("sqlite"):
+def _engine_options(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for ``url``: the one place SQLite is special-cased (a long busy timeout, so that
+    several runners, their workers and Optuna can share one database file)."""
+    return {"connect_args": {"timeout": 120}} if sa.engine.make_url(url).get_backend_name() == "sqlite" else {}
+
+
+def open_storage(url: str) -> Any:
+    """An SQLAlchemy engine for the database ``url`` of the results store (and of the tuning studies, which Optuna
+    opens with the same options: :func:`open_optuna_storage`); SQLite also gets a WAL journal."""
+    options = _engine_options(url)
+    engine = sa.create_engine(url, **options)
+    if options:
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(conn: Any, _record: Any) -> None:
@@ -119,7 +124,7 @@ def claim_lost(url: str, key: str, seed: int, token: str) -> bool:
     """Whether the claim ``token`` on ``(key, seed)`` no longer owns its row (taken over, or the row is gone).
     For worker processes: one engine per process and URL. A database error counts as not lost."""
     if url not in _ENGINES:
-        _ENGINES[url] = make_engine(url)
+        _ENGINES[url] = open_storage(url)
     try:
         with _ENGINES[url].connect() as conn:
             row = conn.execute(
@@ -137,10 +142,9 @@ def open_optuna_storage(url: str, attempts: int = 8) -> Any:
 
     import optuna
 
-    kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kw)
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_options(url))
         except (SQLAlchemyError, RuntimeError, ValueError):
             if attempt == attempts - 1:
                 raise
@@ -183,7 +187,7 @@ class ResultStore:
         self.pid = os.getpid()
         self.worker = f"{self.host}:{self.pid}"
         where = f"results store {mask_url(url)}"
-        self.engine = make_engine(url)
+        self.engine = open_storage(url)
         try:
             self._open()
         except StoreError:
@@ -212,7 +216,7 @@ class ResultStore:
                 ):
                     raise
                 time.sleep(0.2 * (attempt + 1))
-        if self.url.startswith("sqlite"):
+        if self.engine.dialect.name == "sqlite":
             with self.engine.connect() as conn:
                 check = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
             if check != ["ok"]:
@@ -429,13 +433,21 @@ class ResultStore:
         self._thread = threading.Thread(target=beat, name="store-heartbeat", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End this runner's work: stop the heartbeat and give up every claim it still holds. The store stays open
+        for reading (a command exports its records after this)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
         self.release_all()
-        self.engine.dispose()
+
+    def close(self) -> None:
+        """:meth:`stop`, then close the database connections."""
+        try:
+            self.stop()
+        finally:
+            self.engine.dispose()
 
     # ---------------------------------------------------------------------------------------------------- reading
     def get(self, key: str, seed: int) -> dict[str, Any] | None:

@@ -160,7 +160,7 @@ def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..run import ArgumentParser  # one-line errors naming the closest choice
+    from ..plan.options import ArgumentParser  # one-line errors naming the closest choice
 
     p = ArgumentParser(
         prog=PROG,

@@ -105,7 +105,7 @@ def _first_step(name: str, log_dir: str) -> tuple[dict[str, torch.Tensor], str]:
     pipeline.BenchmarkTrainer.train = _one_step
     try:
         bundle = load_dataset("digits")
-        pipeline.run_one(bundle, REGISTRY[name], None, 0, cfg, torch.device("cpu"), log_dir, pbar_position=None)
+        pipeline.run_one(bundle, REGISTRY[name], None, 0, cfg, torch.device("cpu"), log_dir=log_dir, pbar_position=None)
         raise AssertionError("run_one finished without training")
     except _FirstStepDone as done:
         trainer = done.trainer

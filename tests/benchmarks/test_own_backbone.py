@@ -176,7 +176,7 @@ def test_mixed_precision_trains_every_path_on_cpu(loss, amp, extra, tmp_path, on
         return {}
 
     rec = run_one(
-        bundle, REGISTRY[loss], {}, 0, _cfg(amp=amp, **extra), torch.device("cpu"), str(tmp_path), pbar_position=None,
+        bundle, REGISTRY[loss], {}, 0, _cfg(amp=amp, **extra), torch.device("cpu"), log_dir=str(tmp_path), pbar_position=None,
         after_training=after,
     )  # fmt: skip
     assert rec["precision"] == {"bf16": "bfloat16 autocast", "fp16": "float16 autocast + GradScaler"}[amp]
@@ -228,7 +228,7 @@ def test_freeze_bn_keeps_the_trunks_batchnorm_statistics(tiny, tmp_path, one_thr
     for freeze in (False, True):
         cfg = _cfg(dataset="folder", trunk="convnet-small", batch_size=8, m_per_class=2, iterations_per_epoch=2,
                    eval_every=0, image_size=16, freeze_bn=freeze)  # fmt: skip
-        run_one(bundle, REGISTRY["triplet"], {}, 0, cfg, torch.device("cpu"), str(tmp_path / str(freeze)),
+        run_one(bundle, REGISTRY["triplet"], {}, 0, cfg, torch.device("cpu"), log_dir=str(tmp_path / str(freeze)),
                 pbar_position=None, after_training=after)  # fmt: skip
         moved = any(bool(m.abs().sum() > 0) for m in stats["mean"])
         assert moved is (not freeze)

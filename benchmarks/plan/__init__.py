@@ -1,0 +1,1 @@
+"""Planning a benchmark command: its options, the loss registry and its overrides, the work to do."""
