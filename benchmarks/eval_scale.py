@@ -155,7 +155,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.eval_scale",
         description=__doc__,
@@ -177,28 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         help="print (and --out) one table of the rows of these --json files, in size and method order; no run",
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the evaluation's time and memory at each size and method (or tabulate earlier --json files)."""
+    p = _parser()
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return 0
     if a.from_json:
-        rows: list[dict] = []
-        metas = []
-        for path in a.from_json:
-            with open(path) as f:
-                data = json.load(f)
-            rows += data["rows"]
-            metas.append(data["meta"])
-        rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
-        text = markdown(rows, metas[0])
-        if a.out:
-            from benchmarks.common import atomic_write
-
-            atomic_write(a.out, text)
-        for m in metas:
-            print(f"{m['command']}: {m['machine']}")
-        print(text)
-        return 0
+        return _from_json(a.from_json, a.out)
     try:
         sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     except ValueError:
@@ -210,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 100 for s in sizes) or a.sample < 1 or a.noise <= 0:
         p.error("--sizes must be >= 100 each, --sample >= 1, --noise > 0")
     threads = a.threads or torch.get_num_threads()
-    from tqdm import tqdm
-
     from benchmarks.common import cpu_name
 
     meta = {
@@ -222,8 +210,40 @@ def main(argv: list[str] | None = None) -> int:
         "full_exact": a.full_exact,
         "command": "python -m benchmarks.eval_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    rows = []
-    jobs = [(n, m) for n in sizes for m in methods]
+    rows = _measure(a, [(n, m) for n in sizes for m in methods], meta, threads=threads)
+    print(f"Machine: {meta['machine']}.\n")
+    print(markdown(rows, meta))
+    return 0
+
+
+def _from_json(paths: list[str], out: str | None) -> int:
+    """Print (and write to ``out``) one table of the rows of earlier ``--json`` files, in size and method order."""
+    rows: list[dict] = []
+    metas = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows += data["rows"]
+        metas.append(data["meta"])
+    rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
+    text = markdown(rows, metas[0])
+    if out:
+        from benchmarks.common import atomic_write
+
+        atomic_write(out, text)
+    for m in metas:
+        print(f"{m['command']}: {m['machine']}")
+    print(text)
+    return 0
+
+
+def _measure(a: argparse.Namespace, jobs: list[tuple[int, str]], meta: dict, *, threads: int) -> list[dict]:
+    """One row per (size, method), each in its own process; the tables are rewritten after every row."""
+    from tqdm import tqdm
+
+    from benchmarks.common import atomic_write
+
+    rows: list[dict] = []
     for n, m in tqdm(jobs, desc="evaluations", file=sys.stderr):
         if m == "pml-default" and pml_default_bytes(n) > PML_DEFAULT_MAX_BYTES:
             gib = pml_default_bytes(n) / 2**30
@@ -234,16 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
         text = markdown(rows, meta)
         if a.out:
-            from benchmarks.common import atomic_write
-
             atomic_write(a.out, text)
         if a.json:
-            from benchmarks.common import atomic_write
-
             atomic_write(a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"Machine: {meta['machine']}.\n")
-    print(markdown(rows, meta))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

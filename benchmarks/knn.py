@@ -56,6 +56,7 @@ class ScalableKNN:
     def __init__(
         self,
         method: str = "exact",
+        *,
         memory_mb: int = 128,
         nlist: int | None = None,
         nprobe: int = 16,

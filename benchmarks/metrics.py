@@ -141,7 +141,7 @@ class NAMRAccuracyCalculator(RetrievalAccuracyCalculator):
         kwargs["kmeans_func"] = lambda x, k: kmeans_func(x[:, :d], k)
         super().__init__(**kwargs)
 
-    def get_accuracy(
+    def get_accuracy(  # noqa: PLR0917 - overrides AccuracyCalculator.get_accuracy, whose parameters are positional
         self,
         query,
         query_labels,

@@ -208,14 +208,17 @@ def csv_identity(csv_path: str, paths: list[str]) -> dict[str, object]:
     return {"csv": real, "csv_sha1": content, "images": len(paths), "images_sha1": h.hexdigest()}
 
 
-def load_csv_bundle(csv_path: str, image_size: int = 224, augment: bool = True) -> DatasetBundle:
-    """A CSV dataset (see the module docstring); bad rows raise :class:`BadDataError` naming the file and row."""
+_CsvRow = tuple[int, str, str, str, bool, bool]  # (line, path, label, split, is_query, is_gallery)
+
+
+def _read_csv_rows(csv_path: str) -> tuple[list[_CsvRow], bool]:
+    """The rows of a CSV dataset, each checked, and whether it has an is_query or is_gallery column."""
     folder = os.path.dirname(os.path.abspath(csv_path))
     try:
         f = open(csv_path, newline="", encoding="utf-8-sig")
     except OSError as e:
         raise BadDataError(f"{csv_path}: {e.strerror}") from None
-    rows: list[tuple[int, str, str, str, bool, bool]] = []  # (line, path, label, split, is_query, is_gallery)
+    rows: list[_CsvRow] = []
     with f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
@@ -251,6 +254,12 @@ def load_csv_bundle(csv_path: str, image_size: int = 224, augment: bool = True) 
                 rows.append((reader.line_num, os.path.normpath(full), label, split, q, g))
         except csv.Error as e:
             raise BadDataError(f"{csv_path} row {reader.line_num}: not valid CSV ({e})") from None
+    return rows, has_q or has_g
+
+
+def _split_csv_rows(csv_path: str, rows: list[_CsvRow]) -> tuple[list[_CsvRow], list[_CsvRow], dict[str, list[int]]]:
+    """The training and test rows, and each training class's row lines; a split without rows or a training class
+    with one image raises :class:`BadDataError`."""
     if not rows:
         raise BadDataError(f"{csv_path}: no rows")
     train_rows = [r for r in rows if r[3] == "train"]
@@ -268,8 +277,14 @@ def load_csv_bundle(csv_path: str, image_size: int = 224, augment: bool = True) 
                 f"{csv_path} row {lines[0]}: the only training image of class {label!r}; MPerClassSampler needs at "
                 "least 2 images per class"
             )
+    return train_rows, test_rows, counts
+
+
+def load_csv_bundle(csv_path: str, image_size: int = 224, augment: bool = True) -> DatasetBundle:
+    """A CSV dataset (see the module docstring); bad rows raise :class:`BadDataError` naming the file and row."""
+    rows, query_mode = _read_csv_rows(csv_path)
+    train_rows, test_rows, counts = _split_csv_rows(csv_path, rows)
     check_images([r[1] for r in rows], [f"{csv_path} row {r[0]}" for r in rows])
-    query_mode = has_q or has_g
     train_tf, test_tf = _transforms(image_size, augment)
     loader = ImageFileLoader()
     tr = PairedDataset([r[1] for r in train_rows], remap_labels([r[2] for r in train_rows]), train_tf, test_tf, loader)

@@ -176,8 +176,8 @@ def test_mixed_precision_trains_every_path_on_cpu(loss, amp, extra, tmp_path, on
         return {}
 
     rec = run_one(
-        bundle, REGISTRY[loss], {}, 0, _cfg(amp=amp, **extra), torch.device("cpu"), log_dir=str(tmp_path), pbar_position=None,
-        after_training=after,
+        bundle, REGISTRY[loss], {}, 0, _cfg(amp=amp, **extra), torch.device("cpu"), log_dir=str(tmp_path),
+        pbar_position=None, after_training=after,
     )  # fmt: skip
     assert rec["precision"] == {"bf16": "bfloat16 autocast", "fp16": "float16 autocast + GradScaler"}[amp]
     assert rec["knn"] == extra.get("knn", "exact")
