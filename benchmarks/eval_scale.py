@@ -13,8 +13,8 @@ table gives it, and what it adds to the embeddings held before the evaluation st
 * ``pml-default``: PML's ``AccuracyCalculator()`` with every default (k = the whole reference set, faiss flat
   search, every metric including the clustering ones). Run where its n x n neighbour tables fit in memory; above
   that the table says what they would need.
-* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.knn.ScalableKNN` plus the chunked
-  metrics of :func:`benchmarks.knn.retrieval_metrics` (k as the metrics need). Up to ``--full-exact`` items the
+* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.results.knn.ScalableKNN` plus the chunked
+  metrics of :func:`benchmarks.results.knn.retrieval_metrics` (k as the metrics need). Up to ``--full-exact`` items the
   exact methods search every query; above it they search a fixed random sample of ``--sample`` queries (against
   every reference), which is where the approximate indexes are compared with exact search (paired: the same
   queries). The approximate indexes always search every query.
@@ -76,7 +76,7 @@ def pml_default_bytes(n: int) -> int:
 
 def worker(spec: dict) -> dict:
     """One (size, method) measurement in this process; returns the row's figures."""
-    from benchmarks.knn import ScalableKNN, evaluate_embeddings, summarize_per_query
+    from benchmarks.results.knn import ScalableKNN, evaluate_embeddings, summarize_per_query
 
     torch.set_num_threads(spec["threads"])
     n, method = spec["n"], spec["method"]
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 100 for s in sizes) or a.sample < 1 or a.noise <= 0:
         p.error("--sizes must be >= 100 each, --sample >= 1, --noise > 0")
     threads = a.threads or torch.get_num_threads()
-    from benchmarks.common import cpu_name
+    from benchmarks.core.common import cpu_name
 
     meta = {
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {threads} threads",
@@ -228,7 +228,7 @@ def _from_json(paths: list[str], out: str | None) -> int:
     rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
     text = markdown(rows, metas[0])
     if out:
-        from benchmarks.common import atomic_write
+        from benchmarks.core.common import atomic_write
 
         atomic_write(out, text)
     for m in metas:
@@ -241,7 +241,7 @@ def _measure(a: argparse.Namespace, jobs: list[tuple[int, str]], meta: dict, *, 
     """One row per (size, method), each in its own process; the tables are rewritten after every row."""
     from tqdm import tqdm
 
-    from benchmarks.common import atomic_write
+    from benchmarks.core.common import atomic_write
 
     rows: list[dict] = []
     for n, m in tqdm(jobs, desc="evaluations", file=sys.stderr):

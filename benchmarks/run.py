@@ -4,7 +4,7 @@ python -m benchmarks.run                      # digits, every registered loss, d
 python -m benchmarks.run --dataset omniglot --data-root DIR   # unseen-class retrieval, alphabet split
 python -m benchmarks.run --tune --trials 8 --folds 2          # tune every loss alike, then test (Reality Check)
 python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
-torchrun --nproc_per_node 2 -m benchmarks.run # data-parallel (DDP) training, see benchmarks/distributed.py
+torchrun --nproc_per_node 2 -m benchmarks.run # data-parallel (DDP) training, see benchmarks/execute/distributed.py
 
 Every option is checked before any data is loaded (exit code 2 with a message naming the option). Results live in
 a database (``results.db`` in ``--out``, or ``--storage URL``); results.jsonl/csv/md/png are exports of it.
@@ -24,10 +24,10 @@ from .plan import options
 from .plan.options import TPE_STARTUP_TRIALS, TRUNKS, Options, parse_seeds, validate
 
 if TYPE_CHECKING:
-    from .distributed import DistributedContext
-    from .executor import Job
-    from .sources import RunItem, TuneSource
-    from .store import ResultStore
+    from .execute.distributed import DistributedContext
+    from .execute.executor import Job
+    from .plan.sources import RunItem, TuneSource
+    from .results.store import ResultStore
 
 __all__ = ["PROG", "build_parser", "cli", "main", "parse_seeds"]
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
-        from .config import build_registry
-        from .registry import describe_registry
+        from .losses.config import build_registry
+        from .losses.registry import describe_registry
 
         try:
             reg = build_registry(args.config, args.sets)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     opts = validate(args, parser)
 
-    from . import distributed
+    from .execute import distributed
 
     dctx = distributed.setup(opts.device_arg)  # torchrun's process group (or the single process)
     try:
@@ -88,8 +88,8 @@ class _Refused(Exception):
 
 def _main(opts: Options, argv: list[str] | None, dctx: DistributedContext) -> int:
     """The body of :func:`main` in every process; under torchrun only rank 0 talks to the store and writes."""
-    from . import distributed
-    from .executor import preload
+    from .execute import distributed
+    from .execute.executor import preload
 
     t_start = time.time()
     threads = _set_threads(opts, dctx)
@@ -117,7 +117,7 @@ def _main(opts: Options, argv: list[str] | None, dctx: DistributedContext) -> in
 
 def _open_store(opts: Options) -> ResultStore:
     """The results store of this command (opened once: claims, resume, records and the export)."""
-    from .store import ResultStore, StoreError, mask_url
+    from .results.store import ResultStore, StoreError, mask_url
 
     try:
         return ResultStore(opts.storage, lease_seconds=opts.lease)
@@ -130,7 +130,9 @@ def _open_store(opts: Options) -> ResultStore:
 def _load_data(opts: Options, dctx: DistributedContext) -> tuple[Any, list[list[int]] | None]:
     """The dataset (rank 0 downloads first) and, with --tune, its class-disjoint folds; checks that a batch's
     classes fit every split and that the trunk fits the data and the checkpoint, before any training."""
-    from .datasets import DatasetUnavailableError, class_folds, load_dataset
+    from .data.bundle import DatasetUnavailableError
+    from .data.folds import class_folds
+    from .data.load import load_dataset
 
     alphabets = list(opts.test_alphabets) if opts.test_alphabets is not None else None
     try:
@@ -157,8 +159,8 @@ def _load_data(opts: Options, dctx: DistributedContext) -> tuple[Any, list[list[
                 f"per batch, but {what} has {n} classes"
             )
     if cfg.trunk_weights or cfg.trunk not in TRUNKS:  # the trunk fits the data and the checkpoint, before training
-        from .pipeline import build_trunk
-        from .trunks import TrunkError
+        from .execute.pipeline import build_trunk
+        from .execute.trunks import TrunkError
 
         try:
             build_trunk(cfg.trunk, bundle.input_shape, pretrained=False, weights=cfg.trunk_weights)
@@ -179,7 +181,7 @@ def _set_threads(opts: Options, dctx: DistributedContext) -> int:
 
 def _job(opts: Options, bundle: Any, dctx: DistributedContext, *, threads: int) -> Job:
     """What every process needs to run this command's tasks."""
-    from .executor import Job
+    from .execute.executor import Job
 
     return Job(
         dataset=opts.dataset,
@@ -218,9 +220,9 @@ class _Setting:
 def _setting(
     opts: Options, bundle: Any, dctx: DistributedContext, argv: list[str] | None, *, started: float
 ) -> _Setting:
-    from . import provenance
-    from .common import environment_info
-    from .datasets import data_identity, split_identity
+    from .core import provenance
+    from .core.common import environment_info
+    from .data.identity import data_identity, split_identity
 
     cfg = opts.cfg
     env = environment_info(dctx.device)
@@ -233,7 +235,7 @@ def _setting(
         "config": cfg.key(),
         "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
-        "code": code,  # the pml_rll and benchmarks sources: an edit is a new key (benchmarks/provenance.py)
+        "code": code,  # the pml_rll and benchmarks sources: an edit is a new key (benchmarks/core/provenance.py)
     }
     extras = dict(
         dataset=opts.dataset,
@@ -251,7 +253,7 @@ def _setting(
 
 def _print_plan(opts: Options, bundle: Any, setting: _Setting) -> None:
     """What the command is about to do: the data, configuration, machine, losses, seeds and store."""
-    from .store import mask_url
+    from .results.store import mask_url
 
     env, registry, loss_names = setting.env, opts.registry, opts.loss_names
     print(f"dataset: {bundle.description}")
@@ -278,7 +280,7 @@ class _Tally:
     (``ran``, ``skipped``: reused from the store, ``lost``: claim taken over, ``failed``) and the failures."""
 
     def __init__(self, opts: Options) -> None:
-        from .progress import progress_bar
+        from .core.progress import progress_bar
 
         self.counts = {"ran": 0, "skipped": 0, "lost": 0, "failed": 0}
         self.failures: list[dict[str, Any]] = []
@@ -341,9 +343,9 @@ def _execute(
     (the claims are released, finished runs stay in the store)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .executor import WorkerPool
-    from .sources import Context, RunItem
-    from .store import disk_full
+    from .execute.executor import WorkerPool
+    from .plan.sources import Context, RunItem
+    from .results.store import disk_full
 
     tally = _Tally(opts)
     ctx = Context(
@@ -396,7 +398,7 @@ def _optuna_storage(opts: Options) -> Any:
         return None
     import optuna
 
-    from .store import open_optuna_storage
+    from .results.store import open_optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return open_optuna_storage(opts.storage)
@@ -406,9 +408,9 @@ def _run_all(
     opts: Options, ctx: Any, pool: Any, job: Job, *, bundle: Any, folds: list[list[int]] | None, out: _Outcome
 ) -> None:
     """The tuning trials (the test split sealed), then the untuned and tuned runs, into ``out``."""
-    from . import distributed
-    from .executor import Source, schedule
-    from .sources import RunItem, RunSource, TuneSource
+    from .execute import distributed
+    from .execute.executor import Source, schedule
+    from .plan.sources import RunItem, RunSource, TuneSource
 
     entries, hparams = opts.registry.entries, opts.registry.hparams
     if opts.tune:
@@ -437,8 +439,8 @@ def _export(
     """Read this command's records from the store, write the exports and print the summary; the exit code."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from . import report
-    from .store import StoreError
+    from .results import report
+    from .results.store import StoreError
 
     try:
         records, trials = _read_results(store, out)
@@ -518,7 +520,7 @@ def _header(opts: Options, bundle: Any, out: _Outcome, setting: _Setting) -> str
 
 
 def _print_summary(opts: Options, out: _Outcome, paths: dict[str, str]) -> None:
-    from .store import mask_url
+    from .results.store import mask_url
 
     counts = out.tally.counts
     print(
@@ -542,7 +544,7 @@ def _one_line(e: BaseException) -> str:
 
 def _masked_argv(argv: list[str]) -> list[str]:
     """The command line with the password of a ``--storage`` URL replaced by ``***``."""
-    from .store import mask_url
+    from .results.store import mask_url
 
     out, mask_next = [], False
     for a in argv:
@@ -560,7 +562,7 @@ def _namr_retrieval_line(registry: Any, name: str, num_classes: int, cfg: Any) -
     """The effective re-ranking settings of a NAMR entry, as its runs build them (``NAMRReRankKNN.for_loss``)."""
     from pml_rll.retrieval import NAMRReRankKNN
 
-    from .registry import BuildContext
+    from .losses.registry import BuildContext
 
     spec = registry.entries[name].build(BuildContext(num_classes, cfg.embedding_size), registry.hparams(name))
     knn = NAMRReRankKNN.for_loss(spec.loss, **(spec.retrieval or {}))

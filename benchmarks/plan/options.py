@@ -88,7 +88,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (the usage is in ``--help``) that name the closest valid choice or option."""
 
     def error(self, message: str) -> NoReturn:
-        from ..common import did_you_mean
+        from ..core.common import did_you_mean
 
         bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if bad:
@@ -104,7 +104,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The runner's command line; ``prog`` names the command in messages."""
-    from ..datasets import DATA_ENV
+    from ..data.bundle import DATA_ENV
 
     p = ArgumentParser(
         prog=prog,
@@ -149,7 +149,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     """The dataset and what to run on it."""
-    from ..datasets import DATA_ENV, DATASETS
+    from ..data.bundle import DATA_ENV
+    from ..data.load import DATASETS
 
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="benchmark protocol (default: digits)")
     p.add_argument(
@@ -170,7 +171,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """The training budget, the trunk and the evaluation's precision."""
-    from ..knn import KNN_METHODS
+    from ..results.knn import KNN_METHODS
 
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default: per dataset)")
@@ -331,7 +332,7 @@ def parse_seeds(spec: str | None, default_n: int) -> list[int]:
 
 
 def resolve_losses(spec: str, entries: dict) -> list[str]:
-    from ..common import closest
+    from ..core.common import closest
 
     spec = spec.strip()
     if spec == "all":
@@ -421,7 +422,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
 
 
 def _validate(args: argparse.Namespace) -> Options:
-    from .. import distributed
+    from ..execute import distributed
 
     pick = _Defaults(args)
     _check_numbers(args, pick)
@@ -475,7 +476,7 @@ def _wrap(fn: Callable[..., Any], *a: Any) -> Any:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from ..config import build_registry
+    from ..losses.config import build_registry
 
     return build_registry(args.config, args.sets)
 
@@ -549,7 +550,7 @@ def _check_processes(args: argparse.Namespace, pick: _Defaults, world: int) -> N
 
 def _check_inputs(args: argparse.Namespace, pick: _Defaults) -> None:
     """The dataset-specific options, the trunk's name and the neighbour search."""
-    from ..trunks import check_trunk_name
+    from ..execute.trunks import check_trunk_name
 
     if args.test_alphabets is not None:
         if args.dataset != "omniglot":
@@ -564,7 +565,7 @@ def _check_inputs(args: argparse.Namespace, pick: _Defaults) -> None:
 def _check_files(args: argparse.Namespace) -> str | None:
     """--trunk-weights, --knn and --test-classes; the checkpoint's content hash (a changed file is a new
     configuration)."""
-    from ..trunks import file_sha1
+    from ..execute.trunks import file_sha1
 
     weights_sha1 = None
     if args.trunk_weights is not None:
@@ -589,8 +590,8 @@ def _check_losses(
 ) -> list[tuple[str, str]]:
     """Build every selected loss and call it on a small batch; drop (and return, with the reason) the losses the
     cross-batch memory cannot wrap."""
-    from .. import distributed
-    from ..registry import BuildContext
+    from ..execute import distributed
+    from ..losses.registry import BuildContext
 
     n_batch_classes = pick("batch_size") // pick("m_per_class")
     ctx = BuildContext(num_classes=max(2, n_batch_classes), embedding_size=pick("embedding_size"))
@@ -619,7 +620,7 @@ def _check_losses(
 def _dry_run(args: argparse.Namespace, registry: Any, name: str, ctx: Any) -> None:
     """Build the entry ``name`` and call it on a small random batch; an :class:`OptionError` names where it came
     from (--set, --config or the registry)."""
-    from ..registry import REGISTRY
+    from ..losses.registry import REGISTRY
 
     by_config = registry.entries[name] is not REGISTRY.get(name)  # added or changed by --config
     src = "--set" if name in registry.overrides else (f"--config {args.config}" if by_config else "registry")
@@ -641,7 +642,7 @@ def _dry_run(args: argparse.Namespace, registry: Any, name: str, ctx: Any) -> No
 
 def _check_device(args: argparse.Namespace) -> None:
     """The device this process trains on, and --amp on it."""
-    from .. import distributed
+    from ..execute import distributed
 
     try:
         device = distributed.process_device(args.device)  # under torchrun: the GPU of LOCAL_RANK
@@ -655,7 +656,7 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def _check_data_root(args: argparse.Namespace) -> None:
     """The dataset's folder or file exists (or may be downloaded)."""
-    from ..datasets import DATA_ENV, default_data_root
+    from ..data.bundle import DATA_ENV, default_data_root
 
     own = args.dataset in ("folder", "csv")  # your own data: never looked for under $PML_RLL_DATA
     data_root = args.data_root or (None if own else default_data_root(args.dataset))
@@ -678,7 +679,7 @@ def _check_data_root(args: argparse.Namespace) -> None:
 
 def _check_out_and_storage(args: argparse.Namespace, out_dir: str) -> str:
     """A writable --out (on rank 0) and a parseable --storage URL; the results store's URL."""
-    from ..store import mask_url
+    from ..results.store import mask_url
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes (the folder may be on its node only)
         _wrap(_check_out, out_dir)
@@ -700,7 +701,7 @@ def _check_out_and_storage(args: argparse.Namespace, out_dir: str) -> str:
 
 
 def _run_config(args: argparse.Namespace, pick: _Defaults, weights_sha1: str | None) -> Any:
-    from ..pipeline import RunConfig
+    from ..execute.pipeline import RunConfig
 
     return RunConfig(
         dataset=args.dataset,

@@ -8,11 +8,12 @@ import os
 
 import pytest
 
-from benchmarks import datasets
-from benchmarks.executor import Task
+from benchmarks.data import bundle as data_bundle
+from benchmarks.data.load import load_dataset
+from benchmarks.execute.executor import Task
+from benchmarks.losses.registry import REGISTRY
 from benchmarks.plan.options import DATASET_DEFAULTS, Options, build_parser, validate
-from benchmarks.registry import REGISTRY
-from benchmarks.store import ResultStore, _engine_options, open_storage
+from benchmarks.results.store import ResultStore, _engine_options, open_storage
 
 
 def _options(tmp_path, *argv: str) -> Options:
@@ -39,15 +40,15 @@ def test_a_bad_option_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_sealed_restores_the_previous_state_even_on_an_exception():
-    bundle = datasets.load_dataset("digits")
+    bundle = load_dataset("digits")
     with bundle.sealed():
-        with pytest.raises(datasets.TestSplitSealedError):
+        with pytest.raises(data_bundle.TestSplitSealedError):
             _ = bundle.test
-        with pytest.raises(datasets.TestSplitSealedError):
+        with pytest.raises(data_bundle.TestSplitSealedError):
             _ = bundle.gallery
         with bundle.sealed(False):  # read the test split's labels inside a sealed block
             assert len(bundle.test) > 0
-        with pytest.raises(datasets.TestSplitSealedError):  # sealed again after the inner block
+        with pytest.raises(data_bundle.TestSplitSealedError):  # sealed again after the inner block
             _ = bundle.test
     assert not bundle.test_sealed and len(bundle.test) > 0
     with pytest.raises(RuntimeError), bundle.sealed():

@@ -7,8 +7,8 @@ runner leaves no workers behind). ``schedule`` keeps the workers busy with the t
 (a source claims its work in the results store before handing it out) and returns each result to its source.
 
 A task runs under its claim: it checks now and then (at most every few seconds, at iteration ends) that the claim
-is still its own, and raises :class:`benchmarks.store.ClaimLostError` as soon as it is not. A worker process that
-dies breaks the whole process pool: the pool is started again, and the tasks it was running are run again one at
+is still its own, and raises :class:`benchmarks.results.store.ClaimLostError` as soon as it is not. A worker process
+that dies breaks the whole process pool: the pool is started again, and the tasks it was running are run again one at
 a time, so that only the task that kills its worker fails (``BrokenProcessPool`` handed to its source).
 """
 
@@ -39,7 +39,7 @@ class Job:
     image_size: int | None
     test_alphabets: tuple[str, ...] | None
     test_classes: str | None
-    cfg: Any  # benchmarks.pipeline.RunConfig
+    cfg: Any  # benchmarks.execute.pipeline.RunConfig
     device: str
     workers: int
     tensorboard: bool = False
@@ -64,7 +64,7 @@ class Task:
     claim the run is made under (checked while it trains). ``pbar_position``: its progress bar's line (None: none).
     """
 
-    entry: Any  # benchmarks.registry.LossEntry
+    entry: Any  # benchmarks.losses.registry.LossEntry
     hparams: dict[str, Any] | None
     seed: int
     log_dir: str
@@ -97,7 +97,7 @@ _FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
 
 
 def _bundle(job: Job) -> Any:
-    from .datasets import load_dataset
+    from ..data.load import load_dataset
 
     if job.data_key not in _BUNDLES:
         _BUNDLES[job.data_key] = load_dataset(
@@ -118,7 +118,7 @@ def preload(job: Job, bundle: Any) -> None:
 
 def _fold_data(bundle: Any, task: Task, fold: int) -> Any:
     """The tuning fold ``fold`` of ``task`` (made once per process): the held-out fold is its ``test``."""
-    from .datasets import fold_bundle
+    from ..data.folds import fold_bundle
 
     fkey = (id(bundle), fold, repr(task.folds))
     if fkey not in _FOLD_BUNDLES:
@@ -168,7 +168,7 @@ def execute(job: Job, task: Task) -> dict[str, Any]:
 def _claim_check(job: Job, task: Task) -> Callable[[], None] | None:
     """A callable that raises ClaimLostError once the task's claim belongs to another runner (it asks the store
     at most every ``min(lease / 4, 5)`` seconds); None without a claim or under torchrun (the ranks train in step)."""
-    from .store import ClaimLostError, claim_lost
+    from ..results.store import ClaimLostError, claim_lost
 
     claim, url = task.claim, job.storage
     if not claim or not url or distributed.current().is_distributed:
@@ -213,8 +213,8 @@ def _watch_parent(parent: int) -> None:
 
 class WorkerPool:
     """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``
-    (under torchrun, on rank 0, with every task sent to the other ranks first: ``benchmarks.distributed.follow``).
-
+    (under torchrun, on rank 0, with every task sent to the other ranks first:
+    ``benchmarks.execute.distributed.follow``).
     Args:
         jobs: number of tasks that run at once.
     """
