@@ -25,7 +25,7 @@ from .plan.options import TPE_STARTUP_TRIALS, TRUNKS, Options, parse_seeds, vali
 
 if TYPE_CHECKING:
     from .execute.distributed import DistributedContext
-    from .execute.executor import Job
+    from .execute.tasks import Job
     from .plan.sources import RunItem, TuneSource
     from .results.store import ResultStore
 
@@ -88,8 +88,7 @@ class _Refused(Exception):
 
 def _main(opts: Options, argv: list[str] | None, dctx: DistributedContext) -> int:
     """The body of :func:`main` in every process; under torchrun only rank 0 talks to the store and writes."""
-    from .execute import distributed
-    from .execute.executor import preload
+    from .execute.executor import follow, preload
 
     t_start = time.time()
     threads = _set_threads(opts, dctx)
@@ -106,7 +105,7 @@ def _main(opts: Options, argv: list[str] | None, dctx: DistributedContext) -> in
     job = _job(opts, bundle, dctx, threads=threads)
     preload(job, bundle)
     if not dctx.is_main:  # the other ranks train rank 0's tasks in step with it, and write nothing
-        distributed.follow(job, dctx)
+        follow(job, dctx)
         return 0
     assert store is not None
     setting = _setting(opts, bundle, dctx, argv, started=t_start)
@@ -181,7 +180,7 @@ def _set_threads(opts: Options, dctx: DistributedContext) -> int:
 
 def _job(opts: Options, bundle: Any, dctx: DistributedContext, *, threads: int) -> Job:
     """What every process needs to run this command's tasks."""
-    from .execute.executor import Job
+    from .execute.tasks import Job
 
     return Job(
         dataset=opts.dataset,

@@ -22,75 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from . import distributed
-
-
-@dataclass(frozen=True)
-class Job:
-    """What every process needs to run any task of one command: the dataset to load, the run configuration, the
-    device and per-process settings, and the store that claims are checked against."""
-
-    dataset: str
-    data_root: str | None  # None: the loaders read $PML_RLL_DATA themselves (and name it so)
-    download: bool
-    image_size: int | None
-    test_alphabets: tuple[str, ...] | None
-    test_classes: str | None
-    cfg: Any  # benchmarks.execute.pipeline.RunConfig
-    device: str
-    workers: int
-    tensorboard: bool = False
-    save_models: bool = False
-    threads: int = 0
-    sys_path: tuple[str, ...] = ()  # folders a --config file's own loss modules are imported from
-    storage: str | None = None  # workers check that their claim is still theirs
-    lease: float = 120.0
-
-    @property
-    def data_key(self) -> tuple[Any, ...]:
-        """What decides the loaded dataset (one bundle per process per key)."""
-        return (self.dataset, self.data_root, self.image_size, tuple(self.test_alphabets or ()), self.test_classes)
-
-
-@dataclass(frozen=True)
-class Task:
-    """One training run as the executor runs it, and as rank 0 sends it to the other ranks under torchrun.
-
-    ``fold`` (with ``folds``): a tuning fold, trained on the other folds' classes and evaluated on the held-out one
-    with the test split sealed; ``None``: a run evaluated on the test split. ``claim``: ``(key, seed, token)`` of the
-    claim the run is made under (checked while it trains). ``pbar_position``: its progress bar's line (None: none).
-    """
-
-    entry: Any  # benchmarks.losses.registry.LossEntry
-    hparams: dict[str, Any] | None
-    seed: int
-    log_dir: str
-    fold: int | None = None
-    folds: Any = None  # the class lists of every fold
-    claim: tuple[str, int, str | None] | None = None
-    pbar_position: int | None = None
-
-    @classmethod
-    def of(cls, task: dict[str, Any], *, pbar_position: int | None = None) -> Task:
-        """The executor's view of a task a source handed out (a source keeps its own fields beside these)."""
-        return cls(
-            entry=task["entry"],
-            hparams=task["hparams"],
-            seed=task["seed"],
-            log_dir=task["log_dir"],
-            fold=task.get("fold"),
-            folds=task.get("folds"),
-            claim=task.get("claim"),
-            pbar_position=pbar_position,
-        )
-
-    def for_other_ranks(self) -> Task:
-        """What the other ranks train in step with rank 0: no claim (rank 0 alone talks to the store), no bar."""
-        return replace(self, claim=None, pbar_position=None)
-
+from .tasks import Job, Task
 
 _BUNDLES: dict[tuple[Any, ...], Any] = {}
 _FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
@@ -190,6 +125,24 @@ def _claim_check(job: Job, task: Task) -> Callable[[], None] | None:
     return check
 
 
+def follow(job: Job, ctx: distributed.DistributedContext | None = None) -> int:
+    """The loop of a rank other than 0 under torchrun: receive each task rank 0 starts
+    (:func:`benchmarks.execute.distributed.broadcast_task`) and train it in step with rank 0, until rank 0 sends
+    ``None``. Only rank 0 talks to the results store and to Optuna, so every claim, resume and tuning decision is
+    its own. Returns the number of tasks trained."""
+    ctx = ctx or distributed.current()
+    n = 0
+    while True:
+        task = ctx.broadcast_object(None)
+        if task is None:
+            return n
+        try:
+            execute(job, task)
+        except (ValueError, RuntimeError, FloatingPointError):
+            pass  # rank 0 meets the same failure (a trial whose hyper-parameters fail) and goes on to its next task
+        n += 1
+
+
 def _watch_parent(parent: int) -> None:
     """Worker initializer: exit when the parent process is gone (Linux: also ask the kernel to kill us with it)."""
     try:
@@ -214,7 +167,7 @@ def _watch_parent(parent: int) -> None:
 class WorkerPool:
     """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``
     (under torchrun, on rank 0, with every task sent to the other ranks first:
-    ``benchmarks.execute.distributed.follow``).
+    :func:`follow`).
     Args:
         jobs: number of tasks that run at once.
     """

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.data import bundle as data_bundle
 from benchmarks.data.load import load_dataset
-from benchmarks.execute.executor import Task
+from benchmarks.execute.tasks import Task
 from benchmarks.losses.registry import REGISTRY
 from benchmarks.plan.options import DATASET_DEFAULTS, Options, build_parser, validate
 from benchmarks.results.store import ResultStore, _engine_options, open_storage
