@@ -110,7 +110,7 @@ def test_gradient_spread_hand_cases():
 
 def test_parse_variant_from_the_validated_configuration():
     cfg = nd.parse_variant("validated+shortlist_weight=4+centre_structure=true", "multi-similarity")
-    want = namr_config("multi_similarity")
+    want = namr_config("multi-similarity")
     assert cfg["structure_weight"] == want["structure_weight"] and cfg["retrieval"] == want["retrieval"]
     assert cfg["shortlist_weight"] == 4 and cfg["centre_structure"] is True
     with pytest.raises(SystemExit, match="needs a base"):

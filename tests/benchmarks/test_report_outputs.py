@@ -114,7 +114,7 @@ def test_printed_namr_settings_are_the_effective_ones():
 
     cfg = RunConfig("digits", "mlp", 8, 16, 4, 1, 1, 1e-3, 0.0, "constant", 0, 64)
     reg = build_registry(None, ["namr-rll.retrieval.blend=0.5"])
-    n = NAMR_CONFIGS["ranked_list"]["retrieval"]["num_candidates"]
+    n = NAMR_CONFIGS["rll"]["retrieval"]["num_candidates"]
     line = _namr_retrieval_line(reg, "namr-rll", 10, cfg)
     assert f"num_candidates={n}," in line and "blend=0.5," in line and "normalize_sample=True" in line
     assert "normalize_sample=True" in _namr_retrieval_line(reg, "namr-triplet", 10, cfg)  # PML's default distance
