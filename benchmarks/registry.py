@@ -86,6 +86,17 @@ class Param:
     def tunable(self) -> bool:
         return self.low is not None or self.choices is not None
 
+    def contains(self, value: object) -> bool:
+        """Whether ``value`` lies in the search space: one of the choices, or a number (not a bool) inside
+        ``[low, high]``, a whole one for an ``integer`` range. A fixed parameter's space is its default alone."""
+        if self.choices is not None:
+            return value in self.choices
+        if self.low is None or self.high is None:
+            return bool(value == self.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (not self.integer or float(value).is_integer())
+
     def space(self) -> str:
         """The search space in words, '' when the parameter is fixed."""
         if self.choices is not None:
