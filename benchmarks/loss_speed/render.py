@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..common import atomic_write
+from ..common import atomic_write, atomic_write_png
 from .cases import CASES, SAMPLES_PER_CLASS, RatioSpec, Workload
 
 JSON_NAME, MD_NAME, PNG_NAME = "loss_speed.json", "loss_speed.md", "loss_speed.png"
@@ -197,10 +196,7 @@ def render_png(doc: dict[str, Any], path: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"D={cfg['dim']}, {cfg['device_name']}, {cfg['torch_num_threads']} threads", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_png(fig, path)
 
 
 def write_outputs(doc: dict[str, Any], out_dir: str, png: bool, specs: Sequence[RatioSpec]) -> None:
