@@ -190,7 +190,9 @@ def _multi_cluster_ranking(
     return loss, [loss]
 
 
-def _namr_ms(batch_size: int, workload: Workload, device: torch.device) -> tuple[Step, list[torch.nn.Module]]:
+def _namr_multi_similarity(
+    batch_size: int, workload: Workload, device: torch.device
+) -> tuple[Step, list[torch.nn.Module]]:
     from pytorch_metric_learning.losses import MultiSimilarityLoss
 
     _no_reference("NAMRLoss", workload)
@@ -270,7 +272,7 @@ CASES: dict[str, SpeedCase] = {
         SpeedCase(
             "namr-multi-similarity",
             "ours NAMRLoss(MultiSimilarity)",
-            _namr_ms,
+            _namr_multi_similarity,
             packed=True,
             note="pml_rll NAMRLoss(MultiSimilarityLoss(), embedding_size=D) on a packed (B, 2D) input; "
             "its overhead is this row minus the MultiSimilarity row (which sees a (B, D) input)",
