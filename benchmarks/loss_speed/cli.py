@@ -163,7 +163,7 @@ def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
 
 
 def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """What is measured: batch sizes, width, repeats, threads, device, losses, inputs."""
+    """What is measured: batch sizes, width, repeats, warm-up, threads, device, losses."""
     p.add_argument(
         "--batch-sizes",
         type=int,
@@ -190,35 +190,12 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(CASES),
         metavar="NAME",
-        help="subset of losses by name (default: all)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
-    p.add_argument(
-        "--inputs",
-        choices=INPUT_KINDS,
-        default="random",
-        help="random: randn embeddings (no non-trivial negatives for the Ranked List Loss); hard: "
-        "clustered embeddings with ~17%% of negative pairs non-trivial (default: %(default)s)",
-    )
-    p.add_argument(
-        "--ref-size",
-        type=int,
-        default=0,
-        metavar="M",
-        help="cross-batch memory mode: compare the B queries with a fixed reference set of M items (ref_emb, "
-        "ref_labels; drawn like the inputs, no gradient) instead of the batch; losses that take no reference set "
-        "are reported unavailable (default: 0, off)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="time each loss under torch.compile (default backend; compiled during the warm-up steps, which must "
-        "then be at least 1; the memory measurements stay uncompiled)",
+        help="subset of losses by registry name (default: all)",
     )
 
 
-def _add_limit_and_output_arguments(p: argparse.ArgumentParser) -> None:
-    """Memory measurements, time limits, outputs, resuming and the progress bar."""
+def _add_limit_and_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Memory measurements, the time limit of a step, and the inputs (seed, kind, reference set)."""
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
     p.add_argument(
         "--memory-batch-sizes",
@@ -239,6 +216,27 @@ def _add_limit_and_output_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="a loss whose warm-up step takes longer is skipped at this and larger batch sizes (default: %(default)s)",
     )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
+    p.add_argument(
+        "--inputs",
+        choices=INPUT_KINDS,
+        default="random",
+        help="random: randn embeddings (no non-trivial negatives for the Ranked List Loss); hard: "
+        "clustered embeddings with ~17%% of negative pairs non-trivial (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ref-size",
+        type=int,
+        default=0,
+        metavar="M",
+        help="cross-batch memory mode: compare the B queries with a fixed reference set of M items (ref_emb, "
+        "ref_labels; drawn like the inputs, no gradient) instead of the batch; losses that take no reference set "
+        "are reported unavailable (default: 0, off)",
+    )
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Outputs, resuming, torch.compile, the figure and the progress bar."""
     p.add_argument(
         "--out",
         default=os.path.join("results", "loss_speed"),
@@ -248,6 +246,12 @@ def _add_limit_and_output_arguments(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="reuse batch sizes already complete in OUT/loss_speed.json when the settings agree",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time each loss under torch.compile (default backend; compiled during the warm-up steps, which must "
+        "then be at least 1; the memory measurements stay uncompiled)",
     )
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -277,7 +281,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in CASES.items()),
     )
     _add_sweep_arguments(p)
-    _add_limit_and_output_arguments(p)
+    _add_limit_and_input_arguments(p)
+    _add_output_arguments(p)
     args = p.parse_args(argv)
     args.losses = _checked_losses(p, args.losses)
     if args.memory_worker is not None:
