@@ -13,8 +13,8 @@ table gives it, and what it adds to the embeddings held before the evaluation st
 * ``pml-default``: PML's ``AccuracyCalculator()`` with every default (k = the whole reference set, faiss flat
   search, every metric including the clustering ones). Run where its n x n neighbour tables fit in memory; above
   that the table says what they would need.
-* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.knn.ScalableKNN` plus the chunked
-  metrics of :func:`benchmarks.knn.retrieval_metrics` (k as the metrics need). Up to ``--full-exact`` items the
+* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.results.knn.ScalableKNN` plus the chunked
+  metrics of :func:`benchmarks.results.knn.retrieval_metrics` (k as the metrics need). Up to ``--full-exact`` items the
   exact methods search every query; above it they search a fixed random sample of ``--sample`` queries (against
   every reference), which is where the approximate indexes are compared with exact search (paired: the same
   queries). The approximate indexes always search every query.
@@ -76,7 +76,7 @@ def pml_default_bytes(n: int) -> int:
 
 def worker(spec: dict) -> dict:
     """One (size, method) measurement in this process; returns the row's figures."""
-    from benchmarks.knn import ScalableKNN, evaluate_embeddings, summarize_per_query
+    from benchmarks.results.knn import ScalableKNN, evaluate_embeddings, summarize_per_query
 
     torch.set_num_threads(spec["threads"])
     n, method = spec["n"], spec["method"]
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
         text = markdown(rows, metas[0])
         if a.out:
-            from benchmarks.common import atomic_write
+            from benchmarks.core.common import atomic_write
 
             atomic_write(a.out, text)
         for m in metas:
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or torch.get_num_threads()
     from tqdm import tqdm
 
-    from benchmarks.common import cpu_name
+    from benchmarks.core.common import cpu_name
 
     meta = {
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {threads} threads",
@@ -234,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
         text = markdown(rows, meta)
         if a.out:
-            from benchmarks.common import atomic_write
+            from benchmarks.core.common import atomic_write
 
             atomic_write(a.out, text)
         if a.json:
-            from benchmarks.common import atomic_write
+            from benchmarks.core.common import atomic_write
 
             atomic_write(a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"Machine: {meta['machine']}.\n")

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..common import atomic_write, atomic_write_png
+from ..core.common import atomic_write, atomic_write_png
 from .cases import CASES, SAMPLES_PER_CLASS, RatioSpec, Workload
 
 JSON_NAME, MD_NAME, PNG_NAME = "loss_speed.json", "loss_speed.md", "loss_speed.png"

@@ -340,7 +340,7 @@ class _NamrConfigs(dict):
 
 #: The configuration per base loss that :func:`make_namr_loss` and the benchmark's NAMR entries use. Chosen on
 #: validation classes carved from the Omniglot training alphabets (never the test alphabets) with the base losses
-#: of ``benchmarks/registry.py``; the ablation and the commands are in ``docs/namr_ablation.md``. Keys:
+#: of ``benchmarks/losses/registry.py``; the ablation and the commands are in ``docs/namr_ablation.md``. Keys:
 #: ``structure_weight`` (lambda), ``t_values``, ``alpha``, ``center_mode``, ``neighbourhood_k`` and
 #: ``detach_sample_embedding`` (:class:`MultiClusterRankingLoss` arguments), and ``retrieval`` (keyword
 #: arguments of :class:`pml_rll.retrieval.NAMRReRankKNN`).

@@ -11,8 +11,8 @@ import torch
 
 from benchmarks.eval_scale import main as scale_main
 from benchmarks.eval_scale import synthetic, worker
-from benchmarks.knn import KNN_METHODS, ScalableKNN, evaluate_embeddings, needed_k, retrieval_metrics
-from benchmarks.metrics import RetrievalAccuracyCalculator
+from benchmarks.results.knn import KNN_METHODS, ScalableKNN, evaluate_embeddings, needed_k, retrieval_metrics
+from benchmarks.results.metrics import RetrievalAccuracyCalculator
 
 faiss = pytest.importorskip("faiss")
 
@@ -168,7 +168,7 @@ def test_synthetic_classes_and_scale_script(tmp_path):
 
 
 def test_runner_knn_and_half_precision_embeddings(tmp_path, capsys):
-    from benchmarks import report
+    from benchmarks.results import report
     from benchmarks.run import main
 
     store = "sqlite:///" + str(tmp_path / "results.db")  # one store, two exports

@@ -157,7 +157,7 @@ EARLIER_NAMES = {
 
 
 def test_every_case_keeps_its_loss_under_the_registry_name(capsys):
-    from benchmarks.registry import REGISTRY
+    from benchmarks.losses.registry import REGISTRY
 
     assert {new: label for new, label in EARLIER_NAMES.values()} == {n: c.label for n, c in ls.CASES.items()}
     for old, (new, _) in EARLIER_NAMES.items():

@@ -1,9 +1,10 @@
 """What identifies a registry entry's runs in the results store, and the search space a tuned run draws from.
 
-The store reuses a result when the key of the run is unchanged. Beside the code digests (which change with any edit,
-by design), a key holds the entry's part (``benchmarks.sources.entry_key``): its name, classes and hyper-parameters.
-Those are pinned here for every entry of the built-in registry at its defaults, so that a change of a name, a
-default or a NAMR configuration that would orphan stored results fails here instead of passing silently.
+The store reuses a result when the key of the run is unchanged. Beside the code digests (which change with any
+edit, by design), a key holds the entry's part (``benchmarks.plan.sources.entry_key``): its name, classes and
+hyper-parameters. Those are pinned here for every entry of the built-in registry at its defaults, so that a change
+of a name, a default or a NAMR configuration that would orphan stored results fails here instead of passing
+silently.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import math
 
 import pytest
 
-from benchmarks.registry import REGISTRY, Param
-from benchmarks.sources import entry_key, key_of
+from benchmarks.losses.registry import REGISTRY, Param
+from benchmarks.plan.sources import entry_key, key_of
 
 # key_of(entry_key(entry, entry.defaults())) without the class digests, for the entries at their defaults
 PINNED = {
