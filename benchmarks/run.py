@@ -643,7 +643,7 @@ def _main(
     from .data.identity import data_identity, split_identity
     from .data.load import load_dataset
     from .execute import distributed
-    from .execute.executor import Source, WorkerPool, preload, schedule
+    from .execute.executor import Source, WorkerPool, follow, preload, schedule
     from .plan.sources import Context, RunItem, RunSource, TuneSource
     from .results import report
     from .results.store import ResultStore, StoreError, disk_full, mask_url, open_optuna_storage
@@ -723,7 +723,7 @@ def _main(
     )
     preload(job, bundle)
     if not dctx.is_main:  # the other ranks train rank 0's tasks in step with it, and write nothing
-        distributed.follow(job, dctx)
+        follow(job, dctx)
         return 0
     assert store is not None
     env = environment_info(device)

@@ -20,7 +20,7 @@ What one run does with W processes (choices of this runner, each documented in t
 * Rank 0 evaluates and writes results, logs and reports; the other ranks write nothing and print nothing.
 * Only rank 0 talks to the results store and to Optuna (claims, resume, tuning trials): every task it starts
   (a run, or one fold of a ``--tune`` trial) is sent to the other ranks (:func:`broadcast_task`), which train it
-  in step with rank 0 (:func:`follow`) until rank 0 sends the end of the work.
+  in step with rank 0 (:func:`benchmarks.execute.executor.follow`) until rank 0 sends the end of the work.
 """
 
 from __future__ import annotations
@@ -417,27 +417,9 @@ def cross_batch_support(
 TASK_FIELDS = ("entry", "hparams", "seed", "fold", "folds", "log_dir")
 
 
-def follow(job: dict[str, Any], ctx: DistributedContext | None = None) -> int:
-    """The loop of a rank other than 0: receive each task rank 0 starts (:func:`broadcast_task`) and train it in
-    step with rank 0, until rank 0 sends ``None``. Only rank 0 talks to the results store and to Optuna, so every
-    claim, resume and tuning decision is its own. Returns the number of tasks trained."""
-    from .executor import execute
-
-    ctx = ctx or current()
-    n = 0
-    while True:
-        task = ctx.broadcast_object(None)
-        if task is None:
-            return n
-        try:
-            execute(job, dict(task, pbar_position=None))
-        except (ValueError, RuntimeError, FloatingPointError):
-            pass  # rank 0 meets the same failure (a trial whose hyper-parameters fail) and goes on to its next task
-        n += 1
-
-
 def broadcast_task(task: dict[str, Any] | None, ctx: DistributedContext | None = None) -> None:
-    """Rank 0: send the task it is about to train (``None``: no more tasks) to the ranks in :func:`follow`."""
+    """Rank 0: send the task it is about to train (``None``: no more tasks) to the other ranks (their loop:
+    :func:`benchmarks.execute.executor.follow`)."""
     ctx = ctx or current()
     if ctx.is_distributed:
         ctx.broadcast_object(None if task is None else {k: task.get(k) for k in TASK_FIELDS})

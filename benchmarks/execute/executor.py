@@ -104,6 +104,24 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+def follow(job: dict[str, Any], ctx: distributed.DistributedContext | None = None) -> int:
+    """The loop of a rank other than 0: receive each task rank 0 starts
+    (:func:`benchmarks.execute.distributed.broadcast_task`) and train it in step with rank 0, until rank 0 sends
+    ``None``. Only rank 0 talks to the results store and to Optuna, so every claim, resume and tuning decision is
+    its own. Returns the number of tasks trained."""
+    ctx = ctx or distributed.current()
+    n = 0
+    while True:
+        task = ctx.broadcast_object(None)
+        if task is None:
+            return n
+        try:
+            execute(job, dict(task, pbar_position=None))
+        except (ValueError, RuntimeError, FloatingPointError):
+            pass  # rank 0 meets the same failure (a trial whose hyper-parameters fail) and goes on to its next task
+        n += 1
+
+
 def _claim_check(job: dict[str, Any], task: dict[str, Any]) -> Callable[[], None] | None:
     """A callable that raises ClaimLostError once the task's claim belongs to another runner (it asks the store
     at most every ``min(lease / 4, 5)`` seconds); None without a claim or under torchrun (the ranks train in step)."""
@@ -150,8 +168,7 @@ def _watch_parent(parent: int) -> None:
 
 class WorkerPool:
     """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``
-    (under torchrun, on rank 0, with every task sent to the other ranks first:
-    ``benchmarks.execute.distributed.follow``).
+    (under torchrun, on rank 0, with every task sent to the other ranks first: :func:`follow`).
     Args:
         jobs: number of tasks that run at once.
     """
