@@ -9,9 +9,9 @@ import pytest
 
 from benchmarks.core import provenance
 from benchmarks.run import main
+from tests.benchmarks.test_provenance import library_copy, run_then_edit
 
 A, B, C, D = "a" * 16, "b" * 16, "c" * 16, "d" * 16
-TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0", "--batch-size", "32", "--seeds", "1"]
 
 
 def _file(tmp_path, *lines: str):
@@ -97,19 +97,12 @@ def test_the_repository_file_is_valid_and_in_no_digest(tmp_path):
 
 def test_a_change_declared_equivalent_reuses_the_stored_result(tmp_path, monkeypatch, capsys):
     # a copy of pml_rll stands in for the installed tree; an edit of one of its files is a new key unless declared
-    copy = tmp_path / "pml_rll"
-    shutil.copytree(provenance.package_folder("pml_rll"), copy, ignore=shutil.ignore_patterns("__pycache__"))
-    real = provenance.package_folder
-    monkeypatch.setattr(provenance, "package_folder", lambda n: str(copy) if n == "pml_rll" else real(n))
+    copy = library_copy(tmp_path, monkeypatch)
     declarations = tmp_path / "code_equivalence.txt"
     monkeypatch.setattr(provenance, "equivalence_path", lambda: str(declarations))
     old = provenance.code_digests()["pml_rll"]
-    out = str(tmp_path / "out")
-    argv = ["--losses", "contrastive", "--out", out] + TINY
-    assert main(argv) == 0
+    argv = run_then_edit(copy, str(tmp_path / "out"), "\n# a comment: no result changes\n")
     capsys.readouterr()
-    path = copy / "losses" / "ranked_list_loss.py"
-    path.write_text(path.read_text() + "\n# a comment: no result changes\n")
     new = provenance.source_digests()["pml_rll"]
     assert new != old
     declarations.write_text(f"pml_rll {new} {old}  # test: a comment added\n")

@@ -16,25 +16,10 @@ from benchmarks.run import main
 
 DATA = Path(__file__).parent / "data" / "store_0432e25"
 STORED_DIGESTS = {"benchmarks": "b1a571c66d6ad8f1", "pml_rll": "6a6238ca9525189b"}
-COMMAND = [
-    "--losses",
-    "triplet,contrastive-xbm",
-    "--seeds",
-    "2",
-    "--tune",
-    "--trials",
-    "2",
-    "--folds",
-    "2",
-    "--epochs",
-    "1",
-    "--iterations-per-epoch",
-    "3",
-    "--eval-every",
-    "0",
-    "--batch-size",
-    "32",
-]
+COMMAND = (
+    "--losses triplet,contrastive-xbm --seeds 2 --tune --trials 2 --folds 2 --epochs 1 --iterations-per-epoch 3 "
+    "--eval-every 0 --batch-size 32"
+).split()  # the command of data/store_0432e25/README.md, without its --out
 EXPORTS = ("results.csv", "results_untuned.csv", "trials.csv")
 
 
