@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -147,6 +148,9 @@ def settings_label(r: dict) -> str:
         return ""
     spec = r.get("knn") or FORMER_DEFAULTS[r["method"]]
     text = spec.partition(":")[2].replace(",", ", ")
+    lists = re.search(r"nlist=(\d+)", r.get("index", ""))
+    if lists and "nlist=auto" in text:
+        text = text.replace("nlist=auto", f"nlist=auto: {lists.group(1)}")
     if r.get("width") is not None and r.get("calibration_recall") is not None:
         name = "ef_search" if r["method"] == "faiss-hnsw" else "nprobe"
         text = text.replace(f"{name}=auto", f"{name}=auto: {r['width']} (recall {r['calibration_recall']:.3f})")
@@ -156,8 +160,10 @@ def settings_label(r: dict) -> str:
 def _seconds(r: dict) -> tuple[str, str]:
     """("build + calibration + search", "every query, estimated") for rows that time them apart."""
     t = r.get("timings")
-    if not t or r["method"] not in FORMER_DEFAULTS:
+    if r["method"] not in FORMER_DEFAULTS:
         return "", ""
+    if not t:  # measured before the times were taken apart: every query was searched
+        return "", f"{r['seconds']:,.0f}" if r["queries"] == r["n"] else ""
     parts = f"{t['build']:.1f} + {t['calibrate']:.1f} + {t['search']:.1f}"
     every = t["build"] + t["calibrate"] + t["search"] * r["n"] / r["queries"]
     return parts, f"{every:,.0f}" + ("" if r["queries"] == r["n"] else " (est.)")
