@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Any
 
-from .common import atomic_write, cpu_name
+from .core.common import atomic_write, cpu_name
 
 
 def _free_port() -> int:

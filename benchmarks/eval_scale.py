@@ -13,8 +13,8 @@ table gives it, and what it adds to the embeddings held before the evaluation st
 * ``pml-default``: PML's ``AccuracyCalculator()`` with every default (k = the whole reference set, faiss flat
   search, every metric including the clustering ones). Run where its n x n neighbour tables fit in memory; above
   that the table says what they would need.
-* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.knn.ScalableKNN` plus the chunked
-  metrics of :func:`benchmarks.knn.retrieval_metrics` (k as the metrics need). A method may carry index settings
+* ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.results.knn.ScalableKNN` plus the chunked
+  metrics of :func:`benchmarks.results.knn.retrieval_metrics` (k as the metrics need). A method may carry index settings
   as the runner's ``--knn`` does (``faiss-hnsw:m=16,ef_construction=40,ef_search=64``); give such specs as
   separate arguments of ``--methods``. Up to ``--full-exact`` items every method searches every query; above it
   they search the same fixed random sample of ``--sample`` queries (against every reference), where the
@@ -87,7 +87,7 @@ def pml_default_bytes(n: int) -> int:
 
 def worker(spec: dict) -> dict:
     """One (size, method) measurement in this process; returns the row's figures."""
-    from benchmarks.knn import ScalableKNN, canonical_knn, evaluate_embeddings, parse_knn, summarize_per_query
+    from benchmarks.results.knn import ScalableKNN, canonical_knn, evaluate_embeddings, parse_knn, summarize_per_query
 
     torch.set_num_threads(spec["threads"])
     n = spec["n"]
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"]), bool(r.get("knn")), r.get("knn", "")))
         text = markdown(rows, metas[0])
         if a.out:
-            from benchmarks.common import atomic_write
+            from benchmarks.core.common import atomic_write
 
             atomic_write(a.out, text)
         for m in metas:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     except ValueError:
         p.error(f"--sizes {a.sizes!r}: expected a comma list of integers")
-    from benchmarks.knn import canonical_knn
+    from benchmarks.results.knn import canonical_knn
 
     methods: list[str] = []
     for token in a.methods:  # "exact,faiss-flat" or one spec with settings, "faiss-hnsw:m=48,ef_search=512"
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or torch.get_num_threads()
     from tqdm import tqdm
 
-    from benchmarks.common import cpu_name
+    from benchmarks.core.common import cpu_name
 
     meta = {
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {threads} threads",
@@ -307,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
         text = markdown(rows, meta)
         if a.out:
-            from benchmarks.common import atomic_write
+            from benchmarks.core.common import atomic_write
 
             atomic_write(a.out, text)
         if a.json:
-            from benchmarks.common import atomic_write
+            from benchmarks.core.common import atomic_write
 
             atomic_write(a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"Machine: {meta['machine']}.\n")

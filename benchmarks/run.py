@@ -4,7 +4,7 @@ python -m benchmarks.run                      # digits, every registered loss, d
 python -m benchmarks.run --dataset omniglot --data-root DIR   # unseen-class retrieval, alphabet split
 python -m benchmarks.run --tune --trials 8 --folds 2          # tune every loss alike, then test (Reality Check)
 python -m benchmarks.run --list               # the loss registry with its hyper-parameters and sources
-torchrun --nproc_per_node 2 -m benchmarks.run # data-parallel (DDP) training, see benchmarks/distributed.py
+torchrun --nproc_per_node 2 -m benchmarks.run # data-parallel (DDP) training, see benchmarks/execute/distributed.py
 
 Every option is checked before any data is loaded (exit code 2 with a message naming the option). Results live in
 a database (``results.db`` in ``--out``, or ``--storage URL``); results.jsonl/csv/md/png are exports of it.
@@ -26,7 +26,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from . import distributed
+    from .execute import distributed
 
 _DEFAULT_FIELDS = (
     "trunk",
@@ -101,7 +101,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (the usage is in ``--help``) that name the closest valid choice or option."""
 
     def error(self, message: str) -> NoReturn:
-        from .common import did_you_mean
+        from .core.common import did_you_mean
 
         bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if bad:
@@ -116,8 +116,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .datasets import DATA_ENV, DATASETS
-    from .knn import KNN_METHODS, knn_argument
+    from .data.bundle import DATA_ENV
+    from .data.load import DATASETS
+    from .results.knn import KNN_METHODS, knn_argument
 
     p = ArgumentParser(
         prog=PROG,
@@ -310,7 +311,7 @@ def parse_seeds(spec: str | None, default_n: int) -> list[int]:
 
 
 def resolve_losses(spec: str, entries: dict) -> list[str]:
-    from .common import closest
+    from .core.common import closest
 
     spec = spec.strip()
     if spec == "all":
@@ -347,12 +348,12 @@ def _check_out(out_dir: str) -> None:
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """Check every option before any data is loaded; ``parser.error`` (exit 2) names the first bad one."""
-    from . import distributed
-    from .config import build_registry
-    from .datasets import DATA_ENV, default_data_root
-    from .pipeline import RunConfig
-    from .registry import REGISTRY, BuildContext
-    from .store import mask_url
+    from .data.bundle import DATA_ENV, default_data_root
+    from .execute import distributed
+    from .execute.pipeline import RunConfig
+    from .losses.config import build_registry
+    from .losses.registry import REGISTRY, BuildContext
+    from .results.store import mask_url
 
     d = DATASET_DEFAULTS[args.dataset]
 
@@ -420,7 +421,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             fail("--test-alphabets applies to --dataset omniglot only")
         if not [a for a in args.test_alphabets.split(",") if a.strip()]:
             fail(f"--test-alphabets {args.test_alphabets!r}: no alphabet named")
-    from .trunks import check_trunk_name, file_sha1
+    from .execute.trunks import check_trunk_name, file_sha1
 
     why = check_trunk_name(pick("trunk"))
     if why:
@@ -597,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
-        from .config import build_registry
-        from .registry import describe_registry
+        from .losses.config import build_registry
+        from .losses.registry import describe_registry
 
         try:
             reg = build_registry(args.config, args.sets)
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     v = validate(args, parser)
 
-    from . import distributed
+    from .execute import distributed
 
     dctx = distributed.setup(args.device)  # torchrun's process group (or the single process)
     try:
@@ -634,13 +635,18 @@ def _main(
     import tqdm
     from sqlalchemy.exc import SQLAlchemyError
 
-    from . import distributed, provenance, report
-    from .common import environment_info
-    from .datasets import DatasetUnavailableError, class_folds, data_identity, load_dataset, split_identity
-    from .executor import Source, WorkerPool, preload, schedule
-    from .progress import progress_bar
-    from .sources import Context, RunItem, RunSource, TuneSource
-    from .store import ResultStore, StoreError, disk_full, mask_url, open_optuna_storage
+    from .core import provenance
+    from .core.common import environment_info
+    from .core.progress import progress_bar
+    from .data.bundle import DatasetUnavailableError
+    from .data.folds import class_folds
+    from .data.identity import data_identity, split_identity
+    from .data.load import load_dataset
+    from .execute import distributed
+    from .execute.executor import Source, WorkerPool, preload, schedule
+    from .plan.sources import Context, RunItem, RunSource, TuneSource
+    from .results import report
+    from .results.store import ResultStore, StoreError, disk_full, mask_url, open_optuna_storage
 
     cfg, seeds, registry, loss_names, device = v["cfg"], v["seeds"], v["registry"], v["loss_names"], dctx.device
     out_dir = v["out_dir"]
@@ -689,8 +695,8 @@ def _main(
             )
             return 2
     if cfg.trunk_weights or cfg.trunk not in TRUNKS:  # the trunk fits the data and the checkpoint, before training
-        from .pipeline import build_trunk
-        from .trunks import TrunkError
+        from .execute.pipeline import build_trunk
+        from .execute.trunks import TrunkError
 
         try:
             build_trunk(cfg.trunk, bundle.input_shape, pretrained=False, weights=cfg.trunk_weights)
@@ -731,7 +737,7 @@ def _main(
         "config": cfg.key(),
         "world_size": dctx.world_size,  # records made before world sizes existed were single-process runs
         "versions": _versions(),
-        "code": code,  # the pml_rll and benchmarks sources: an edit is a new key (benchmarks/provenance.py)
+        "code": code,  # the pml_rll and benchmarks sources: an edit is a new key (benchmarks/core/provenance.py)
     }
     # part of the trials' key, so independent of --trials: more trials extend a study instead of starting a new one
     sampler_meta = {"name": "TPESampler", "seed": 0, "n_startup_trials": TPE_STARTUP_TRIALS}
@@ -927,7 +933,7 @@ def _one_line(e: BaseException) -> str:
 
 def _masked_argv(argv: list[str]) -> list[str]:
     """The command line with the password of a ``--storage`` URL replaced by ``***``."""
-    from .store import mask_url
+    from .results.store import mask_url
 
     out, mask_next = [], False
     for a in argv:
@@ -945,7 +951,7 @@ def _namr_retrieval_line(registry: Any, name: str, num_classes: int, cfg: Any) -
     """The effective re-ranking settings of a NAMR entry, as its runs build them (``NAMRReRankKNN.for_loss``)."""
     from pml_rll.retrieval import NAMRReRankKNN
 
-    from .registry import BuildContext
+    from .losses.registry import BuildContext
 
     spec = registry.entries[name].build(BuildContext(num_classes, cfg.embedding_size), registry.hparams(name))
     knn = NAMRReRankKNN.for_loss(spec.loss, **(spec.retrieval or {}))

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..registry import default as registry_default
+from ..losses.registry import default as registry_default
 
 RLL_MARGIN, RLL_TN = registry_default("rll", "margin"), registry_default("rll", "Tn")  # the runner's defaults
 

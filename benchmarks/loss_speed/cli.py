@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..common import device_name, resolve_device
+from ..core.common import device_name, resolve_device
 from .cases import (
     INPUT_KINDS,
     REGISTRY,
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(measure_memory_here(args.memory_worker, args.batch_sizes[0], workload, device)))
         return {}
 
-    from ..progress import progress_bar
+    from ..core.progress import progress_bar
 
     torch_v, pml_v = _versions()
     cfg = {

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..common import atomic_write
+from ..core.common import atomic_write
 from .cases import REGISTRY, SAMPLES_PER_CLASS, RatioSpec, Workload
 
 JSON_NAME, MD_NAME, PNG_NAME = "loss_speed.json", "loss_speed.md", "loss_speed.png"

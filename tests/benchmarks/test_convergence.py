@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from benchmarks import convergence
-from benchmarks.convergence import analyse, flattens_at, window_range
+from benchmarks.results import convergence
+from benchmarks.results.convergence import analyse, flattens_at, window_range
 from benchmarks.run import main
 
 ITS = list(range(0, 2001, 200))

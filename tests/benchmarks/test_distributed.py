@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks import distributed
-from benchmarks.pipeline import PairedMPerClassSampler
+from benchmarks.execute import distributed
+from benchmarks.execute.pipeline import PairedMPerClassSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,9 +96,9 @@ def _one_step(trainer, *args, **kwargs):
 def _first_step(name: str, log_dir: str) -> tuple[dict[str, torch.Tensor], str]:
     """run_one on digits (with whatever distributed context is current), stopped after the first training step:
     the gradients of the trunk and of the loss's own parameters, the loss value, and the loss's distributed mode."""
-    from benchmarks import pipeline
-    from benchmarks.datasets import load_dataset
-    from benchmarks.registry import REGISTRY
+    from benchmarks.data.load import load_dataset
+    from benchmarks.execute import pipeline
+    from benchmarks.losses.registry import REGISTRY
 
     cfg = pipeline.RunConfig("digits", "mlp", 16, 32, 4, 1, 1, 1e-3, 0.0, "constant", 0, 256)
     original = pipeline.BenchmarkTrainer.train
@@ -159,7 +159,7 @@ def _torchrun(args, out, nproc=2):
 
 
 def _stored(out: str, kind: str) -> list[dict]:
-    from benchmarks.store import ResultStore
+    from benchmarks.results.store import ResultStore
 
     store = ResultStore("sqlite:///" + os.path.join(out, "results.db"))
     try:

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.eval_scale import main as scale_main
 from benchmarks.eval_scale import synthetic, worker
-from benchmarks.knn import (
+from benchmarks.results.knn import (
     KNN_METHODS,
     ScalableKNN,
     canonical_knn,
@@ -20,7 +20,7 @@ from benchmarks.knn import (
     parse_knn,
     retrieval_metrics,
 )
-from benchmarks.metrics import RetrievalAccuracyCalculator
+from benchmarks.results.metrics import RetrievalAccuracyCalculator
 
 faiss = pytest.importorskip("faiss")
 
@@ -214,7 +214,7 @@ def test_calibration_widens_the_search_until_the_recall_target(method, one_threa
 
 
 def test_calibration_that_misses_its_target_says_so(monkeypatch, one_thread):
-    import benchmarks.knn as knn_module
+    import benchmarks.results.knn as knn_module
 
     monkeypatch.setattr(knn_module, "MAX_EF_SEARCH", 64)  # the widest search allowed: the first one tried
     x = torch.randn(3000, 32, generator=torch.Generator().manual_seed(1))
@@ -255,7 +255,7 @@ def test_synthetic_classes_and_scale_script(tmp_path):
 
 
 def test_runner_knn_and_half_precision_embeddings(tmp_path, capsys):
-    from benchmarks import report
+    from benchmarks.results import report
     from benchmarks.run import main
 
     store = "sqlite:///" + str(tmp_path / "results.db")  # one store, two exports

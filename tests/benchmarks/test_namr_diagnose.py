@@ -7,9 +7,9 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from benchmarks import namr_diagnose as nd
-from benchmarks.pipeline import build_accuracy_calculator
-from benchmarks.registry import REGISTRY, BuildContext
+from benchmarks.execute.pipeline import build_accuracy_calculator
+from benchmarks.losses.registry import REGISTRY, BuildContext
+from benchmarks.namr_diagnose import diagnose as nd
 from pml_rll.losses.namr_loss import NASA_CONFIG, namr_config
 
 
@@ -119,7 +119,7 @@ def test_parse_variant_from_the_validated_configuration():
 
 def test_centred_variant_builds_centred_loss_and_retrieval():
     cfg = nd.parse_variant("validated+centre_structure=true+shortlist_weight=0.5", "triplet")
-    from benchmarks.registry import namr_spec
+    from benchmarks.losses.registry import namr_spec
 
     spec = namr_spec(REGISTRY["triplet"], BuildContext(num_classes=10, embedding_size=8), cfg)
     sl = spec.loss.structure_loss
@@ -152,7 +152,7 @@ def test_partner_decomposition_hand_cases_and_trace():
     assert sum(out.values()) == pytest.approx(1.0)
     # the training-time trace records all of it for a NAMR loss
     cfg = nd.parse_variant("validated+shortlist_weight=0.5", "contrastive")
-    from benchmarks.registry import namr_spec
+    from benchmarks.losses.registry import namr_spec
 
     spec = namr_spec(REGISTRY["contrastive"], BuildContext(num_classes=4, embedding_size=4), cfg)
     packed, labels = _data(n_classes=4, per_class=4)
@@ -171,7 +171,7 @@ def test_partner_decomposition_hand_cases_and_trace():
 
 def test_namr_accuracy_calculator_reports_both_retrievals_and_the_default_under_bare_keys():
     packed, labels = _data()
-    from benchmarks.metrics import NAMRAccuracyCalculator
+    from benchmarks.results.metrics import NAMRAccuracyCalculator
     from pml_rll.retrieval import NAMRReRankKNN
 
     got = {}
@@ -190,7 +190,7 @@ def test_namr_accuracy_calculator_reports_both_retrievals_and_the_default_under_
 
 
 def test_paired_interval_and_rerank_table():
-    from benchmarks import report
+    from benchmarks.results import report
 
     mean, std, lo, hi = report.paired_interval([1.0, 2.0, 3.0])
     assert (mean, std) == (2.0, 1.0)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import pipeline
-from benchmarks.datasets import load_dataset
+from benchmarks.data.load import load_dataset
 from benchmarks.examples.make_tiny_dataset import make_tiny_dataset
-from benchmarks.knn import canonical_knn
-from benchmarks.pipeline import RunConfig, build_trunk, run_one
-from benchmarks.registry import REGISTRY
+from benchmarks.execute import pipeline
+from benchmarks.execute.pipeline import RunConfig, build_trunk, run_one
+from benchmarks.execute.trunks import TrunkError
+from benchmarks.losses.registry import REGISTRY
+from benchmarks.results.knn import canonical_knn
 from benchmarks.run import main
-from benchmarks.trunks import TrunkError
 
 timm = pytest.importorskip("timm")
 

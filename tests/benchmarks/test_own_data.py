@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import pipeline
-from benchmarks.datasets import data_identity, load_dataset, split_identity
+from benchmarks.data.identity import data_identity, split_identity
+from benchmarks.data.load import load_dataset
+from benchmarks.data.own_data import BadDataError
 from benchmarks.examples.make_tiny_dataset import make_tiny_dataset
-from benchmarks.own_data import BadDataError
+from benchmarks.execute import pipeline
 from benchmarks.run import main
 
 
@@ -205,7 +206,7 @@ def test_bad_data_exits_2_with_one_line_naming_file_and_row_before_training(tmp_
     ],
 )
 def test_bad_own_data_options_exit_2(argv, message, tmp_path, capsys, monkeypatch):
-    from benchmarks import datasets
+    from benchmarks.data import load as datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     with pytest.raises(SystemExit) as exc:

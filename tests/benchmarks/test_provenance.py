@@ -8,7 +8,8 @@ import shutil
 import subprocess
 import sys
 
-from benchmarks import provenance, report
+from benchmarks.core import provenance
+from benchmarks.results import report
 from benchmarks.run import main
 
 TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0", "--batch-size", "32", "--seeds", "1"]
@@ -85,7 +86,7 @@ def test_a_changed_library_file_changes_the_key(tmp_path, monkeypatch, capsys):
 
 def test_digests_are_stable_across_processes_and_ignore_caches(tmp_path):
     here = provenance.code_digests()
-    code = "import json; from benchmarks import provenance as p; print(json.dumps(p.code_digests()))"
+    code = "import json; from benchmarks.core import provenance as p; print(json.dumps(p.code_digests()))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd())
     assert json.loads(other.stdout) == here
     tree = tmp_path / "pkg"

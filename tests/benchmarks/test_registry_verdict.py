@@ -10,8 +10,8 @@ import torch
 from pytorch_metric_learning.losses import ContrastiveLoss, MultiSimilarityLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-from benchmarks import report
-from benchmarks.registry import MEMORY_BASES, NAMR_ENTRIES, REGISTRY, BuildContext, namr_base_config
+from benchmarks.losses.registry import MEMORY_BASES, NAMR_ENTRIES, REGISTRY, BuildContext, namr_base_config
+from benchmarks.results import report
 from benchmarks.run import main
 from benchmarks.warmup_cross_batch_memory import WarmupCrossBatchMemory
 from pml_rll.losses import CrossBatchMemory, RankedListLoss

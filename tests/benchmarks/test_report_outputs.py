@@ -8,8 +8,8 @@ import io
 import matplotlib
 import pytest
 
-from benchmarks import report
-from benchmarks.progress import LineProgress, progress_bar
+from benchmarks.core.progress import LineProgress, progress_bar
+from benchmarks.results import report
 from benchmarks.run import main
 
 matplotlib.use("Agg")
@@ -107,8 +107,8 @@ def test_help_is_short_and_the_registry_is_in_list(capsys):
 
 
 def test_printed_namr_settings_are_the_effective_ones():
-    from benchmarks.config import build_registry
-    from benchmarks.pipeline import RunConfig
+    from benchmarks.execute.pipeline import RunConfig
+    from benchmarks.losses.config import build_registry
     from benchmarks.run import _namr_retrieval_line
     from pml_rll.losses import NAMR_CONFIGS
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import report
-from benchmarks.metrics import METRICS
-from benchmarks.registry import REGISTRY, default_loss_names
+from benchmarks.losses.registry import REGISTRY, default_loss_names
+from benchmarks.results import report
+from benchmarks.results.metrics import METRICS
+from benchmarks.results.store import ResultStore
 from benchmarks.run import main
-from benchmarks.store import ResultStore
 
 OMNIGLOT = os.environ.get("PML_RLL_OMNIGLOT") or None  # a folder holding the Omniglot archives
 TINY = ["--epochs", "2", "--iterations-per-epoch", "4", "--eval-every", "1"]
@@ -75,14 +75,14 @@ def test_digits_tiny_run_writes_every_output_and_resumes(tmp_path, capsys):
 
 
 def store_table():
-    from benchmarks.store import RUNS
+    from benchmarks.results.store import RUNS
 
     return RUNS
 
 
 @pytest.mark.skipif(OMNIGLOT is None, reason="Omniglot archives not found (set PML_RLL_OMNIGLOT)")
 def test_omniglot_archives_tiny_run(tmp_path):
-    from benchmarks.datasets import load_dataset
+    from benchmarks.data.load import load_dataset
 
     bundle = load_dataset("omniglot", OMNIGLOT, image_size=14)
     assert bundle.info["train_alphabets"] and bundle.info["test_alphabets"]
@@ -157,7 +157,7 @@ def test_trained_beats_untrained_for_our_losses(tmp_path):
 
 
 def test_registry_entries_build_with_paper_defaults():
-    from benchmarks.registry import EXCLUDED, BuildContext, default
+    from benchmarks.losses.registry import EXCLUDED, BuildContext, default
 
     assert "lifted-structure" in EXCLUDED and "lifted-structure" not in REGISTRY
     names = default_loss_names()

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks import report
-from benchmarks.store import RUNS, ResultStore
+from benchmarks.results import report
+from benchmarks.results.store import RUNS, ResultStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSSES = ("triplet", "contrastive", "ntxent")

@@ -16,9 +16,10 @@ import time
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from benchmarks import datasets, report
+from benchmarks.data import load as datasets
+from benchmarks.results import report
+from benchmarks.results.store import RUNS, ResultStore
 from benchmarks.run import main
-from benchmarks.store import RUNS, ResultStore
 from tests.benchmarks.test_runner_store import REPO, TINY, _rows, _runner, _url
 
 
@@ -57,12 +58,12 @@ def test_an_interrupted_no_resume_keeps_the_finished_run(tmp_path, monkeypatch, 
     args = ["--losses", "contrastive", "--seeds", "1", "--out", out] + TINY
     assert main(args) == 0
     before = report.load_jsonl(os.path.join(out, "results.jsonl"))
-    import benchmarks.pipeline
+    import benchmarks.execute.pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # SIGTERM or Ctrl-C in the middle of the new run
 
-    monkeypatch.setattr(benchmarks.pipeline, "run_one", interrupted)
+    monkeypatch.setattr(benchmarks.execute.pipeline, "run_one", interrupted)
     assert main(args + ["--no-resume", "--epochs", "1"]) == 130
     rows = _rows(out)
     assert [r["status"] for r in rows] == ["done"]
@@ -141,7 +142,7 @@ def test_a_worker_that_dies_fails_only_its_own_run(tmp_path):
 # ------------------------------------------------------------------------------------------------ concurrency
 OPEN_AT = """
 import sys, time
-from benchmarks.store import ResultStore, open_optuna_storage
+from benchmarks.results.store import ResultStore, open_optuna_storage
 url, start = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 ResultStore(url).close()
@@ -336,7 +337,7 @@ def test_a_pool_that_broke_since_the_last_wait_hands_back_a_broken_future():
     # A worker can die between the scheduler's wait and its next submit: the submit must not raise (that ended the
     # whole command), it hands back a future holding BrokenProcessPool, which the scheduler treats like a running
     # task the dying worker interrupted.
-    from benchmarks.executor import WorkerPool
+    from benchmarks.execute.executor import WorkerPool
 
     pool = WorkerPool(2)
     try:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from benchmarks import datasets
+from benchmarks.data import load as datasets
 from benchmarks.run import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -159,7 +159,7 @@ def test_a_module_beside_the_config_shadows_no_installed_module(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[losses.mine]\nclass = "mine:Mine"\n')
     code = (
-        "import sys; from benchmarks.config import load_config; load_config(sys.argv[1]); "
+        "import sys; from benchmarks.losses.config import load_config; load_config(sys.argv[1]); "
         "import colorsys; print(colorsys.__file__)"
     )
     res = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -168,8 +168,8 @@ def test_a_module_beside_the_config_shadows_no_installed_module(tmp_path):
 
 
 def test_storage_passwords_are_masked(no_data, tmp_path, capsys):
+    from benchmarks.results.store import mask_url
     from benchmarks.run import _masked_argv
-    from benchmarks.store import mask_url
 
     url = "postgresql+psycopg://bench:hunter2@127.0.0.1:1/results"
     assert "hunter2" not in mask_url(url) and "bench:***@127.0.0.1:1/results" in mask_url(url)

@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.datasets import (
-    DatasetUnavailableError,
-    PairedDataset,
-    RandomShift,
-    load_dataset,
-    read_idx,
-)
-from benchmarks.metrics import RetrievalAccuracyCalculator
-from benchmarks.pipeline import PairedMPerClassSampler
+from benchmarks.data.bundle import DatasetUnavailableError, PairedDataset, RandomShift
+from benchmarks.data.fashion_mnist import read_idx
+from benchmarks.data.load import load_dataset
+from benchmarks.execute.pipeline import PairedMPerClassSampler
+from benchmarks.results.metrics import RetrievalAccuracyCalculator
 from benchmarks.run import main
 
 

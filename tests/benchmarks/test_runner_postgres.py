@@ -67,7 +67,7 @@ def postgres_url():
 
 
 def test_two_runners_share_a_postgres_store(postgres_url, tmp_path):
-    from benchmarks.store import RUNS, ResultStore
+    from benchmarks.results.store import RUNS, ResultStore
 
     args = [sys.executable, "-m", "benchmarks.run", "--losses", "triplet,contrastive", "--seeds", "2", *TINY]
     args += ["--storage", postgres_url]

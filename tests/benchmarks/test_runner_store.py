@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import report
+from benchmarks.results import report
+from benchmarks.results.store import RUNS, ResultStore
 from benchmarks.run import main
-from benchmarks.store import RUNS, ResultStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0"]

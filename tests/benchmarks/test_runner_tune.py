@@ -10,12 +10,12 @@ import time
 import pytest
 from pytorch_metric_learning.losses import ContrastiveLoss
 
-from benchmarks import report
-from benchmarks.config import build_registry, parse_value
-from benchmarks.datasets import DatasetBundle
-from benchmarks.registry import BuildContext
+from benchmarks.data.bundle import DatasetBundle
+from benchmarks.losses.config import build_registry, parse_value
+from benchmarks.losses.registry import BuildContext
+from benchmarks.results import report
+from benchmarks.results.store import ResultStore
 from benchmarks.run import main
-from benchmarks.store import ResultStore
 
 TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--eval-every", "0", "--batch-size", "32"]
 BUILT: list[ScaledContrastiveLoss] = []
@@ -158,7 +158,8 @@ def test_tune_two_trials_two_folds_never_reads_test(tmp_path, monkeypatch, capsy
 
 
 def test_sealed_test_split_raises():
-    from benchmarks.datasets import TestSplitSealedError, load_dataset
+    from benchmarks.data.bundle import TestSplitSealedError
+    from benchmarks.data.load import load_dataset
 
     bundle = load_dataset("digits")
     bundle.test_sealed = True

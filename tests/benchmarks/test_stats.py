@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from benchmarks import report, stats
-from benchmarks.stats import Interval, t_interval
+from benchmarks.results import report, stats
+from benchmarks.results.stats import Interval, t_interval
 
 
 def rec(loss, family, seed, map_r, p1=None, variant="untuned"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.headline import EXPORT, OUTPUT, headline_table, main, readme_table
-from benchmarks.report import load_jsonl
+from benchmarks.results.headline import EXPORT, OUTPUT, headline_table, main, readme_table
+from benchmarks.results.report import load_jsonl
 from tests.docs.snippets import ROOT
 
 

@@ -98,7 +98,7 @@ def _append(path: Path, line: str) -> None:
         ),
         (
             "pml_rll/utils/distances.py",
-            "import benchmarks.common  # noqa: E402,F401",
+            "import benchmarks.core.common  # noqa: E402,F401",
             "the library never imports the benchmarks BROKEN",
         ),
     ],

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N -m benchmarks.run ...`` starts N processes with the ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` environment variables set; :func:`setup` reads them, joins the
 process group (nccl on GPUs, one GPU per process chosen by ``LOCAL_RANK``; gloo on CPUs) and returns the
-:class:`DistributedContext` that the runner and :func:`benchmarks.pipeline.run_one` consult. Without those
+:class:`DistributedContext` that the runner and :func:`benchmarks.execute.pipeline.run_one` consult. Without those
 variables (a plain ``python -m benchmarks.run``) the context is the single process and nothing here changes a run.
 
 What one run does with W processes (choices of this runner, each documented in the README):
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 
-from .common import resolve_device
+from ..core.common import resolve_device
 
 #: environment variables set by torchrun (and by ``torch.distributed.run``) in every process it starts
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -399,7 +399,7 @@ def cross_batch_support(
 
     from pml_rll.losses.ranked_list_loss import RankedListLoss
 
-    from .registry import BuildContext
+    from ..losses.registry import BuildContext
 
     spec = entry.build(BuildContext(num_classes=num_classes, embedding_size=embedding_size), hparams)
     loss = spec.loss
@@ -413,7 +413,7 @@ def cross_batch_support(
 
 
 # ---------------------------------------------------------------------------------------------------- the runner
-#: the task fields the other ranks need to train in step with rank 0 (see ``benchmarks.executor.execute``)
+#: the task fields the other ranks need to train in step with rank 0 (see ``benchmarks.execute.executor.execute``)
 TASK_FIELDS = ("entry", "hparams", "seed", "fold", "folds", "log_dir")
 
 

@@ -1,4 +1,4 @@
-"""The work of one runner command, as sources for ``benchmarks.executor.schedule``.
+"""The work of one runner command, as sources for ``benchmarks.execute.executor.schedule``.
 
 * :class:`RunSource`: (loss, hyper-parameters, seed) runs on the test split, each claimed in the results store.
 * :class:`TuneSource`: the Reality Check protocol for one loss. Trial slot s (s = 0 .. trials-1) is claimed in the
@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .datasets import TestSplitSealedError
-from .provenance import class_digests
-from .registry import LossEntry
-from .store import ClaimLostError, ResultStore, disk_full
+from ..core.provenance import class_digests
+from ..data.bundle import TestSplitSealedError
+from ..losses.registry import LossEntry
+from ..results.store import ClaimLostError, ResultStore, disk_full
 
 PRIMARY = "mean_average_precision_at_r"
 
@@ -193,7 +193,7 @@ class TuneSource:
         ctx: the command's shared context (``ctx.tune_meta`` holds folds, trials and the sampler settings).
         entry: the registry entry; its search space is what is tuned.
         hparams: every hyper-parameter's value outside the search (defaults + ``--set``).
-        folds: the training labels of each fold (``benchmarks.datasets.class_folds``).
+        folds: the training labels of each fold (``benchmarks.data.folds.class_folds``).
         trials: the number of trial slots.
     """
 

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..core.common import atomic_write
 from . import stats
-from .common import atomic_write
 from .metrics import METRICS, SHORT_NAMES
 
 TABLE_METRICS = METRICS
@@ -380,7 +380,7 @@ def _code_line(code: dict) -> str:
 
 
 def code_section(records: list[dict]) -> str:
-    """Which code made the rows: the package version and source digests (benchmarks/provenance.py), and per loss
+    """Which code made the rows: the package version and source digests (benchmarks/core/provenance.py), and per loss
     the digest of each class's source file. Every digest is part of the rows' store keys."""
     codes = [r["code"] for r in records if r.get("code")]
     if not codes:
@@ -408,13 +408,13 @@ def markdown_report(records: list[dict], header: str = "", tuning: dict | None =
         return (
             markdown_tables(records, header)
             + "\n"
-            + stats.markdown(records)  # intervals (benchmarks/stats.py)
+            + stats.markdown(records)  # intervals (benchmarks/results/stats.py)
             + ("\n" + code if code else "")
         )
     parts = [header.rstrip() + "\n" if header else "", tuning_tables(records, tuning)]
     parts.append("\n## Test split, tuned hyper-parameters\n\n" + markdown_tables(_variant(records, "tuned")))
     parts.append("\n## Test split, untuned (defaults)\n\n" + markdown_tables(_variant(records, "untuned")))
-    parts.append(stats.markdown(records))  # 95% intervals and verdicts (benchmarks/stats.py)
+    parts.append(stats.markdown(records))  # 95% intervals and verdicts (benchmarks/results/stats.py)
     if code:
         parts.append("\n## Code\n\n" + code)
     return "\n".join(p for p in parts if p)

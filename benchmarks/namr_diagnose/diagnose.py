@@ -3,8 +3,8 @@
 python -m benchmarks.namr_diagnose --data-root DIR --bases triplet --variants base nasa structure_weight=0.5
 
 For every base loss (a registry entry: triplet, multi-similarity, contrastive, rll), every variant and every seed,
-one model is trained with the benchmark runner's own pipeline (``benchmarks.pipeline.run_one``: same trunk, sampler,
-paired seeds and budget as ``python -m benchmarks.run``) and then analysed:
+one model is trained with the benchmark runner's own pipeline (``benchmarks.execute.pipeline.run_one``: same trunk,
+sampler, paired seeds and budget as ``python -m benchmarks.run``) and then analysed:
 
 * **during training** (every ``--trace-every`` iterations, NAMR variants): where the anchor-adaptive distances D_ij
   sit relative to the centres (share of pairs nearest to each centre, for same-class and other-class pairs), and
@@ -43,11 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import report
-from .common import environment_info
-from .datasets import PairedDataset, RandomShift, omniglot_alphabet_split, read_omniglot, remap_labels
-from .registry import REGISTRY, BuildContext, LossEntry, LossSpec, Param, namr_spec
-from .sources import key_of
+from ..core.common import environment_info
+from ..data.bundle import PairedDataset, RandomShift, remap_labels
+from ..data.omniglot import omniglot_alphabet_split, read_omniglot
+from ..losses.registry import REGISTRY, BuildContext, LossEntry, LossSpec, Param, namr_spec
+from ..plan.sources import key_of
+from ..results import report
 
 CANDIDATES = (1, 8, 32, 128, None)  # None: all references
 BLENDS = (1.0, 0.5, 0.25, 0.1)
@@ -59,7 +60,7 @@ TOP1_KEYS = ("top1_changed", "top1_fixed", "top1_broken")
 # ------------------------------------------------------------------------------------------------ data
 def load_validation_bundle(data_root: str, val_alphabets: list[str] | None = None):
     """The runner's training alphabets only, split into train and validation alphabets (the test ones unused)."""
-    from .datasets import DatasetBundle
+    from ..data.bundle import DatasetBundle
 
     images, keys = read_omniglot(data_root, image_size=28)
     if not keys:
@@ -685,7 +686,7 @@ def choose(records: list[dict], min_seeds: int = 2) -> tuple[str, dict[str, str]
 
 def runner_table(records: list[dict]) -> str:
     """The final table from the runner's results.jsonl: NAMR + X (plain and re-ranked) against X, paired seeds."""
-    from .registry import NAMR_ENTRIES
+    from ..losses.registry import NAMR_ENTRIES
 
     by: dict = {}
     for r in records:
@@ -750,9 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_root:
         p.error("--data-root is required")
 
-    from .datasets import load_dataset
-    from .pipeline import RunConfig, run_one
-    from .run import DATASET_DEFAULTS
+    from ..data.load import load_dataset
+    from ..execute.pipeline import RunConfig, run_one
+    from ..run import DATASET_DEFAULTS
 
     torch.set_num_threads(1)
     d = DATASET_DEFAULTS["omniglot"]

@@ -59,7 +59,7 @@ def tree_digest(folder: str) -> str:
 def package_folder(name: str) -> str:
     """The folder of an imported package (``benchmarks`` is this module's own package, whatever its name)."""
     if name == "benchmarks":
-        return os.path.dirname(os.path.abspath(__file__))
+        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     module = importlib.import_module(name)
     return os.path.dirname(os.path.abspath(module.__file__ or ""))
 

@@ -29,11 +29,11 @@ import torch
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..core.progress import progress_bar
+from ..data.bundle import DatasetBundle
+from ..losses.registry import BuildContext, LossEntry, LossSpec
+from ..results.metrics import NAMRAccuracyCalculator, RetrievalAccuracyCalculator, summarize
 from . import distributed
-from .datasets import DatasetBundle
-from .metrics import NAMRAccuracyCalculator, RetrievalAccuracyCalculator, summarize
-from .progress import progress_bar
-from .registry import BuildContext, LossEntry, LossSpec
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
 warnings.filterwarnings("ignore", message="Values of Tp or Tn are too high")
@@ -63,7 +63,7 @@ class RunConfig:
     trunk_weights: str | None = None  # --trunk-weights: a local checkpoint's path ...
     trunk_weights_sha1: str | None = None  # ... and its content hash (a changed file is a new configuration)
     freeze_bn: bool = False  # --freeze-bn: the trunk's BatchNorm layers in eval mode while training
-    knn: str = "exact"  # --knn: the tester's neighbour search and its settings (benchmarks.knn.canonical_knn)
+    knn: str = "exact"  # --knn: the tester's neighbour search and its settings (benchmarks.results.knn.canonical_knn)
     eval_precision: str = "float32"  # --eval-precision: dtype the evaluation embeddings are kept in
 
     #: options added later, left out of the key at their defaults so that earlier configurations keep their hash
@@ -77,7 +77,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        from .knn import canonical_knn
+        from ..results.knn import canonical_knn
 
         self.knn = canonical_knn(self.knn)  # every index setting spelled out: a changed default is a new key
 
@@ -134,7 +134,7 @@ def build_trunk(
     name: str, input_shape: tuple[int, ...], pretrained: bool = True, weights: str | None = None
 ) -> tuple[torch.nn.Module, int, str]:
     """Return (trunk, output width, note). ResNets load ImageNet weights when they can (cached or downloadable);
-    ``timm:<name>`` and torchvision model names are built by :mod:`benchmarks.trunks`; ``weights``, a local
+    ``timm:<name>`` and torchvision model names are built by :mod:`benchmarks.execute.trunks`; ``weights``, a local
     checkpoint, replaces any pretrained weights (no download)."""
     if weights is not None:
         from .trunks import load_trunk_weights
@@ -347,9 +347,9 @@ def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = N
     """PML's accuracy calculator for a plain loss (``namr_loss=None``); for a ``NAMRLoss``, its re-ranked retrieval
     and plain retrieval (``NAMRReRankKNN.for_loss``: the validated settings in the geometry the loss trained),
     with the entry's ``retrieval`` settings (``--set NAME.retrieval.blend=...``) laid over them. ``knn``
-    (``--knn``): the neighbour search, exact or a faiss index (:class:`benchmarks.knn.ScalableKNN`); for NAMR it
+    (``--knn``): the neighbour search, exact or a faiss index (:class:`benchmarks.results.knn.ScalableKNN`); for NAMR it
     finds the candidates that the structure embedding re-ranks."""
-    from .knn import ScalableKNN
+    from ..results.knn import ScalableKNN
 
     knn_func = ScalableKNN.from_spec(knn)
     if namr_loss is None:  # exact: PML's CustomKNN as before, its query batch bounded for large reference sets
@@ -389,11 +389,12 @@ def run_one(
 ) -> dict:
     """Train one (loss, seed) with ``hparams`` and evaluate it on ``bundle.test``; return the result record.
 
-    ``bundle`` may be a tuning fold (:func:`benchmarks.datasets.fold_bundle`), whose ``test`` is the held-out fold.
+    ``bundle`` may be a tuning fold (:func:`benchmarks.data.folds.fold_bundle`), whose ``test`` is the held-out fold.
     ``after_training(trunk, embedder, loss_spec) -> dict``, when given, runs on the trained models (after the
     last evaluation); its result is stored under the record's ``"after_training"`` key (extra analyses such as
-    ``benchmarks/namr_diagnose.py``). ``should_stop()``, when given, is called before every write of the per-run
-    logs (each iteration's and epoch's end); it raises to stop the run (a claim taken over by another runner)."""
+    ``benchmarks/namr_diagnose/diagnose.py``). ``should_stop()``, when given, is called before every write of the
+    per-run logs (each iteration's and epoch's end); it raises to stop the run (a claim taken over by another
+    runner)."""
     from pytorch_metric_learning.utils import logging_presets
 
     main = distributed.current().is_main  # DDP hook: only rank 0 logs, evaluates and returns a record

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .common import did_you_mean
-from .provenance import import_current
+from ..core.common import did_you_mean
+from ..core.provenance import import_current
 from .registry import FAMILIES, LR_MULTIPLIER, REGISTRY, LossEntry, Param, Registry
 
 if sys.version_info >= (3, 11):

@@ -33,7 +33,8 @@ import sys
 
 import tqdm
 
-from .datasets import DatasetBundle, PairedDataset, remap_labels, rgb_transforms
+from .bundle import DatasetBundle, PairedDataset, remap_labels
+from .pml_images import rgb_transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")

@@ -24,8 +24,8 @@ k is what the metrics need (the largest class, at least 8 for Recall@8), never t
 
 :func:`retrieval_metrics` computes the runner's kNN metrics (P@1, Recall@1/2/4/8 as in the DML papers, MAP@R,
 R-precision) from the neighbour indices, in chunks of queries, equal to
-:class:`benchmarks.metrics.RetrievalAccuracyCalculator` (the tests compare them); :func:`evaluate_embeddings` runs
-the search and the metrics in one call, the evaluation that ``benchmarks/eval_scale.py`` measures.
+:class:`benchmarks.results.metrics.RetrievalAccuracyCalculator` (the tests compare them); :func:`evaluate_embeddings`
+runs the search and the metrics in one call, the evaluation that ``benchmarks/eval_scale.py`` measures.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ class ScalableKNN:
 
 
 def needed_k(reference_labels: np.ndarray, ref_includes_query: bool, num_reference: int) -> int:
-    """k as :class:`benchmarks.metrics.RetrievalAccuracyCalculator` chooses it: the largest class (minus the
+    """k as :class:`benchmarks.results.metrics.RetrievalAccuracyCalculator` chooses it: the largest class (minus the
     query itself), at least 8, at most the references searchable."""
     self_count = int(ref_includes_query)
     counts = np.unique(reference_labels, return_counts=True)[1]

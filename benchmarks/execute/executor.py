@@ -7,8 +7,8 @@ runner leaves no workers behind). ``schedule`` keeps the workers busy with the t
 (a source claims its work in the results store before handing it out) and returns each result to its source.
 
 A task runs under its claim: it checks now and then (at most every few seconds, at iteration ends) that the claim
-is still its own, and raises :class:`benchmarks.store.ClaimLostError` as soon as it is not. A worker process that
-dies breaks the whole process pool: the pool is started again, and the tasks it was running are run again one at
+is still its own, and raises :class:`benchmarks.results.store.ClaimLostError` as soon as it is not. A worker process
+that dies breaks the whole process pool: the pool is started again, and the tasks it was running are run again one at
 a time, so that only the task that kills its worker fails (``BrokenProcessPool`` handed to its source).
 """
 
@@ -30,7 +30,7 @@ _FOLD_BUNDLES: dict[tuple[Any, ...], Any] = {}
 
 
 def _bundle(job: dict[str, Any]) -> Any:
-    from .datasets import load_dataset
+    from ..data.load import load_dataset
 
     key = (
         job["dataset"],
@@ -61,7 +61,7 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     """Run one task (see the module docstring) and return its result record. Starts from empty per-run logs."""
     import torch
 
-    from .datasets import fold_bundle
+    from ..data.folds import fold_bundle
     from .pipeline import run_one
 
     for p in job.get("sys_path", ()):
@@ -76,7 +76,7 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
         fkey = (id(bundle), task["fold"], repr(task["folds"]))
         if fkey not in _FOLD_BUNDLES:
             _FOLD_BUNDLES[fkey] = fold_bundle(bundle, task["folds"], task["fold"])
-        data = _FOLD_BUNDLES[fkey]  # --eval-every draws the held-out fold's curve (benchmarks/convergence.py)
+        data = _FOLD_BUNDLES[fkey]  # --eval-every draws the held-out fold's curve (benchmarks/results/convergence.py)
     else:
         bundle.test_sealed = False
         data = bundle
@@ -107,7 +107,7 @@ def execute(job: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
 def _claim_check(job: dict[str, Any], task: dict[str, Any]) -> Callable[[], None] | None:
     """A callable that raises ClaimLostError once the task's claim belongs to another runner (it asks the store
     at most every ``min(lease / 4, 5)`` seconds); None without a claim or under torchrun (the ranks train in step)."""
-    from .store import ClaimLostError, claim_lost
+    from ..results.store import ClaimLostError, claim_lost
 
     claim, url = task.get("claim"), job.get("storage")
     if not claim or not url or claim[2] is None or distributed.current().is_distributed:
@@ -150,8 +150,8 @@ def _watch_parent(parent: int) -> None:
 
 class WorkerPool:
     """``jobs`` worker processes (spawned, ending with this process), or inline execution for ``jobs == 1``
-    (under torchrun, on rank 0, with every task sent to the other ranks first: ``benchmarks.distributed.follow``).
-
+    (under torchrun, on rank 0, with every task sent to the other ranks first:
+    ``benchmarks.execute.distributed.follow``).
     Args:
         jobs: number of tasks that run at once.
     """
