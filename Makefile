@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 # `timeout` (e.g. 3h) after which the runner stops cleanly and exports what is finished; 0 runs to the end.
 VERDICT_DATA ?= $(PML_RLL_DATA)/omniglot
 VERDICT_OUT ?= results/omniglot_verdict
-VERDICT_EPOCHS ?= 30
+VERDICT_EPOCHS ?= 20
 VERDICT_JOBS ?= 2
 VERDICT_SEGMENT ?= 0
 VERDICT_DOCS ?= docs/results/omniglot_verdict
@@ -27,7 +27,7 @@ VERDICT_ARGS = --dataset omniglot --data-root $(VERDICT_DATA) --losses all --tun
 	--epochs $(VERDICT_EPOCHS) --iterations-per-epoch 100 --eval-every 10 --jobs $(VERDICT_JOBS) --out $(VERDICT_OUT)
 CONVERGENCE_OUT ?= results/omniglot_convergence
 CONVERGENCE_LOSSES ?= rll,rll-autograd,pml-rll,multi-similarity,circle,margin,ntxent
-CONVERGENCE_EPOCHS ?= 60
+CONVERGENCE_EPOCHS ?= 40
 
 venv: $(STAMP)
 

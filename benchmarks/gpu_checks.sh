@@ -67,10 +67,10 @@ fi
 BENCH=("$PY" -m benchmarks.loss_speed --device "$DEVICE" --no-progress --no-plot)
 step speed "$LIMIT" "${BENCH[@]}" "${SIZES[@]}" --out "$WORK/speed"
 step speed_hard "$LIMIT" "${BENCH[@]}" "${HARD_SIZES[@]}" --inputs hard --no-memory \
-  --losses rll_paper rll_autograd pml_rll floor --out "$WORK/speed_hard"
+  --losses rll rll-autograd pml-rll floor --out "$WORK/speed_hard"
 step xbm "$LIMIT" "${BENCH[@]}" "${XBM_SIZES[@]}" \
-  --losses rll_paper rll_autograd contrastive multi_similarity floor --out "$WORK/xbm"
+  --losses rll rll-autograd contrastive multi-similarity floor --out "$WORK/xbm"
 step compile $((LIMIT + 30)) "${BENCH[@]}" "${COMPILE_SIZES[@]}" --compile --no-memory \
-  --losses rll_paper rll_autograd floor --out "$WORK/compile"
+  --losses rll rll-autograd floor --out "$WORK/compile"
 tar czf "$OUT/gpu_results.tgz" -C "$WORK" .
 ls -la "$OUT"

@@ -1,11 +1,14 @@
-"""What the benchmark scripts share: atomic file writes, device resolution and a description of the machine."""
+"""What the benchmark scripts share: atomic file writes (figures too), device resolution and a description of the
+machine."""
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import tempfile
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -32,6 +35,16 @@ def atomic_write(path: str, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_png(fig: Any, path: str, dpi: int = 110) -> None:
+    """Write the matplotlib figure ``fig`` as a PNG with :func:`atomic_write`, then close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def resolve_device(arg: str) -> torch.device:

@@ -3,10 +3,10 @@
 Run from the repository root::
 
     python -m benchmarks.loss_speed                      # full default sweep, CPU or CUDA (auto)
-    python -m benchmarks.loss_speed --batch-sizes 256 512 --losses rll_paper pml_rll floor --no-memory
-    python -m benchmarks.loss_speed --inputs hard --losses rll_paper rll_autograd pml_rll floor --no-memory
+    python -m benchmarks.loss_speed --batch-sizes 256 512 --losses rll pml-rll floor --no-memory
+    python -m benchmarks.loss_speed --inputs hard --losses rll rll-autograd pml-rll floor --no-memory
     python -m benchmarks.loss_speed --ref-size 65536 --batch-sizes 256 --dim 128 --threads 1 \
-        --losses rll_paper rll_autograd contrastive multi_similarity floor   # cross-batch memory mode
+        --losses rll rll-autograd contrastive multi-similarity floor   # cross-batch memory mode
 
 What is measured
 ----------------
@@ -41,7 +41,7 @@ ratios asked for by the speed targets) and ``loss_speed.png`` (log-log time and 
 
 from __future__ import annotations
 
-from .cases import REGISTRY, LossSpec, RatioSpec, Unavailable, Workload, ratio_specs
+from .cases import CASES, RatioSpec, SpeedCase, Unavailable, Workload, ratio_specs
 from .cli import main
 from .render import JSON_NAME, MD_NAME, PNG_NAME, compute_ratios
 
@@ -49,8 +49,8 @@ __all__ = [
     "JSON_NAME",
     "MD_NAME",
     "PNG_NAME",
-    "REGISTRY",
-    "LossSpec",
+    "CASES",
+    "SpeedCase",
     "RatioSpec",
     "Unavailable",
     "Workload",

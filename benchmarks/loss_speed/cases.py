@@ -1,4 +1,4 @@
-"""What the loss speed benchmark measures: the losses (a registry of builders), the inputs, the target ratios."""
+"""What the loss speed benchmark measures: the cases (one builder per loss), the inputs, the target ratios."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Workload:
 
 
 class Unavailable(Exception):
-    """Raised by a registry factory when the loss cannot be built here (missing class, wrong signature).
+    """Raised by a case's builder when the loss cannot be built here (missing class, wrong signature).
 
     ``short`` goes into the tables, ``detail`` (the underlying error) into the JSON and the notes.
     """
@@ -69,8 +69,8 @@ Builder = Callable[[int, Workload, torch.device], tuple[Step, list[torch.nn.Modu
 
 
 @dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """One benchmarked loss.
+class SpeedCase:
+    """One benchmarked loss: a case of the loss speed benchmark, named like the loss's benchmark registry entry.
 
     ``build(batch_size, workload, device)`` returns ``(step, modules)``: the step function and the modules whose
     parameters receive gradients (their grads are cleared between steps). It raises ``Unavailable`` when the
@@ -190,7 +190,9 @@ def _multi_cluster_ranking(
     return loss, [loss]
 
 
-def _namr_ms(batch_size: int, workload: Workload, device: torch.device) -> tuple[Step, list[torch.nn.Module]]:
+def _namr_multi_similarity(
+    batch_size: int, workload: Workload, device: torch.device
+) -> tuple[Step, list[torch.nn.Module]]:
     from pytorch_metric_learning.losses import MultiSimilarityLoss
 
     _no_reference("NAMRLoss", workload)
@@ -218,64 +220,64 @@ def _floor(batch_size: int, workload: Workload, device: torch.device) -> tuple[S
     return step, []
 
 
-REGISTRY: dict[str, LossSpec] = {
+CASES: dict[str, SpeedCase] = {
     s.name: s
     for s in [
-        LossSpec(
-            "rll_paper",
+        SpeedCase(
+            "rll",
             "ours RankedListLoss (paper grad)",
             _ours_rll("paper"),
             note=f"pml_rll RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN}, gradient='paper')",
         ),
-        LossSpec(
-            "rll_autograd",
+        SpeedCase(
+            "rll-autograd",
             "ours RankedListLoss (autograd)",
             _ours_rll("autograd"),
             note=f"pml_rll RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN}, gradient='autograd')",
         ),
-        LossSpec(
-            "pml_rll",
+        SpeedCase(
+            "pml-rll",
             "PML RankedListLoss",
             _pml_rll,
             note=f"pytorch_metric_learning RankedListLoss(margin={RLL_MARGIN}, Tn={RLL_TN})",
         ),
-        LossSpec(
-            "multi_similarity",
+        SpeedCase(
+            "multi-similarity",
             "PML MultiSimilarityLoss",
             _multi_similarity,
             note="MultiSimilarityLoss() defaults, no miner",
         ),
-        LossSpec("contrastive", "PML ContrastiveLoss", _contrastive, note="ContrastiveLoss() defaults, all pairs"),
-        LossSpec(
-            "triplet_all",
+        SpeedCase("contrastive", "PML ContrastiveLoss", _contrastive, note="ContrastiveLoss() defaults, all pairs"),
+        SpeedCase(
+            "triplet",
             "PML Triplet + miner (all)",
             _triplet_all,
             note="TripletMarginLoss() with TripletMarginMiner(type_of_triplets='all'); miner time included",
             max_batch=1024,
             max_batch_reason="all-triplets mining is O(B^3)",
         ),
-        LossSpec(
-            "proxy_anchor",
+        SpeedCase(
+            "proxy-anchor",
             "PML ProxyAnchorLoss",
             _proxy_anchor,
             note="ProxyAnchorLoss(num_classes=B/4, embedding_size=D); proxies receive gradients",
         ),
-        LossSpec(
-            "multi_cluster_ranking",
+        SpeedCase(
+            "multi-cluster-ranking",
             "ours MultiClusterRankingLoss",
             _multi_cluster_ranking,
             packed=True,
             note="pml_rll MultiClusterRankingLoss(embedding_size=D) on a packed (B, 2D) input",
         ),
-        LossSpec(
-            "namr_ms",
+        SpeedCase(
+            "namr-multi-similarity",
             "ours NAMRLoss(MultiSimilarity)",
-            _namr_ms,
+            _namr_multi_similarity,
             packed=True,
             note="pml_rll NAMRLoss(MultiSimilarityLoss(), embedding_size=D) on a packed (B, 2D) input; "
             "its overhead is this row minus the MultiSimilarity row (which sees a (B, D) input)",
         ),
-        LossSpec(
+        SpeedCase(
             "floor",
             "floor: normalize + Gram",
             _floor,
@@ -284,6 +286,36 @@ REGISTRY: dict[str, LossSpec] = {
         ),
     ]
 }
+
+
+#: Case names of earlier releases, still accepted by ``--losses`` and read from an earlier ``loss_speed.json`` by
+#: ``--resume``: old name -> its name now (the benchmark registry's name of the loss, ``python -m benchmarks.run
+#: --list``; the cases without a registry entry are named in the same style).
+DEPRECATED_NAMES = {
+    "rll_paper": "rll",
+    "rll_autograd": "rll-autograd",
+    "pml_rll": "pml-rll",
+    "multi_similarity": "multi-similarity",
+    "triplet_all": "triplet",
+    "proxy_anchor": "proxy-anchor",
+    "multi_cluster_ranking": "multi-cluster-ranking",
+    "namr_ms": "namr-multi-similarity",
+}
+
+
+def current_name(name: str) -> str:
+    """The case name now of ``name`` (a :data:`DEPRECATED_NAMES` name is translated, any other returned as is)."""
+    return DEPRECATED_NAMES.get(name, name)
+
+
+def with_current_names(doc: dict[str, Any]) -> dict[str, Any]:
+    """A ``loss_speed.json`` document with every case under its name now (``config.losses``, ``results``): an earlier
+    run's file is read as if it had been written today, so ``--resume`` reuses it."""
+    cfg = dict(doc.get("config", {}))
+    if "losses" in cfg:
+        cfg["losses"] = [current_name(n) for n in cfg["losses"]]
+    results = {current_name(n): per for n, per in doc.get("results", {}).items()}
+    return {**doc, "config": cfg, "results": results}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,15 +334,15 @@ class RatioSpec:
 
 
 RATIO_SPECS: list[RatioSpec] = [
-    RatioSpec("time ours (paper) / PML RankedListLoss", "time", "rll_paper", "pml_rll", (512, 1024), 0.5),
-    RatioSpec("time ours (paper) / floor", "time", "rll_paper", "floor", (1024, 2048), 1.0),
-    RatioSpec("peak memory ours (paper) / PML RankedListLoss", "memory", "rll_paper", "pml_rll", (4096,), 0.5),
-    RatioSpec("peak memory ours (autograd) / PML RankedListLoss", "memory", "rll_autograd", "pml_rll", (4096,), None),
-    RatioSpec("time ours (autograd) / ours (paper)", "time", "rll_autograd", "rll_paper", None, 1.5),
-    RatioSpec("time ours (paper) / ContrastiveLoss", "time", "rll_paper", "contrastive", None, 0.3, True),
-    RatioSpec("peak memory ours (paper) / ContrastiveLoss", "memory", "rll_paper", "contrastive", None, 0.1, True),
-    RatioSpec("time ours (paper) / MultiSimilarityLoss", "time", "rll_paper", "multi_similarity", None, None, True),
-    RatioSpec("time ours (paper) / floor (reference set)", "time", "rll_paper", "floor", None, None, True),
+    RatioSpec("time ours (paper) / PML RankedListLoss", "time", "rll", "pml-rll", (512, 1024), 0.5),
+    RatioSpec("time ours (paper) / floor", "time", "rll", "floor", (1024, 2048), 1.0),
+    RatioSpec("peak memory ours (paper) / PML RankedListLoss", "memory", "rll", "pml-rll", (4096,), 0.5),
+    RatioSpec("peak memory ours (autograd) / PML RankedListLoss", "memory", "rll-autograd", "pml-rll", (4096,), None),
+    RatioSpec("time ours (autograd) / ours (paper)", "time", "rll-autograd", "rll", None, 1.5),
+    RatioSpec("time ours (paper) / ContrastiveLoss", "time", "rll", "contrastive", None, 0.3, True),
+    RatioSpec("peak memory ours (paper) / ContrastiveLoss", "memory", "rll", "contrastive", None, 0.1, True),
+    RatioSpec("time ours (paper) / MultiSimilarityLoss", "time", "rll", "multi-similarity", None, None, True),
+    RatioSpec("time ours (paper) / floor (reference set)", "time", "rll", "floor", None, None, True),
 ]
 
 
@@ -352,7 +384,7 @@ def _embeddings(labels: torch.Tensor, batch_size: int, workload: Workload, kind:
 
 
 def make_input(
-    spec: LossSpec, batch_size: int, workload: Workload, device: torch.device, kind: str | None = None
+    spec: SpeedCase, batch_size: int, workload: Workload, device: torch.device, kind: str | None = None
 ) -> torch.Tensor:
     """The batch of one (loss, batch size): ``kind`` (default ``workload.inputs``) says how it is drawn."""
     labels = make_labels(batch_size, torch.device("cpu"))

@@ -18,15 +18,18 @@ import torch
 
 from ..core.common import device_name, resolve_device
 from .cases import (
+    CASES,
+    DEPRECATED_NAMES,
     INPUT_KINDS,
-    REGISTRY,
     SAMPLES_PER_CLASS,
     Step,
     Unavailable,
     Workload,
+    current_name,
     make_input,
     make_labels,
     ratio_specs,
+    with_current_names,
 )
 from .measure import measure_memory_here, measure_memory_subprocess, timed_step
 from .render import JSON_NAME, MD_NAME, PNG_NAME, render_markdown, write_outputs
@@ -79,7 +82,7 @@ def time_batch(names: list[str], batch_size: int, sweep: Sweep, too_slow: dict[s
     runnable: dict[str, tuple[Step, list[torch.nn.Module], torch.Tensor]] = {}
     labels = make_labels(batch_size, device)
     for n in names:
-        spec, e = REGISTRY[n], _entry(results, n, batch_size)
+        spec, e = CASES[n], _entry(results, n, batch_size)
         if spec.max_batch is not None and batch_size > spec.max_batch:
             e.update(time_status="skipped", time_reason=f"{spec.max_batch_reason}; max B {spec.max_batch}", capped=True)
         elif n in too_slow:
@@ -159,14 +162,8 @@ def memory_batch(names: list[str], batch_size: int, sweep: Sweep) -> None:
         bar.update(1)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..run import ArgumentParser  # one-line errors naming the closest choice
-
-    p = ArgumentParser(
-        prog=PROG,
-        description="Forward+backward time and peak memory of metric-learning losses against batch size.",
-        epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in REGISTRY.items()),
-    )
+def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """What is measured: batch sizes, width, repeats, warm-up, threads, device, losses."""
     p.add_argument(
         "--batch-sizes",
         type=int,
@@ -191,10 +188,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--losses",
         nargs="+",
-        default=list(REGISTRY),
+        default=list(CASES),
         metavar="NAME",
         help="subset of losses by registry name (default: all)",
     )
+
+
+def _add_limit_and_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Memory measurements, the time limit of a step, and the inputs (seed, kind, reference set)."""
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
     p.add_argument(
         "--memory-batch-sizes",
@@ -232,6 +233,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "ref_labels; drawn like the inputs, no gradient) instead of the batch; losses that take no reference set "
         "are reported unavailable (default: 0, off)",
     )
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Outputs, resuming, torch.compile, the figure and the progress bar."""
     p.add_argument(
         "--out",
         default=os.path.join("results", "loss_speed"),
@@ -251,10 +256,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--memory-worker", metavar="NAME", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    bad = [n for n in args.losses if n not in REGISTRY]
+
+
+def _checked_losses(p: argparse.ArgumentParser, names: list[str]) -> list[str]:
+    """``--losses`` under the names of :data:`CASES` (an earlier release's name translated, with a note), once
+    each, in the order given; an unknown name is an error."""
+    old = [n for n in names if n in DEPRECATED_NAMES]
+    if old:
+        renamed = ", ".join(f"{n} -> {current_name(n)}" for n in old)
+        print(f"note: --losses: renamed cases ({renamed}); the old names will stop working", file=sys.stderr)
+    names = [current_name(n) for n in names]
+    bad = [n for n in names if n not in CASES]
     if bad:
-        p.error(f"--losses: unknown {bad}; known: {list(REGISTRY)}")
+        p.error(f"--losses: unknown {bad}; known: {list(CASES)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from ..run import ArgumentParser  # one-line errors naming the closest choice
+
+    p = ArgumentParser(
+        prog=PROG,
+        description="Forward+backward time and peak memory of metric-learning losses against batch size.",
+        epilog="Losses: " + ", ".join(f"{n} ({s.label})" for n, s in CASES.items()),
+    )
+    _add_sweep_arguments(p)
+    _add_limit_and_input_arguments(p)
+    _add_output_arguments(p)
+    args = p.parse_args(argv)
+    args.losses = _checked_losses(p, args.losses)
+    if args.memory_worker is not None:
+        args.memory_worker = current_name(args.memory_worker)
     for b in args.batch_sizes + (args.memory_batch_sizes or []):
         if b < 8 or b % SAMPLES_PER_CLASS:
             p.error(f"batch size {b}: must be a multiple of {SAMPLES_PER_CLASS} and at least 8")
@@ -263,24 +295,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.dim < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.ref_size < 0:
         p.error("--dim, --repeats and --threads must be positive, --warmup and --ref-size non-negative")
     args.batch_sizes = sorted(set(args.batch_sizes))
-    args.losses = list(dict.fromkeys(args.losses))
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    workload = Workload(args.dim, args.inputs, args.ref_size, args.seed)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-
-    if args.memory_worker is not None:  # internal: one memory measurement in this fresh process
-        print(json.dumps(measure_memory_here(args.memory_worker, args.batch_sizes[0], workload, device)))
-        return {}
-
-    from ..core.progress import progress_bar
-
+def _config(args: argparse.Namespace, device: torch.device, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The run's settings, versions and command: the ``config`` of ``loss_speed.json``."""
     torch_v, pml_v = _versions()
-    cfg = {
+    return {
         "batch_sizes": args.batch_sizes,
         "dim": args.dim,
         "repeats": args.repeats,
@@ -304,32 +325,59 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": PROG + " " + " ".join(sys.argv[1:] if argv is None else list(argv)),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    results: dict[str, Any] = {}
-    done: list[int] = []
-    json_path = os.path.join(args.out, JSON_NAME)
-    if args.resume and os.path.exists(json_path):
-        with open(json_path) as f:
-            old = json.load(f)
-        if all(old["config"].get(k) == cfg[k] for k in _RESUME_KEYS):
-            done = [b for b in old.get("done_batch_sizes", []) if b in args.batch_sizes]
-            results = {
-                n: {str(b): e for b, e in per.items() if int(b) in done}
-                for n, per in old["results"].items()
-                if n in args.losses
-            }
-            print(f"resuming: batch sizes {done} taken from {json_path}", file=sys.stderr)
-        else:
-            print(f"not resuming: settings differ from {json_path}", file=sys.stderr)
-    doc = {"config": cfg, "results": results, "done_batch_sizes": done}
-    specs = ratio_specs(workload)
 
-    todo = [b for b in args.batch_sizes if b not in done]
+
+def _resumed(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """``(results, done batch sizes)`` taken from ``OUT/loss_speed.json`` with ``--resume`` when its settings
+    agree (a file of an earlier release is read under today's case names); else nothing."""
+    json_path = os.path.join(args.out, JSON_NAME)
+    if not (args.resume and os.path.exists(json_path)):
+        return {}, []
+    with open(json_path) as f:
+        old = with_current_names(json.load(f))
+    if not all(old["config"].get(k) == cfg[k] for k in _RESUME_KEYS):
+        print(f"not resuming: settings differ from {json_path}", file=sys.stderr)
+        return {}, []
+    done = [b for b in old.get("done_batch_sizes", []) if b in args.batch_sizes]
+    results = {
+        n: {str(b): e for b, e in per.items() if int(b) in done}
+        for n, per in old["results"].items()
+        if n in args.losses
+    }
+    print(f"resuming: batch sizes {done} taken from {json_path}", file=sys.stderr)
+    return results, done
+
+
+def _too_slow(args: argparse.Namespace, results: dict[str, Any], done: list[int]) -> dict[str, str]:
+    """The losses skipped for slowness (or failure) at a resumed batch size: skipped at the larger ones too."""
     too_slow: dict[str, str] = {}
-    for n in args.losses:  # carry "too slow" over from resumed batch sizes
+    for n in args.losses:
         for b in done:
             e = results.get(n, {}).get(str(b), {})
             if e.get("time_status") in ("skipped", "failed") and "B=" in e.get("time_reason", ""):
                 too_slow[n] = e["time_reason"]
+    return too_slow
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    workload = Workload(args.dim, args.inputs, args.ref_size, args.seed)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    if args.memory_worker is not None:  # internal: one memory measurement in this fresh process
+        print(json.dumps(measure_memory_here(args.memory_worker, args.batch_sizes[0], workload, device)))
+        return {}
+
+    from ..core.progress import progress_bar
+
+    cfg = _config(args, device, argv)
+    results, done = _resumed(args, cfg)
+    doc = {"config": cfg, "results": results, "done_batch_sizes": done}
+    specs = ratio_specs(workload)
+
+    todo = [b for b in args.batch_sizes if b not in done]
+    too_slow = _too_slow(args, results, done)  # carried over from resumed batch sizes
     total = len(todo) * len(args.losses) * (args.warmup + args.repeats + (1 if args.memory else 0))
     with progress_bar(
         total=total, desc="loss_speed", unit="step", disable=not args.progress, dynamic_ncols=True

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .cases import REGISTRY, Step, Unavailable, Workload, make_input, make_labels
+from .cases import CASES, Step, Unavailable, Workload, make_input, make_labels
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIB = 2.0**20
@@ -79,7 +79,7 @@ def measure_memory_here(name: str, batch_size: int, workload: Workload, device: 
     """Peak memory of one step of one loss, in this process (CPU: call it in a fresh process).
 
     The inputs (and the reference set) are allocated before the baseline: they are not the loss's memory."""
-    spec = REGISTRY[name]
+    spec = CASES[name]
     try:
         step, modules = spec.build(batch_size, workload, device)
     except Unavailable as e:

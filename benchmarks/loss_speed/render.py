@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..core.common import atomic_write
-from .cases import REGISTRY, SAMPLES_PER_CLASS, RatioSpec, Workload
+from ..core.common import atomic_write, atomic_write_png
+from .cases import CASES, SAMPLES_PER_CLASS, RatioSpec, Workload
 
 JSON_NAME, MD_NAME, PNG_NAME = "loss_speed.json", "loss_speed.md", "loss_speed.png"
 
@@ -105,7 +104,7 @@ def _table(
 ) -> str:
     lines = ["| loss | " + " | ".join(f"B={b}" for b in bs) + " |", "|---|" + "---:|" * len(bs)]
     for n in names:
-        label = REGISTRY[n].label if n in REGISTRY else n
+        label = CASES[n].label if n in CASES else n
         cells = [_md_escape(cell(results.get(n, {}).get(str(b), {}))) for b in bs]
         lines.append(f"| {_md_escape(label)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -145,8 +144,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     )
     notes = []
     for n in names:
-        if n in REGISTRY:
-            spec = REGISTRY[n]
+        if n in CASES:
+            spec = CASES[n]
             cap = f" Skipped at B > {spec.max_batch}: {spec.max_batch_reason}." if spec.max_batch else ""
             details = sorted({e["detail"] for e in results.get(n, {}).values() if e.get("detail")})
             why = "".join(f" Unavailable: {d}." for d in details)
@@ -182,7 +181,7 @@ def render_png(doc: dict[str, Any], path: str) -> None:
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 marker="o",
-                label=REGISTRY[n].label if n in REGISTRY else n,
+                label=CASES[n].label if n in CASES else n,
                 **style,
             )
         ax.set_xscale("log", base=2)
@@ -197,10 +196,7 @@ def render_png(doc: dict[str, Any], path: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"D={cfg['dim']}, {cfg['device_name']}, {cfg['torch_num_threads']} threads", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_png(fig, path)
 
 
 def write_outputs(doc: dict[str, Any], out_dir: str, png: bool, specs: Sequence[RatioSpec]) -> None:

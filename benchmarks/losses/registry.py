@@ -86,6 +86,17 @@ class Param:
     def tunable(self) -> bool:
         return self.low is not None or self.choices is not None
 
+    def contains(self, value: object) -> bool:
+        """Whether ``value`` lies in the search space: one of the choices, or a number (not a bool) inside
+        ``[low, high]``, a whole one for an ``integer`` range. A fixed parameter's space is its default alone."""
+        if self.choices is not None:
+            return value in self.choices
+        if self.low is None or self.high is None:
+            return bool(value == self.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (not self.integer or float(value).is_integer())
+
     def space(self) -> str:
         """The search space in words, '' when the parameter is fixed."""
         if self.choices is not None:
@@ -292,8 +303,9 @@ _PML = "pytorch_metric_learning.losses:"
 _PML_MINERS = "pytorch_metric_learning.miners:"
 
 
-def _entries() -> list[LossEntry]:
-    e = [
+def _rll_entries() -> list[LossEntry]:
+    """Ours with each gradient rule, and PML's RankedListLoss, with the same hyper-parameters."""
+    return [
         LossEntry(
             "rll",
             "ours",
@@ -310,6 +322,12 @@ def _entries() -> list[LossEntry]:
             notes="the autograd rule only; 'rll' searches both rules",
         ),
         LossEntry("pml-rll", "pml", _PML + "RankedListLoss", dict(RLL_PARAMS), RLL_SOURCE + "; PML 2.9 RankedListLoss"),
+    ]
+
+
+def _pml_pair_entries() -> list[LossEntry]:
+    """PML's pair and triplet losses (with their papers' miners)."""
+    return [
         LossEntry(
             "triplet",
             "pml",
@@ -364,6 +382,12 @@ def _entries() -> list[LossEntry]:
             {"neg_margin": Param(1.0, 0.1, 2.0), "pos_margin": Param(0.0, 0.0, 0.5)},
             "In Defense of the Triplet Loss, 2017 (generalized lifted structure): margin 1",
         ),
+    ]
+
+
+def _pml_learned_entries() -> list[LossEntry]:
+    """PML's losses with parameters of their own (a learned margin, proxies), trained by the loss optimizer."""
+    return [
         LossEntry(
             "margin",
             "pml",
@@ -396,6 +420,11 @@ def _entries() -> list[LossEntry]:
             notes="proxies are parameters: trained by the loss optimizer at loss_lr_multiplier x --lr",
         ),
     ]
+
+
+def _entries() -> list[LossEntry]:
+    """Every built-in entry: the plain losses, then NAMR around four of them, then three through a memory."""
+    e = _rll_entries() + _pml_pair_entries() + _pml_learned_entries()
     by_name = {x.name: x for x in e}
     for base in ("triplet", "multi-similarity", "contrastive", "rll"):
         e.append(namr_entry(f"namr-{base}", by_name[base]))

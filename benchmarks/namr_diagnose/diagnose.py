@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.common import environment_info
+from ..core.common import atomic_write, environment_info
 from ..data.bundle import PairedDataset, RandomShift, remap_labels
 from ..data.omniglot import omniglot_alphabet_split, read_omniglot
 from ..losses.registry import REGISTRY, BuildContext, LossEntry, LossSpec, Param, namr_spec
@@ -727,7 +727,8 @@ def runner_table(records: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.namr_diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=None, help="Omniglot folder or zips (required unless --runner-table)")
     p.add_argument(
@@ -744,6 +745,114 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: the runner's omniglot default")
     p.add_argument("--trace-every", type=int, default=100, help="training diagnostics every N iterations")
     p.add_argument("--out", default="results/namr_diagnose")
+    return p
+
+
+def omniglot_run_config(epochs: int | None = None):
+    """The runner's Omniglot configuration (constant schedule, no evaluation during training); ``epochs`` replaces
+    its number of epochs."""
+    from ..execute.pipeline import RunConfig
+    from ..run import DATASET_DEFAULTS
+
+    d = DATASET_DEFAULTS["omniglot"]
+    return RunConfig(
+        dataset="omniglot",
+        trunk=d["trunk"],
+        embedding_size=d["embedding_size"],
+        batch_size=d["batch_size"],
+        m_per_class=d["m_per_class"],
+        epochs=epochs or d["epochs"],
+        iterations_per_epoch=d["iterations_per_epoch"],
+        lr=d["lr"],
+        weight_decay=d["weight_decay"],
+        schedule="constant",
+        eval_every=0,
+        eval_batch_size=d["eval_batch_size"],
+    )
+
+
+def variant_entry(base: str, variant: str, config: dict | None, tracer: _TracedSpec) -> LossEntry:
+    """The registry entry one (base, variant) trains: the base alone (``config`` None), or NAMR around it with
+    ``config``, its loss traced by ``tracer``."""
+    if config is None:
+        return REGISTRY[base]
+
+    def traced(ctx: BuildContext) -> LossSpec:
+        spec = namr_spec(REGISTRY[base], ctx, config)
+        tracer.wrap(spec.loss)
+        return spec
+
+    return _AblationEntry(
+        f"namr-{base}",
+        "ours",
+        "pml_rll.losses:NAMRLoss",
+        {"variant": Param(variant)},
+        "ablation",
+        wraps=REGISTRY[base],
+        builder=traced,
+    )
+
+
+@dataclass
+class _Diagnosis:
+    """What every (base, variant, seed) run of one command shares."""
+
+    args: argparse.Namespace
+    bundle: Any
+    cfg: Any
+    chash: str
+    env: dict
+    command: str
+
+
+def run_variant(d: _Diagnosis, base: str, variant: str, config: dict | None, seed: int) -> dict:
+    """Train and analyse one (base, variant, seed) with the runner's pipeline (``config``: the variant's NAMR
+    configuration, None for the base alone); its record, with the diagnostics."""
+    from ..execute.pipeline import run_one
+
+    tracer = _TracedSpec(d.args.trace_every)
+    entry = variant_entry(base, variant, config, tracer)
+    t0 = time.perf_counter()
+    rec = run_one(
+        d.bundle,
+        entry,
+        {},
+        seed,
+        d.cfg,
+        torch.device("cpu"),
+        os.path.join(d.args.out, "logs", base, variant.replace("/", "_"), f"seed{seed}"),
+        after_training=after_training_factory(d.bundle, seed),
+    )
+    rec.update(
+        base=base,
+        variant=variant,
+        split=d.args.split,
+        config_hash=d.chash,
+        namr_config=config,
+        trace=tracer.rows,
+        dataset_description=d.bundle.description,
+        environment=d.env,
+        command=d.command,
+        wall_seconds=round(time.perf_counter() - t0, 1),
+    )
+    return rec
+
+
+def write_summary(d: _Diagnosis, jsonl: str) -> str:
+    """``summary.md`` from the records of this split and configuration in ``jsonl`` (written atomically)."""
+    records = [r for r in report.load_jsonl(jsonl) if r["split"] == d.args.split and r["config_hash"] == d.chash]
+    text = summarize(records)
+    env = d.env
+    atomic_write(
+        os.path.join(d.args.out, "summary.md"),
+        f"# NAMR diagnosis ({d.args.split} split)\n\n{d.bundle.description}.\n\n"
+        f"Machine: {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs), 1 torch thread.\n\n{text}\n",
+    )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.runner_table:
         print(runner_table(report.load_jsonl(args.runner_table)))
@@ -752,25 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data-root is required")
 
     from ..data.load import load_dataset
-    from ..execute.pipeline import RunConfig, run_one
-    from ..run import DATASET_DEFAULTS
 
     torch.set_num_threads(1)
-    d = DATASET_DEFAULTS["omniglot"]
-    cfg = RunConfig(
-        dataset="omniglot",
-        trunk=d["trunk"],
-        embedding_size=d["embedding_size"],
-        batch_size=d["batch_size"],
-        m_per_class=d["m_per_class"],
-        epochs=args.epochs or d["epochs"],
-        iterations_per_epoch=d["iterations_per_epoch"],
-        lr=d["lr"],
-        weight_decay=d["weight_decay"],
-        schedule="constant",
-        eval_every=0,
-        eval_batch_size=d["eval_batch_size"],
-    )
+    cfg = omniglot_run_config(args.epochs)
     if args.split == "val":
         bundle = load_validation_bundle(args.data_root, args.val_alphabets.split(",") if args.val_alphabets else None)
     else:
@@ -778,59 +871,16 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "records.jsonl")
     done = {(r["base"], r["variant"], r["seed"], r["split"], r["config_hash"]) for r in report.load_jsonl(jsonl)}
-    chash = key_of(cfg.key())[:12]
-    env = environment_info(torch.device("cpu"))
-    print(bundle.description)
-    seeds = [int(s) for s in args.seeds.split(",")]
     command = "python -m benchmarks.namr_diagnose " + " ".join(argv if argv is not None else sys.argv[1:])
+    d = _Diagnosis(args, bundle, cfg, key_of(cfg.key())[:12], environment_info(torch.device("cpu")), command)
+    print(bundle.description)
     for base in args.bases.split(","):
         for variant in args.variants:
             config = parse_variant(variant, base)
-            for seed in seeds:
-                if (base, variant, seed, args.split, chash) in done:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                if (base, variant, seed, args.split, d.chash) in done:
                     continue
-                tracer = _TracedSpec(args.trace_every)
-                if config is None:
-                    entry = REGISTRY[base]
-                else:
-
-                    def traced(ctx, config=config, base=base, tracer=tracer):
-                        spec = namr_spec(REGISTRY[base], ctx, config)
-                        tracer.wrap(spec.loss)
-                        return spec
-
-                    entry = _AblationEntry(
-                        f"namr-{base}",
-                        "ours",
-                        "pml_rll.losses:NAMRLoss",
-                        {"variant": Param(variant)},
-                        "ablation",
-                        wraps=REGISTRY[base],
-                        builder=traced,
-                    )
-                t0 = time.perf_counter()
-                rec = run_one(
-                    bundle,
-                    entry,
-                    {},
-                    seed,
-                    cfg,
-                    torch.device("cpu"),
-                    os.path.join(args.out, "logs", base, variant.replace("/", "_"), f"seed{seed}"),
-                    after_training=after_training_factory(bundle, seed),
-                )
-                rec.update(
-                    base=base,
-                    variant=variant,
-                    split=args.split,
-                    config_hash=chash,
-                    namr_config=config,
-                    trace=tracer.rows,
-                    dataset_description=bundle.description,
-                    environment=env,
-                    command=command,
-                    wall_seconds=round(time.perf_counter() - t0, 1),
-                )
+                rec = run_variant(d, base, variant, config, seed)
                 _append_jsonl(jsonl, rec)
                 m = rec["metrics"]
                 print(
@@ -838,12 +888,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"plain {m.get('plain_mean_average_precision_at_r', float('nan')):.4f} ({rec['wall_seconds']} s)",
                     flush=True,
                 )
-    records = [r for r in report.load_jsonl(jsonl) if r["split"] == args.split and r["config_hash"] == chash]
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(f"# NAMR diagnosis ({args.split} split)\n\n{bundle.description}.\n\n")
-        f.write(f"Machine: {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs), 1 torch thread.\n\n")
-        f.write(summarize(records) + "\n")
-    print(summarize(records))
+    print(write_summary(d, jsonl))
     return 0
 
 

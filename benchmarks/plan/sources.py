@@ -55,14 +55,6 @@ class Context:
     tune_meta: dict[str, Any] = field(default_factory=dict)  # the sampler's settings (part of the trials' key)
 
 
-def _in_space(p: Any, value: Any) -> bool:
-    if p.choices is not None:
-        return value in p.choices
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return p.low <= value <= p.high and (not p.integer or float(value).is_integer())
-
-
 def entry_classes(entry: LossEntry) -> list[str | None]:
     """The import paths of every class an entry builds: loss, miner, and a wrapper's wrapped loss and miner."""
     paths = [entry.loss_class, entry.miner_class]
@@ -273,7 +265,7 @@ class TuneSource:
                 study.enqueue_trial(payload["params"])
         elif slot == 0:  # trial 0 tries the defaults (when inside the space), so tuning can only confirm or improve
             defaults = {k: self.hparams[k] for k in self.space}
-            if all(_in_space(p, defaults[k]) for k, p in self.space.items()):
+            if all(p.contains(defaults[k]) for k, p in self.space.items()):
                 study.enqueue_trial(defaults)
         study.sampler = self._sampler(slot)
         trial = study.ask({k: p.distribution() for k, p in self.space.items()})

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ..core.common import atomic_write
+from ..core.common import atomic_write, atomic_write_png
 from . import stats
 from .metrics import METRICS, SHORT_NAMES
 
@@ -240,14 +240,10 @@ def write_figure(records: list[dict], path: str, title: str = "") -> str | None:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return None
     fig = build_figure(records, title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_png(fig, path)
     return path
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.common import atomic_write
+from ..core.common import atomic_write, atomic_write_png
 
 CONFIDENCE = 0.95
 METRICS = ("mean_average_precision_at_r", "precision_at_1")
@@ -298,10 +298,7 @@ def write_figure(records: list[dict], path: str, title: str = "", confidence: fl
     )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_png(fig, path)
     return path
 
 

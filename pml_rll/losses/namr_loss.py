@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+from types import FrameType
+
 import torch
 from pytorch_metric_learning.losses.base_loss_wrapper import BaseLossWrapper
 from pytorch_metric_learning.utils import common_functions as c_f
@@ -253,15 +257,18 @@ def _normalise_name(name: str) -> str:
 _ALIASES = {
     "triplet": "triplet",
     "tripletmargin": "triplet",
-    "multisimilarity": "multi_similarity",
-    "ms": "multi_similarity",
+    "multisimilarity": "multi-similarity",
     "contrastive": "contrastive",
-    "rankedlist": "ranked_list",
-    "rll": "ranked_list",
+    "rankedlist": "rll",
+    "rll": "rll",
 }
 
-#: canonical names accepted by :func:`make_namr_loss`
-NAMR_VARIANTS = ("triplet", "multi_similarity", "contrastive", "ranked_list")
+#: The names :func:`make_namr_loss` and :data:`NAMR_CONFIGS` accept: the benchmark registry's names of the base
+#: losses (``python -m benchmarks.run --list``).
+NAMR_VARIANTS = ("triplet", "multi-similarity", "contrastive", "rll")
+
+#: Names accepted until 0.2.0 and still accepted with a ``DeprecationWarning``: old name -> its name now.
+DEPRECATED_NAMES = {"multi_similarity": "multi-similarity", "ranked_list": "rll", "ms": "multi-similarity"}
 
 
 def make_base_loss(base_name: str):
@@ -276,7 +283,7 @@ def make_base_loss(base_name: str):
             margin=0.2, distance=distances.LpDistance(normalize_embeddings=False), reducer=reducers.MeanReducer()
         )
         return loss, miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
-    if key == "multi_similarity":
+    if key == "multi-similarity":
         return losses.MultiSimilarityLoss(), None
     if key == "contrastive":
         return losses.ContrastiveLoss(), None
@@ -302,9 +309,38 @@ NASA_CONFIG: dict = {
     "retrieval": {"num_candidates": 32, "weighting": "query", "blend": 1.0},
 }
 
+
+def _warn_deprecated(name: str) -> None:
+    """A ``DeprecationWarning`` naming the current name of a base-loss name accepted until 0.2.0 (if ``name`` is one),
+    attributed to the first caller outside this module."""
+    new = DEPRECATED_NAMES.get(name.strip().lower())
+    if new is None:
+        return
+    level = 1
+    frame: FrameType | None = sys._getframe(0)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(
+        f"the NAMR base loss name {name!r} is deprecated; use {new!r} (the benchmark registry's name)",
+        DeprecationWarning,
+        stacklevel=level,
+    )
+
+
+class _NamrConfigs(dict):
+    """:data:`NAMR_CONFIGS`: a plain dict whose deprecated keys (:data:`DEPRECATED_NAMES`) still index it, with a
+    ``DeprecationWarning`` naming the current key."""
+
+    def __missing__(self, key: object) -> dict:
+        if isinstance(key, str) and key.strip().lower() in DEPRECATED_NAMES:
+            _warn_deprecated(key)
+            return self[DEPRECATED_NAMES[key.strip().lower()]]  # type: ignore[no-any-return]
+        raise KeyError(key)
+
+
 #: The configuration per base loss that :func:`make_namr_loss` and the benchmark's NAMR entries use. Chosen on
 #: validation classes carved from the Omniglot training alphabets (never the test alphabets) with the base losses
-#: of ``benchmarks/registry.py``; the ablation and the commands are in ``docs/namr_ablation.md``. Keys:
+#: of ``benchmarks/losses/registry.py``; the ablation and the commands are in ``docs/namr_ablation.md``. Keys:
 #: ``structure_weight`` (lambda), ``t_values``, ``alpha``, ``center_mode``, ``neighbourhood_k`` and
 #: ``detach_sample_embedding`` (:class:`MultiClusterRankingLoss` arguments), and ``retrieval`` (keyword
 #: arguments of :class:`pml_rll.retrieval.NAMRReRankKNN`).
@@ -315,15 +351,17 @@ NASA_CONFIG: dict = {
 #: 1:9 with the plain distance over the top 8 candidates (-0.01 MAP@R points on average). ``NAMRReRankKNN``
 #: re-ranks max(k, num_candidates) candidates, so a caller asking for more than 8 neighbours gets all k re-ranked.
 _VALIDATED_RETRIEVAL = {"mode": "plain", "num_candidates": 8, "weighting": "query", "blend": 0.1}
-NAMR_CONFIGS: dict[str, dict] = {
-    # NASA's structure term (lambda 2, batch centres); per-anchor centres were level with it on validation
-    "triplet": dict(NASA_CONFIG, retrieval=dict(_VALIDATED_RETRIEVAL)),
-    # lambda 2 costs MultiSimilarity and RankedListLoss 4-6 MAP@R points on validation; 0.25 is the best weight tried
-    "multi_similarity": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
-    # per-anchor centres: each anchor's mu_i, sigma_i from its own row of distances
-    "contrastive": dict(NASA_CONFIG, center_mode="per_anchor", retrieval=dict(_VALIDATED_RETRIEVAL)),
-    "ranked_list": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
-}
+NAMR_CONFIGS: dict[str, dict] = _NamrConfigs(
+    {
+        # NASA's structure term (lambda 2, batch centres); per-anchor centres were level with it on validation
+        "triplet": dict(NASA_CONFIG, retrieval=dict(_VALIDATED_RETRIEVAL)),
+        # lambda 2 costs MultiSimilarity and RankedListLoss 4-6 MAP@R points on validation; 0.25 is the best tried
+        "multi-similarity": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
+        # per-anchor centres: each anchor's mu_i, sigma_i from its own row of distances
+        "contrastive": dict(NASA_CONFIG, center_mode="per_anchor", retrieval=dict(_VALIDATED_RETRIEVAL)),
+        "rll": dict(NASA_CONFIG, structure_weight=0.25, retrieval=dict(_VALIDATED_RETRIEVAL)),
+    }
+)
 
 _STRUCTURE_KEYS = (
     "t_values",
@@ -339,9 +377,13 @@ _STRUCTURE_KEYS = (
 
 
 def canonical_base_name(base_name: str) -> str:
-    """The :data:`NAMR_VARIANTS` name of a base loss ("TripletMarginLoss", "ms", "rll", "NAMR + Triplet", ...)."""
+    """The :data:`NAMR_VARIANTS` name of a base loss ("TripletMarginLoss", "multi-similarity", "NAMR + Triplet", ...);
+    a :data:`DEPRECATED_NAMES` name is translated with a ``DeprecationWarning``."""
     if not isinstance(base_name, str):
         raise TypeError(f"base_name must be a string, one of {NAMR_VARIANTS}, got {type(base_name).__name__}")
+    if base_name.strip().lower() in DEPRECATED_NAMES:
+        _warn_deprecated(base_name)
+        return DEPRECATED_NAMES[base_name.strip().lower()]
     key = _ALIASES.get(_normalise_name(base_name))
     if key is None:
         raise ValueError(f"unknown NAMR base loss {base_name!r}; expected one of {NAMR_VARIANTS}")
@@ -403,15 +445,16 @@ def make_structure_loss(embedding_size: int, config: dict, **kwargs) -> MultiClu
 def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
     """Build "NAMR + <base>" by name for benchmark runners.
 
-    ``base_name`` is case- and punctuation-insensitive: "triplet" / "TripletMarginLoss",
-    "multi_similarity" / "MultiSimilarityLoss" / "ms", "contrastive" / "ContrastiveLoss",
-    "ranked_list" / "RankedListLoss" / "rll" (an optional "NAMR+" prefix is ignored). Base losses:
+    ``base_name`` is a :data:`NAMR_VARIANTS` name (the benchmark registry's) or the base loss's class name, case-
+    and punctuation-insensitive: "triplet" / "TripletMarginLoss", "multi-similarity" / "MultiSimilarityLoss",
+    "contrastive" / "ContrastiveLoss", "rll" / "RankedListLoss" (an optional "NAMR+" prefix is ignored; the names
+    of :data:`DEPRECATED_NAMES` still work, with a ``DeprecationWarning``). Base losses:
 
     * triplet: ``TripletMarginLoss(margin=0.2, distance=LpDistance(normalize_embeddings=False),
       reducer=MeanReducer())`` with ``DistanceWeightedMiner(0.5, 1.4)`` (the NASA recipe);
-    * multi_similarity: PML ``MultiSimilarityLoss()`` defaults (cosine similarity);
+    * multi-similarity: PML ``MultiSimilarityLoss()`` defaults (cosine similarity);
     * contrastive: PML ``ContrastiveLoss()`` defaults (L2-normalised distance, margins 0 and 1);
-    * ranked_list: ``pml_rll.losses.RankedListLoss(margin=0.4, Tn=10.0)``.
+    * rll: ``pml_rll.losses.RankedListLoss(margin=0.4, Tn=10.0)``.
 
     The structure weight, the structure term and the retrieval settings come from :data:`NAMR_CONFIGS` for that
     base (see :func:`namr_config`); evaluate with ``NAMRReRankKNN.for_loss(loss)``, which also
@@ -419,8 +462,9 @@ def make_namr_loss(base_name: str, embedding_size: int, **kwargs) -> NAMRLoss:
     ``kwargs`` go to :class:`NAMRLoss` and override it (``structure_weight``, ``structure_loss``, ``miner``,
     ``retrieval``, ...).
     """
-    loss, miner = make_base_loss(base_name)
-    config = namr_config(base_name)
+    key = canonical_base_name(base_name)  # (warns once for a deprecated name)
+    loss, miner = make_base_loss(key)
+    config = namr_config(key)
     kwargs.setdefault("miner", miner)
     kwargs.setdefault("retrieval", config["retrieval"])
     kwargs.setdefault("structure_weight", config["structure_weight"])

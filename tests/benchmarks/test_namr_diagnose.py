@@ -1,4 +1,4 @@
-"""benchmarks/namr_diagnose.py parts and the NAMR registry entries' use of the per-base configuration."""
+"""benchmarks/namr_diagnose/ parts and the NAMR registry entries' use of the per-base configuration."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_gradient_spread_hand_cases():
 
 def test_parse_variant_from_the_validated_configuration():
     cfg = nd.parse_variant("validated+shortlist_weight=4+centre_structure=true", "multi-similarity")
-    want = namr_config("multi_similarity")
+    want = namr_config("multi-similarity")
     assert cfg["structure_weight"] == want["structure_weight"] and cfg["retrieval"] == want["retrieval"]
     assert cfg["shortlist_weight"] == 4 and cfg["centre_structure"] is True
     with pytest.raises(SystemExit, match="needs a base"):
@@ -216,3 +216,39 @@ def test_remedy_and_gradient_tables():
     row = nd.remedy_table(recs)[-1]
     assert row.startswith("| triplet | v | 2 | 0.150 | 25.00 | +2.00 ± 1.41 |")
     assert nd.gradient_table(recs)[-1] == "| triplet | v | 2 | 0.500 |  |  | 0.300 |  |  |  |"
+
+
+def test_main_runs_each_base_variant_and_seed_once_and_writes_the_summary(tmp_path, monkeypatch):
+    # training replaced by a stand-in that builds the entry's loss: the command's loop, skips and outputs only
+    import json
+    import types
+
+    import benchmarks.execute.pipeline
+
+    built = []
+
+    def fake_run_one(bundle, entry, hparams, seed, cfg, device, log_dir, after_training=None):
+        spec = entry.build(BuildContext(num_classes=4, embedding_size=8), hparams)
+        built.append((entry.name, type(spec.loss).__name__, seed, cfg.epochs))
+        metrics = {"mean_average_precision_at_r": 0.5, "plain_mean_average_precision_at_r": 0.25}
+        return {"seed": seed, "metrics": metrics}  # (the fields of a run_one record the command reads)
+
+    bundle = types.SimpleNamespace(description="a stand-in bundle")
+    monkeypatch.setattr(benchmarks.execute.pipeline, "run_one", fake_run_one)
+    monkeypatch.setattr(nd, "load_validation_bundle", lambda root, val=None: bundle)
+    monkeypatch.setattr(nd, "after_training_factory", lambda bundle, seed: None)
+    monkeypatch.setattr(nd, "summarize", lambda records: f"{len(records)} records")
+    out = tmp_path / "out"
+    argv = ["--data-root", str(tmp_path), "--bases", "triplet,rll", "--variants", "base", "structure_weight=0.5"]
+    argv += ["--seeds", "0,1", "--epochs", "1", "--out", str(out)]
+    assert nd.main(argv) == 0
+    assert sorted(built) == sorted(
+        [(b, cls, s, 1) for b, cls in (("triplet", "TripletMarginLoss"), ("rll", "RankedListLoss")) for s in (0, 1)]
+        + [(f"namr-{b}", "NAMRLoss", s, 1) for b in ("triplet", "rll") for s in (0, 1)]
+    )
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and {r["namr_config"] is None for r in records} == {True, False}
+    assert all(r["namr_config"]["structure_weight"] == 0.5 for r in records if r["variant"] != "base")
+    assert (out / "summary.md").read_text().endswith("8 records\n")
+    built.clear()
+    assert nd.main(argv) == 0 and built == []  # finished runs are skipped on a rerun

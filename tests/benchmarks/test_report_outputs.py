@@ -114,7 +114,26 @@ def test_printed_namr_settings_are_the_effective_ones():
 
     cfg = RunConfig("digits", "mlp", 8, 16, 4, 1, 1, 1e-3, 0.0, "constant", 0, 64)
     reg = build_registry(None, ["namr-rll.retrieval.blend=0.5"])
-    n = NAMR_CONFIGS["ranked_list"]["retrieval"]["num_candidates"]
+    n = NAMR_CONFIGS["rll"]["retrieval"]["num_candidates"]
     line = _namr_retrieval_line(reg, "namr-rll", 10, cfg)
     assert f"num_candidates={n}," in line and "blend=0.5," in line and "normalize_sample=True" in line
     assert "normalize_sample=True" in _namr_retrieval_line(reg, "namr-triplet", 10, cfg)  # PML's default distance
+
+
+def test_figures_are_written_atomically_and_closed(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from benchmarks.core.common import atomic_write_png
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "f.png"
+    path.write_bytes(b"old")
+    atomic_write_png(fig, str(path))
+    assert fig.number not in plt.get_fignums()  # closed: a long sweep does not keep its figures
+    assert matplotlib.image.imread(str(path)).ndim == 3  # the whole new PNG replaced the old file
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary file left

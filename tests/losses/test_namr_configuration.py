@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from pml_rll.losses import MultiClusterRankingLoss, NAMRLoss, make_namr_loss
-from pml_rll.losses.namr_loss import NAMR_CONFIGS, NAMR_VARIANTS, NASA_CONFIG, make_structure_loss, namr_config
+from pml_rll.losses.namr_loss import (
+    DEPRECATED_NAMES,
+    NAMR_CONFIGS,
+    NAMR_VARIANTS,
+    NASA_CONFIG,
+    make_structure_loss,
+    namr_config,
+)
 from pml_rll.retrieval import NAMRReRankKNN
 from tests.reference import namr as ref
 
@@ -85,10 +94,10 @@ def test_configs_cover_every_base_and_are_valid():
 
 
 def test_namr_config_is_a_copy_and_make_namr_loss_uses_it(monkeypatch):
-    cfg = namr_config("ms")
+    cfg = namr_config("multi-similarity")
     cfg["retrieval"]["blend"] = -1.0
     cfg["structure_weight"] = 99.0
-    assert NAMR_CONFIGS["multi_similarity"]["retrieval"]["blend"] != -1.0
+    assert NAMR_CONFIGS["multi-similarity"]["retrieval"]["blend"] != -1.0
     custom = dict(NASA_CONFIG, structure_weight=0.25, center_mode="per_anchor", alpha=4.0)
     monkeypatch.setitem(NAMR_CONFIGS, "contrastive", custom)
     loss = make_namr_loss("ContrastiveLoss", D)
@@ -96,3 +105,27 @@ def test_namr_config_is_a_copy_and_make_namr_loss_uses_it(monkeypatch):
     assert loss.structure_loss.center_mode == "per_anchor" and loss.structure_loss.alpha == 4.0
     override = make_namr_loss("contrastive", D, structure_weight=1.5)  # explicit arguments win
     assert override.structure_weight == 1.5
+
+
+@pytest.mark.parametrize("old, new", sorted(DEPRECATED_NAMES.items()))
+def test_names_of_0_2_still_work_with_a_deprecation_warning(old, new):
+    assert new in NAMR_VARIANTS and old not in NAMR_CONFIGS  # one name per loss: the registry's
+    with pytest.warns(DeprecationWarning, match=f"'{old}' is deprecated; use '{new}'") as caught:
+        cfg = namr_config(old)
+    assert caught[0].filename == __file__  # attributed to the caller, not to the library
+    assert cfg == namr_config(new)
+    with pytest.warns(DeprecationWarning, match=f"use '{new}'"):
+        assert NAMR_CONFIGS[old] is NAMR_CONFIGS[new]  # indexing the dict by an old key, as in 0.2.0
+    with pytest.warns(DeprecationWarning, match=f"use '{new}'"):
+        loss = make_namr_loss(old, D)
+    assert loss.structure_weight == make_namr_loss(new, D).structure_weight
+    with pytest.raises(KeyError):
+        NAMR_CONFIGS["arcface"]
+
+
+def test_current_names_and_class_names_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in (*NAMR_VARIANTS, "MultiSimilarityLoss", "RankedListLoss", "NAMR + Triplet"):
+            namr_config(name)
+            make_namr_loss(name, D)

@@ -158,7 +158,7 @@ def test_width_and_argument_errors():
         "triplet",
         "TripletMarginLoss",
         "NAMR + Triplet",
-        "multi_similarity",
+        "multi-similarity",
         "MultiSimilarityLoss",
         "contrastive",
         "RankedListLoss",
@@ -184,7 +184,7 @@ def test_triplet_variant_is_the_nasa_recipe():
     assert isinstance(namr.loss.reducer, reducers.MeanReducer)
     assert isinstance(namr.miner, miners.DistanceWeightedMiner)
     assert namr.structure_weight == 2.0 and namr.scale_by_mean_distance
-    assert set(NAMR_VARIANTS) == {"triplet", "multi_similarity", "contrastive", "ranked_list"}
+    assert set(NAMR_VARIANTS) == {"triplet", "multi-similarity", "contrastive", "rll"}
     with pytest.raises(ValueError, match="unknown NAMR base loss"):
         make_namr_loss("arcface", D)
 

@@ -13,7 +13,7 @@ from tests.reference import namr as ref
 
 D = 4
 # the geometry each bundled base trains: NASA's triplet recipe on raw distances, the others on normalised x
-NORMALISED = {"triplet": False, "multi_similarity": True, "contrastive": True, "ranked_list": True}
+NORMALISED = {"triplet": False, "multi-similarity": True, "contrastive": True, "rll": True}
 
 
 def _packed(n, seed, dtype=torch.float64):
@@ -73,7 +73,7 @@ def test_settings_are_read_where_they_are_kept(monkeypatch):
     monkeypatch.setattr("pml_rll.losses.namr_loss.NAMR_CONFIGS", changed)
     assert NAMRReRankKNN.for_loss(make_namr_loss("contrastive", D)).num_candidates == 5
     assert NAMRReRankKNN.for_loss(NAMRLoss(losses.ContrastiveLoss(), D)).num_candidates == 5
-    assert namr_config("ms")["retrieval"]["num_candidates"] == 5
+    assert namr_config("multi-similarity")["retrieval"]["num_candidates"] == 5
 
 
 def test_a_hand_built_namr_loss_gets_its_base_settings_and_geometry():
@@ -91,9 +91,9 @@ def test_a_hand_built_namr_loss_gets_its_base_settings_and_geometry():
 
 
 def test_a_geometry_mismatch_is_reported():
-    loss = make_namr_loss("multi_similarity", D)
+    loss = make_namr_loss("multi-similarity", D)
     with pytest.raises(ValueError, match="normalize_sample"):
-        loss.check_retrieval(NAMRReRankKNN(D, **namr_config("multi_similarity")["retrieval"]))
+        loss.check_retrieval(NAMRReRankKNN(D, **namr_config("multi-similarity")["retrieval"]))
     with pytest.raises(ValueError, match="normalize_sample=False does not match"):
         NAMRReRankKNN.for_loss(loss, normalize_sample=False)
     with pytest.raises(ValueError, match="embedding_size"):
@@ -122,10 +122,10 @@ def test_bad_retrieval_settings_raise_at_construction(retrieval, error, match):
 
 
 def test_validated_retrieval_names():
-    assert validated_retrieval("MultiSimilarityLoss") == NAMR_CONFIGS["multi_similarity"]["retrieval"]
+    assert validated_retrieval("MultiSimilarityLoss") == NAMR_CONFIGS["multi-similarity"]["retrieval"]
     assert validated_retrieval(losses.CircleLoss()) == NASA_CONFIG["retrieval"]
     with pytest.raises(ValueError, match="unknown NAMR base"):
         validated_retrieval("circle")
     settings = validated_retrieval("rll")
     settings["num_candidates"] = 1  # a copy
-    assert NAMR_CONFIGS["ranked_list"]["retrieval"]["num_candidates"] != 1
+    assert NAMR_CONFIGS["rll"]["retrieval"]["num_candidates"] != 1
