@@ -118,7 +118,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .data.bundle import DATA_ENV
     from .data.load import DATASETS
-    from .results.knn import KNN_METHODS
+    from .results.knn import KNN_METHODS, knn_argument
 
     p = ArgumentParser(
         prog=PROG,
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trunk-weights", default=None, metavar="FILE", help="a local trunk checkpoint (state_dict)")
     p.add_argument("--freeze-bn", action="store_true", help="the trunk's BatchNorm layers stay in eval mode")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], metavar="off|bf16|fp16", help="autocast")
-    p.add_argument("--knn", default="exact", choices=list(KNN_METHODS), metavar="M", help=f"{'|'.join(KNN_METHODS)}")
+    p.add_argument("--knn", default="exact", type=knn_argument, metavar="M[:K=V,..]", help="|".join(KNN_METHODS))
     p.add_argument("--eval-precision", default="float32", choices=["float32", "float16"], metavar="float32|float16")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for trunk and embedder")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay")
