@@ -12,5 +12,5 @@ RUNNER = ["pml_rll_bench"] + [f"pml_rll_bench.{p}" for p in find_packages("bench
 setup(
     packages=find_packages(include=["pml_rll", "pml_rll.*"]) + RUNNER,
     package_dir={"pml_rll_bench": "benchmarks"},
-    package_data={"pml_rll_bench": ["examples/*.toml", "examples/*.py"]},
+    package_data={"pml_rll_bench": ["code_equivalence.txt", "examples/*.toml", "examples/*.py"]},
 )

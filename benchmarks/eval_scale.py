@@ -14,10 +14,15 @@ table gives it, and what it adds to the embeddings held before the evaluation st
   search, every metric including the clustering ones). Run where its n x n neighbour tables fit in memory; above
   that the table says what they would need.
 * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-hnsw``: :class:`benchmarks.results.knn.ScalableKNN` plus the chunked
-  metrics of :func:`benchmarks.results.knn.retrieval_metrics` (k as the metrics need). Up to ``--full-exact`` items the
-  exact methods search every query; above it they search a fixed random sample of ``--sample`` queries (against
-  every reference), which is where the approximate indexes are compared with exact search (paired: the same
-  queries). The approximate indexes always search every query.
+  metrics of :func:`benchmarks.results.knn.retrieval_metrics` (k as the metrics need). A method may carry index settings
+  as the runner's ``--knn`` does (``faiss-hnsw:m=16,ef_construction=40,ef_search=64``); give such specs as
+  separate arguments of ``--methods``. Up to ``--full-exact`` items every method searches every query; above it
+  they search the same fixed random sample of ``--sample`` queries (against every reference), where the
+  approximate indexes are compared with exact search (paired: the same queries). ``--approx-all`` makes the
+  approximate indexes search every query at every size.
+
+For the approximate indexes the row gives the build, calibration and search times apart, and the time that
+searching every query would take (build + calibration + search time scaled from the queries searched to all n).
 
 The figures depend on the machine (the table says which) and, on a shared machine, on its load.
 """
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -38,6 +44,11 @@ import torch
 
 DIM = 128
 METHODS = ("pml-default", "exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+#: the approximate indexes' settings before they were calibrated (rows measured without a "knn" spec)
+FORMER_DEFAULTS = {
+    "faiss-ivf": "faiss-ivf:nlist=auto,nprobe=16",
+    "faiss-hnsw": "faiss-hnsw:m=16,ef_construction=40,ef_search=64",
+}
 PML_DEFAULT_MAX_BYTES = 4 << 30  # run PML's defaults only where its n x n tables stay below this
 
 
@@ -76,23 +87,27 @@ def pml_default_bytes(n: int) -> int:
 
 def worker(spec: dict) -> dict:
     """One (size, method) measurement in this process; returns the row's figures."""
-    from benchmarks.results.knn import ScalableKNN, evaluate_embeddings, summarize_per_query
+    from benchmarks.results.knn import ScalableKNN, canonical_knn, evaluate_embeddings, parse_knn, summarize_per_query
 
     torch.set_num_threads(spec["threads"])
-    n, method = spec["n"], spec["method"]
+    n = spec["n"]
+    method = spec["method"] if spec["method"] == "pml-default" else parse_knn(spec["method"])[0]
     x, labels = synthetic(n, spec["noise"])
     sample = sample_rows(n, spec["sample"])
     base = _rss_mb()
     t0 = time.perf_counter()
     out: dict = {"n": n, "method": method, "classes": int(labels.max()) + 1}
+    if method in ("faiss-ivf", "faiss-hnsw"):
+        out["knn"] = canonical_knn(spec["method"])
     if method == "pml-default":
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
         acc = AccuracyCalculator(device=torch.device("cpu")).get_accuracy(x, torch.from_numpy(labels))
         out.update(queries=n, metrics={k: float(v) for k, v in acc.items()}, index="FaissKNN (IndexFlatL2), k = n")
     else:
-        knn = ScalableKNN(method)
-        if method in ("exact", "faiss-flat") and n > spec["full_exact"]:
+        knn = ScalableKNN.from_spec(spec["method"])
+        approximate = method in ("faiss-ivf", "faiss-hnsw")
+        if n > spec["full_exact"] and not (approximate and spec.get("approx_all")):
             rest = np.setdiff1d(np.arange(n), sample)
             order = torch.from_numpy(np.concatenate([sample, rest]))
             xs, ls = x[order], labels[order.numpy()]
@@ -105,6 +120,9 @@ def worker(spec: dict) -> dict:
             per_query, _ = evaluate_embeddings(x, labels, knn)
             out.update(queries=n, metrics=summarize_per_query(per_query), sample=summarize_per_query(per_query, sample))
         out["index"] = knn.last_index
+        out["timings"] = {k: round(v, 2) for k, v in knn.last_timings.items()}
+        if approximate:
+            out.update(width=knn.last_width, calibration_recall=knn.last_recall)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
     out["before_mb"] = round(base, 1)
@@ -116,7 +134,7 @@ def run_one(spec: dict) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"n": spec["n"], "method": spec["method"], "error": f"exit {p.returncode}: {tail[0]}"}
+        return {"n": spec["n"], "method": spec["method"].partition(":")[0], "error": f"exit {p.returncode}: {tail[0]}"}
     return dict(json.loads(p.stdout.strip().splitlines()[-1]))
 
 
@@ -124,11 +142,39 @@ def _pct(v: float | None) -> str:
     return "" if v is None or v != v else f"{100 * v:.2f}"
 
 
+def settings_label(r: dict) -> str:
+    """The index settings of an approximate row, with the calibrated width: ``m=32, ..., ef_search=auto: 256``."""
+    if r["method"] not in FORMER_DEFAULTS:
+        return ""
+    spec = r.get("knn") or FORMER_DEFAULTS[r["method"]]
+    text = spec.partition(":")[2].replace(",", ", ")
+    lists = re.search(r"nlist=(\d+)", r.get("index", ""))
+    if lists and "nlist=auto" in text:
+        text = text.replace("nlist=auto", f"nlist=auto: {lists.group(1)}")
+    if r.get("width") is not None and r.get("calibration_recall") is not None:
+        name = "ef_search" if r["method"] == "faiss-hnsw" else "nprobe"
+        text = text.replace(f"{name}=auto", f"{name}=auto: {r['width']} (recall {r['calibration_recall']:.3f})")
+    return text + ("" if r.get("knn") else " (former default)")
+
+
+def _seconds(r: dict) -> tuple[str, str]:
+    """("build + calibration + search", "every query, estimated") for rows that time them apart."""
+    t = r.get("timings")
+    if r["method"] not in FORMER_DEFAULTS:
+        return "", ""
+    if not t:  # measured before the times were taken apart: every query was searched
+        return "", f"{r['seconds']:,.0f}" if r["queries"] == r["n"] else ""
+    parts = f"{t['build']:.1f} + {t['calibrate']:.1f} + {t['search']:.1f}"
+    every = t["build"] + t["calibrate"] + t["search"] * r["n"] / r["queries"]
+    return parts, f"{every:,.0f}" + ("" if r["queries"] == r["n"] else " (est.)")
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "| items | classes | method | queries | time (s) | peak RSS (MiB) | added (MiB) | MAP@R | R@1 | "
-        "MAP@R on sample | R@1 on sample | Δ MAP@R vs exact | Δ R@1 vs exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| items | classes | method | index settings | queries | time (s) | build + calibration + search (s) | "
+        "every query (s) | peak RSS (MiB) | added (MiB) | MAP@R | R@1 | MAP@R on sample | R@1 on sample | "
+        "Δ MAP@R vs exact | Δ R@1 vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     exact: dict[int, dict] = {}  # the paired reference: an exact search of the same sample queries
     for r in rows:
@@ -137,7 +183,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         if "error" in r or "skipped" in r:
             why = r.get("error") or r["skipped"]
-            lines.append(f"| {r['n']:,} | | {r['method']} | | not run: {why} | | | | | | | | |")
+            lines.append(f"| {r['n']:,} | | {r['method']} | {settings_label(r)} | | not run: {why} |" + " |" * 10)
             continue
         m, s = r["metrics"], r.get("sample", {})
         ex = exact.get(r["n"], {}).get("sample")
@@ -146,9 +192,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
             dm = f"{100 * (s['mean_average_precision_at_r'] - ex['mean_average_precision_at_r']):+.2f}"
             dr = f"{100 * (s['recall_at_1'] - ex['recall_at_1']):+.2f}"
         r1 = m.get("recall_at_1", m.get("precision_at_1"))
+        parts, every = _seconds(r)
         lines.append(
-            f"| {r['n']:,} | {r['classes']:,} | {r['method']} | {r['queries']:,} | {r['seconds']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['before_mb']:.0f} | "
+            f"| {r['n']:,} | {r['classes']:,} | {r['method']} | {settings_label(r)} | {r['queries']:,} | "
+            f"{r['seconds']:.1f} | {parts} | {every} | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] - r['before_mb']:.0f} | "
             f"{_pct(m.get('mean_average_precision_at_r'))} | {_pct(r1)} | "
             f"{_pct(s.get('mean_average_precision_at_r'))} | {_pct(s.get('recall_at_1'))} | {dm} | {dr} |"
         )
@@ -162,10 +210,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--sizes", default="10000,100000,300000,1000000", help="comma list of item counts")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[",".join(METHODS)],
+        help=f"comma list of {METHODS}; an index with settings as a separate argument, e.g. faiss-hnsw:ef_search=512",
+    )
     p.add_argument("--noise", type=float, default=1.2, help="noise norm relative to the class centre (1.2)")
     p.add_argument("--sample", type=int, default=10000, help="queries of the exact searches above --full-exact")
     p.add_argument("--full-exact", type=int, default=10000, help="largest size searched exactly for every query")
+    p.add_argument("--approx-all", action="store_true", help="approximate indexes search every query at every size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="markdown table to write (default: print only)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -193,10 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     except ValueError:
         p.error(f"--sizes {a.sizes!r}: expected a comma list of integers")
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    from benchmarks.results.knn import canonical_knn
+
+    methods: list[str] = []
+    for token in a.methods:  # "exact,faiss-flat" or one spec with settings, "faiss-hnsw:m=48,ef_search=512"
+        methods += [token.strip()] if ":" in token else [m.strip() for m in token.split(",") if m.strip()]
+    bad = [m for m in methods if m.partition(":")[0] not in METHODS]
     if bad or not methods:
         p.error(f"--methods: unknown {bad}; choose from {METHODS}")
+    for m in methods:
+        if m != "pml-default":
+            try:
+                canonical_knn(m)
+            except ValueError as e:
+                p.error(f"--methods {m}: {e}")
     if any(s < 100 for s in sizes) or a.sample < 1 or a.noise <= 0:
         p.error("--sizes must be >= 100 each, --sample >= 1, --noise > 0")
     threads = a.threads or torch.get_num_threads()
@@ -208,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "noise": a.noise,
         "sample": a.sample,
         "full_exact": a.full_exact,
+        "approx_all": a.approx_all,
         "command": "python -m benchmarks.eval_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     rows = _measure(a, [(n, m) for n in sizes for m in methods], meta, threads=threads)
@@ -225,7 +290,7 @@ def _from_json(paths: list[str], out: str | None) -> int:
             data = json.load(f)
         rows += data["rows"]
         metas.append(data["meta"])
-    rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
+    rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"]), bool(r.get("knn")), r.get("knn", "")))
     text = markdown(rows, metas[0])
     if out:
         from benchmarks.core.common import atomic_write
@@ -241,21 +306,31 @@ def _measure(a: argparse.Namespace, jobs: list[tuple[int, str]], meta: dict, *, 
     """One row per (size, method), each in its own process; the tables are rewritten after every row."""
     from tqdm import tqdm
 
-    from benchmarks.core.common import atomic_write
-
     rows: list[dict] = []
     for n, m in tqdm(jobs, desc="evaluations", file=sys.stderr):
         if m == "pml-default" and pml_default_bytes(n) > PML_DEFAULT_MAX_BYTES:
             gib = pml_default_bytes(n) / 2**30
             rows.append({"n": n, "method": m, "skipped": f"k = n needs n x n tables, >= {gib:,.0f} GiB"})
         else:
-            spec = dict(n=n, method=m, noise=a.noise, sample=a.sample, full_exact=a.full_exact, threads=threads)
+            spec = dict(
+                n=n,
+                method=m,
+                noise=a.noise,
+                sample=a.sample,
+                full_exact=a.full_exact,
+                threads=threads,
+                approx_all=a.approx_all,
+            )
             rows.append(run_one(spec))
         tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
         text = markdown(rows, meta)
         if a.out:
+            from benchmarks.core.common import atomic_write
+
             atomic_write(a.out, text)
         if a.json:
+            from benchmarks.core.common import atomic_write
+
             atomic_write(a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 

@@ -3,7 +3,9 @@
 A stored result is reused only when everything that decides it is unchanged, the code included:
 
 * :func:`tree_digest` of the ``pml_rll`` and ``benchmarks`` packages (every ``.py`` file, by relative path and
-  content), so that any edit of the library or of the runner is a new key;
+  content), so that any edit of the library or of the runner is a new key, unless ``code_equivalence.txt`` beside
+  the runner's modules declares the new digest equivalent to an older one (a change that alters no result, such as
+  moving a module: :func:`read_equivalences`); the key then holds the oldest equivalent digest;
 * :func:`class_digest` of the source file of every class a run builds by import path (loss, miner, and a NAMR
   entry's wrapped loss and miner), so that an edit of a user's module named by ``--config`` is a new key too.
 
@@ -64,9 +66,87 @@ def package_folder(name: str) -> str:
     return os.path.dirname(os.path.abspath(module.__file__ or ""))
 
 
-def code_digests() -> dict[str, str]:
-    """``{"pml_rll": digest, "benchmarks": digest}``: the library's and the runner's source (part of every key)."""
+# ---------------------------------------------------------------------------------------------- declared equivalences
+#: beside the runner's modules, the declared equivalences of code digests (not a ``.py`` file: in no digest)
+EQUIVALENCE_FILE = "code_equivalence.txt"
+_HEX = frozenset("0123456789abcdef")
+
+
+def equivalence_path() -> str:
+    """The declared equivalences of the running code: ``code_equivalence.txt`` in the runner's package folder."""
+    return os.path.join(package_folder("benchmarks"), EQUIVALENCE_FILE)
+
+
+def _digest_field(value: str, where: str) -> str:
+    if len(value) != DIGEST_CHARS or not set(value) <= _HEX:
+        raise ValueError(f"{where}: {value!r} is not a code digest ({DIGEST_CHARS} lowercase hexadecimal digits)")
+    return value
+
+
+def read_equivalences(path: str) -> dict[str, dict[str, str]]:
+    """``{package: {new digest: old digest}}`` from an equivalence file (none: an empty table).
+
+    One declaration a line, ``<package> <new digest> <old digest>  # commit, why, how verified``: the source of
+    ``package`` whose :func:`tree_digest` is the new digest makes the same results as the source whose digest is the
+    old one. The comment is required (a declaration says which change it covers and how that was checked); blank
+    lines and lines starting with ``#`` are skipped. Raises ``ValueError`` naming the file and line for a malformed
+    line, an unknown package, a digest that is not one, a digest declared equivalent to itself, or a new digest
+    declared twice."""
+    if not os.path.isfile(path):
+        return {}
+    table: dict[str, dict[str, str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            where = f"{path}:{number}"
+            fields, hash_sign, comment = text.partition("#")
+            parts = fields.split()
+            if len(parts) != 3:
+                raise ValueError(f"{where}: expected '<package> <new digest> <old digest>  # why', got {text!r}")
+            if not hash_sign or not comment.strip():
+                raise ValueError(f"{where}: the declaration needs a comment: '# commit, why, how verified'")
+            package, new, old = parts
+            if package not in PACKAGES:
+                raise ValueError(f"{where}: unknown package {package!r}; the digests of the key are of {PACKAGES}")
+            new, old = _digest_field(new, where), _digest_field(old, where)
+            if new == old:
+                raise ValueError(f"{where}: {new} is declared equivalent to itself")
+            known = table.setdefault(package, {})
+            if new in known and known[new] != old:
+                raise ValueError(f"{where}: {package} {new} is already declared equivalent to {known[new]}")
+            known[new] = old
+    return table
+
+
+def resolve_digest(package: str, digest: str, table: dict[str, dict[str, str]], path: str = "") -> str:
+    """The oldest digest ``digest`` is declared equivalent to, following the declarations from new to old
+    (``digest`` itself when none names it). Raises ``ValueError`` for a circle of declarations."""
+    steps = table.get(package, {})
+    seen = [digest]
+    while digest in steps:
+        digest = steps[digest]
+        if digest in seen:
+            chain = " -> ".join(seen + [digest])
+            raise ValueError(f"{path or EQUIVALENCE_FILE}: the declarations of {package} go round in a circle: {chain}")
+        seen.append(digest)
+    return digest
+
+
+def source_digests() -> dict[str, str]:
+    """``{"pml_rll": digest, "benchmarks": digest}``: the :func:`tree_digest` of each package as it is on disk."""
     return {name: tree_digest(package_folder(name)) for name in PACKAGES}
+
+
+def code_digests() -> dict[str, str]:
+    """``{"pml_rll": digest, "benchmarks": digest}``, the code part of every key: each package's
+    :func:`source_digests`, resolved through the declared equivalences (:func:`read_equivalences` of
+    :func:`equivalence_path`) to the oldest digest it is declared equivalent to. Unchanged code, or a change
+    declared to alter no result, keeps the key of the results already stored."""
+    path = equivalence_path()
+    table = read_equivalences(path)
+    return {name: resolve_digest(name, digest, table, path) for name, digest in source_digests().items()}
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -149,5 +229,11 @@ def git_state(folder: str | None = None) -> dict[str, Any] | None:
 
 
 def code_record(digests: dict[str, str], version: str) -> dict[str, Any]:
-    """What every record stores about its code: the package version, the tree digests and the git state."""
-    return {"pml_rll_version": version, "digests": dict(digests), "git": git_state()}
+    """What every record stores about its code: the package version, the digests of the key (:func:`code_digests`)
+    and the git state; where a declared equivalence maps the source on disk to older digests, its own digests too
+    (``source_digests``)."""
+    record = {"pml_rll_version": version, "digests": dict(digests), "git": git_state()}
+    actual = source_digests()
+    if actual != dict(digests):
+        record["source_digests"] = actual
+    return record

@@ -64,7 +64,7 @@ class RunConfig:
     trunk_weights: str | None = None  # --trunk-weights: a local checkpoint's path ...
     trunk_weights_sha1: str | None = None  # ... and its content hash (a changed file is a new configuration)
     freeze_bn: bool = False  # --freeze-bn: the trunk's BatchNorm layers in eval mode while training
-    knn: str = "exact"  # --knn: the tester's neighbour search (benchmarks.results.knn.KNN_METHODS)
+    knn: str = "exact"  # --knn: the tester's neighbour search and its settings (benchmarks.results.knn.canonical_knn)
     eval_precision: str = "float32"  # --eval-precision: dtype the evaluation embeddings are kept in
 
     #: options added later, left out of the key at their defaults so that earlier configurations keep their hash
@@ -76,6 +76,11 @@ class RunConfig:
         ("knn", "exact"),
         ("eval_precision", "float32"),
     )
+
+    def __post_init__(self) -> None:
+        from ..results.knn import canonical_knn
+
+        self.knn = canonical_knn(self.knn)  # every index setting spelled out: a changed default is a new key
 
     def key(self) -> dict:
         k = asdict(self)
@@ -347,7 +352,7 @@ def build_accuracy_calculator(namr_loss: Any, device, retrieval: dict | None = N
     finds the candidates that the structure embedding re-ranks."""
     from ..results.knn import ScalableKNN
 
-    knn_func = ScalableKNN(knn)
+    knn_func = ScalableKNN.from_spec(knn)
     if namr_loss is None:  # exact: PML's CustomKNN as before, its query batch bounded for large reference sets
         return RetrievalAccuracyCalculator(device=device, knn_func=knn_func)
     from pml_rll.retrieval import NAMRReRankKNN

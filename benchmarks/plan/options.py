@@ -171,7 +171,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """The training budget, the trunk and the evaluation's precision."""
-    from ..results.knn import KNN_METHODS
+    from ..results.knn import KNN_METHODS, knn_argument
 
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default: per dataset)")
@@ -194,7 +194,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trunk-weights", default=None, metavar="FILE", help="a local trunk checkpoint (state_dict)")
     p.add_argument("--freeze-bn", action="store_true", help="the trunk's BatchNorm layers stay in eval mode")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], metavar="off|bf16|fp16", help="autocast")
-    p.add_argument("--knn", default="exact", choices=list(KNN_METHODS), metavar="M", help=f"{'|'.join(KNN_METHODS)}")
+    p.add_argument("--knn", default="exact", type=knn_argument, metavar="M[:K=V,..]", help="|".join(KNN_METHODS))
     p.add_argument("--eval-precision", default="float32", choices=["float32", "float16"], metavar="float32|float16")
 
 

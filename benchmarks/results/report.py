@@ -26,32 +26,11 @@ import numpy as np
 from ..core.common import atomic_write, atomic_write_png
 from . import stats
 from .metrics import METRICS, SHORT_NAMES
+from .records import load_jsonl as load_jsonl  # report.load_jsonl: the readers of the exports
+from .records import write_jsonl
 
 TABLE_METRICS = METRICS
 PAIRED_METRICS = ("mean_average_precision_at_r", "precision_at_1")
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    """Write every record as one JSON line, atomically (the export of the store)."""
-    atomic_write(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in records))
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
-
-
-def load_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ aggregation

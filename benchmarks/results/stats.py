@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="an output folder of the runner (holding results.jsonl)")
     p.add_argument("--title", default="", help="figure title")
     args = p.parse_args(argv)
-    from .report import load_jsonl
+    from .records import load_jsonl
 
     path = os.path.join(args.out, "results.jsonl")
     records = load_jsonl(path)

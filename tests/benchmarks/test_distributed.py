@@ -1,4 +1,4 @@
-"""Data-parallel runner (benchmarks/distributed.py): sharding, one DDP step against one process, a torchrun run."""
+"""Data-parallel runner (benchmarks/execute/distributed.py): sharding, one DDP step against one process, torchrun."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ def test_wheel_holds_no_generic_top_level_name_and_no_torch_pin(wheel):
     assert tops == {"pml_rll", "pml_rll_bench", f"pml_rll-{pml_rll.__version__}.dist-info"}
     assert "pml_rll_bench/run.py" in names and "pml_rll_bench/loss_speed/cli.py" in names
     assert "pml_rll_bench/examples/my_loss.toml" in names
+    assert "pml_rll_bench/code_equivalence.txt" in names  # the declared equivalences of code digests
     meta = z.read(f"pml_rll-{pml_rll.__version__}.dist-info/METADATA").decode()
     torch_req = [line for line in meta.splitlines() if line.startswith("Requires-Dist: torch") and "extra" not in line]
     assert torch_req and all("==" not in line for line in torch_req)  # a range: the user's torch stays

@@ -11,7 +11,15 @@ import torch
 
 from benchmarks.eval_scale import main as scale_main
 from benchmarks.eval_scale import synthetic, worker
-from benchmarks.results.knn import KNN_METHODS, ScalableKNN, evaluate_embeddings, needed_k, retrieval_metrics
+from benchmarks.results.knn import (
+    KNN_METHODS,
+    ScalableKNN,
+    canonical_knn,
+    evaluate_embeddings,
+    needed_k,
+    parse_knn,
+    retrieval_metrics,
+)
 from benchmarks.results.metrics import RetrievalAccuracyCalculator
 
 faiss = pytest.importorskip("faiss")
@@ -144,6 +152,80 @@ def test_bad_arguments_name_themselves():
         ScalableKNN("exact")(torch.zeros(4, 2), 4, torch.zeros(4, 2), True)
 
 
+def test_index_settings_parse_with_defaults_and_name_the_bad_setting():
+    assert parse_knn("exact") == ("exact", {})
+    method, s = parse_knn(" faiss-hnsw : ef_search=512 , m=48 ")
+    assert method == "faiss-hnsw"
+    assert s == {"m": 48, "ef_construction": 200, "ef_search": 512, "recall": 0.98, "calibrate": 1000}
+    assert canonical_knn("faiss-ivf") == "faiss-ivf:nlist=auto,nprobe=auto,recall=0.98,calibrate=1000"
+    assert canonical_knn("faiss-ivf:nprobe=64,nlist=100") == "faiss-ivf:nlist=100,nprobe=64"  # fixed: no calibration
+    assert canonical_knn("faiss-hnsw:recall=0.9") == canonical_knn("faiss-hnsw:recall=0.90,ef_search=auto")
+    knn = ScalableKNN.from_spec("faiss-hnsw:m=8,ef_construction=50,ef_search=100")
+    assert (knn.method, knn.hnsw_m, knn.ef_construction, knn.ef_search) == ("faiss-hnsw", 8, 50, 100)
+    knn = ScalableKNN.from_spec("faiss-ivf:nlist=20,recall=0.5,calibrate=7")
+    assert (knn.nlist, knn.nprobe, knn.recall, knn.calibrate) == (20, None, 0.5, 7)
+    bad = {
+        "faiss-hnsw:efsearch=3": "'efsearch'",
+        "faiss-hnsw:m=1": "m must be an integer >= 2",
+        "faiss-hnsw:ef_construction=auto": "ef_construction must be an integer >= 1, got 'auto'",
+        "faiss-ivf:nprobe=-2": "nprobe must be an integer >= 1 or auto",
+        "faiss-ivf:recall=0": "recall must be a number in \\(0, 1\\]",
+        "faiss-ivf:recall=nan": "recall",
+        "faiss-ivf:nprobe=4,nprobe=8": "'nprobe' given twice",
+        "faiss-ivf:nprobe=": "nprobe=VALUE",
+        "exact:memory_mb=4": "exact takes no settings",
+        "hnsw": "knn method",
+    }
+    for spec, msg in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            parse_knn(spec)
+    with pytest.raises(TypeError, match="knn"):
+        parse_knn(None)  # type: ignore[arg-type]
+
+
+def _overlap(idx, want):
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(idx, want)]))
+
+
+@pytest.mark.parametrize("method", ["faiss-ivf", "faiss-hnsw"])
+def test_calibration_widens_the_search_until_the_recall_target(method, one_thread):
+    # unclustered 32-d points: a narrow search misses neighbours, so the calibration has work to do
+    x = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
+    k = 10
+    want = brute_force(x, x, k, True)
+    narrow = dict(nlist=32, nprobe=2) if method == "faiss-ivf" else dict(hnsw_m=8, ef_construction=16, ef_search=1)
+    knn = ScalableKNN(method, **narrow)
+    _, idx = knn(x, k, x, True)
+    assert knn.last_recall is None and _overlap(idx, want) < 0.8  # a fixed, narrow width: far from exact
+    assert knn.last_width == (2 if method == "faiss-ivf" else k + 1)  # efSearch is at least k (self included)
+    auto = dict(narrow, nprobe=None) if method == "faiss-ivf" else dict(narrow, ef_search=None)
+    knn = ScalableKNN(method, recall=0.95, calibrate=2000, **auto)  # calibrated on every query
+    _, idx = knn(x, k, x, True)
+    found = _overlap(idx, want)
+    assert knn.last_recall is not None and knn.last_recall >= 0.95 and found >= 0.95
+    assert abs(knn.last_recall - found) < 0.01  # the calibration's recall is the recall of the search it set
+    assert knn.last_width > (2 if method == "faiss-ivf" else 64)
+    assert f"={knn.last_width} (calibrated: recall" in knn.last_index
+    assert set(knn.last_timings) == {"build", "calibrate", "search"} and knn.last_timings["calibrate"] > 0
+    # a sample of the queries calibrates too; IVF's widest search probes every list, an exhaustive search
+    knn = ScalableKNN("faiss-ivf", nlist=16, recall=1.0, calibrate=300)
+    _, idx = knn(x[:500], k, x, False)
+    assert knn.last_width == 16 and knn.last_recall == 1.0 and _overlap(idx, brute_force(x[:500], x, k, False)) == 1
+
+
+def test_calibration_that_misses_its_target_says_so(monkeypatch, one_thread):
+    import benchmarks.results.knn as knn_module
+
+    monkeypatch.setattr(knn_module, "MAX_EF_SEARCH", 64)  # the widest search allowed: the first one tried
+    x = torch.randn(3000, 32, generator=torch.Generator().manual_seed(1))
+    knn = ScalableKNN("faiss-hnsw", hnsw_m=2, ef_construction=4, recall=1.0)
+    knn(x, 10, x, True)
+    assert knn.last_width == 64 and knn.last_recall is not None and knn.last_recall < 1.0
+    assert knn.last_index.endswith(
+        f"recall {knn.last_recall:.3f} of 11 exact neighbours on 1000 queries, below the target 1))"
+    )
+
+
 def test_synthetic_classes_and_scale_script(tmp_path):
     x, labels = synthetic(1000, noise=1.2)
     sizes = np.bincount(labels)
@@ -155,12 +237,17 @@ def test_synthetic_classes_and_scale_script(tmp_path):
     ours = evaluate_embeddings(*synthetic(400, 1.2), ScalableKNN("exact"))[0]
     assert pml["metrics"]["mean_average_precision_at_r"] == pytest.approx(ours["mean_average_precision_at_r"].mean())
     assert pml["metrics"]["precision_at_1"] == pytest.approx(ours["precision_at_1"].mean())
+    ivf = worker(dict(spec, method="faiss-ivf:nlist=8,nprobe=8", approx_all=True))  # every query, exhaustive IVF
+    assert ivf["queries"] == 400 and ivf["knn"] == "faiss-ivf:nlist=8,nprobe=8" and ivf["calibration_recall"] is None
+    assert ivf["metrics"]["mean_average_precision_at_r"] == pytest.approx(ours["mean_average_precision_at_r"].mean())
     out, js = str(tmp_path / "t.md"), str(tmp_path / "t.json")
     argv = ["--sizes", "400", "--methods", "exact,faiss-hnsw", "--sample", "100", "--full-exact", "300"]
     assert scale_main(argv + ["--out", out, "--json", js, "--threads", "1"]) == 0
     rows = json.load(open(js))["rows"]
     assert [r["method"] for r in rows] == ["exact", "faiss-hnsw"]
-    assert rows[0]["queries"] == 100 and rows[1]["queries"] == 400
+    assert rows[0]["queries"] == rows[1]["queries"] == 100  # both on the same sample of queries
+    assert rows[1]["knn"] == canonical_knn("faiss-hnsw") and rows[1]["width"] == 64  # calibrated: the first width
+    assert set(rows[1]["timings"]) == {"build", "calibrate", "search"}
     assert rows[0]["metrics"] == rows[0]["sample"]  # the exact search ran on the sample only
     assert all(r["peak_rss_mb"] >= r["before_mb"] > 0 and r["seconds"] > 0 for r in rows)
     table = open(out).read()
@@ -176,9 +263,42 @@ def test_runner_knn_and_half_precision_embeddings(tmp_path, capsys):
     assert main(tiny + ["--out", str(tmp_path / "a")]) == 0
     assert main(tiny + ["--out", str(tmp_path / "b"), "--knn", "faiss-hnsw", "--eval-precision", "float16"]) == 0
     assert "1 runs/trials made, 0 reused" in capsys.readouterr().out  # another evaluation: another key
+    hnsw = "faiss-hnsw:m=32,ef_construction=200,ef_search=auto,recall=0.98,calibrate=1000"  # settings spelled out
+    assert canonical_knn("faiss-hnsw") == hnsw
     recs = {r["knn"]: r for d in "ab" for r in report.load_jsonl(os.path.join(str(tmp_path / d), "results.jsonl"))}
-    assert set(recs) == {"exact", "faiss-hnsw"}
-    assert recs["faiss-hnsw"]["config"]["eval_precision"] == "float16"
+    assert set(recs) == {"exact", hnsw}
+    assert recs[hnsw]["config"]["eval_precision"] == "float16" and recs[hnsw]["config"]["knn"] == hnsw
     assert "knn" not in recs["exact"]["config"]  # the default keeps the earlier key
     for m in ("mean_average_precision_at_r", "precision_at_1"):  # same training, near-identical evaluation
-        assert abs(recs["faiss-hnsw"]["metrics"][m] - recs["exact"]["metrics"][m]) < 0.01, m
+        assert abs(recs[hnsw]["metrics"][m] - recs["exact"]["metrics"][m]) < 0.01, m
+    # index settings on the command line: a new key, recorded; the same settings in another order: reused
+    fixed = ["--knn", "faiss-hnsw:ef_search=32,m=8", "--eval-precision", "float16"]
+    assert main(tiny + ["--out", str(tmp_path / "c")] + fixed) == 0
+    assert "1 runs/trials made, 0 reused" in capsys.readouterr().out
+    (rec,) = report.load_jsonl(os.path.join(str(tmp_path / "c"), "results.jsonl"))
+    assert rec["knn"] == "faiss-hnsw:m=8,ef_construction=200,ef_search=32"
+    assert main(tiny + ["--out", str(tmp_path / "d"), "--knn", "faiss-hnsw:m=8,ef_search=32", *fixed[2:]]) == 0
+    assert "0 runs/trials made, 1 reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "spec,word",
+    [
+        ("faiss-hnsw:ef_serch=32", "'ef_serch'"),
+        ("faiss-hnsw:ef_search=0", "ef_search"),
+        ("faiss-ivf:nprobe=many", "nprobe"),
+        ("faiss-hnsw:recall=1.5", "recall"),
+        ("faiss-flat:nprobe=4", "'nprobe'"),
+        ("faiss-hnsw:m", "'m'"),
+        ("annoy", "method"),
+    ],
+)
+def test_runner_rejects_bad_index_settings_before_training(spec, word, tmp_path, capsys):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--losses", "triplet", "--seeds", "1", "--out", str(tmp_path / "o"), "--knn", spec])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--knn" in err and word in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()  # nothing ran, nothing written

@@ -1,4 +1,4 @@
-"""benchmarks/namr_diagnose/ parts and the NAMR registry entries' use of the per-base configuration."""
+"""benchmarks/namr_diagnose/diagnose.py parts and the NAMR registry entries' use of the per-base configuration."""
 
 from __future__ import annotations
 

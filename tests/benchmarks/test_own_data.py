@@ -1,4 +1,4 @@
-"""Your own data: image folders and CSV files (benchmarks/own_data.py), their bad-data errors and their identity."""
+"""Your own data: image folders and CSV files (benchmarks/data/own_data.py), their bad-data errors, their identity."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from benchmarks.core import provenance
 from benchmarks.results import report
@@ -64,20 +65,32 @@ def test_editing_a_user_loss_trains_again(tmp_path, capsys):
     assert c2 in md and second[0]["code"]["digests"]["pml_rll"] in md  # the report names the code of each row
 
 
-def test_a_changed_library_file_changes_the_key(tmp_path, monkeypatch, capsys):
-    # a copy of pml_rll stands in for the installed tree; editing one of its files is a new key for every run
+def library_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of pml_rll that stands in for the installed tree (``provenance.package_folder`` names it)."""
     copy = tmp_path / "pml_rll"
     shutil.copytree(provenance.package_folder("pml_rll"), copy, ignore=shutil.ignore_patterns("__pycache__"))
     real = provenance.package_folder
     monkeypatch.setattr(provenance, "package_folder", lambda n: str(copy) if n == "pml_rll" else real(n))
-    before = provenance.code_digests()
-    assert provenance.code_digests() == before  # stable
-    out = str(tmp_path / "out")
+    return copy
+
+
+def run_then_edit(copy: Path, out: str, edit: str) -> list[str]:
+    """Run the tiny contrastive command into ``out``, then append ``edit`` to a file of the library's copy; returns
+    the command's arguments."""
     argv = ["--losses", "contrastive", "--out", out] + TINY
     assert main(argv) == 0
-    capsys.readouterr()
     path = copy / "losses" / "ranked_list_loss.py"
-    path.write_text(path.read_text() + "\n# an edit\n")
+    path.write_text(path.read_text() + edit)
+    return argv
+
+
+def test_a_changed_library_file_changes_the_key(tmp_path, monkeypatch, capsys):
+    # a copy of pml_rll stands in for the installed tree; editing one of its files is a new key for every run
+    copy = library_copy(tmp_path, monkeypatch)
+    before = provenance.code_digests()
+    assert provenance.code_digests() == before  # stable
+    argv = run_then_edit(copy, str(tmp_path / "out"), "\n# an edit\n")
+    capsys.readouterr()
     after = provenance.code_digests()
     assert after["pml_rll"] != before["pml_rll"] and after["benchmarks"] == before["benchmarks"]
     assert main(argv) == 0

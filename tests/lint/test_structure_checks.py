@@ -1,6 +1,6 @@
 """The structure checks of `make lint` hold on the repository and catch what they are for: an import back up a
-floor, an import circle, the library importing the benchmarks, a function over the length limit (the limit on
-positional parameters is ruff's PLR0917, configured in pyproject.toml)."""
+floor or an import circle (in the library and in the benchmarks), the library importing the benchmarks, a function
+over the length limit (the limit on positional parameters is ruff's PLR0917, configured in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -111,8 +111,25 @@ def _append(path: Path, line: str) -> None:
             "import benchmarks.core.common  # noqa: E402,F401",
             "the library never imports the benchmarks BROKEN",
         ),
+        (
+            "benchmarks/core/common.py",
+            "from ..results import store  # noqa: E402,F401",
+            "benchmarks: stages, no import back up BROKEN",
+        ),
+        (
+            "benchmarks/results/metrics.py",
+            "from . import report  # noqa: E402,F401",
+            "benchmarks: no import circle between the modules or subpackages of one package BROKEN",
+        ),
     ],
-    ids=["as-is", "import-back-up", "import-circle", "library-imports-benchmarks"],
+    ids=[
+        "as-is",
+        "import-back-up",
+        "import-circle",
+        "library-imports-benchmarks",
+        "benchmarks-import-back-up",
+        "benchmarks-import-circle",
+    ],
 )
 def test_import_contracts_hold_and_catch_each_kind_of_break(tree, module, line, broken):
     if module is not None:
@@ -121,7 +138,7 @@ def test_import_contracts_hold_and_catch_each_kind_of_break(tree, module, line, 
     out = result.stdout + result.stderr
     if broken is None:
         assert result.returncode == 0, out
-        assert "Contracts: 3 kept, 0 broken." in out
+        assert "Contracts: 5 kept, 0 broken." in out
     else:
         assert result.returncode == 1, out
         assert broken in out
