@@ -83,15 +83,22 @@ def _digest_field(value: str, where: str) -> str:
     return value
 
 
+def _is_class_path(name: str) -> bool:
+    module, sep, attr = name.partition(":")
+    parts = module.split(".") + [attr]
+    return bool(sep) and all(part.isidentifier() for part in parts)
+
+
 def read_equivalences(path: str) -> dict[str, dict[str, str]]:
     """``{package: {new digest: old digest}}`` from an equivalence file (none: an empty table).
 
     One declaration a line, ``<package> <new digest> <old digest>  # commit, why, how verified``: the source of
     ``package`` whose :func:`tree_digest` is the new digest makes the same results as the source whose digest is the
-    old one. The comment is required (a declaration says which change it covers and how that was checked); blank
-    lines and lines starting with ``#`` are skipped. Raises ``ValueError`` naming the file and line for a malformed
-    line, an unknown package, a digest that is not one, a digest declared equivalent to itself, or a new digest
-    declared twice."""
+    old one. ``<package>`` may also be the import path of a class a run builds (``pml_rll.losses:NAMRLoss``), whose
+    :func:`class_digest` is then resolved the same way. The comment is required (a declaration says which change
+    it covers and how that was checked); blank lines and lines starting with ``#`` are skipped. Raises
+    ``ValueError`` naming the file and line for a malformed line, an unknown package, a digest that is not one, a
+    digest declared equivalent to itself, or a new digest declared twice."""
     if not os.path.isfile(path):
         return {}
     table: dict[str, dict[str, str]] = {}
@@ -108,8 +115,11 @@ def read_equivalences(path: str) -> dict[str, dict[str, str]]:
             if not hash_sign or not comment.strip():
                 raise ValueError(f"{where}: the declaration needs a comment: '# commit, why, how verified'")
             package, new, old = parts
-            if package not in PACKAGES:
-                raise ValueError(f"{where}: unknown package {package!r}; the digests of the key are of {PACKAGES}")
+            if package not in PACKAGES and not _is_class_path(package):
+                raise ValueError(
+                    f"{where}: unknown package {package!r}; the digests of the key are of {PACKAGES} and of the "
+                    "classes a run builds, named by import path ('package.module:Class')"
+                )
             new, old = _digest_field(new, where), _digest_field(old, where)
             if new == old:
                 raise ValueError(f"{where}: {new} is declared equivalent to itself")
@@ -176,8 +186,11 @@ def class_digest(path: str) -> str:
 
 
 def class_digests(paths: list[str | None]) -> dict[str, str]:
-    """``{import path: class_digest(path)}`` for the given paths (``None`` skipped)."""
-    return {p: class_digest(p) for p in paths if p}
+    """``{import path: class_digest(path)}`` for the given paths (``None`` skipped), each resolved through the
+    declarations that name its import path (:func:`read_equivalences`)."""
+    path = equivalence_path()
+    table = read_equivalences(path)
+    return {p: resolve_digest(p, class_digest(p), table, path) for p in paths if p}
 
 
 def import_current(path: str) -> Any:

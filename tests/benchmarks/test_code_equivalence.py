@@ -46,6 +46,8 @@ def test_declarations_resolve_from_new_to_the_oldest(tmp_path):
         (f"benchmarks {A} {B}", "needs a comment"),
         (f"benchmarks {A} {B}  #   ", "needs a comment"),
         (f"torch {A} {B}  # not a package of the key", "unknown package 'torch'"),
+        (f"pml_rll.losses: {A} {B}  # a class path without its class", "unknown package 'pml_rll.losses:'"),
+        (f"pml-rll.losses:NAMRLoss {A} {B}  # not an import path", "unknown package 'pml-rll.losses:NAMRLoss'"),
         (f"benchmarks {A[:15]} {B}  # 15 digits", "is not a code digest"),
         (f"benchmarks {A.upper()} {B}  # upper case", "is not a code digest"),
         (f"benchmarks {A} {'g' * 16}  # not hexadecimal", "is not a code digest"),
@@ -78,6 +80,19 @@ def test_code_digests_resolve_the_declarations_and_records_keep_the_source_diges
     assert provenance.code_digests() == {"pml_rll": D, "benchmarks": actual["benchmarks"]}
     record = provenance.code_record(provenance.code_digests(), "0")
     assert record["digests"]["pml_rll"] == D and record["source_digests"] == actual
+
+
+def test_a_class_digest_resolves_through_the_declarations_naming_its_import_path(tmp_path, monkeypatch):
+    name = "pml_rll.losses:NAMRLoss"
+    actual = provenance.class_digest(name)
+    other = "pml_rll.losses:RankedListLoss"
+    monkeypatch.setattr(provenance, "equivalence_path", lambda: str(tmp_path / "absent.txt"))
+    assert provenance.class_digests([name, other, None]) == {name: actual, other: provenance.class_digest(other)}
+    path = _file(tmp_path, f"{name} {actual} {D}  # test: names only", f"benchmarks {actual} {C}  # another package")
+    assert provenance.read_equivalences(path)[name] == {actual: D}
+    monkeypatch.setattr(provenance, "equivalence_path", lambda: path)
+    # the declaration names NAMRLoss's path: RankedListLoss's digest is its own, whatever the other lines say
+    assert provenance.class_digests([name, other]) == {name: D, other: provenance.class_digest(other)}
 
 
 def test_the_repository_file_is_valid_and_in_no_digest(tmp_path):
